@@ -1,0 +1,157 @@
+"""Configuration dataclasses, one per concern, validated when built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    """Map a user dtype name to a torch dtype; None means "auto"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def parse_size(size: str | float) -> int:
+    """Parse '4GiB', '512MB', '1e9' or a plain number of bytes."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    s = size.strip()
+    units = {
+        "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1,
+    }
+    low = s.lower()
+    for unit, mult in units.items():
+        if low.endswith(unit):
+            return int(float(low[: -len(unit)]) * mult)
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. '4GiB' or '512MB'") from None
+
+
+@dataclass
+class ModelConfig:
+    """What to load: an HF directory, a llama2.c .bin, or a built-in name (dummy weights)."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"  # auto | safetensors | dummy
+    max_model_len: int | None = None
+    seed: int = 0
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty path or built-in model name")
+        parse_dtype(self.dtype)
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(
+                f"load_format must be 'auto', 'safetensors' or 'dummy'; got {self.load_format!r}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size and how much memory the pool may take."""
+
+    block_size: int = 16
+    kv_cache_memory: str | int | None = None  # bytes or '2GiB'; None = derive from fraction
+    memory_fraction: float = 0.25  # of total RAM (CPU) or free device memory (CUDA)
+    num_blocks: int | None = None  # explicit override, mostly for tests
+    enable_prefix_caching: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1; got {self.block_size}")
+        if not 0.0 < self.memory_fraction <= 0.95:
+            raise ValueError(f"memory_fraction must be in (0, 0.95]; got {self.memory_fraction}")
+        if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # fcfs | priority
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}"
+            )
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority'; got {self.policy!r}")
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int | None = None  # CPU threads; None = physical cores
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device.startswith("cuda")
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1; got {self.num_threads}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return n
+    except Exception:
+        pass
+    return os.cpu_count() or 1
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)

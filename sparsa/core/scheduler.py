@@ -1,0 +1,138 @@
+"""Continuous batching scheduler (pure Python, no tensors).
+
+Every step gets a token budget. Running sequences are served first (a decode costs one
+token, an unfinished prompt costs its next chunk), then waiting ones are admitted in
+policy order. When the KV pool runs out, the lowest-priority running sequence is
+preempted: its blocks are freed and it is recomputed from scratch when readmitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsa.config import SchedulerConfig
+from sparsa.core.block_manager import BlockManager
+from sparsa.core.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so a next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+
+    def _key(self, seq: Sequence):
+        if self.config.policy == "priority":
+            return (seq.priority, seq.arrival_time, seq.seq_id)
+        return (seq.arrival_time, seq.seq_id)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+
+    def _victim(self, exclude: list[Sequence]) -> Sequence | None:
+        candidates = [s for s in self.running if s not in exclude]
+        return max(candidates, key=self._key) if candidates else None
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        scheduled: list[Sequence] = []
+
+        # 1. running sequences, best first so preemption hits the worst ones
+        for seq in sorted(self.running, key=self._key):
+            if seq not in self.running or budget <= 0:
+                continue
+            n = seq.num_uncomputed_tokens
+            if n > budget:
+                if not chunked:
+                    continue
+                n = budget
+            while not self.blocks.can_allocate(seq, n):
+                victim = self._victim(exclude=scheduled)
+                if victim is None:
+                    break
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq not in self.running or not self.blocks.can_allocate(seq, n):
+                continue
+            self.blocks.allocate(seq, n)
+            out.scheduled.append(ScheduledSequence(seq, n))
+            scheduled.append(seq)
+            budget -= n
+
+        # 2. admit waiting sequences, unless this step already had to preempt
+        if not out.preempted:
+            self.waiting.sort(key=self._key)
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                n = seq.num_uncomputed_tokens
+                if n > budget:
+                    if not chunked:
+                        break
+                    n = budget
+                if not self.blocks.can_allocate(seq, n):
+                    break
+                self.waiting.pop(0)
+                self.blocks.allocate(seq, n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
+        return out

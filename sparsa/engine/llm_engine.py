@@ -1,0 +1,269 @@
+"""The offline engine: scheduler + block manager + model runner + sampler, stepped in a loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+
+import torch
+
+from sparsa.config import EngineConfig, physical_cores
+from sparsa.core.block_manager import BlockManager
+from sparsa.core.scheduler import Scheduler
+from sparsa.core.sequence import Sequence
+from sparsa.engine.model_runner import ModelRunner
+from sparsa.layers.sampler import Sampler
+from sparsa.loader.model_loader import load_model
+from sparsa.outputs import CompletionOutput, RequestOutput
+from sparsa.sampling_params import SamplingParams
+from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_ids, params, seqs):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params: SamplingParams = params
+        self.seqs: list[Sequence] = seqs
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.detok: dict[int, IncrementalDetokenizer] = {}
+        self.texts: dict[int, str] = {s.seq_id: "" for s in seqs}
+        self.logprobs: dict[int, list] = {s.seq_id: [] for s in seqs}
+        self.cum_logprob: dict[int, float] = {s.seq_id: 0.0 for s in seqs}
+        self.stop_reason: dict[int, int | str | None] = {}
+        self.generators: dict[int, torch.Generator | None] = {}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        dc = config.device
+        self.device = dc.torch_device
+        if self.device.type == "cpu":
+            torch.set_num_threads(dc.num_threads or physical_cores())
+        t0 = time.perf_counter()
+        self.model, self.resolved, self.dtype = load_model(config.model, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        self.hf_config = self.resolved.hf_config
+        self.tokenizer = load_tokenizer(
+            config.model.tokenizer or self.resolved.model_dir, self.hf_config.vocab_size
+        )
+        self.eos_ids = eos_token_ids(self.resolved.model_dir, self.hf_config, self.tokenizer)
+        max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096
+        self.max_model_len = min(config.model.max_model_len or max_pos, max_pos)
+        self.runner = ModelRunner(
+            self.model, self.device, self.dtype, config.cache, self.max_model_len
+        )
+        # A lone sequence must always fit, or the scheduler could wait forever.
+        self.max_model_len = min(self.max_model_len, self.runner.capacity_tokens)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler(self.eos_ids)
+        self.requests: dict[str, _Request] = {}
+        self._seq_to_req: dict[int, _Request] = {}
+
+    # ---- requests -------------------------------------------------------------------
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            text, ids = None, list(prompt)
+        else:
+            raise TypeError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the context window is {self.max_model_len} "
+                "tokens (prompt plus at least one generated token must fit)"
+            )
+        seqs = [
+            Sequence(request_id, list(ids), params, priority=priority, index=i)
+            for i in range(params.n)
+        ]
+        req = _Request(request_id, text, list(ids), params, seqs)
+        for s in seqs:
+            if params.seed is not None:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(params.seed + s.index)
+                req.generators[s.seq_id] = g
+            else:
+                req.generators[s.seq_id] = None
+            if self.tokenizer is not None:
+                req.detok[s.seq_id] = IncrementalDetokenizer(
+                    self.tokenizer, ids, params.skip_special_tokens
+                )
+            self._seq_to_req[s.seq_id] = req
+            self.scheduler.add(s)
+        self.requests[request_id] = req
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for s in req.seqs:
+            if not s.is_finished:
+                self.scheduler.abort(s)
+                s.finish_reason = "abort"
+            self._seq_to_req.pop(s.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        logits, sampled = self.runner.execute(sched)
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+        touched: dict[str, _Request] = {}
+        if sampled:
+            reqs = [self._seq_to_req[s.seq_id] for s in sampled]
+            out = self.sampler(
+                logits,
+                [r.params for r in reqs],
+                [s.prompt_token_ids for s in sampled],
+                [s.output_token_ids for s in sampled],
+                [r.generators[s.seq_id] for s, r in zip(sampled, reqs)],
+            )
+            now = time.monotonic()
+            for i, (seq, req) in enumerate(zip(sampled, reqs)):
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
+                                   out.top_logprobs[i])
+                touched[req.request_id] = req
+        return [self._make_output(r) for r in touched.values()]
+
+    def _append_token(self, seq: Sequence, req: _Request, tok: int, logprob: float, top):
+        p = req.params
+        seq.output_token_ids.append(tok)
+        sid = seq.seq_id
+        req.cum_logprob[sid] += logprob
+        if p.logprobs is not None:
+            entry = {tok: logprob}
+            for t, lp in top or []:
+                entry.setdefault(t, lp)
+            req.logprobs[sid].append(entry)
+        n_out = len(seq.output_token_ids)
+        reason, stop_reason = None, None
+        stops_here = (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids
+        if n_out >= p.min_tokens and stops_here:
+            reason, stop_reason = "stop", tok
+        detok = req.detok.get(sid)
+        if detok is not None:
+            eos_hidden = reason is not None and p.skip_special_tokens
+            piece = detok.add(tok)
+            text = req.texts[sid] + ("" if eos_hidden and tok in self.eos_ids else piece)
+            if reason is None and p.stop and n_out >= p.min_tokens:
+                hit = self._find_stop(text, len(req.texts[sid]), p.stop)
+                if hit is not None:
+                    pos, s = hit
+                    text = text[: pos + (len(s) if p.include_stop_str_in_output else 0)]
+                    reason, stop_reason = "stop", s
+            req.texts[sid] = text
+        if reason is None:
+            limit = p.max_tokens if p.max_tokens is not None else math.inf
+            if n_out >= limit or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            req.stop_reason[sid] = stop_reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _find_stop(text: str, old_len: int, stops: list[str]):
+        best = None
+        for s in stops:
+            # only the new text (plus an overlap) can contain a stop string not seen before
+            i = text.find(s, max(0, old_len - len(s) + 1))
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        finished = all(s.is_finished for s in req.seqs)
+        outs = []
+        for s in req.seqs:
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=req.texts[s.seq_id],
+                    token_ids=list(s.output_token_ids),
+                    cumulative_logprob=req.cum_logprob[s.seq_id],
+                    logprobs=req.logprobs[s.seq_id] if req.params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=req.stop_reason.get(s.seq_id),
+                )
+            )
+        metrics = {"arrival_time": req.arrival}
+        if req.first_token_time is not None:
+            metrics["first_token_time"] = req.first_token_time
+        if finished:
+            metrics["finished_time"] = time.monotonic()
+            self.requests.pop(req.request_id, None)
+            for s in req.seqs:
+                self._seq_to_req.pop(s.seq_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, metrics)
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_usage": self.block_manager.usage(),
+            "free_blocks": self.block_manager.num_free_blocks,
+        }
+
+
+def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prompt ([T, V] fp32): for parity tests and
+    perplexity. Needs an idle engine (it borrows KV blocks for the duration)."""
+    from sparsa.core.scheduler import ScheduledSequence, SchedulerOutput
+
+    if engine.has_unfinished_requests():
+        raise RuntimeError("prompt_logits needs an idle engine")
+    if len(token_ids) > engine.max_model_len:
+        raise ValueError(f"{len(token_ids)} tokens exceed the context of {engine.max_model_len}")
+    seq = Sequence("__score__", list(token_ids))
+    engine.block_manager.allocate(seq, len(token_ids))
+    try:
+        runner = engine.runner
+        sched = SchedulerOutput([ScheduledSequence(seq, len(token_ids))])
+        input_ids, positions, meta, _, _ = runner._prepare(sched)
+        with torch.inference_mode():
+            hidden = runner.model(input_ids, positions, meta)
+            return runner.model.compute_logits(hidden)
+    finally:
+        engine.block_manager.free(seq)

@@ -1,0 +1,128 @@
+"""Owns the model, its device and the paged KV pools; turns a scheduled batch into logits."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from sparsa.config import CacheConfig, parse_size
+from sparsa.core.scheduler import SchedulerOutput
+from sparsa.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+
+log = logging.getLogger(__name__)
+
+
+def total_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return 8 << 30
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_config: CacheConfig,
+        max_model_len: int,
+    ):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cache_config.block_size
+        layers = model.attention_layers()
+        bytes_per_block = sum(
+            self.block_size * h * (dk + dv) * dtype.itemsize
+            for h, dk, dv in (a.kv_shape for a in layers)
+        )
+        if cache_config.num_blocks is not None:
+            num_blocks = cache_config.num_blocks
+        else:
+            budget = (
+                parse_size(cache_config.kv_cache_memory)
+                if cache_config.kv_cache_memory is not None
+                else int(total_memory_bytes(device) * cache_config.memory_fraction)
+            )
+            # never more than what max_num_seqs-independent use could touch: 4 full contexts
+            # per 16 GiB is plenty on CPU; cap to keep allocation time and RSS sane
+            num_blocks = max(1, budget // bytes_per_block)
+            num_blocks = min(num_blocks, 256 * (-(-max_model_len // self.block_size)))
+        self.num_blocks = int(num_blocks)
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        for a in layers:
+            h, dk, dv = a.kv_shape
+            k = torch.zeros(self.num_blocks, self.block_size, h, dk, dtype=dtype, device=device)
+            v = torch.zeros(self.num_blocks, self.block_size, h, dv, dtype=dtype, device=device)
+            a.kv_cache = KVCache(k, v)
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.kv_cache_bytes / 2**20)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        # decodes (one new token) first so attention can batch them in one call
+        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        sampled = []
+        for item in items:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            q_start = len(tokens)
+            table = seq.block_table
+            for pos in range(start, start + n):
+                tokens.append(seq.token_at(pos))
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(
+                    PrefillChunk(q_start, n, start + n, torch.tensor(table, dtype=torch.long))
+                )
+            if item.samples:
+                sample_rows.append(len(tokens) - 1)
+                sampled.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            meta.num_decodes = len(decode_tables)
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+            meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            meta.decode_max_len = max(decode_lens)
+        for p in prefills:
+            p.block_table = p.block_table.to(dev)
+        meta.prefills = prefills
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        return input_ids, pos_t, meta, sample_rows, sampled
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput):
+        """Runs one step; returns (logits [n_sampled, V] fp32, the sequences they belong to)."""
+        input_ids, positions, meta, rows, sampled = self._prepare(out)
+        hidden = self.model(input_ids, positions, meta)
+        if not rows:
+            return None, []
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, idx)), sampled

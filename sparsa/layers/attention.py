@@ -1,0 +1,132 @@
+"""Attention over a paged KV cache.
+
+The model runner lays a step's tokens out as [decode tokens | prefill chunks]. Decode
+sequences (one query each) are attended in one batched SDPA call over their gathered
+blocks; each prefill chunk attends to its cached prefix plus itself with a causal mask
+offset by the prefix length, which is what makes chunked prefill and prefix reuse exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # row of the chunk's first token in the flattened batch
+    query_len: int
+    context_len: int  # tokens in the cache after this step (prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks] long
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout shared by every attention layer (built once per step)."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot for each new token
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [S_d, max_blocks] long
+    decode_context_lens: torch.Tensor | None = None  # [S_d] long
+    decode_max_len: int = 0
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    # masks depend only on the layout and the window: built once per step, reused by layers
+    _mask_cache: dict = field(default_factory=dict, repr=False)
+
+
+class KVCache:
+    """One layer's paged K and V pools: [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k
+        self.v = v
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+
+def _decode_mask(meta: AttentionMetadata, length: int, window: int | None) -> torch.Tensor:
+    key = ("decode", length, window)
+    mask = meta._mask_cache.get(key)
+    if mask is None:
+        ctx = meta.decode_context_lens
+        pos = torch.arange(length, device=ctx.device)
+        mask = pos[None, :] < ctx[:, None]
+        if window is not None:
+            mask &= pos[None, :] >= (ctx[:, None] - window)
+        mask = mask[:, None, None, :]
+        meta._mask_cache[key] = mask
+    return mask
+
+
+def _prefill_mask(chunk: PrefillChunk, window: int | None, device) -> torch.Tensor | None:
+    q_pos = torch.arange(chunk.context_len - chunk.query_len, chunk.context_len, device=device)
+    k_pos = torch.arange(chunk.context_len, device=device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > (q_pos[:, None] - window)
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, Dk]
+    k: torch.Tensor,  # [T, Hkv, Dk]
+    v: torch.Tensor,  # [T, Hkv, Dv]
+    cache: KVCache,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Writes this step's K/V into the cache and returns attention output [T, Hq, Dv]."""
+    kc, vc = cache.k, cache.v
+    bs = kc.shape[1]
+    kc.view(-1, *kc.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+    vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+    T, Hq, _ = q.shape
+    out = q.new_empty(T, Hq, vc.shape[-1])
+    gqa = Hq != kc.shape[2]
+
+    nd = meta.num_decodes
+    if nd:
+        bt = meta.decode_block_tables
+        nblk = (meta.decode_max_len + bs - 1) // bs
+        bt = bt[:, :nblk]
+        length = nblk * bs
+        kd = kc[bt].view(nd, length, kc.shape[2], kc.shape[3]).transpose(1, 2)
+        vd = vc[bt].view(nd, length, vc.shape[2], vc.shape[3]).transpose(1, 2)
+        mask = _decode_mask(meta, length, sliding_window)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2).to(kd.dtype), kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        out[:nd] = o.squeeze(2).to(out.dtype)
+
+    for ch in meta.prefills:
+        s, n, c = ch.query_start, ch.query_len, ch.context_len
+        qs = q[s : s + n].transpose(0, 1).unsqueeze(0)
+        if c == n:
+            # Whole prompt in this chunk: attend to the fresh K/V, no cache gather needed.
+            ks = k[s : s + n].transpose(0, 1).unsqueeze(0)
+            vs = v[s : s + n].transpose(0, 1).unsqueeze(0)
+        else:
+            nblk = (c + bs - 1) // bs
+            blocks = ch.block_table[:nblk]
+            ks = kc[blocks].view(-1, kc.shape[2], kc.shape[3])[:c].transpose(0, 1).unsqueeze(0)
+            vs = vc[blocks].view(-1, vc.shape[2], vc.shape[3])[:c].transpose(0, 1).unsqueeze(0)
+        if sliding_window is None and c == n:
+            o = F.scaled_dot_product_attention(
+                qs.to(ks.dtype), ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        else:
+            key = ("prefill", s, sliding_window)
+            mask = meta._mask_cache.get(key)
+            if mask is None:
+                mask = _prefill_mask(ch, sliding_window, q.device)
+                meta._mask_cache[key] = mask
+            o = F.scaled_dot_product_attention(
+                qs.to(ks.dtype), ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        out[s : s + n] = o.squeeze(0).transpose(0, 1).to(out.dtype)
+    return out

@@ -1,0 +1,83 @@
+"""Rotary position embeddings for every RoPE variant the supported models use.
+
+The inverse frequencies come from transformers' own RoPE initialisers, so scaling variants
+(linear, llama3, yarn, longrope, ...) match the reference implementation exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config) -> dict:
+    """RoPE settings from a config: transformers 5 keeps them in `rope_parameters`,
+    hub configs at the top level (`rope_theta`, `rope_scaling`)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    for k, v in scaling.items():
+        params.setdefault(k, v)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    return params
+
+
+def compute_inv_freq(hf_config, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type in ("default", "dynamic"):
+        # "dynamic" only differs from default beyond the original context length.
+        base = float(params["rope_theta"])
+        inv = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: default, "
+            + ", ".join(ROPE_INIT_FUNCTIONS)
+        )
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return inv.float(), float(scaling)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables indexed by absolute position (no per-step trig)."""
+
+    def __init__(self, hf_config, rotary_dim: int, max_position: int, interleaved: bool = False):
+        super().__init__()
+        inv_freq, scaling = compute_inv_freq(hf_config, rotary_dim)
+        self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
+        t = torch.arange(max_position, dtype=torch.float)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; rotates the first `rotary_dim` dims of each head."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rd = self.rotary_dim
+        if rd == x.shape[-1]:
+            rot, rest = x, None
+        else:
+            rot, rest = x[..., :rd], x[..., rd:]
+        if self.interleaved:
+            # DeepSeek checkpoints store rope dims as interleaved pairs: de-interleave first.
+            rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
+        out = rot * cos + rotate_half(rot) * sin
+        return out if rest is None else torch.cat((out, rest), dim=-1)

@@ -1,0 +1,246 @@
+"""Resolve a model reference to an HF config, build our model and fill its weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsa.config import ModelConfig, parse_dtype
+from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from sparsa.models.builtin_configs import BUILTIN_CONFIGS, builtin_config
+from sparsa.models.registry import resolve_architecture
+
+log = logging.getLogger(__name__)
+
+# Applied after the model's own rename rules. (pattern, replacement, action): action None
+# renames and goes on; an int loads one shard of a fused Linear; a str loads one expert
+# projection ('gate' | 'up' | 'down') into a FusedExperts module.
+_DEFAULT_RULES: list[tuple[str, str, int | str | None]] = [
+    (r"^(.*)\.experts\.(\d+)\.(?:w1|gate_proj)\.weight$", r"\1.experts", "gate"),
+    (r"^(.*)\.experts\.(\d+)\.(?:w3|up_proj)\.weight$", r"\1.experts", "up"),
+    (r"^(.*)\.experts\.(\d+)\.(?:w2|down_proj)\.weight$", r"\1.experts", "down"),
+    (r"^(.*)\.q_proj\.(weight|bias)$", r"\1.qkv_proj.\2", 0),
+    (r"^(.*)\.k_proj\.(weight|bias)$", r"\1.qkv_proj.\2", 1),
+    (r"^(.*)\.v_proj\.(weight|bias)$", r"\1.qkv_proj.\2", 2),
+    (r"^(.*)\.gate_proj\.(weight|bias)$", r"\1.gate_up_proj.\2", 0),
+    (r"^(.*)\.up_proj\.(weight|bias)$", r"\1.gate_up_proj.\2", 1),
+]
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|num_batches_tracked)")
+
+
+@dataclass
+class ResolvedModel:
+    hf_config: object
+    model_dir: Path | None  # None for built-in configs (dummy weights only)
+    name: str
+
+
+def _config_from_dict(d: dict):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise ValueError("config has no 'model_type'")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"malformed model config: {e}") from None
+
+
+def load_hf_config(model_dir: Path):
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in d and (not isinstance(d[key], int) or d[key] <= 0):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {d[key]!r}")
+    return _config_from_dict(d)
+
+
+def resolve_model(mc: ModelConfig) -> ResolvedModel:
+    p = Path(mc.model).expanduser()
+    if p.is_file():
+        from sparsa.loader.llama2c import is_llama2c_checkpoint, resolve_llama2c
+
+        if not is_llama2c_checkpoint(p):
+            raise ValueError(f"{p} is a file but not a llama2.c checkpoint; pass a model directory")
+        p = Path(resolve_llama2c(p))
+    if p.is_dir():
+        config = load_hf_config(p)
+        name = p.name
+        model_dir = p
+    elif mc.model in BUILTIN_CONFIGS:
+        config = _config_from_dict(builtin_config(mc.model))
+        name = mc.model
+        model_dir = None
+        if mc.load_format == "safetensors":
+            raise ValueError(f"{mc.model!r} is a built-in config: it has no weights to load; "
+                             "use load_format='dummy'")
+    else:
+        raise FileNotFoundError(
+            f"model {mc.model!r} not found: not a local directory, a llama2.c .bin file, or a "
+            f"built-in config ({', '.join(BUILTIN_CONFIGS)})"
+        )
+    for k, v in mc.hf_overrides.items():
+        setattr(config, k, v)
+    return ResolvedModel(config, model_dir, name)
+
+
+def checkpoint_dtype(hf_config) -> torch.dtype:
+    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = parse_dtype(dt) if dt != "auto" else None
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def choose_dtype(requested: str, hf_config, device: torch.device) -> torch.dtype:
+    dt = parse_dtype(requested)
+    if dt is not None:
+        if device.type == "cpu" and dt != torch.float32:
+            log.warning("%s on CPU: GEMMs without bf16/fp16 hardware are very slow", dt)
+        return dt
+    dt = checkpoint_dtype(hf_config)
+    if device.type == "cpu" and dt in (torch.bfloat16, torch.float16):
+        # No half-precision GEMM on most CPUs: compute in fp32 (prefill would be ~600x slower).
+        return torch.float32
+    return dt
+
+
+def build_model(hf_config, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = resolve_architecture(hf_config)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(hf_config)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def _apply_rule(name: str, rules) -> tuple[str, int | str | None, int | None]:
+    for pattern, repl, action in rules:
+        m = re.search(pattern, name)
+        if not m:
+            continue
+        if action is None:
+            name = re.sub(pattern, repl, name)
+            continue
+        expert = int(m.group(2)) if isinstance(action, str) else None
+        return m.expand(repl), action, expert
+    return name, None, None
+
+
+def load_weights(model: nn.Module, weights, extra_rules=None) -> None:
+    """Copy checkpoint tensors into the model; every parameter must be covered."""
+    rules = list(getattr(model, "weight_rules", [])) + list(extra_rules or []) + _DEFAULT_RULES
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    filled: set[str] = set()
+    for ckpt_name, tensor in weights:
+        if _IGNORED.search(ckpt_name):
+            continue
+        target, action, expert = _apply_rule(ckpt_name, rules)
+        if isinstance(action, str):
+            mod = modules.get(target)
+            if mod is None or not hasattr(mod, "load_expert"):
+                raise CheckpointError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
+            mod.load_expert(expert, action, tensor)
+            filled.add(f"{target}.{action}.{expert}")
+            continue
+        mod_name, _, pname = target.rpartition(".")
+        mod = modules.get(mod_name)
+        if isinstance(action, int):
+            if mod is None or not hasattr(mod, "load_shard"):
+                raise CheckpointError(f"checkpoint tensor {ckpt_name!r} has no place in the model")
+            mod.load_shard(pname, tensor, action)
+            filled.add(f"{target}#{action}")
+            continue
+        if target not in params:
+            raise CheckpointError(
+                f"checkpoint tensor {ckpt_name!r} has no place in the model "
+                f"({type(model).__name__})"
+            )
+        param = params[target]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"shape mismatch for {ckpt_name!r}: checkpoint {tuple(tensor.shape)}, "
+                f"model {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor)
+        filled.add(target)
+    _check_complete(model, filled)
+
+
+def _expected_entries(model: nn.Module) -> set[str]:
+    from sparsa.layers.linear import Linear
+    from sparsa.layers.moe import FusedExperts
+
+    expected: set[str] = set()
+    covered: set[str] = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, FusedExperts):
+            for e in range(mod.num_experts):
+                for which in ("gate", "up", "down"):
+                    expected.add(f"{mname}.{which}.{e}")
+            covered |= {f"{mname}.w13", f"{mname}.w2"}
+        elif isinstance(mod, Linear) and len(mod.output_sizes) > 1:
+            for pname in ("weight", "bias"):
+                if getattr(mod, pname) is not None:
+                    for s in range(len(mod.output_sizes)):
+                        expected.add(f"{mname}.{pname}#{s}")
+                    covered.add(f"{mname}.{pname}")
+    for pname, _ in model.named_parameters():  # tied weights appear once
+        if pname not in covered:
+            expected.add(pname)
+    return expected
+
+
+def _check_complete(model: nn.Module, filled: set[str]) -> None:
+    missing = sorted(_expected_entries(model) - filled)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
+                                          else "")
+        raise CheckpointError(f"checkpoint is missing tensors: {shown}")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights from a seed; norms stay 1 so activations keep a sane scale."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        # fill in chunks so a multi-GB tensor never needs an fp32 temporary of its own size
+        flat = p.data.view(-1)
+        step = 1 << 24
+        for s in range(0, flat.numel(), step):
+            chunk = torch.randn(min(step, flat.numel() - s), generator=gen) * std
+            flat[s : s + chunk.numel()].copy_(chunk)
+
+
+@torch.no_grad()
+def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, ResolvedModel,
+                                                                torch.dtype]:
+    resolved = resolve_model(mc)
+    dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
+    model = build_model(resolved.hf_config, dtype, device)
+    if mc.load_format == "dummy" or resolved.model_dir is None:
+        init_dummy_weights(model, mc.seed)
+    else:
+        load_weights(model, SafetensorsCheckpoint(resolved.model_dir))
+    return model, resolved, dtype

@@ -1,0 +1,224 @@
+"""Shared decoder-only transformer pieces that the model families compose.
+
+A family (Llama, Qwen2, Mixtral, ...) is a `DecoderSpec`-driven `DecoderForCausalLM`: which
+attention options it uses (q/k norms, biases, sliding windows) and which feed-forward block
+each layer gets. Weight names follow the HF checkpoints so loading needs only a few rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsa.layers.attention import AttentionMetadata, KVCache, paged_attention
+from sparsa.layers.linear import Linear
+from sparsa.layers.moe import FusedExperts, softmax_topk
+from sparsa.layers.norm import RMSNorm
+from sparsa.layers.rotary import RotaryEmbedding
+
+
+def cfg(config, name: str, default=None):
+    value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def head_dim_of(config) -> int:
+    return cfg(config, "head_dim") or config.hidden_size // config.num_attention_heads
+
+
+def check_activation(config) -> None:
+    act = cfg(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r}: only SwiGLU (silu) MLPs are supported")
+
+
+def sliding_window_for_layer(config, layer_idx: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] != "sliding_attention":
+        return None
+    return int(window)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA/MQA, optional q/k RMSNorm ('head' or 'full') and
+    optional qkv clipping, over the paged KV cache."""
+
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: str | None = None,
+    ):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = cfg(config, "num_key_value_heads", self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
+        )
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.qk_norm = qk_norm
+        eps = cfg(config, "rms_norm_eps", 1e-6)
+        if qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, eps)
+            self.k_norm = RMSNorm(self.head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(self.q_size, eps)
+            self.k_norm = RMSNorm(self.kv_size, eps)
+        self.clip_qkv = getattr(config, "clip_qkv", None)
+        self.rotary = RotaryEmbedding(
+            config, self.head_dim, cfg(config, "max_position_embeddings", 4096)
+        )
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.sliding_window = sliding_window_for_layer(config, layer_idx)
+        self.kv_cache: KVCache | None = None
+
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.head_dim, self.head_dim
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with fused gate/up projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts (+ optional shared expert with a sigmoid gate, as in Qwen-MoE)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        shared_intermediate_size: int = 0,
+        shared_gate: bool = False,
+    ):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok ({top_k}) must be in [1, {num_experts}]")
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = Linear(hidden_size, num_experts)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+        self.shared_expert = (
+            MLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        )
+        self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return softmax_topk(self.gate(x), self.top_k, self.renormalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        eps = cfg(config, "rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+LayerFactory = Callable[[object, int], DecoderLayer]
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config, make_layer: LayerFactory):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, cfg(config, "rms_norm_eps", 1e-6))
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, meta)
+        return self.norm(x)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every model: `forward` returns final hidden states for all tokens;
+    `compute_logits` runs the LM head only on the rows that need a next token."""
+
+    # (regex on the checkpoint name, replacement, shard) applied in order; see loader.
+    weight_rules: list[tuple[str, str, int | str | None]] = []
+
+    def __init__(self, config, make_layer: LayerFactory):
+        super().__init__()
+        check_activation(config)
+        self.config = config
+        self.model = DecoderModel(config, make_layer)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
