@@ -316,7 +316,7 @@ def read_llama2c_tokenizer(tok_path: str | os.PathLike[str], vocab_size: int) ->
     if vocab_size < len(expected_head) or pieces[: len(expected_head)] != expected_head:
         raise ValueError(
             f"{p}: expected <unk>, <s>, </s> and 256 byte-fallback tokens <0x00>..<0xFF> at ids "
-            f"0..{len(expected_head) - 1}, as sentencepiece BPE vocabularies with byte_fallback have"
+            f"0..{len(expected_head) - 1}, as in sentencepiece BPE vocabularies with byte_fallback"
         )
     if len(set(pieces)) != len(pieces):
         raise ValueError(f"{p}: duplicate pieces in vocabulary")
@@ -386,11 +386,9 @@ def convert_llama2c_to_hf(
         metadata={"format": "pt"},
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "max_length": config["max_position_embeddings"],
-    }
+    # run.c ends generation when the model emits BOS: these models were trained on BOS-separated
+    # stories and close a story with 1 rather than EOS, so stop on both.
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 1]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     fast = PreTrainedTokenizerFast(
@@ -404,6 +402,12 @@ def convert_llama2c_to_hf(
         model_max_length=config["max_position_embeddings"],
     )
     fast.save_pretrained(str(out))
+    # save_pretrained does not record these; writing them makes AutoTokenizer rebuild the same
+    # Llama-style "<s> $A" post-processor on load instead of relying on the stored one.
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg.update(add_bos_token=True, add_eos_token=False)
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -461,7 +465,10 @@ def resolve_llama2c(
     bin_path = Path(path)
     fields, _ = _checked_layout(bin_path)
     vocab_size = abs(fields[5])
-    tok_path = Path(tokenizer) if tokenizer is not None else find_llama2c_tokenizer(bin_path, vocab_size)
+    if tokenizer is not None:
+        tok_path = Path(tokenizer)
+    else:
+        tok_path = find_llama2c_tokenizer(bin_path, vocab_size)
     if not tok_path.is_file():
         raise FileNotFoundError(f"llama2.c tokenizer {tok_path} does not exist")
 

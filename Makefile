@@ -1,0 +1,22 @@
+# Two entry points: `make demo` (install + run a demo, no download) and `make test`.
+PY ?= python3
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo test lint bench
+
+install:
+	@# torch first, pinned: the CPU wheel is on local disk; an unpinned resolve pulls CUDA.
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+
+demo: install
+	$(PY) -m sparsa.cli demo
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint:
+	$(PY) -m ruff check sparsa tests
+
+bench: install
+	$(PY) -m sparsa.cli bench --model mixtral-mini
