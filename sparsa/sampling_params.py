@@ -114,9 +114,7 @@ class SamplingParams:
         ):
             value = getattr(self, name)
             if not _is_real(value):
-                raise ValueError(
-                    f"{name} must be a number, got {value!r} ({_type_name(value)})."
-                )
+                raise ValueError(f"{name} must be a number, got {value!r} ({_type_name(value)}).")
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}.")
@@ -134,9 +132,7 @@ class SamplingParams:
         elif isinstance(stop, (list, tuple)):
             stop = list(stop)
         else:
-            raise ValueError(
-                f"stop must be a str, a list of str or None, got {_type_name(stop)}."
-            )
+            raise ValueError(f"stop must be a str, a list of str or None, got {_type_name(stop)}.")
         for s in stop:
             if not isinstance(s, str):
                 raise ValueError(f"stop must contain only strings, got {s!r} ({_type_name(s)}).")
@@ -170,9 +166,7 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < -1:
-            raise ValueError(
-                f"top_k must be 0 or -1 (disabled) or at least 1, got {self.top_k}."
-            )
+            raise ValueError(f"top_k must be 0 or -1 (disabled) or at least 1, got {self.top_k}.")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
         if self.repetition_penalty <= 0.0:
@@ -180,13 +174,9 @@ class SamplingParams:
                 f"repetition_penalty must be greater than 0, got {self.repetition_penalty}."
             )
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}."
-            )
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."
-            )
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}.")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -195,8 +185,7 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
-                f"min_tokens must be at most max_tokens ({self.max_tokens}), "
-                f"got {self.min_tokens}."
+                f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}."
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS:
             raise ValueError(

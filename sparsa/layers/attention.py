@@ -95,8 +95,11 @@ def paged_attention(
         nblk = (meta.decode_max_len + bs - 1) // bs
         bt = bt[:, :nblk]
         length = nblk * bs
-        kd = kc[bt].view(nd, length, kc.shape[2], kc.shape[3]).transpose(1, 2)
-        vd = vc[bt].view(nd, length, vc.shape[2], vc.shape[3]).transpose(1, 2)
+        flat = bt.reshape(-1)
+        # index_select on the block dim is a plain memcpy gather; advanced indexing with a
+        # 2-D index takes a much slower generic path on CPU.
+        kd = kc.index_select(0, flat).view(nd, length, kc.shape[2], kc.shape[3]).transpose(1, 2)
+        vd = vc.index_select(0, flat).view(nd, length, vc.shape[2], vc.shape[3]).transpose(1, 2)
         mask = _decode_mask(meta, length, sliding_window)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2).to(kd.dtype), kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa
@@ -113,8 +116,10 @@ def paged_attention(
         else:
             nblk = (c + bs - 1) // bs
             blocks = ch.block_table[:nblk]
-            ks = kc[blocks].view(-1, kc.shape[2], kc.shape[3])[:c].transpose(0, 1).unsqueeze(0)
-            vs = vc[blocks].view(-1, vc.shape[2], vc.shape[3])[:c].transpose(0, 1).unsqueeze(0)
+            ks = kc.index_select(0, blocks).view(-1, kc.shape[2], kc.shape[3])[:c]
+            vs = vc.index_select(0, blocks).view(-1, vc.shape[2], vc.shape[3])[:c]
+            ks = ks.transpose(0, 1).unsqueeze(0)
+            vs = vs.transpose(0, 1).unsqueeze(0)
         if sliding_window is None and c == n:
             o = F.scaled_dot_product_attention(
                 qs.to(ks.dtype), ks, vs, is_causal=True, scale=scale, enable_gqa=gqa

@@ -70,7 +70,10 @@ class Sampler:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         batch, vocab = logits.shape
         if not (
-            len(params) == len(prompt_token_ids) == len(output_token_ids) == len(generators)
+            len(params)
+            == len(prompt_token_ids)
+            == len(output_token_ids)
+            == len(generators)
             == batch
         ):
             raise ValueError(
@@ -98,9 +101,7 @@ class Sampler:
         if penalty_rows or min_tok_rows:
             x = raw.clone()  # the raw logits are still needed for logprobs
             if penalty_rows:
-                self._apply_penalties(
-                    x, penalty_rows, params, prompt_token_ids, output_token_ids
-                )
+                self._apply_penalties(x, penalty_rows, params, prompt_token_ids, output_token_ids)
             if min_tok_rows:
                 r, c = _flat_indices(min_tok_ids, device)
                 rows = torch.tensor(min_tok_rows, dtype=torch.long, device=device)[r]
@@ -199,21 +200,24 @@ class Sampler:
         need_top_k = any(k < vocab for k in ks)
         need_top_p = any(p.top_p < 1.0 for p in params)
         need_min_p = any(p.min_p > 0.0 for p in params)
-        cfg = torch.tensor(
-            [[p.temperature, p.top_p, p.min_p] for p in params], dtype=x.dtype
-        ).to(device, non_blocking=True)
+        cfg = torch.tensor([[p.temperature, p.top_p, p.min_p] for p in params], dtype=x.dtype).to(
+            device, non_blocking=True
+        )
         x = x / cfg[:, 0:1]
 
         if need_top_k or need_top_p:
-            k_idx = torch.tensor(ks, dtype=torch.long).to(device, non_blocking=True)
             if need_top_p:
                 srt, order = x.sort(dim=-1, descending=True, stable=True)
-            else:
-                srt = x.topk(max(ks), dim=-1).values  # sorted descending
             if need_top_k:
+                k_max = max(k for k in ks if k < vocab)
+                if not need_top_p:
+                    srt = x.topk(k_max, dim=-1).values  # sorted descending
+                k_idx = torch.tensor([min(k, k_max) - 1 for k in ks], dtype=torch.long)
+                k_off = torch.tensor([k >= vocab for k in ks], dtype=torch.bool)
                 # Threshold on the k-th value rather than cutting at position k, so
                 # ties with the k-th token are kept identically on both paths.
-                kth = srt.gather(1, (k_idx - 1)[:, None])
+                kth = srt.gather(1, k_idx.to(device, non_blocking=True)[:, None])
+                kth = kth.masked_fill(k_off.to(device, non_blocking=True)[:, None], float("-inf"))
                 x = x.masked_fill(x < kth, float("-inf"))
                 if need_top_p:
                     srt = srt.masked_fill(srt < kth, float("-inf"))
