@@ -1,0 +1,217 @@
+"""`sparsa bench`: Sparsa and HF transformers side by side on the same weights.
+
+Metrics (per the issue, with vLLM's definitions): prefill tok/s = prompt tokens / TTFT of a
+single request; batch-1 decode tok/s = (output tokens - 1) / (E2E - TTFT); offline
+throughput = output tokens / wall time for all requests (total tokens/s also printed).
+Decode is also reported as a fraction of the memory-bandwidth roofline: measured read
+bandwidth / bytes of weights read per decoded token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from sparsa.config import physical_cores
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s that torch reads with the current threads (a streaming sum over 1 GiB)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def bytes_per_token(model) -> int:
+    """Weights read to decode one token: every parameter except the embedding table,
+    with routed experts counted at their top_k / num_experts share."""
+    from sparsa.layers.moe import FusedExperts
+
+    total = 0
+    expert_params = set()
+    for mod in model.modules():
+        top_k = getattr(mod, "top_k", None)
+        experts = getattr(mod, "experts", None)
+        if top_k and isinstance(experts, FusedExperts):
+            for p in experts.parameters():
+                expert_params.add(id(p))
+                total += p.numel() * p.element_size() * top_k // experts.num_experts
+    embed = id(model.model.embed_tokens.weight)
+    seen = set()
+    for p in model.parameters():
+        if id(p) in expert_params or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) == embed and not getattr(model, "tie_word_embeddings", False):
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def ensure_checkpoint(name: str, cache: Path, seed: int = 0) -> Path:
+    """A dummy-weight HF checkpoint of a built-in config, written once with transformers so
+    both engines load exactly the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsa.models.builtin_configs import builtin_config
+
+    out = cache / f"{name}-seed{seed}"
+    if (out / "config.json").exists():
+        return out
+    d = builtin_config(name)
+    mt = d.pop("model_type")
+    config = AutoConfig.for_model(mt, **d)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out.with_suffix(".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(out)
+    del model
+    return out
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def bench_sparsa(path: str, args) -> dict:
+    from sparsa import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", kv_cache_memory=args.kv_cache_memory,
+              max_num_seqs=args.num_requests, max_num_batched_tokens=args.max_batched_tokens,
+              num_threads=args.threads)
+    vocab = llm.engine.hf_config.vocab_size
+    prompt = _prompts(1, args.input_len, vocab, seed=1)[0]
+    # warm-up
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    res: dict = {}
+    # prefill = TTFT of one request
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    ttft = time.perf_counter() - t
+    res["prefill_tok_s"] = args.input_len / ttft
+    t = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=args.output_len,
+                                                ignore_eos=True))[0]
+    e2e = time.perf_counter() - t
+    m = out.metrics
+    ttft1 = m["first_token_time"] - m["arrival_time"]
+    res["decode_b1_tok_s"] = (args.output_len - 1) / (e2e - ttft1)
+    res["bytes_per_token"] = bytes_per_token(llm.engine.model)
+    prompts = _prompts(args.num_requests, args.input_len, vocab, seed=2)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.output_len,
+                                                ignore_eos=True))
+    wall = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    res["offline_output_tok_s"] = n_out / wall
+    res["offline_total_tok_s"] = (n_out + args.input_len * len(prompts)) / wall
+    res["offline_wall_s"] = wall
+    del llm
+    return res
+
+
+def bench_transformers(path: str, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads or physical_cores())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    vocab = model.config.vocab_size
+    prompt = torch.tensor(_prompts(1, args.input_len, vocab, seed=1))
+    res: dict = {}
+
+    def gen(ids, n):
+        return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                              attention_mask=torch.ones_like(ids))
+
+    with torch.inference_mode():
+        gen(prompt, 4)
+        t = time.perf_counter()
+        gen(prompt, 1)
+        ttft = time.perf_counter() - t
+        res["prefill_tok_s"] = args.input_len / ttft
+        t = time.perf_counter()
+        gen(prompt, args.output_len)
+        e2e = time.perf_counter() - t
+        res["decode_b1_tok_s"] = (args.output_len - 1) / (e2e - ttft)
+        prompts = torch.tensor(_prompts(args.num_requests, args.input_len, vocab, seed=2))
+        best = 0.0
+        for bsz in args.hf_batch_sizes:
+            t = time.perf_counter()
+            n_out = 0
+            for s in range(0, len(prompts), bsz):
+                chunk = prompts[s : s + bsz]
+                out = gen(chunk, args.output_len)
+                n_out += (out.shape[1] - chunk.shape[1]) * chunk.shape[0]
+            wall = time.perf_counter() - t
+            res[f"offline_b{bsz}_output_tok_s"] = n_out / wall
+            if n_out / wall > best:
+                best = n_out / wall
+                res["offline_output_tok_s"] = best
+                res["offline_total_tok_s"] = (n_out + prompts.numel()) / wall
+                res["offline_best_batch"] = bsz
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sparsa bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="mixtral-mini", help="built-in config name (dummy weights)")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-memory", default="4GiB")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[32])
+    ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sparsa" / "bench"))
+    ap.add_argument("--json", dest="json_out", default=None, help="write results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or physical_cores())
+    path = ensure_checkpoint(args.model, Path(args.cache_dir))
+    bw = measure_read_bandwidth()
+    results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
+               "read_bandwidth_gb_s": bw / 1e9, "workload": vars(args)}
+    results["sparsa"] = bench_sparsa(str(path), args)
+    bpt = results["sparsa"]["bytes_per_token"]
+    roof = bw / bpt
+    results["roofline_decode_tok_s"] = roof
+    if not args.skip_transformers:
+        results["transformers"] = bench_transformers(str(path), args)
+    print(f"model {args.model}: read bandwidth {bw / 1e9:.1f} GB/s, "
+          f"{bpt / 1e6:.0f} MB of weights per token, roofline {roof:.1f} tok/s")
+    rows = [("prefill tok/s", "prefill_tok_s"), ("decode b1 tok/s", "decode_b1_tok_s"),
+            ("offline output tok/s", "offline_output_tok_s"),
+            ("offline total tok/s", "offline_total_tok_s")]
+    print(f"{'metric':<24}{'sparsa':>12}{'transformers':>14}{'ratio':>8}")
+    for label, key in rows:
+        s = results["sparsa"][key]
+        h = results.get("transformers", {}).get(key)
+        ratio = f"{s / h:.2f}x" if h else "-"
+        hs = f"{h:.1f}" if h else "-"
+        print(f"{label:<24}{s:>12.1f}{hs:>14}{ratio:>8}")
+    for eng in ("sparsa", "transformers"):
+        if eng in results:
+            frac = results[eng]["decode_b1_tok_s"] / roof
+            print(f"{eng} batch-1 decode: {100 * frac:.0f}% of roofline")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
