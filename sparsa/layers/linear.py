@@ -1,7 +1,9 @@
 """Linear layers that know how checkpoint tensors map onto their (possibly fused) weights.
 
-Fusing q/k/v and gate/up into one weight turns several small GEMMs into one larger one,
-which matters at batch 1 where per-op overhead is a visible share of the step time.
+Weights are stored transposed, [in, out], and applied as `x @ W`: on CPU the batch-1 GEMV
+over that layout streams memory ~1.6x faster than `F.linear` over [out, in] (measured on
+the mixtral-mini shapes), and GEMMs are as fast. Fusing q/k/v and gate/up into one weight
+turns several small GEMMs into one larger one.
 """
 
 from __future__ import annotations
@@ -12,16 +14,29 @@ from torch.nn import functional as F
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). `output_sizes` lists the fused shards stacked along the output dim."""
+    """y = x W^T (+ b). `output_sizes` lists fused shards stacked along the output dim.
 
-    def __init__(self, in_features: int, output_sizes: list[int] | int, bias: bool = False):
+    With `transposed=False` the weight keeps the checkpoint's [out, in] layout (needed when
+    it is tied to an embedding table).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: list[int] | int,
+        bias: bool = False,
+        transposed: bool = True,
+    ):
         super().__init__()
         if isinstance(output_sizes, int):
             output_sizes = [output_sizes]
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.out_features = sum(self.output_sizes)
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.transposed = transposed
+        shape = (in_features, self.out_features) if transposed else (self.out_features,
+                                                                      in_features)
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
         )
@@ -31,16 +46,28 @@ class Linear(nn.Module):
         return slice(start, start + self.output_sizes[shard])
 
     def load_shard(self, name: str, loaded: torch.Tensor, shard: int | None) -> None:
-        param = self.weight if name == "weight" else self.bias
+        """Copy a checkpoint tensor ([out, in] weight or [out] bias) into place."""
+        param = self.weight if name == "weight" else self.bias if name == "bias" else None
         if param is None:
-            raise ValueError(f"checkpoint has a {name} for a layer built without one")
-        target = param.data if shard is None else param.data[self.shard_slice(shard)]
+            raise ValueError(f"checkpoint has a {name} for a linear layer built without one")
+        rows = slice(None) if shard is None else self.shard_slice(shard)
+        if name == "weight" and self.transposed:
+            target = param.data[:, rows]
+            loaded = loaded.t()
+        else:
+            target = param.data[rows]
         if tuple(target.shape) != tuple(loaded.shape):
+            got = tuple(loaded.t().shape) if name == "weight" and self.transposed else tuple(
+                loaded.shape)
+            want = (target.shape[1], target.shape[0]) if name == "weight" and self.transposed \
+                else tuple(target.shape)
             raise ValueError(
-                f"shape mismatch for {name} (shard {shard}): checkpoint {tuple(loaded.shape)}, "
-                f"model {tuple(target.shape)}"
+                f"shape mismatch for {name} (shard {shard}): checkpoint {got}, model {want}"
             )
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias

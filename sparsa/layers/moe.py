@@ -56,11 +56,12 @@ class FusedExperts(nn.Module):
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
+        # [in, out] per expert, applied as x @ W (faster GEMV on CPU; see layers/linear.py)
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False
+            torch.empty(num_experts, hidden_size, 2 * intermediate_size), requires_grad=False
         )
         self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False
+            torch.empty(num_experts, intermediate_size, hidden_size), requires_grad=False
         )
 
     def load_expert(self, expert: int, which: str, loaded: torch.Tensor) -> None:
@@ -69,24 +70,23 @@ class FusedExperts(nn.Module):
             raise ValueError(f"expert index {expert} out of range (model has {self.num_experts})")
         inter = self.intermediate_size
         if which == "gate":
-            target = self.w13.data[expert, :inter]
+            target = self.w13.data[expert, :, :inter]
         elif which == "up":
-            target = self.w13.data[expert, inter:]
+            target = self.w13.data[expert, :, inter:]
         elif which == "down":
             target = self.w2.data[expert]
         else:
             raise ValueError(f"unknown expert projection {which!r}")
-        if tuple(target.shape) != tuple(loaded.shape):
+        if tuple(target.shape) != tuple(loaded.t().shape):
             raise ValueError(
                 f"expert {expert} {which}: checkpoint shape {tuple(loaded.shape)}, "
-                f"model {tuple(target.shape)}"
+                f"model {tuple(target.t().shape)}"
             )
-        target.copy_(loaded)
+        target.copy_(loaded.t())
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.w13[e])
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2[e])
+        gate, up = (x @ self.w13[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.w2[e]
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor

@@ -169,6 +169,10 @@ def load_weights(model: nn.Module, weights, extra_rules=None) -> None:
             mod.load_shard(pname, tensor, action)
             filled.add(f"{target}#{action}")
             continue
+        if pname in ("weight", "bias") and hasattr(mod, "load_shard"):
+            mod.load_shard(pname, tensor, None)
+            filled.add(target)
+            continue
         if target not in params:
             raise CheckpointError(
                 f"checkpoint tensor {ckpt_name!r} has no place in the model "

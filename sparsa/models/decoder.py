@@ -210,7 +210,8 @@ class DecoderForCausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config, make_layer)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size,
+                              transposed=not self.tie_word_embeddings)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
