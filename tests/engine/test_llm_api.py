@@ -154,7 +154,7 @@ def test_malformed_config(tiny, tmp_path):
     cfg = json.loads((tiny / "config.json").read_text())
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*LlamaForCausalLM"):
         LLM(str(bad))
     cfg["architectures"] = ["LlamaForCausalLM"]
     cfg["hidden_size"] = -3
@@ -173,7 +173,7 @@ def test_missing_and_corrupt_tensors(tiny, tmp_path):
     sd = load_file(str(tiny / "model.safetensors"))
     sd.pop("model.layers.1.mlp.down_proj.weight")
     save_file(sd, str(bad / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="missing tensors.*layers.1.mlp.down_proj"):
+    with pytest.raises(CheckpointError, match=r"missing tensors.*layers.1.mlp.down_proj"):
         LLM(str(bad))
     trunc = tmp_path / "trunc"
     shutil.copytree(tiny, trunc)
