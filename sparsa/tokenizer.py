@@ -65,7 +65,13 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.text = ""
         self._fast = getattr(tokenizer, "_tokenizer", None)
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # Seeding the stream with the prompt's tail lets the first generated token keep its
+        # leading space (" time" after "Once upon a"), as vLLM's detokenizer does.
+        try:
+            self._stream = DecodeStream(ids=list(prompt_ids[-8:]),
+                                        skip_special_tokens=skip_special_tokens)
+        except TypeError:  # older tokenizers without prefix support
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._skip = skip_special_tokens
         self._ids: list[int] = []
 
