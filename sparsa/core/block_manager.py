@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from sparsa.core.sequence import Sequence
 
@@ -52,11 +52,14 @@ class BlockManager:
             seq.block_table.append(b)
 
     def free(self, seq: Sequence) -> None:
+        # Check every block before touching any, so a double free leaves the pool intact.
+        drops = Counter(seq.block_table)
+        for b, k in drops.items():
+            if self._ref_counts[b] < k:
+                raise RuntimeError(f"block {b} freed twice")
         # Release in reverse so the tail blocks (least likely to be shared later) go first.
         for b in reversed(seq.block_table):
             self._ref_counts[b] -= 1
-            if self._ref_counts[b] < 0:
-                raise RuntimeError(f"block {b} freed twice")
             if self._ref_counts[b] == 0:
                 self._free.append(b)
         seq.block_table = []

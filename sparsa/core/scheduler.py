@@ -4,6 +4,11 @@ Every step gets a token budget. Running sequences are served first (a decode cos
 token, an unfinished prompt costs its next chunk), then waiting ones are admitted in
 policy order. When the KV pool runs out, the lowest-priority running sequence is
 preempted: its blocks are freed and it is recomputed from scratch when readmitted.
+
+With chunked prefill disabled a prefill is scheduled whole, so it waits until a step has
+enough budget left for it. A sequence whose uncomputed tokens exceed the whole step budget
+(a long prompt, or prompt plus output recomputed after preemption) could never run that
+way, so it is split into budget-sized chunks after all rather than waiting forever.
 """
 
 from __future__ import annotations
@@ -88,21 +93,27 @@ class Scheduler:
         candidates = [s for s in self.running if s not in exclude]
         return max(candidates, key=self._key) if candidates else None
 
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to schedule with `budget` left this step; 0 means it must wait."""
+        n = seq.num_uncomputed_tokens
+        if n <= budget:
+            return n
+        if self.config.enable_chunked_prefill or n > self.config.max_num_batched_tokens:
+            return budget
+        return 0
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        chunked = self.config.enable_chunked_prefill
         scheduled: list[Sequence] = []
 
         # 1. running sequences, best first so preemption hits the worst ones
         for seq in sorted(self.running, key=self._key):
             if seq not in self.running or budget <= 0:
                 continue
-            n = seq.num_uncomputed_tokens
-            if n > budget:
-                if not chunked:
-                    continue
-                n = budget
+            n = self._num_new_tokens(seq, budget)
+            if n == 0:
+                continue
             while not self.blocks.can_allocate(seq, n):
                 victim = self._victim(exclude=scheduled)
                 if victim is None:
@@ -122,11 +133,9 @@ class Scheduler:
             self.waiting.sort(key=self._key)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0]
-                n = seq.num_uncomputed_tokens
-                if n > budget:
-                    if not chunked:
-                        break
-                    n = budget
+                n = self._num_new_tokens(seq, budget)
+                if n == 0:
+                    break
                 if not self.blocks.can_allocate(seq, n):
                     break
                 self.waiting.pop(0)

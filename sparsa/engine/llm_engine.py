@@ -47,6 +47,9 @@ class LLMEngine:
         self.device = dc.torch_device
         if self.device.type == "cpu":
             torch.set_num_threads(dc.num_threads or physical_cores())
+            # Denormal floats take a microcode slow path on x86: one checkpoint ran decode
+            # 2.5x slower because of them. Flushing them to zero changes results by < 1e-38.
+            torch.set_flush_denormal(True)
         t0 = time.perf_counter()
         self.model, self.resolved, self.dtype = load_model(config.model, self.device)
         self.load_seconds = time.perf_counter() - t0
