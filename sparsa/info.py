@@ -261,7 +261,7 @@ def model_info(
     kv_full = kv_per_token * eff_len
     plan: dict[str, Any] = {
         "max_model_len": eff_len,
-        "weights_bytes": weights,
+        "model_bytes": weights,  # weights + buffers (RoPE tables)
         "kv_bytes_max_model_len": kv_full,
         "batch1_total_bytes": weights + kv_full,
         "block_size": block_size,
@@ -364,8 +364,8 @@ def format_info(d: dict[str, Any]) -> str:
     rows.append(("KV cache", f"{_bytes(d['kv_bytes_per_token'])} per token "
                              f"({d['kv_layers']} attention layers)"))
     p = d["memory_plan"]
-    rows.append(("memory plan", f"max_model_len {p['max_model_len']}: weights "
-                                f"{_bytes(p['weights_bytes'])} + KV "
+    rows.append(("memory plan", f"max_model_len {p['max_model_len']}: weights+buffers "
+                                f"{_bytes(p['model_bytes'])} + KV "
                                 f"{_bytes(p['kv_bytes_max_model_len'])} = "
                                 f"{_bytes(p['batch1_total_bytes'])} at batch 1"))
     if "kv_tokens" in p:

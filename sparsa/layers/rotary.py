@@ -81,3 +81,23 @@ class RotaryEmbedding(nn.Module):
             rot = torch.cat((rot[..., 0::2], rot[..., 1::2]), dim=-1)
         out = rot * cos + rotate_half(rot) * sin
         return out if rest is None else torch.cat((out, rest), dim=-1)
+
+
+_SHARED: dict[tuple, RotaryEmbedding] = {}
+
+
+def get_rope(hf_config, rotary_dim: int, max_position: int,
+             interleaved: bool = False) -> RotaryEmbedding:
+    """One table per distinct RoPE setting, shared by every layer: a long-context config
+    (160k positions) would otherwise hold ~80 MB of identical cos/sin per layer."""
+    key = (
+        repr(sorted(rope_parameters(hf_config).items())),
+        getattr(hf_config, "head_dim", None), hf_config.hidden_size,
+        hf_config.num_attention_heads, getattr(hf_config, "max_position_embeddings", None),
+        rotary_dim, max_position, interleaved, str(torch.get_default_device()),
+        torch.get_default_dtype(),
+    )
+    rope = _SHARED.get(key)
+    if rope is None:
+        rope = _SHARED[key] = RotaryEmbedding(hf_config, rotary_dim, max_position, interleaved)
+    return rope

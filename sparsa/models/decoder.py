@@ -18,7 +18,7 @@ from sparsa.layers.attention import AttentionMetadata, KVCache, paged_attention
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts, softmax_topk
 from sparsa.layers.norm import RMSNorm
-from sparsa.layers.rotary import RotaryEmbedding
+from sparsa.layers.rotary import get_rope
 
 
 def cfg(config, name: str, default=None):
@@ -82,7 +82,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.q_size, eps)
             self.k_norm = RMSNorm(self.kv_size, eps)
         self.clip_qkv = getattr(config, "clip_qkv", None)
-        self.rotary = RotaryEmbedding(
+        self.rotary = get_rope(
             config, self.head_dim, cfg(config, "max_position_embeddings", 4096)
         )
         self.scale = 1.0 / math.sqrt(self.head_dim)
