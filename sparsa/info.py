@@ -164,7 +164,11 @@ def _config_fields(hf_config: Any) -> dict[str, Any]:
         "shared_expert_intermediate_size": _cfg(hf_config, "shared_expert_intermediate_size"),
     }
     if getattr(hf_config, "kv_lora_rank", None) is not None:
+        # multi-head latent attention (DeepSeek): per-head K and V dims differ
+        d["head_dim"] = hf_config.qk_nope_head_dim + hf_config.qk_rope_head_dim
+        d["v_head_dim"] = _cfg(hf_config, "v_head_dim")
         d["kv_lora_rank"] = hf_config.kv_lora_rank
+        d["q_lora_rank"] = _cfg(hf_config, "q_lora_rank")
     return d
 
 
@@ -214,7 +218,7 @@ def model_info(
     from sparsa.loader.model_loader import checkpoint_dtype, choose_dtype, resolve_model
 
     mc = ModelConfig(model, dtype=dtype, load_format=load_format, max_model_len=max_model_len)
-    cache = CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory)
+    CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory)  # validates them
     dev = _resolve_device(device)
     resolved = resolve_model(mc)
     hf = resolved.hf_config
@@ -224,7 +228,8 @@ def model_info(
 
     info: dict[str, Any] = {
         "model": model,
-        "name": resolved.name,
+        # a llama2.c .bin resolves to a converted cache directory: keep the user's name
+        "name": Path(model).name if Path(model).expanduser().is_file() else resolved.name,
         "model_dir": str(resolved.model_dir) if resolved.model_dir is not None else None,
         "weights_source": "dummy (random)" if dummy else "checkpoint",
         "device": str(dev),
@@ -324,7 +329,10 @@ def format_info(d: dict[str, Any]) -> str:
         "shape",
         f"{d.get('num_layers')} layers, hidden {d.get('hidden_size')}, "
         f"{d.get('num_attention_heads')} heads / {d.get('num_kv_heads')} KV heads "
-        f"(head_dim {d.get('head_dim')}), vocab {d.get('vocab_size')}, "
+        f"(head_dim {d.get('head_dim')}"
+        + (f", MLA: v_head_dim {d.get('v_head_dim')}, kv_lora_rank {d['kv_lora_rank']}"
+           if d.get("kv_lora_rank") is not None else "")
+        + f"), vocab {d.get('vocab_size')}, "
         f"max positions {d.get('max_position_embeddings')}",
     ))
     if d.get("is_moe"):
@@ -338,7 +346,7 @@ def format_info(d: dict[str, Any]) -> str:
             moe += f", shared expert FFN {d['shared_expert_intermediate_size']}"
         rows.append(("MoE", moe))
     else:
-        rows.append(("MoE", f"no (dense, FFN {d.get('intermediate_size')})"))
+        rows.append(("MoE", f"no (dense, FFN {d.get('intermediate_size') or '?'})"))
     rows.append(("dtype", f"checkpoint {d.get('checkpoint_dtype')} -> compute "
                           f"{d.get('compute_dtype')} on {d.get('device')}"))
     if d.get("build_error"):
@@ -358,7 +366,9 @@ def format_info(d: dict[str, Any]) -> str:
     rows.append(("weights", f"{_bytes(d['weight_bytes'])} in {d['compute_dtype']}"
                             + (f" ({_bytes(d['checkpoint_weight_bytes'])} in checkpoint "
                                f"{d['checkpoint_dtype']})"
-                               if d["checkpoint_dtype"] != d["compute_dtype"] else "")))
+                               if d["checkpoint_dtype"] != d["compute_dtype"] else "")
+                            + (f"; {_bytes(d['checkpoint_files_bytes'])} of safetensors on disk"
+                               if d.get("checkpoint_files_bytes") else "")))
     rows.append(("decode read", f"{_bytes(d['decode_bytes_per_token'])} of weights per token "
                                 "(roofline: bandwidth / this)"))
     rows.append(("KV cache", f"{_bytes(d['kv_bytes_per_token'])} per token "
