@@ -9,6 +9,11 @@ With chunked prefill disabled a prefill is scheduled whole, so it waits until a 
 enough budget left for it. A sequence whose uncomputed tokens exceed the whole step budget
 (a long prompt, or prompt plus output recomputed after preemption) could never run that
 way, so it is split into budget-sized chunks after all rather than waiting forever.
+
+With prefix caching on, an admitted sequence first adopts the cached blocks of its longest
+known prefix and starts with that many tokens already computed, so only the rest (always
+at least its last token, which yields the logits) is scheduled. A preempted sequence goes
+through the same lookup when readmitted and usually finds its own blocks still cached.
 """
 
 from __future__ import annotations
@@ -93,9 +98,17 @@ class Scheduler:
         candidates = [s for s in self.running if s not in exclude]
         return max(candidates, key=self._key) if candidates else None
 
-    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` to schedule with `budget` left this step; 0 means it must wait."""
-        n = seq.num_uncomputed_tokens
+    def mark_computed(self, out: SchedulerOutput) -> None:
+        """After the step ran: advance each scheduled sequence and register its newly
+        completed blocks in the prefix cache."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.blocks.register_computed(item.seq)
+
+    def _num_new_tokens(self, seq: Sequence, budget: int, n: int | None = None) -> int:
+        """Tokens of `seq` to schedule with `budget` left this step; 0 means it must wait.
+        `n` overrides the count of uncomputed tokens (a prefix-cache hit lowers it)."""
+        n = seq.num_uncomputed_tokens if n is None else n
         if n <= budget:
             return n
         if self.config.enable_chunked_prefill or n > self.config.max_num_batched_tokens:
@@ -133,12 +146,17 @@ class Scheduler:
             self.waiting.sort(key=self._key)
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 seq = self.waiting[0]
-                n = self._num_new_tokens(seq, budget)
+                cached = self.blocks.find_cached_prefix(seq)
+                num_cached = len(cached) * self.blocks.block_size
+                n = self._num_new_tokens(seq, budget, seq.num_tokens - num_cached)
                 if n == 0:
                     break
-                if not self.blocks.can_allocate(seq, n):
+                if not self.blocks.can_allocate_with_prefix(seq, cached, n):
                     break
                 self.waiting.pop(0)
+                self.blocks.adopt_prefix(seq, cached)
+                seq.num_computed_tokens = num_cached
+                seq.num_cached_tokens = num_cached
                 self.blocks.allocate(seq, n)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)

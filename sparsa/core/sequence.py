@@ -33,6 +33,12 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # prefix caching: chain hashes of the full blocks seen so far (tokens never change, so
+    # they are computed once), how many leading blocks are registered in the cache, and
+    # how many prompt tokens the last admission found cached
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -65,7 +65,8 @@ class LLMEngine:
         )
         # A lone sequence must always fit, or the scheduler could wait forever.
         self.max_model_len = min(self.max_model_len, self.runner.capacity_tokens)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.eos_ids)
         self.requests: dict[str, _Request] = {}
@@ -149,8 +150,7 @@ class LLMEngine:
         if sched.is_empty:
             return []
         logits, sampled = self.runner.execute(sched)
-        for item in sched.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+        self.scheduler.mark_computed(sched)
         touched: dict[str, _Request] = {}
         if sampled:
             reqs = [self._seq_to_req[s.seq_id] for s in sampled]
@@ -165,10 +165,25 @@ class LLMEngine:
             for i, (seq, req) in enumerate(zip(sampled, reqs)):
                 if req.first_token_time is None:
                     req.first_token_time = now
-                self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
-                                   out.top_logprobs[i])
+                if req.request_id not in self.requests:
+                    continue  # failed earlier in this step (another of its n samples)
+                try:
+                    self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
+                                       out.top_logprobs[i])
+                except Exception as e:
+                    # One request's bad post-processing (detokenizer, stop check) must not
+                    # take the others down: fail just that request and free its blocks.
+                    log.exception("request %s failed", req.request_id)
+                    self._fail_request(req, e)
                 touched[req.request_id] = req
         return [self._make_output(r) for r in touched.values()]
+
+    def _fail_request(self, req: _Request, exc: BaseException) -> None:
+        for s in req.seqs:
+            if not s.is_finished:
+                self.scheduler.abort(s)
+                s.finish_reason = "error"
+                req.stop_reason[s.seq_id] = f"{type(exc).__name__}: {exc}"
 
     def _append_token(self, seq: Sequence, req: _Request, tok: int, logprob: float, top):
         p = req.params
@@ -231,7 +246,8 @@ class LLMEngine:
                     stop_reason=req.stop_reason.get(s.seq_id),
                 )
             )
-        metrics = {"arrival_time": req.arrival}
+        metrics = {"arrival_time": req.arrival,
+                   "num_cached_tokens": float(min(s.num_cached_tokens for s in req.seqs))}
         if req.first_token_time is not None:
             metrics["first_token_time"] = req.first_token_time
         if finished:
@@ -247,6 +263,11 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "kv_usage": self.block_manager.usage(),
             "free_blocks": self.block_manager.num_free_blocks,
+            "num_blocks": self.block_manager.num_blocks,
+            "cached_blocks": self.block_manager.num_cached_blocks,
+            "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate(),
+            "prefix_cache_query_tokens": self.block_manager.prefix_query_tokens,
+            "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
         }
 
 
