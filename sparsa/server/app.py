@@ -1,0 +1,243 @@
+"""The FastAPI application: routes, auth, body-size limit, errors, metrics, chat page."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sparsa.engine.llm_engine import LLMEngine
+from sparsa.server.async_engine import AdmissionConfig, AsyncEngine
+from sparsa.server.errors import APIError
+from sparsa.server.metrics import ServerMetrics
+from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
+from sparsa.server.serving import ClientGone, OpenAIServing
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+_ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+              "/"}
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    extra_model_names: list[str] = field(default_factory=list)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)
+}
+
+
+def _error(status: int, message: str, **kw: Any) -> APIError:
+    return APIError(status, message, **kw)
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    for k, v in (err.headers or {}).items():
+        headers.append((k.lower().encode(), v.encode()))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Plain ASGI, outermost: counts requests by status, checks the API key, and reads the
+    body up to the size limit before anything parses it (413 beyond)."""
+
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics):
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        status = {"code": 500}
+
+        async def counting_send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        try:
+            err, receive = await self._check(scope, receive, path)
+            if err is not None:
+                status["code"] = err.status
+                await _send_error(send, err)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            endpoint = path if path in _ENDPOINTS else "other"
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    async def _check(self, scope: Scope, receive: Receive, path: str):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        key = self.settings.api_key
+        if key and path.startswith("/v1"):
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return _error(401, "Incorrect or missing API key: send 'Authorization: "
+                                   "Bearer <key>'", code="invalid_api_key"), receive
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return None, receive
+        limit = self.settings.max_body_bytes
+        too_big = _error(413, f"request body larger than {limit} bytes",
+                         code="request_too_large")
+        try:
+            if int(headers.get("content-length", "0")) > limit:
+                return too_big, receive
+        except ValueError:
+            return _error(400, "bad Content-Length header"), receive
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None, _replay([], msg, receive)
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return too_big, receive
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        return None, _replay(chunks, None, receive)
+
+
+def _replay(chunks: list[bytes], first: Message | None, receive: Receive) -> Receive:
+    """A receive() that hands out the body read already, then the real channel (so the
+    app still sees the client's disconnect)."""
+    pending: list[Message] = [first] if first is not None else [
+        {"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replay
+
+
+def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    async_engine = AsyncEngine(engine, settings.admission)
+
+    def stats() -> dict:
+        s = engine.stats()
+        s["tokens_in_flight"] = async_engine.tokens_in_flight
+        return s
+
+    metrics = ServerMetrics(stats)
+    names = [settings.model_name, *settings.extra_model_names]
+    serving = OpenAIServing(async_engine, names, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            async_engine.shutdown()
+
+    app = FastAPI(title="Sparsa OpenAI-compatible server", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more errors)"
+        return APIError(400, msg, param=loc[0] if loc else None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)
+                        ).response()
+
+    @app.exception_handler(ClientGone)
+    async def gone(_: Request, e: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(e).__name__}").response()
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.is_alive:
+            return APIError(503, "engine thread is not running").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models() -> JSONResponse:
+        now = int(time.time())
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": now, "owned_by": "sparsa",
+             "root": settings.model_name, "max_model_len": engine.max_model_len}
+            for n in names]})
+
+    @app.post("/v1/completions", responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        return await serving.chat(body, request)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # middleware wraps the whole app, including its error handling, as the outermost layer
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    return app

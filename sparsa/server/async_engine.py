@@ -1,0 +1,226 @@
+"""The engine behind the async front end: LLMEngine stepped in its own thread.
+
+The event loop never touches the engine. It sends commands (add, abort) through a locked
+list and wakes the thread; the thread applies them between steps and hands each request's
+outputs to that request's asyncio.Queue with loop.call_soon_threadsafe. Admission control
+(a bounded waiting queue, a cap on tokens in flight) is decided on the event loop before a
+request is queued, so an overloaded server answers at once instead of piling up work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sparsa.engine.llm_engine import LLMEngine
+from sparsa.outputs import RequestOutput
+from sparsa.sampling_params import SamplingParams
+from sparsa.server.errors import APIError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdmissionConfig:
+    max_waiting: int = 256  # requests admitted but not yet running in the engine
+    max_tokens_in_flight: int | None = None  # sum of n*(prompt + max_tokens); None = auto
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token
+
+
+class EngineFailed(RuntimeError):
+    """The engine step failed while this request was in it."""
+
+
+def request_cost(num_prompt_tokens: int, params: SamplingParams) -> int:
+    """Tokens a request can occupy at most: what the in-flight cap counts."""
+    return params.n * (num_prompt_tokens + (params.max_tokens or 0))
+
+
+class RequestHandle:
+    """One request's output stream on the event loop. Leaving early (an exception, the
+    consumer's cancellation, a client disconnect, close()) aborts the request in the
+    engine, which frees its KV blocks before the next step."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, cost: int):
+        self.engine = engine
+        self.request_id = request_id
+        self.cost = cost
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.arrival = time.monotonic()
+        self.finished = False
+
+    async def results(self) -> AsyncIterator[RequestOutput]:
+        timeout = self.engine.admission.request_timeout
+        try:
+            while not self.finished:
+                remaining = None if timeout is None else \
+                    timeout - (time.monotonic() - self.arrival)
+                if remaining is not None and remaining <= 0:
+                    raise APIError(504, f"request timed out after {timeout:g} s",
+                                   code="timeout")
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue  # the loop head raises the timeout error
+                if isinstance(item, BaseException):
+                    self.finished = True  # the engine already dropped it
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.engine._release(self)
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, admission: AdmissionConfig | None = None):
+        self.engine = engine
+        self.admission = admission or AdmissionConfig()
+        if self.admission.max_tokens_in_flight is None:
+            # A few KV pools' worth: enough to keep the batch full, small enough that the
+            # waiting queue stays a short wait rather than minutes of backlog.
+            self.admission.max_tokens_in_flight = 4 * engine.runner.capacity_tokens
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._requests: dict[str, RequestHandle] = {}
+        self._tokens_in_flight = 0
+        self._commands: list[tuple[str, str, object]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.num_steps = 0
+        self.last_error: str | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="sparsa-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- front end (event loop thread) -----------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self._requests)
+
+    @property
+    def tokens_in_flight(self) -> int:
+        return self._tokens_in_flight
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            queued = sum(1 for c in self._commands if c[0] == "add")
+        return queued + len(self.engine.scheduler.waiting)
+
+    def admit(self, cost: int) -> None:
+        """Raise OverloadedError when a request costing `cost` tokens must be refused."""
+        if not self.is_alive:
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        if self.num_waiting() >= self.admission.max_waiting:
+            raise OverloadedError(503, f"server overloaded: {self.admission.max_waiting} "
+                                       "requests already waiting; retry later")
+        cap = self.admission.max_tokens_in_flight or 0
+        # An idle server takes any request, so no request is refused forever.
+        if self._requests and self._tokens_in_flight + cost > cap:
+            raise OverloadedError(429, f"too many tokens in flight ({self._tokens_in_flight} "
+                                       f"+ {cost} > {cap}); retry later")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+               priority: int = 0, cost: int | None = None, check: bool = True
+               ) -> RequestHandle:
+        """Queue a request (after admission control unless `check` is False, for a caller
+        that already admitted a batch) and return the handle its outputs arrive on."""
+        if cost is None:
+            cost = request_cost(len(prompt_ids), params)
+        if check:
+            self.admit(cost)
+        handle = RequestHandle(self, request_id, cost)
+        self._requests[request_id] = handle
+        self._tokens_in_flight += cost
+        self._send("add", request_id, (prompt_ids, params, priority))
+        return handle
+
+    def _release(self, handle: RequestHandle) -> None:
+        if self._requests.pop(handle.request_id, None) is not None:
+            self._tokens_in_flight -= handle.cost
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id, None)
+
+    def _send(self, kind: str, request_id: str, payload: object) -> None:
+        with self._lock:
+            self._commands.append((kind, request_id, payload))
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _deliver(self, request_id: str, item: object) -> None:
+        handle = self._requests.get(request_id)
+        if handle is not None:  # gone: the consumer left and its abort is on the way
+            handle.queue.put_nowait(item)
+
+    def _post(self, request_id: str, item: object) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    def _apply_commands(self) -> None:
+        with self._lock:
+            cmds, self._commands = self._commands, []
+            self._wake.clear()
+        for kind, rid, payload in cmds:
+            if kind == "abort":
+                self.engine.abort_request(rid)
+                continue
+            ids, params, priority = payload  # type: ignore[misc]
+            try:
+                self.engine.add_request(ids, params, request_id=rid, priority=priority)
+            except Exception as e:  # a bad request fails alone
+                self._post(rid, APIError(400, str(e)) if isinstance(e, (ValueError, TypeError))
+                           else EngineFailed(f"{type(e).__name__}: {e}"))
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop:
+            try:
+                self._apply_commands()
+                if not eng.has_unfinished_requests():
+                    self._wake.wait(timeout=0.5)
+                    continue
+                outputs = eng.step()
+                self.num_steps += 1
+            except Exception as e:
+                # A failed step is not any one request's fault that we can tell: fail the
+                # requests that were in the engine, free their blocks, and keep serving.
+                log.exception("engine step failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                for rid in list(eng.requests):
+                    eng.abort_request(rid)
+                    self._post(rid, EngineFailed(self.last_error))
+                continue
+            for out in outputs:
+                self._post(out.request_id, out)
+        # shutting down: drop what is left so its blocks are free
+        for rid in list(eng.requests):
+            eng.abort_request(rid)
+            self._post(rid, APIError(503, "server shutting down"))

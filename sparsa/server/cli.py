@@ -1,0 +1,127 @@
+"""`sparsa serve MODEL`: the OpenAI-compatible server on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sparsa.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sparsa.server.async_engine import AdmissionConfig
+
+log = logging.getLogger(__name__)
+
+
+def _pos_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Server options (shared by `sparsa serve` and the prefix-cache benchmark)."""
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default loopback only; 0.0.0.0 exposes the server)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("SPARSA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                        "$SPARSA_API_KEY, else no auth)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id clients send (default: the MODEL argument)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template, or a file holding one, for models without one")
+    p.add_argument("--block-size", type=_pos_int, default=16)
+    p.add_argument("--num-kv-blocks", type=_pos_int, default=None)
+    p.add_argument("--max-num-seqs", type=_pos_int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=_pos_int, default=2048)
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn automatic prefix caching off")
+    p.add_argument("--threads", type=_pos_int, default=None, help="CPU threads for the engine")
+    p.add_argument("--max-waiting", type=_pos_int, default=256,
+                   help="requests allowed to wait for the engine; beyond: 503")
+    p.add_argument("--max-tokens-in-flight", type=_pos_int, default=None,
+                   help="cap on admitted n*(prompt+max_tokens); beyond: 429 "
+                        "(default: 4x the KV cache capacity)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take in all (0 = no limit)")
+    p.add_argument("--max-body-bytes", type=_pos_int, default=4 << 20,
+                   help="largest request body (413 beyond)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="Serve MODEL over the OpenAI API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models) with /health, "
+                                   "/metrics and a chat page at /.")
+    add_common(p)
+    p.add_argument("model", metavar="MODEL",
+                   help="HF model directory, llama2.c .bin file, or built-in config name")
+    add_model_options(p)
+    add_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    mkw: dict[str, Any] = dict(tokenizer=args.tokenizer, dtype=getattr(args, "dtype", "auto"),
+                               load_format=getattr(args, "load_format", "auto"),
+                               max_model_len=getattr(args, "max_model_len", None))
+    if getattr(args, "quantization", None) not in (None, "none"):
+        mkw["quantization"] = args.quantization
+        mkw["quantization_group_size"] = args.group_size
+    return EngineConfig(
+        model=ModelConfig(args.model, **mkw),
+        cache=CacheConfig(block_size=args.block_size,
+                          kv_cache_memory=getattr(args, "kv_cache_memory", None),
+                          num_blocks=args.num_kv_blocks,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  enable_chunked_prefill=not args.no_chunked_prefill),
+        device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads),
+    )
+
+
+def build_from_args(args: argparse.Namespace):
+    """(FastAPI app, LLMEngine) for parsed `serve` arguments."""
+    from sparsa.engine.llm_engine import LLMEngine
+    from sparsa.server.app import ServerSettings, build_app
+
+    engine = LLMEngine(engine_config(args))
+    if args.chat_template:
+        if engine.tokenizer is None:
+            raise ValueError("--chat-template needs a model with a tokenizer")
+        t = Path(args.chat_template)
+        engine.tokenizer.chat_template = t.read_text() if t.is_file() else args.chat_template
+    name = args.served_model_name or args.model
+    settings = ServerSettings(
+        model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+        admission=AdmissionConfig(max_waiting=args.max_waiting,
+                                  max_tokens_in_flight=args.max_tokens_in_flight,
+                                  request_timeout=args.request_timeout or None),
+        extra_model_names=[args.model] if name != args.model else [],
+    )
+    return build_app(engine, settings), engine
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app, engine = build_from_args(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it",
+                    args.host)
+    print(f"sparsa: serving {args.served_model_name or args.model} "
+          f"(context {engine.max_model_len}, {engine.block_manager.num_blocks} KV blocks, "
+          f"prefix caching {'off' if args.no_prefix_caching else 'on'}) "
+          f"on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0

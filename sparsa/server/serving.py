@@ -1,0 +1,347 @@
+"""The logic of /v1/completions and /v1/chat/completions: validate, tokenize, admit,
+submit to the AsyncEngine, and answer as JSON or as an SSE stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from sparsa.outputs import RequestOutput
+from sparsa.sampling_params import SamplingParams
+from sparsa.server.async_engine import AsyncEngine, EngineFailed, RequestHandle, request_cost
+from sparsa.server.errors import APIError, bad_request
+from sparsa.server.formatting import (
+    DeltaTracker,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    sse,
+    usage,
+)
+from sparsa.server.metrics import ServerMetrics
+from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
+from sparsa.server.sse import SSEResponse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    index: int  # which prompt of the request
+    ids: list[int]
+    text: str | None
+    handle: RequestHandle
+    first_token: float | None = None
+    last: RequestOutput | None = None
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics):
+        self.engine = engine
+        self.llm = engine.engine
+        self.model_names = model_names
+        self.metrics = metrics
+        self.tokenizer = self.llm.tokenizer
+        self.max_model_len = self.llm.max_model_len
+        self.vocab_size = self.llm.hf_config.vocab_size
+        self.token_text = TokenText(self.tokenizer)
+
+    # ---- validation ------------------------------------------------------------------
+    def check_model(self, name: str) -> None:
+        if name not in self.model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model",
+                           code="model_not_found")
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer: send prompts as token ids")
+        return self.tokenizer
+
+    async def _encode(self, text: str) -> list[int]:
+        self._need_tokenizer()
+        # off the event loop: a long prompt takes a while to tokenize
+        return await asyncio.to_thread(self.llm.encode, text)
+
+    def _resolve_max_tokens(self, ids: list[int], max_tokens: int | None, param: str) -> int:
+        if not ids:
+            raise bad_request("prompt must not be empty", param)
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise bad_request(f"token ids must be in [0, {self.vocab_size})", param)
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. "
+                              f"However, your prompt has {len(ids)} tokens. Please reduce "
+                              "the length of the prompt.", param)
+        if max_tokens is None:
+            return limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise bad_request(f"This model's maximum context length is {limit} tokens. "
+                              f"However, you requested {len(ids) + max_tokens} tokens "
+                              f"({len(ids)} in the prompt, {max_tokens} in the completion). "
+                              "Please reduce the length of the prompt or completion.",
+                              "max_tokens")
+        return max_tokens
+
+    def _submit(self, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
+                priority: int, base_id: str) -> list[_Job]:
+        costs = [request_cost(len(ids), p) for (ids, _), p in zip(prompts, params)]
+        self.engine.admit(sum(costs))  # all prompts of a request or none
+        return [_Job(i, ids, text, self.engine.submit(ids, p, f"{base_id}-{i}", priority,
+                                                      cost, check=False))
+                for i, ((ids, text), p, cost) in enumerate(zip(prompts, params, costs))]
+
+    # ---- running jobs ----------------------------------------------------------------
+    async def _pump(self, job: _Job, sink: asyncio.Queue) -> None:
+        try:
+            async for out in job.handle.results():
+                if job.first_token is None and any(c.token_ids for c in out.outputs):
+                    job.first_token = time.monotonic()
+                job.last = out
+                await sink.put((job, out))
+        except BaseException as e:
+            await sink.put((job, e))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        else:
+            await sink.put((job, None))
+
+    async def _events(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, RequestOutput]]:
+        """Outputs of all jobs as they come; raises the first job error."""
+        sink: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(j, sink)) for j in jobs]
+        live = len(jobs)
+        try:
+            while live:
+                job, item = await sink.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield job, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            for j in jobs:
+                j.handle.close()
+            self._observe(jobs)
+
+    def _observe(self, jobs: list[_Job]) -> None:
+        now = time.monotonic()
+        for j in jobs:
+            if j.last is None or not j.last.finished:
+                continue
+            ttft = None if j.first_token is None else j.first_token - j.handle.arrival
+            self.metrics.observe_request(ttft, now - j.handle.arrival, len(j.ids),
+                                         sum(len(c.token_ids) for c in j.last.outputs),
+                                         [c.finish_reason for c in j.last.outputs])
+
+    async def _collect(self, jobs: list[_Job], raw: Request) -> list[RequestOutput]:
+        async def drain() -> None:
+            async for _ in self._events(jobs):
+                pass
+
+        work = asyncio.create_task(drain())
+        watcher = asyncio.create_task(_wait_disconnect(raw))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                raise ClientGone()  # the finally below aborts every job
+            work.result()
+        finally:
+            for t in (work, watcher):
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+            for j in jobs:
+                j.handle.close()
+        return [j.last for j in jobs]  # type: ignore[misc]
+
+    @staticmethod
+    def _check_finish(out: RequestOutput) -> None:
+        for c in out.outputs:
+            if c.finish_reason == "error":
+                raise EngineFailed(str(c.stop_reason))
+
+    # ---- /v1/completions -------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, raw: Request) -> Any:
+        self.check_model(req.model)
+        req.check_unsupported()
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported", "echo")
+        prompts: list[tuple[list[int], str | None]] = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append((await self._encode(p), p))
+            else:
+                prompts.append((list(p), None))
+        params = [req.sampling_params(self._resolve_max_tokens(ids, req.max_tokens, "prompt"),
+                                      req.logprobs) for ids, _ in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        jobs = self._submit(prompts, params, req.priority, rid)
+        created = int(time.time())
+        if req.stream:
+            return SSEResponse(self._stream_completion(req, jobs, rid, created))
+        outs = await self._collect(jobs, raw)
+        choices = []
+        for job, out in zip(jobs, outs):
+            self._check_finish(out)
+            prefix = self._prompt_text(job) if req.echo else ""
+            for c in out.outputs:
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(c, 0, len(c.token_ids), req.logprobs,
+                                             self.token_text, 0)
+                choices.append({"index": job.index * req.n + c.index, "text": prefix + c.text,
+                                "logprobs": lp, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created,
+                             "model": req.model, "choices": choices, "usage": usage(outs)})
+
+    def _prompt_text(self, job: _Job) -> str:
+        if job.text is not None:
+            return job.text
+        return self.tokenizer.decode(job.ids) if self.tokenizer is not None else ""
+
+    async def _stream_completion(self, req: CompletionRequest, jobs: list[_Job], rid: str,
+                                 created: int) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        holdback = max((len(s) for s in req.params_stop()), default=1) - 1
+        trackers: dict[int, DeltaTracker] = {}
+
+        def chunk(index: int, text: str, lp: Any, finish: str | None) -> str:
+            body = {"id": rid, "object": "text_completion", "created": created,
+                    "model": req.model, "choices": [{"index": index, "text": text,
+                                                     "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        try:
+            async for job, out in self._events(jobs):
+                self._check_finish(out)
+                for c in out.outputs:
+                    idx = job.index * req.n + c.index
+                    tr = trackers.get(idx)
+                    if tr is None:
+                        tr = trackers[idx] = DeltaTracker(holdback)
+                        if req.echo:
+                            yield chunk(idx, self._prompt_text(job), None, None)
+                    offset = tr.sent_chars
+                    delta, t0, t1, done = tr.advance(c)
+                    if not delta and not done:
+                        continue
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = completion_logprobs(c, t0, t1, req.logprobs, self.token_text,
+                                                 offset)
+                    yield chunk(idx, delta, lp, c.finish_reason if done else None)
+            if include_usage:
+                yield sse({"id": rid, "object": "text_completion", "created": created,
+                           "model": req.model, "choices": [],
+                           "usage": usage([j.last for j in jobs if j.last])})
+        except Exception as e:
+            yield sse(_error_body(e))
+        yield sse("[DONE]")
+
+    # ---- /v1/chat/completions --------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
+        self.check_model(req.model)
+        req.check_unsupported()
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise bad_request("this model has no chat template; use /v1/completions")
+        conv = req.conversation()
+
+        def render() -> list[int]:
+            ids = tok.apply_chat_template(conv, tokenize=True,
+                                          add_generation_prompt=req.add_generation_prompt)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+
+        try:
+            ids = await asyncio.to_thread(render)
+        except Exception as e:  # a template that rejects this conversation
+            raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = req.sampling_params(self._resolve_max_tokens(ids, max_tokens, "messages"),
+                                     req.engine_logprobs())
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        jobs = self._submit([(ids, None)], [params], req.priority, rid)
+        created = int(time.time())
+        if req.stream:
+            return SSEResponse(self._stream_chat(req, jobs, rid, created))
+        out = (await self._collect(jobs, raw))[0]
+        self._check_finish(out)
+        k = req.top_logprobs or 0
+        choices = [{"index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c, 0, len(c.token_ids), k, self.token_text)
+                    if req.logprobs else None,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for c in out.outputs]
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
+                             "model": req.model, "choices": choices, "usage": usage([out])})
+
+    async def _stream_chat(self, req: ChatCompletionRequest, jobs: list[_Job], rid: str,
+                           created: int) -> AsyncIterator[str]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        holdback = max((len(s) for s in req.params_stop()), default=1) - 1
+        trackers: dict[int, DeltaTracker] = {}
+        k = req.top_logprobs or 0
+
+        def chunk(index: int, delta: dict, lp: Any, finish: str | None) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": req.model, "choices": [{"index": index, "delta": delta,
+                                                     "logprobs": lp, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        try:
+            for i in range(req.n):  # the role comes first, as OpenAI sends it
+                yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+            async for _job, out in self._events(jobs):
+                self._check_finish(out)
+                for c in out.outputs:
+                    tr = trackers.setdefault(c.index, DeltaTracker(holdback))
+                    delta, t0, t1, done = tr.advance(c)
+                    if not delta and not done:
+                        continue
+                    lp = chat_logprobs(c, t0, t1, k, self.token_text) if req.logprobs else None
+                    yield chunk(c.index, {"content": delta} if delta else {}, lp,
+                                c.finish_reason if done else None)
+            if include_usage:
+                yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                           "model": req.model, "choices": [],
+                           "usage": usage([j.last for j in jobs if j.last])})
+        except Exception as e:
+            yield sse(_error_body(e))
+        yield sse("[DONE]")
+
+
+def _error_body(e: Exception) -> dict[str, Any]:
+    """An error that happens after the stream started goes out as an SSE event."""
+    if isinstance(e, APIError):
+        return e.body()
+    log.warning("request failed mid-stream: %s: %s", type(e).__name__, e)
+    return APIError(500, f"{type(e).__name__}: {e}").body()

@@ -1,0 +1,43 @@
+"""Server-sent events that notice a client disconnect while nothing is being sent."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+
+class SSEResponse(StreamingResponse):
+    """StreamingResponse that always listens for http.disconnect next to the stream.
+
+    Starlette only does so for ASGI servers older than spec 2.4; newer ones make it rely on
+    the next send failing. A request still queued, or between tokens of a slow model, would
+    then hold its KV blocks until its next chunk; listening cancels the stream at once, and
+    the stream's cleanup aborts the request in the engine.
+    """
+
+    def __init__(self, content, status_code: int = 200):
+        super().__init__(content, status_code=status_code, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def run(func) -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-send
+                        await func()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(run, partial(self.stream_response, send))
+                await run(partial(self.listen_for_disconnect, receive))
+        finally:
+            # Cancelled during a send, the generator sits at a yield and its cleanup (which
+            # aborts the request) would wait for garbage collection: close it now.
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()
