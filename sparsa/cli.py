@@ -93,6 +93,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, e.g. 512MiB or 4GiB (default: 25%% of free memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
+                   help="weight-only quantization applied at load (default: none)")
+    p.add_argument("--group-size", type=_positive_int, default=64,
+                   help="int4 group size: input channels per scale (16..256, default 64)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--threads", type=_positive_int, default=None)
+
+    # Subcommands kept in their own modules: each module's add_parser(sub) registers one
+    # parser with `set_defaults(func=...)`.
+    for module in _EXTERNAL_COMMANDS:
+        importlib.import_module(module).add_parser(sub, _add_common, _add_model_options)
     return parser
+
+
+_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -222,6 +234,8 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "kv_cache_memory": getattr(args, "kv_cache_memory", None),
         "device": getattr(args, "device", "auto"),
         "num_threads": getattr(args, "threads", None),
+        "quantization": getattr(args, "quantization", None),
+        "quantization_group_size": getattr(args, "group_size", 64),
     }
     kwargs.update(overrides)
     return LLM(model, **kwargs)
@@ -509,11 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(format="sparsa: %(levelname)s: %(message)s")
 
     try:
+        if bench is not None and bench[1][:1] == ["serve"]:  # `sparsa bench serve ...`
+            return importlib.import_module("sparsa.bench_serve").main(bench[1][1:])
         if bench is not None:
             return cmd_bench(bench[1])
         commands = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
+        func = getattr(args, "func", None) or commands[args.command]
         with _log_levels(verbose or debug):
-            return commands[args.command](args)
+            return func(args)
     except BrokenPipeError:  # e.g. `sparsa info X --json | head`
         with contextlib.suppress(Exception):
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -61,17 +61,28 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # Weight-only quantization applied at load: "none" | "int8" | "int4"
+    quantization: str | None = None
+    quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty path or built-in model name")
         parse_dtype(self.dtype)
+        self.quant_config()  # validates method and group size
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy'; got {self.load_format!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+
+    def quant_config(self):
+        """The `QuantConfig` this model is loaded with (method "none" when off)."""
+        from sparsa.layers.quantization import QuantConfig
+
+        return QuantConfig(method=self.quantization or "none",
+                           group_size=self.quantization_group_size)
 
 
 @dataclass

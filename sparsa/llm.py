@@ -22,6 +22,8 @@ class LLM:
         load_format: str = "auto",
         max_model_len: int | None = None,
         seed: int = 0,
+        quantization: str | None = None,
+        quantization_group_size: int = 64,
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,
@@ -35,7 +37,9 @@ class LLM:
     ):
         config = EngineConfig(
             model=ModelConfig(model, tokenizer=tokenizer, dtype=dtype, load_format=load_format,
-                              max_model_len=max_model_len, seed=seed),
+                              max_model_len=max_model_len, seed=seed,
+                              quantization=quantization,
+                              quantization_group_size=quantization_group_size),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),

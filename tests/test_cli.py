@@ -232,3 +232,30 @@ def test_demo_falls_back_without_shared(capsys, monkeypatch, tmp_path):
     assert [m for m, _ in calls] == ["mixtral-mini"]
     assert calls[0][1]["load_format"] == "dummy"
     assert "SPARSA_SHARED" in err and "random" in err.lower()
+
+
+# ---- eval-ppl and quantization ---------------------------------------------------------------
+
+
+@needs_stories
+def test_eval_ppl_table_and_json(capsys, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Once upon a time there was a cat.\n\nThe dog ran to the park.\n")
+    out_json = tmp_path / "r.json"
+    rc, out, err = run(capsys, "eval-ppl", str(STORIES), "--text", str(corpus),
+                       "--methods", "none,int8", "--json", str(out_json))
+    assert rc == 0, err
+    assert "| none |" in out and "| int8 |" in out
+    assert out_json.exists()
+    rc, _, err = run(capsys, "eval-ppl", str(STORIES), "--text", str(corpus), "--methods", "fp8")
+    assert_usage_error(rc, err, "--methods")
+    rc, _, err = run(capsys, "eval-ppl", str(STORIES), "--text", str(tmp_path / "none.txt"))
+    assert_usage_error(rc, err, "not found")
+
+
+@needs_stories
+def test_generate_with_int8_weights(capsys):
+    rc, out, err = run(capsys, "generate", str(STORIES), "--prompt-ids", "1", "-q", "int8",
+                       "--temperature", "0", "--max-tokens", "12")
+    assert rc == 0, err
+    assert out.startswith("Once upon a time"), out

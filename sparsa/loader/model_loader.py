@@ -247,4 +247,9 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
         init_dummy_weights(model, mc.seed)
     else:
         load_weights(model, SafetensorsCheckpoint(resolved.model_dir))
+    qc = mc.quant_config()
+    if qc.enabled:
+        from sparsa.layers.quantization import quantize_model
+
+        model.quant_stats = quantize_model(model, qc)
     return model, resolved, dtype

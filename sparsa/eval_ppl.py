@@ -1,0 +1,159 @@
+"""Perplexity of a model on a text file: the quality check for lossy options (quantization).
+
+The text is cut into documents: "blocks" mode (the default) splits it on blank lines and
+scores each block on its own (BOS + tokens, every token after BOS predicted: the method
+behind the reference figures in ../shared/models/tinymoe-stories/README.md); "stream" mode
+scores the whole text as one document. A document longer than the context is cut into windows
+that overlap by one token. `text_slice` picks a fraction of the blocks (or of the characters in
+stream mode), e.g. "0.9:1" for the held-out last 10%. Perplexity = exp(total NLL / predicted
+tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class PerplexityResult:
+    model: str
+    quantization: str
+    text: str
+    tokens: int  # predicted tokens
+    windows: int
+    context_len: int
+    nll: float  # mean negative log-likelihood (nats per token)
+    perplexity: float
+    seconds: float
+    weight_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_slice(spec: str) -> tuple[float, float]:
+    """'0.9:1' -> (0.9, 1.0): fractions of the text's characters."""
+    try:
+        lo_s, hi_s = spec.split(":")
+        lo = float(lo_s) if lo_s else 0.0
+        hi = float(hi_s) if hi_s else 1.0
+    except ValueError:
+        raise ValueError(f"slice must look like '0.9:1' (fractions); got {spec!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"slice bounds must satisfy 0 <= lo < hi <= 1; got {spec!r}")
+    return lo, hi
+
+
+def read_documents(path: str | Path, text_slice: str = "0:1", mode: str = "blocks") -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"text file not found: {p}")
+    if mode not in ("blocks", "stream"):
+        raise ValueError(f"mode must be 'blocks' or 'stream'; got {mode!r}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lo, hi = parse_slice(text_slice)
+    if mode == "stream":
+        return [text[int(lo * len(text)) : int(hi * len(text))]]
+    blocks = [b.strip() for b in text.split("\n\n") if b.strip()]
+    return blocks[int(lo * len(blocks)) : int(hi * len(blocks))]
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.is_meta:
+            continue
+        key = t.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+@torch.inference_mode()
+def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = None,
+                        max_windows: int | None = None, label: str = "") -> PerplexityResult:
+    """Perplexity of `llm` (a `sparsa.LLM`) over `documents`, each scored on its own."""
+    from sparsa.engine.llm_engine import prompt_logits
+
+    engine = llm.engine
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError("perplexity needs a tokenizer; this model has none")
+    bos = getattr(tok, "bos_token_id", None)
+    L = min(context_len or engine.max_model_len, engine.max_model_len)
+    if L < 2:
+        raise ValueError(f"context_len must be >= 2; got {L}")
+    total_nll, total_tokens, windows = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for doc in documents:
+        ids = tok.encode(doc, add_special_tokens=False)
+        if bos is not None:
+            ids = [bos, *ids]
+        # Windows overlap by one token so that every token but the first is predicted.
+        for start in range(0, len(ids) - 1, L - 1):
+            window = ids[start : start + L]
+            if len(window) < 2:
+                break
+            logits = prompt_logits(engine, window).float()
+            target = torch.tensor(window[1:], dtype=torch.long, device=logits.device)
+            total_nll += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
+            total_tokens += len(window) - 1
+            windows += 1
+            if max_windows is not None and windows >= max_windows:
+                break
+        if max_windows is not None and windows >= max_windows:
+            break
+    if total_tokens == 0:
+        raise ValueError("nothing to score: the text has fewer than 2 tokens")
+    seconds = time.perf_counter() - t0
+    mean = total_nll / total_tokens
+    mc = engine.config.model
+    return PerplexityResult(
+        model=mc.model, quantization=label or (mc.quantization or "none"), text="",
+        tokens=total_tokens, windows=windows, context_len=L, nll=mean, perplexity=math.exp(mean),
+        seconds=seconds, weight_bytes=_weight_bytes(engine.runner.model),
+    )
+
+
+def compare_quantizations(model: str, text_path: str, methods: list[str], *,
+                          text_slice: str = "0:1", mode: str = "blocks",
+                          context_len: int | None = None,
+                          max_windows: int | None = None, group_size: int = 64,
+                          num_threads: int | None = None) -> list[PerplexityResult]:
+    """Load `model` once per method and score the same text with each."""
+    from sparsa.llm import LLM
+
+    documents = read_documents(text_path, text_slice, mode)
+    results = []
+    for method in methods:
+        llm = LLM(model, quantization=None if method == "none" else method,
+                  quantization_group_size=group_size, num_threads=num_threads,
+                  max_num_batched_tokens=max(2048, context_len or 0))
+        label = method if method != "int4" else f"int4-g{group_size}"
+        r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,
+                                label=label)
+        r.text = f"{text_path}[{text_slice}, {mode}]"
+        results.append(r)
+        del llm
+    return results
+
+
+def format_table(results: list[PerplexityResult]) -> str:
+    base = results[0].perplexity if results else float("nan")
+    lines = ["| model | weights | tokens | perplexity | vs first | weight MB | s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {Path(r.model).name} | {r.quantization} | {r.tokens} | {r.perplexity:.4f} | "
+            f"{(r.perplexity / base - 1) * 100:+.2f}% | {r.weight_bytes / 1e6:.2f} | "
+            f"{r.seconds:.1f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,50 @@
+"""`sparsa eval-ppl`: perplexity of a model on a text file, once per weight format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from sparsa.eval_ppl import compare_quantizations, format_table
+
+
+def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
+    p = sub.add_parser(
+        "eval-ppl", help="perplexity on a text file (compare fp32, int8, int4)",
+        description="Score a text file with the model once per weight format and print the "
+                    "perplexity of each beside the first.")
+    add_common(p)
+    p.add_argument("model", metavar="MODEL",
+                   help="HF model directory, llama2.c .bin file, or built-in config name")
+    p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    p.add_argument("--slice", default="0:1", dest="text_slice",
+                   help="fraction of the text's characters to score, e.g. 0.9:1 (last 10%%)")
+    p.add_argument("--mode", default="blocks", choices=["blocks", "stream"],
+                   help="blocks: score each blank-line-separated block on its own (default); "
+                        "stream: the whole text as one document")
+    p.add_argument("--methods", default="none,int8,int4",
+                   help="comma-separated weight formats to compare (none, int8, int4)")
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument("--context-len", type=int, default=None,
+                   help="tokens per scored window (default: the model's context)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most N windows")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", dest="json_out", default=None, help="also write results here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("none", "int8", "int4")]
+    if not methods or bad:
+        raise ValueError(f"--methods takes none, int8, int4; got {args.methods!r}")
+    results = compare_quantizations(
+        args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
+        context_len=args.context_len, max_windows=args.max_windows,
+        group_size=args.group_size, num_threads=args.threads)
+    print(format_table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
