@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import torch
+
 from sparsa.engine.llm_engine import LLMEngine
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
@@ -201,6 +203,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         eng = self.engine
+        if eng.device.type == "cpu":
+            # per-thread CPU state: LLMEngine set it on the thread that built it, not here
+            torch.set_flush_denormal(True)
         while not self._stop:
             try:
                 self._apply_commands()
