@@ -32,29 +32,34 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def bytes_per_token(model) -> int:
-    """Weights read to decode one token: every parameter except the embedding table,
-    with routed experts counted at their top_k / num_experts share."""
-    from sparsa.layers.moe import FusedExperts
+def _tensors(module) -> list:
+    return [t for t in list(module.parameters()) + list(module.buffers())
+            if t is not None and not t.is_meta]
 
+
+def bytes_per_token(model) -> int:
+    """Weights read to decode one token: every parameter and buffer except the embedding
+    table, with routed experts counted at their top_k / num_experts share (full precision or
+    quantized alike). Tensors only kept for other devices (e.g. fp32 copies of tables) are
+    counted too, which errs on the side of a higher roofline."""
     total = 0
-    expert_params = set()
+    counted: set[int] = set()
     for mod in model.modules():
         top_k = getattr(mod, "top_k", None)
         experts = getattr(mod, "experts", None)
-        if top_k and isinstance(experts, FusedExperts):
-            for p in experts.parameters():
-                expert_params.add(id(p))
-                total += p.numel() * p.element_size() * top_k // experts.num_experts
-    embed = id(model.model.embed_tokens.weight)
-    seen = set()
-    for p in model.parameters():
-        if id(p) in expert_params or id(p) in seen:
+        n_exp = getattr(experts, "num_experts", None)
+        if top_k and n_exp:
+            for t in _tensors(experts):
+                if id(t) not in counted:
+                    counted.add(id(t))
+                    total += t.numel() * t.element_size() * top_k // n_exp
+    embed = model.model.embed_tokens.weight
+    tied = getattr(model, "tie_word_embeddings", False)
+    for t in _tensors(model):
+        if id(t) in counted or (t is embed and not tied):
             continue
-        seen.add(id(p))
-        if id(p) == embed and not getattr(model, "tie_word_embeddings", False):
-            continue
-        total += p.numel() * p.element_size()
+        counted.add(id(t))
+        total += t.numel() * t.element_size()
     return total
 
 
@@ -67,6 +72,7 @@ def ensure_checkpoint(name: str, cache: Path, seed: int = 0) -> Path:
 
     out = cache / f"{name}-seed{seed}"
     if (out / "config.json").exists():
+        _add_tokenizer(out)
         return out
     d = builtin_config(name)
     mt = d.pop("model_type")
@@ -77,7 +83,23 @@ def ensure_checkpoint(name: str, cache: Path, seed: int = 0) -> Path:
     model.save_pretrained(tmp)
     tmp.rename(out)
     del model
+    _add_tokenizer(out)
     return out
+
+
+def _add_tokenizer(model_dir: Path) -> None:
+    """Give a vocab-32000 dummy checkpoint the shared 32k BPE tokenizer (llama.cpp's GGUF
+    converter needs one; text prompts then work too). Without ../shared it stays without."""
+    from sparsa.tokenizer import shared_dir
+
+    src = shared_dir() / "tokenizers" / "bpe32k"
+    if (model_dir / "tokenizer.json").exists() or not (src / "tokenizer.json").exists():
+        return
+    import shutil
+
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, model_dir / f)
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -179,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "sparsa" / "bench"))
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
+    ap.add_argument("--vs", default=None,
+                    help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
+                         "transformers (e.g. --vs llama.cpp,transformers)")
+    ap.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
+                    help="Sparsa weight format; llama.cpp gets the type of equal bits "
+                         "(f32, Q8_0, Q4_K_M)")
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    ap.add_argument("--parts", default="pp,tg,batched,offline",
+                    help="suite parts to run with --vs (pp, tg, batched, offline)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or physical_cores())
     path = ensure_checkpoint(args.model, Path(args.cache_dir))
@@ -186,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
                "read_bandwidth_gb_s": bw / 1e9, "workload": vars(args)}
+    if args.vs:
+        from sparsa.bench_vs import run_vs
+
+        return run_vs(args, path, bw, results)
     results["sparsa"] = bench_sparsa(str(path), args)
     bpt = results["sparsa"]["bytes_per_token"]
     roof = bw / bpt

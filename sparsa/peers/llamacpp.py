@@ -1,0 +1,196 @@
+"""llama.cpp as a benchmark peer: install (llama-cpp-python, built from source), convert an HF
+checkpoint to GGUF, and run llama-bench, llama-batched-bench and llama-server on it.
+
+Everything lives under one cache directory (default ~/.cache/sparsa/llamacpp): the sdist (its
+vendored llama.cpp holds the converter), the kept CMake build tree (pip does not build the
+tools, so they are built from the same tree afterwards) and the converted models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.3.36"
+CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF "
+              "-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-server")
+# Our weight formats and the llama.cpp type of equal bits.
+GGUF_TYPES = {"none": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m"}
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("SPARSA_LLAMACPP_DIR",
+                               Path.home() / ".cache" / "sparsa" / "llamacpp"))
+
+
+@dataclass
+class LlamaCpp:
+    cache: Path
+
+    @property
+    def src(self) -> Path:
+        return self.cache / f"llama_cpp_python-{VERSION}"
+
+    @property
+    def vendor(self) -> Path:
+        return self.src / "vendor" / "llama.cpp"
+
+    @property
+    def build(self) -> Path:
+        return self.cache / "build"
+
+    def tool(self, name: str) -> Path:
+        return self.build / "vendor" / "llama.cpp" / "bin" / name
+
+    # ---- install ------------------------------------------------------------------------
+
+    def installed(self) -> bool:
+        return self.vendor.is_dir() and all(self.tool(t).exists() for t in TOOLS)
+
+    def ensure_installed(self) -> None:
+        """Download the sdist, build llama-cpp-python from it (~10 min on 2 cores) and the
+        benchmark tools from the same build tree (seconds)."""
+        if self.installed():
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        if not self.src.is_dir():
+            _run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}",
+                  "--no-deps", "--no-binary", ":all:", "-d", str(self.cache)])
+            with tarfile.open(self.cache / f"llama_cpp_python-{VERSION}.tar.gz") as tf:
+                tf.extractall(self.cache, filter="data")
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            env = dict(os.environ, CMAKE_ARGS=CMAKE_ARGS,
+                       CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
+            log.warning("building llama-cpp-python from source (about 10 minutes)")
+            _run([sys.executable, "-m", "pip", "install", "-C", f"build-dir={self.build}",
+                  f"{self.src}[server]", "gguf", "sentencepiece", "protobuf"], env=env)
+        _run(["cmake", "--build", str(self.build), "--target", *TOOLS, "--parallel",
+              str(os.cpu_count() or 2)])
+
+    # ---- models ---------------------------------------------------------------------------
+
+    def convert(self, model_dir: Path, quantization: str) -> Path:
+        """GGUF of `model_dir` with the llama.cpp type matching `quantization`."""
+        gtype = GGUF_TYPES.get(quantization)
+        if gtype is None:
+            raise ValueError(f"no llama.cpp type for {quantization!r}; one of {list(GGUF_TYPES)}")
+        out = self.cache / "models" / f"{model_dir.name}-{gtype}.gguf"
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        if gtype in ("f32", "bf16", "q8_0"):
+            _run([sys.executable, "-m", "sparsa.peers.gguf_convert", str(self.vendor),
+                  str(model_dir), "--outfile", str(tmp), "--outtype", gtype])
+        else:
+            src = self.convert(model_dir, "none")
+            _run([str(self.tool("llama-quantize")), str(src), str(tmp), gtype.upper()])
+        tmp.rename(out)
+        return out
+
+    # ---- runs -----------------------------------------------------------------------------
+
+    def bench(self, gguf: Path, threads: int, n_prompt: int = 512, n_gen: int = 128,
+              repetitions: int = 3) -> dict:
+        """llama-bench pp/tg tok/s (means over repetitions)."""
+        out = _run([str(self.tool("llama-bench")), "-m", str(gguf), "-t", str(threads),
+                    "-p", str(n_prompt), "-n", str(n_gen), "-r", str(repetitions),
+                    "-o", "json"], capture=True)
+        res = {}
+        for row in json.loads(out):
+            key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+            res[key] = row["avg_ts"]
+        return res
+
+    def batched_bench(self, gguf: Path, threads: int, batches: list[int], n_prompt: int = 128,
+                      n_gen: int = 128) -> dict[int, float]:
+        """llama-batched-bench S_TG (generated tokens / decode time) for each batch size."""
+        ctx = max(batches) * (n_prompt + n_gen) + 64
+        out = _run([str(self.tool("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
+                    "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(n_prompt),
+                    "-ntg", str(n_gen), "-npl", ",".join(map(str, batches)),
+                    "--output-format", "jsonl"], capture=True)
+        res = {}
+        for line in out.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                res[int(row["pl"])] = float(row["speed_tg"])
+        return res
+
+    def offline(self, gguf: Path, threads: int, prompts: list[list[int]],
+                max_tokens: list[int], parallel: int = 32) -> dict:
+        """All requests through llama-server with `parallel` slots (continuous batching);
+        output tok/s = generated tokens / wall time."""
+        ctx_per_slot = max(len(p) for p in prompts) + max(max_tokens) + 8
+        port = _free_port()
+        cmd = [str(self.tool("llama-server")), "-m", str(gguf), "-t", str(threads),
+               "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+               "-c", str(parallel * ctx_per_slot), "-cb", "-b", "2048", "-ub", "512"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, proc)
+
+            def one(i: int) -> int:
+                body = {"prompt": prompts[i], "n_predict": max_tokens[i], "temperature": 0,
+                        "ignore_eos": True, "cache_prompt": False}
+                req = urllib.request.Request(f"{base}/completion", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=3600) as r:
+                    return int(json.loads(r.read())["tokens_predicted"])
+
+            t = time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                n_out = sum(pool.map(one, range(len(prompts))))
+            wall = time.perf_counter() - t
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        n_in = sum(len(p) for p in prompts)
+        return {"output_tok_s": n_out / wall, "total_tok_s": (n_out + n_in) / wall,
+                "wall_s": wall, "output_tokens": n_out}
+
+
+def _run(cmd: list[str], env: dict | None = None, capture: bool = False) -> str:
+    log.info("running %s", " ".join(cmd))
+    r = subprocess.run(cmd, env=env, capture_output=capture, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or "")[-2000:] if capture else ""
+        raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd[:3])} ...\n{tail}")
+    return r.stdout if capture else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("llama-server did not become healthy")
