@@ -1,8 +1,9 @@
 """Mixture-of-experts layers: routing functions and a grouped expert block.
 
-Experts are stored stacked ([E, 2I, H] gate+up, [E, H, I] down). Tokens are sorted by
-expert so each active expert runs one GEMM over all of its tokens; there is no per-token
-Python loop and no token is dropped.
+Experts are stored stacked ([E, H, 2I] gate+up, [E, I, H] down, applied as x @ W). Tokens
+are sorted by expert so each active expert runs one GEMM over all of its tokens; there is no
+per-token Python loop and no token is dropped. `GroupedExperts` holds that grouping once for
+every expert block (full precision here, quantized in sparsa.layers.quantization).
 """
 
 from __future__ import annotations
@@ -48,7 +49,50 @@ def grouped_topk(
     return weights, ids
 
 
-class FusedExperts(nn.Module):
+class GroupedExperts(nn.Module):
+    """Token grouping shared by every expert block: subclasses give `num_experts` and
+    `expert_forward(e, x)` (expert e's SwiGLU over the rows of x); `forward` runs each active
+    expert once over all of its tokens and sums the k weighted outputs of each token."""
+
+    num_experts: int
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        T, k = topk_ids.shape
+        if T == 1:
+            # Decode at batch 1: no sort/permute bookkeeping, just the k experts.
+            ids = topk_ids[0].tolist()
+            w = topk_weights[0].to(x.dtype)
+            out = self.expert_forward(ids[0], x) * w[0]
+            for j in range(1, k):
+                out = out + self.expert_forward(ids[j], x) * w[j]
+            return out
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        x_sorted = x[order // k]
+        y_sorted = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                y_sorted[start : start + c] = self.expert_forward(e, x_sorted[start : start + c])
+                start += c
+        y = torch.empty_like(y_sorted)
+        y[order] = y_sorted
+        # Summing over the k slots in a fixed order keeps each token's result independent
+        # of which other tokens share the batch.
+        y = y.view(T, k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)
+        out = y[:, 0]
+        for j in range(1, k):
+            out = out + y[:, j]
+        return out
+
+
+class FusedExperts(GroupedExperts):
     """E SwiGLU experts with stacked weights."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -87,35 +131,3 @@ class FusedExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.w13[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w2[e]
-
-    def forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-    ) -> torch.Tensor:
-        T, k = topk_ids.shape
-        if T == 1:
-            # Decode at batch 1: no sort/permute bookkeeping, just the k experts.
-            ids = topk_ids[0].tolist()
-            w = topk_weights[0].to(x.dtype)
-            out = self.expert_forward(ids[0], x) * w[0]
-            for j in range(1, k):
-                out = out + self.expert_forward(ids[j], x) * w[j]
-            return out
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        x_sorted = x[order // k]
-        y_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y_sorted[start : start + c] = self.expert_forward(e, x_sorted[start : start + c])
-                start += c
-        y = torch.empty_like(y_sorted)
-        y[order] = y_sorted
-        # Summing over the k slots in a fixed order keeps each token's result independent
-        # of which other tokens share the batch.
-        y = y.view(T, k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)
-        out = y[:, 0]
-        for j in range(1, k):
-            out = out + y[:, j]
-        return out

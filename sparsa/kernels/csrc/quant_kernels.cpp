@@ -1,0 +1,545 @@
+// Weight-only int8 / int4 matmul kernels for CPU decode (AVX2 + FMA).
+//
+// Activations are fp32 in and out. On the "q8" paths each activation row is first quantized
+// to int8 in blocks (one fp32 scale per block, as llama.cpp's Q8_0), so a block of 32 weights
+// costs a handful of integer SIMD ops (maddubs/madd) instead of 4x (widen + convert + FMA):
+// on this class of CPU (256-bit ops split in two) that is what lets one core keep up with its
+// share of memory bandwidth. The "f32" int8 path converts weights to fp32 instead (exact in
+// the activations, slower), kept for comparison and for callers that want no activation error.
+//
+// Layouts (see sparsa/kernels/ops.py for the Python side):
+//   int8: q [N, Kp] int8 (Kp % 128 == 0, zero padded), scale [N] fp32: w = q * scale.
+//   int4: q [N, Kp/2] uint8 (Kp % 64 == 0 and Kp % G == 0). Each 32-byte chunk c of a row
+//         holds weights 64c..64c+31 in its low nibbles and 64c+32..64c+63 in its high ones,
+//         so one 256-bit load + and/shift yields two 32-weight vectors in activation order.
+//         sm [N, 2, Kp/G] bf16: per row the group scales, then the group mins;
+//         w = q * scale + min, q in [0, 15].
+// Work is split over output rows with at::parallel_for, so torch.set_num_threads applies.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Activation quantization block of the int8 path: int32 sums of 4 x 32 products share one
+// scale, so the float convert + FMA runs once per 128 weights (~20% faster than per 32, as
+// llama.cpp's Q8_K uses blocks of 256). Int8 weights are padded to a multiple of it.
+constexpr int kQB = 128;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One activation row, quantized: q [Kp] int8, d [Kp/block] scales, s [Kp/block] block sums
+// d * sum(q) (int4 only: the `min` term of a group is min * sum(x)).
+struct QAct {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+// x [K] fp32 -> q [Kp] int8 (zero padded), d/s [Kp/block]. Symmetric, round to nearest even,
+// values in [-127, 127] (never -128: keeps maddubs pair sums inside int16).
+void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t block, int8_t* q, float* d,
+                  float* s) {
+  for (int64_t b0 = 0, bi = 0; b0 < Kp; b0 += block, ++bi) {
+    const int64_t b1 = std::min(b0 + block, K);
+    float amax = 0.f;
+    for (int64_t k = b0; k < b1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float dd = amax / 127.f;
+    const float id = dd > 0.f ? 1.f / dd : 0.f;
+    int32_t qsum = 0;
+    for (int64_t k = b0; k < b0 + block; ++k) {
+      const float v = k < b1 ? std::nearbyint(x[k] * id) : 0.f;
+      q[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, v)));
+      qsum += q[k];
+    }
+    d[bi] = dd;
+    // The sum of the *quantized* block: then `q * scale + min` sees one consistent x, and the
+    // activation error scales with w rather than with w - min (3x smaller for int4).
+    if (s) s[bi] = dd * static_cast<float>(qsum);
+  }
+}
+
+// ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
+
+template <int R, int TT>
+inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t sb = 0; sb < nb; ++sb) {  // one activation scale per kQB = 4 x 32 weights
+    __m256i ia[TT][R];
+    for (int bb = 0; bb < kQB / 32; ++bb) {
+      const int64_t off = sb * kQB + bb * 32;
+      __m256i xv[TT];
+      for (int t = 0; t < TT; ++t)
+        xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off));
+        // maddubs wants unsigned x signed: move w's sign onto x (llama.cpp's trick)
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int t = 0; t < TT; ++t) {
+          const __m256i p = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones);
+          ia[t][r] = bb == 0 ? p : _mm256_add_epi32(ia[t][r], p);
+        }
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m256 dv = _mm256_broadcast_ss(a[t].d + sb);
+      for (int r = 0; r < R; ++r)
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[t][r]), dv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
+template <int R, int TT>
+inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* const* x,
+                       float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * ldw + k))));
+      for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
+// ---- int4 tile ------------------------------------------------------------------------------
+
+inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Main loop of the int4 tile. CPG = 64-weight chunks per group (0: group 32, two groups per
+// chunk). For G >= 64 the activation block is the group, so the int16 maddubs sums of a whole
+// group add up before one madd/convert/FMA (<= 8 * 2*15*127 = 30480: no int16 overflow).
+template <int R, int TT, int CPG>
+inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, const float* sd,
+                    __m256 (&acc)[TT][R]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int64_t GPC = CPG == 0 ? 2 : 1;  // groups per step
+  constexpr int64_t CPS = CPG == 0 ? 1 : CPG;  // chunks per step
+  for (int64_t g = 0; g < ng; g += GPC) {
+    const int64_t c0 = CPG == 0 ? g / 2 : g * CPG;
+    __m256i is[TT][R];
+    for (int64_t cc = 0; cc < CPS; ++cc) {
+      const int64_t c = c0 + cc;
+      __m256i xlo[TT], xhi[TT];
+      for (int t = 0; t < TT; ++t) {
+        xlo[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64));
+        xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int t = 0; t < TT; ++t) {
+          const __m256i p0 = _mm256_maddubs_epi16(lo, xlo[t]);
+          const __m256i p1 = _mm256_maddubs_epi16(hi, xhi[t]);
+          if (CPG == 0) {  // group 32: finish both groups here (fewer live registers)
+            const float* o = sd + (t * R + r) * ng + g;
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
+                                        _mm256_broadcast_ss(o), acc[t][r]);
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
+                                        _mm256_broadcast_ss(o + 1), acc[t][r]);
+          } else {
+            const __m256i p = _mm256_add_epi16(p0, p1);
+            is[t][r] = cc == 0 ? p : _mm256_add_epi16(is[t][r], p);
+          }
+        }
+      }
+    }
+    if (CPG > 0)
+      for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) {
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(is[t][r], ones));
+          acc[t][r] =
+              _mm256_fmadd_ps(f, _mm256_broadcast_ss(sd + (t * R + r) * ng + g), acc[t][r]);
+        }
+  }
+}
+
+// sm rows are [2, ng] bf16: the ng group scales, then the ng group mins. A vectorized prologue
+// turns them into sd = scale * activation scale per group (read back by broadcast loads) and
+// the whole `min * sum(x)` term, so the inner loop has no scalar work.
+template <int R, int TT>
+inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t ng, int64_t G,
+                    const QAct* a, float* res, float* sd) {
+  __m256 acc[TT][R];
+  float bias[TT][R];
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* sr = sm + r * 2 * ng;
+    const uint16_t* mr = sr + ng;
+    for (int t = 0; t < TT; ++t) {
+      float* o = sd + (t * R + r) * ng;
+      __m256 bacc = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= ng; g += 8) {
+        _mm256_storeu_ps(o + g, _mm256_mul_ps(bf16x8(sr + g), _mm256_loadu_ps(a[t].d + g)));
+        bacc = _mm256_fmadd_ps(bf16x8(mr + g), _mm256_loadu_ps(a[t].s + g), bacc);
+      }
+      float bsum = hsum(bacc);
+      for (; g < ng; ++g) {
+        o[g] = bf16_to_f32(sr[g]) * a[t].d[g];
+        bsum += bf16_to_f32(mr[g]) * a[t].s[g];
+      }
+      bias[t][r] = bsum;
+      acc[t][r] = _mm256_setzero_ps();
+    }
+  }
+  switch (G) {  // compile-time group shapes keep every accumulator in a register
+    case 32: i4_body<R, TT, 0>(w, ldw, ng, a, sd, acc); break;
+    case 64: i4_body<R, TT, 1>(w, ldw, ng, a, sd, acc); break;
+    case 128: i4_body<R, TT, 2>(w, ldw, ng, a, sd, acc); break;
+    default: i4_body<R, TT, 4>(w, ldw, ng, a, sd, acc); break;
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
+}
+
+// ---- row drivers: rows [n0, n1) of one weight matrix for T activation rows ----------------
+// Rows go in blocks of 4 (2 when TT >= 3, to stay inside 16 ymm registers); for T > 4 the
+// activation rows go in chunks of 4 over the same row block, whose weights are then still in
+// L1/L2, so batched decode reads each weight from memory once.
+
+enum class Kind { I8Q8, I8F32, I4 };
+
+struct Mat {
+  Kind kind;
+  const void* w;       // int8 [N, Kp] or uint8 [N, Kp/2]
+  int64_t ldw;         // bytes per row
+  int64_t Kp;          // padded reduction length
+  const float* scale;  // int8: [N]
+  const uint16_t* sm;  // int4: [N, ng, 2] bf16
+  int64_t ng, G;       // int4 groups per row, group size
+};
+
+template <int R, int TT>
+inline void tile(const Mat& m, int64_t n, const QAct* a, const float* const* xf, float* res) {
+  switch (m.kind) {
+    case Kind::I8Q8:
+      i8q8_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp / kQB, a, res);
+      break;
+    case Kind::I8F32:
+      i8f32_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res);
+      break;
+    case Kind::I4: {
+      static thread_local std::vector<float> sd;  // per-thread scratch of the int4 prologue
+      if (sd.size() < static_cast<size_t>(TT * R * m.ng)) sd.resize(TT * R * m.ng);
+      i4_tile<R, TT>(static_cast<const uint8_t*>(m.w) + n * m.ldw, m.ldw, m.sm + n * m.ng * 2,
+                     m.ng, m.G, a, res, sd.data());
+      break;
+    }
+  }
+}
+
+template <int R, int TT>
+inline void store(const Mat& m, int64_t n, const float* res, float* const* out) {
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r)
+      out[t][n + r] = m.kind == Kind::I4 ? res[t * R + r] : res[t * R + r] * m.scale[n + r];
+}
+
+template <int TT>
+void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
+             float* const* out) {
+  constexpr int RB = TT == 1 ? 4 : TT == 2 ? 2 : 1;  // 2 * RB * TT accumulators <= 8
+  float res[TT * 4];
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) {
+    tile<RB, TT>(m, n, a, xf, res);
+    store<RB, TT>(m, n, res, out);
+  }
+  for (; n < n1; ++n) {
+    tile<1, TT>(m, n, a, xf, res);
+    store<1, TT>(m, n, res, out);
+  }
+}
+
+// Rows [n0, n1) for T activation rows; out[t] points at token t's output row (indexed by n).
+void run_rows(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
+              float* const* out, int64_t T) {
+  constexpr int64_t RCH = 16;  // rows per pass over the T chunks: 16 * 4 KB stays in L2
+  for (int64_t r0 = n0; r0 < n1; r0 += RCH) {
+    const int64_t r1 = std::min(n1, r0 + RCH);
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {
+      const int64_t tt = std::min<int64_t>(4, T - t0);
+      const QAct* at = a ? a + t0 : nullptr;
+      const float* const* xt = xf ? xf + t0 : nullptr;
+      switch (tt) {
+        case 1: rows_tt<1>(m, r0, r1, at, xt, out + t0); break;
+        case 2: rows_tt<2>(m, r0, r1, at, xt, out + t0); break;
+        case 3: rows_tt<3>(m, r0, r1, at, xt, out + t0); break;
+        default: rows_tt<4>(m, r0, r1, at, xt, out + t0); break;
+      }
+    }
+  }
+}
+
+// Quantized copies of T activation rows (one buffer each for q / d / s).
+struct QActs {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<QAct> rows;
+  int64_t Kp = 0, block = 0;
+  void init(int64_t T, int64_t Kp_, int64_t block_) {
+    Kp = Kp_;
+    block = block_;
+    q.assign(T * Kp, 0);
+    d.assign(T * (Kp / block), 0.f);
+    s.assign(T * (Kp / block), 0.f);
+    rows.resize(T);
+    for (int64_t t = 0; t < T; ++t)
+      rows[t] = {q.data() + t * Kp, d.data() + t * (Kp / block), s.data() + t * (Kp / block)};
+  }
+  void quantize(int64_t t, const float* x, int64_t K) {
+    quantize_row(x, K, Kp, block, q.data() + t * Kp, d.data() + t * (Kp / block),
+                 s.data() + t * (Kp / block));
+  }
+};
+
+int64_t row_grain(int64_t Kp) {
+  // at least ~64K weights per task, so thread wake-up stays small next to the work
+  return std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(Kp, 1));
+}
+
+Mat int8_mat(const torch::Tensor& q, const torch::Tensor& scale, bool f32) {
+  return {f32 ? Kind::I8F32 : Kind::I8Q8, q.data_ptr(), q.size(-1), q.size(-1),
+          scale.data_ptr<float>(), nullptr, 0, 0};
+}
+
+Mat int4_mat(const torch::Tensor& q, const torch::Tensor& sm, int64_t G) {
+  const int64_t Kp = q.size(-1) * 2;
+  return {Kind::I4, q.data_ptr(), q.size(-1), Kp, nullptr,
+          reinterpret_cast<const uint16_t*>(sm.data_ptr()), Kp / G, G};
+}
+
+// y [T, N] = x [T, K] @ W^T for one weight matrix.
+torch::Tensor gemm(const torch::Tensor& x, const Mat& m, int64_t N) {
+  const int64_t T = x.size(0), K = x.size(1);
+  auto y = torch::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  std::vector<float*> out(T);
+  for (int64_t t = 0; t < T; ++t) out[t] = y.data_ptr<float>() + t * N;
+  QActs qa;
+  std::vector<float> xpad;
+  std::vector<const float*> xf(T);
+  if (m.kind == Kind::I8F32) {
+    xpad.assign(T * m.Kp, 0.f);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(xpad.data() + t * m.Kp, xp + t * K, K * sizeof(float));
+      xf[t] = xpad.data() + t * m.Kp;
+    }
+  } else {
+    qa.init(T, m.Kp, m.kind == Kind::I4 ? m.G : kQB);
+    for (int64_t t = 0; t < T; ++t) qa.quantize(t, xp + t * K, K);
+  }
+  const QAct* a = m.kind == Kind::I8F32 ? nullptr : qa.rows.data();
+  at::parallel_for(0, N, row_grain(m.Kp), [&](int64_t n0, int64_t n1) {
+    run_rows(m, n0, n1, a, xf.data(), out.data(), T);
+  });
+  return y;
+}
+
+torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, bool f32) {
+  return gemm(x, int8_mat(q, scale, f32), q.size(0));
+}
+
+torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor sm, int64_t G) {
+  return gemm(x, int4_mat(q, sm, G), q.size(0));
+}
+
+// ---- fused MoE (decode) -------------------------------------------------------------------
+// y[t] = sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j], in one call:
+// stage 1 runs every (expert, block of w13 rows) work item over that expert's tokens in one
+// parallel_for, stage 2 forms silu(gate)*up and quantizes it, stage 3 does the same for w2,
+// and the k partial outputs of each token are summed in slot order (batch invariant).
+
+torch::Tensor moe(const torch::Tensor& x, const std::vector<Mat>& w13, const std::vector<Mat>& w2,
+                  int64_t I, const torch::Tensor& ids, const torch::Tensor& tw) {
+  const int64_t T = x.size(0), H = x.size(1), k = ids.size(1);
+  const int64_t E = static_cast<int64_t>(w13.size());
+  const int64_t S = T * k;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const float* twp = tw.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const bool i4 = w13[0].kind == Kind::I4;
+
+  std::vector<std::vector<int64_t>> slots(E);  // slot s = t * k + j, in token order
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t e = idp[s];
+    TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
+    slots[e].push_back(s);
+  }
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e)
+    if (!slots[e].empty()) active.push_back(e);
+
+  QActs xa;
+  xa.init(T, w13[0].Kp, i4 ? w13[0].G : kQB);
+  for (int64_t t = 0; t < T; ++t) xa.quantize(t, xp + t * H, H);
+  std::vector<float> h(S * 2 * I), o(S * H);
+
+  // (expert, first row) work items over the active experts; equal sizes balance the threads
+  auto run_stage = [&](const std::vector<Mat>& mats, int64_t N, int64_t chunk,
+                       const QAct* acts_by_slot, bool by_token, float* dst, int64_t ld) {
+    std::vector<std::pair<int64_t, int64_t>> items;
+    for (int64_t e : active)
+      for (int64_t n = 0; n < N; n += chunk) items.emplace_back(e, n);
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+      std::vector<QAct> a;
+      std::vector<float*> out;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t e = items[i].first, n = items[i].second;
+        a.clear();
+        out.clear();
+        for (int64_t s : slots[e]) {
+          a.push_back(acts_by_slot[by_token ? s / k : s]);
+          out.push_back(dst + s * ld);
+        }
+        run_rows(mats[e], n, std::min(N, n + chunk), a.data(), nullptr, out.data(),
+                 static_cast<int64_t>(a.size()));
+      }
+    });
+  };
+  run_stage(w13, 2 * I, 32, xa.rows.data(), true, h.data(), 2 * I);
+
+  QActs ha;
+  ha.init(S, w2[0].Kp, i4 ? w2[0].G : kQB);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> act(I);
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* g = h.data() + s * 2 * I;
+      for (int64_t i = 0; i < I; ++i) act[i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+      ha.quantize(s, act.data(), I);
+    }
+  });
+  run_stage(w2, H, 16, ha.rows.data(), false, o.data(), H);
+
+  auto y = torch::empty({T, H}, x.options());
+  float* yp = y.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < H; ++c) yp[t * H + c] = twp[t * k] * o[(t * k) * H + c];
+    for (int64_t j = 1; j < k; ++j)
+      for (int64_t c = 0; c < H; ++c) yp[t * H + c] += twp[t * k + j] * o[(t * k + j) * H + c];
+  }
+  return y;
+}
+
+// Per-expert matrices from the stacked [E, ...] tensors, by pointer arithmetic (slicing E
+// tensors per call would cost microseconds each).
+std::vector<Mat> expert_mats(const torch::Tensor& q, const torch::Tensor* scale,
+                             const torch::Tensor* sm, int64_t G) {
+  const int64_t E = q.size(0), N = q.size(1), ldw = q.size(2);
+  std::vector<Mat> mats;
+  for (int64_t e = 0; e < E; ++e) {
+    const uint8_t* w = static_cast<const uint8_t*>(q.data_ptr()) + e * N * ldw;
+    if (scale) {
+      mats.push_back({Kind::I8Q8, w, ldw, ldw, scale->data_ptr<float>() + e * N, nullptr, 0, 0});
+    } else {
+      const int64_t Kp = ldw * 2;
+      const uint16_t* s =
+          reinterpret_cast<const uint16_t*>(sm->data_ptr()) + e * N * (Kp / G) * 2;
+      mats.push_back({Kind::I4, w, ldw, Kp, nullptr, s, Kp / G, G});
+    }
+  }
+  return mats;
+}
+
+torch::Tensor moe_int8(torch::Tensor x, torch::Tensor w13q, torch::Tensor w13s,
+                       torch::Tensor w2q, torch::Tensor w2s, torch::Tensor ids, torch::Tensor tw) {
+  return moe(x, expert_mats(w13q, &w13s, nullptr, 0), expert_mats(w2q, &w2s, nullptr, 0),
+             w13q.size(1) / 2, ids, tw);
+}
+
+torch::Tensor moe_int4(torch::Tensor x, torch::Tensor w13q, torch::Tensor w13sm,
+                       torch::Tensor w2q, torch::Tensor w2sm, int64_t G, torch::Tensor ids,
+                       torch::Tensor tw) {
+  return moe(x, expert_mats(w13q, nullptr, &w13sm, G), expert_mats(w2q, nullptr, &w2sm, G),
+             w13q.size(1) / 2, ids, tw);
+}
+
+// ---- dequantization to fp32 (prefill: dequantize a tile, then fp32 GEMM) ------------------
+
+torch::Tensor int8_dequant(torch::Tensor q, torch::Tensor scale) {
+  const int64_t N = q.size(0), Kp = q.size(1);
+  auto w = torch::empty({N, Kp}, scale.options());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(Kp), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const __m256 s = _mm256_set1_ps(sp[n]);
+      for (int64_t k = 0; k < Kp; k += 8) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qp + n * Kp + k))));
+        _mm256_storeu_ps(wp + n * Kp + k, _mm256_mul_ps(f, s));
+      }
+    }
+  });
+  return w;
+}
+
+torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
+  const int64_t N = q.size(0), Kp = q.size(1) * 2, ng = Kp / G;
+  auto w = torch::empty({N, Kp}, torch::dtype(torch::kFloat32));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const uint16_t* smp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, row_grain(Kp), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* qr = qp + n * (Kp / 2);
+      float* wr = wp + n * Kp;
+      for (int64_t c = 0; c < Kp / 64; ++c)
+        for (int64_t i = 0; i < 64; ++i) {
+          const int64_t kk = c * 64 + i, g = kk / G;
+          const uint8_t b = qr[c * 32 + (i & 31)];
+          const int v = i < 32 ? (b & 15) : (b >> 4);
+          wr[kk] = v * bf16_to_f32(smp[n * 2 * ng + g]) + bf16_to_f32(smp[n * 2 * ng + ng + g]);
+        }
+    }
+  });
+  return w;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
+  m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
+  m.def("moe_int8", &moe_int8, "fused SwiGLU MoE over int8 experts");
+  m.def("moe_int4", &moe_int4, "fused SwiGLU MoE over int4 experts");
+  m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");
+  m.def("int4_dequant", &int4_dequant, "int4 rows -> fp32");
+}

@@ -1,0 +1,154 @@
+"""Checked entry points to the native kernels (layouts in `sparsa.kernels.layout`).
+
+Every argument is validated here, in Python, so a wrong shape, dtype, device or layout is a
+`ValueError` naming it rather than a read out of bounds in C++. Callers check
+`sparsa.kernels.available()` first; these raise `RuntimeError` when the kernels are not built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsa.kernels import load
+from sparsa.kernels.layout import INT4_CHUNK, INT4_GROUP_SIZES, INT8_K_ALIGN
+
+
+def _ext():
+    mod = load()
+    if mod is None:
+        raise RuntimeError("sparsa native kernels are not available (see sparsa.kernels)")
+    return mod
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_x(x: torch.Tensor, k_max: int) -> torch.Tensor:
+    _check(x if not isinstance(x, torch.Tensor) else x.contiguous(), "x", torch.float32, 2)
+    if x.shape[1] > k_max:
+        raise ValueError(f"x has {x.shape[1]} features, the weight only {k_max}")
+    return x.contiguous()
+
+
+def _check_int4(q: torch.Tensor, sm: torch.Tensor, group_size: int, lead: tuple) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    kp = q.shape[-1] * 2
+    if kp % INT4_CHUNK or kp % group_size:
+        raise ValueError(f"int4 weight K={kp} must be a multiple of {INT4_CHUNK} and the group")
+    want = (*lead, q.shape[-2], 2, kp // group_size)
+    if tuple(sm.shape) != want:
+        raise ValueError(f"scale/min table must be {want}, got {tuple(sm.shape)}")
+
+
+def int8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+              exact: bool = False) -> torch.Tensor:
+    """x [T, K] fp32 @ (q [N, Kp] int8 * scale [N, 1])^T -> [T, N] fp32.
+
+    exact=False quantizes x to int8 per block of 128 (fast); exact=True converts the weights
+    to fp32 instead (no activation error, slower)."""
+    _check(q, "q", torch.int8, 2)
+    _check(scale, "scale", torch.float32, 1)
+    x = _check_x(x, q.shape[1])
+    if q.shape[1] % INT8_K_ALIGN:
+        raise ValueError(f"int8 weight K={q.shape[1]} must be a multiple of {INT8_K_ALIGN}")
+    if scale.shape[0] != q.shape[0]:
+        raise ValueError(f"scale has {scale.shape[0]} rows, q has {q.shape[0]}")
+    return _ext().int8_gemm(x, q, scale, bool(exact))
+
+
+def int4_gemm(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
+              group_size: int) -> torch.Tensor:
+    """x [T, K] fp32 @ W^T for the int4 weight (q [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16)."""
+    _check(q, "q", torch.uint8, 2)
+    _check(sm, "sm", torch.bfloat16, 3)
+    _check_int4(q, sm, group_size, ())
+    x = _check_x(x, q.shape[1] * 2)
+    return _ext().int4_gemm(x, q, sm, int(group_size))
+
+
+def _check_moe(x: torch.Tensor, n13: int, e: int, h: int, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError("topk_ids must be a [T, k] tensor")
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows, x has {x.shape[0]}")
+    if not isinstance(topk_weights, torch.Tensor) or topk_weights.shape != topk_ids.shape:
+        raise ValueError("topk_weights must have the shape of topk_ids")
+    if n13 % 2:
+        raise ValueError("w13 must have an even number of rows (gate | up)")
+    if x.shape[1] != h:
+        raise ValueError(f"x has {x.shape[1]} features, experts expect {h}")
+    ids = topk_ids.to(torch.int64).contiguous()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= e):
+        raise ValueError(f"topk_ids must be in [0, {e})")
+    return ids, topk_weights.to(torch.float32).contiguous()
+
+
+def moe_int8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: torch.Tensor,
+             w2_s: torch.Tensor, topk_ids: torch.Tensor,
+             topk_weights: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU MoE over int8 experts: w13_q [E, 2I, Hp], w13_s [E, 2I], w2_q [E, H, Ip],
+    w2_s [E, H] -> [T, H] = sum_j w_j * down(silu(gate(x)) * up(x))."""
+    for t, n, d in ((w13_q, "w13_q", torch.int8), (w2_q, "w2_q", torch.int8)):
+        _check(t, n, d, 3)
+    for t, n in ((w13_s, "w13_s"), (w2_s, "w2_s")):
+        _check(t, n, torch.float32, 2)
+    x = _check_x(x, w13_q.shape[2])
+    E, n13, hp = w13_q.shape
+    H, ip = w2_q.shape[1], w2_q.shape[2]
+    if hp % INT8_K_ALIGN or ip % INT8_K_ALIGN or ip < n13 // 2 or w2_q.shape[0] != E:
+        raise ValueError(f"inconsistent int8 expert shapes {tuple(w13_q.shape)}, "
+                         f"{tuple(w2_q.shape)}")
+    if tuple(w13_s.shape) != (E, n13) or tuple(w2_s.shape) != (E, H):
+        raise ValueError("expert scales must be [E, N] for each weight")
+    ids, tw = _check_moe(x, n13, E, H, topk_ids, topk_weights)
+    return _ext().moe_int8(x, w13_q, w13_s, w2_q, w2_s, ids, tw)
+
+
+def moe_int4(x: torch.Tensor, w13_q: torch.Tensor, w13_sm: torch.Tensor, w2_q: torch.Tensor,
+             w2_sm: torch.Tensor, group_size: int, topk_ids: torch.Tensor,
+             topk_weights: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU MoE over int4 experts: w13_q [E, 2I, Hp/2], w13_sm [E, 2I, 2, Hp/G],
+    w2_q [E, H, Ip/2], w2_sm [E, H, 2, Ip/G]."""
+    for t, n in ((w13_q, "w13_q"), (w2_q, "w2_q")):
+        _check(t, n, torch.uint8, 3)
+    for t, n in ((w13_sm, "w13_sm"), (w2_sm, "w2_sm")):
+        _check(t, n, torch.bfloat16, 4)
+    E, n13 = w13_q.shape[:2]
+    _check_int4(w13_q, w13_sm, group_size, (E,))
+    _check_int4(w2_q, w2_sm, group_size, (w2_q.shape[0],))
+    x = _check_x(x, w13_q.shape[2] * 2)
+    H = w2_q.shape[1]
+    if w2_q.shape[0] != E or w2_q.shape[2] * 2 < n13 // 2:
+        raise ValueError(f"inconsistent int4 expert shapes {tuple(w13_q.shape)}, "
+                         f"{tuple(w2_q.shape)}")
+    ids, tw = _check_moe(x, n13, E, H, topk_ids, topk_weights)
+    return _ext().moe_int4(x, w13_q, w13_sm, w2_q, w2_sm, int(group_size), ids, tw)
+
+
+def int8_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [N, Kp] int8, scale [N] -> fp32 [N, Kp]."""
+    _check(q, "q", torch.int8, 2)
+    _check(scale, "scale", torch.float32, 1)
+    if q.shape[1] % 8 or scale.shape[0] != q.shape[0]:
+        raise ValueError("int8_dequant needs K % 8 == 0 and one scale per row")
+    return _ext().int8_dequant(q, scale)
+
+
+def int4_dequant(q: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """q [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16 -> fp32 [N, Kp]."""
+    _check(q, "q", torch.uint8, 2)
+    _check(sm, "sm", torch.bfloat16, 3)
+    _check_int4(q, sm, group_size, ())
+    return _ext().int4_dequant(q, sm, int(group_size))

@@ -1,0 +1,113 @@
+"""Quantized matmuls: pick the native kernel, torch's packed kernel or dequantize + GEMM.
+
+* Few rows (decode) on CPU: the AVX2 kernels of `sparsa.kernels` (weights streamed once,
+  activations quantized to int8 per block; see `sparsa.kernels.layout`).
+* Many rows (prefill), or when the native kernels are unavailable: the weight is dequantized
+  tile by tile to the activation dtype and multiplied with torch's GEMM (fp32 GEMM is ~10x
+  faster per weight than any int8 dot product without VNNI once a weight is reused by enough
+  rows). Without the native kernels, int8 at small row counts still uses torch's packed
+  ``_weight_int8pack_mm``. This path is plain PyTorch and also runs on CUDA.
+
+`kernel_policy()` holds the row thresholds; ``SPARSA_QUANT_NATIVE_MAX_ROWS`` overrides them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.nn import functional as F
+
+from sparsa import kernels
+from sparsa.kernels import ops
+from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
+
+_INT8_OP = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_DEQUANT_BLOCK_ELEMS = 1 << 21  # weights dequantized at a time (8 MiB fp32, stays in L3)
+_TORCH_INT8_MAX_ROWS = 16  # torch's packed int8 kernel vs dequant + GEMM, AVX2, 2 threads
+
+_policy: dict[str, int] | None = None
+
+
+def kernel_policy() -> dict[str, int]:
+    """Largest row count (tokens; for MoE, tokens in the batch) that uses the native kernels,
+    per op. Measured with 2 threads on mixtral-mini shapes on an AVX2 CPU without VNNI:
+    the int8 kernel's cost grows ~0.8x per extra row while dequantize + fp32 GEMM costs
+    about a fixed dequantization, so the crossover is at a few rows."""
+    global _policy
+    if _policy is None:
+        policy = {"int8": 6, "int4": 6, "moe": 8}
+        env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
+        if env:
+            policy = dict.fromkeys(policy, int(env))
+        _policy = policy
+    return _policy
+
+
+def use_native(x: torch.Tensor, rows: int, op: str) -> bool:
+    return (x.device.type == "cpu" and 1 <= rows <= kernel_policy()[op]
+            and kernels.available())
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (q [N, Kp] * scale [N, 1])^T -> [T, N] in x's dtype."""
+    T = x.shape[0]
+    if use_native(x, T, "int8"):
+        return ops.int8_gemm(x.float(), q, scale).to(x.dtype)
+    if x.shape[1] != q.shape[1]:
+        x = F.pad(x, (0, q.shape[1] - x.shape[1]))
+    if (_INT8_OP is not None and x.device.type == "cpu" and T <= _TORCH_INT8_MAX_ROWS
+            and not kernels.available()):
+        xb = x.to(torch.bfloat16).contiguous()  # its fp32 path is a slow generic loop
+        return _INT8_OP(xb, q, scale.to(torch.bfloat16)).to(x.dtype)
+    return int8_matmul_reference(x, q, scale)
+
+
+def _dt(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype.is_floating_point else torch.float32
+
+
+def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantize row tiles of the weight and GEMM (x already padded to q's K)."""
+    N, K = q.shape
+    dt = _dt(x)
+    xd = x.to(dt)
+    step = max(1, _DEQUANT_BLOCK_ELEMS // K)
+    out = torch.empty(x.shape[0], N, dtype=dt, device=x.device)
+    native = x.device.type == "cpu" and dt == torch.float32 and kernels.available()
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        w = ops.int8_dequant(q[n0:n1], scale[n0:n1]) if native \
+            else dequantize_int8(q[n0:n1], scale[n0:n1], dt)
+        out[:, n0:n1] = xd @ w.t()
+    return out
+
+
+def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: int,
+                sm_f32: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ W^T for the int4 weight (q [N, Kp/2], sm [N, 2, Kp/G] bf16) -> [T, N] in
+    x's dtype. `sm_f32` (the same table in fp32) serves the reference path off the CPU."""
+    T = x.shape[0]
+    if use_native(x, T, "int4"):
+        return ops.int4_gemm(x.float(), q, sm, group_size).to(x.dtype)
+    kp = q.shape[1] * 2
+    if x.shape[1] != kp:
+        x = F.pad(x, (0, kp - x.shape[1]))
+    return int4_matmul_reference(x, q, sm if sm_f32 is None else sm_f32, group_size)
+
+
+def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    N, kp = q.shape[0], q.shape[1] * 2
+    dt = _dt(x)
+    xd = x.to(dt)
+    step = max(1, _DEQUANT_BLOCK_ELEMS // kp)
+    out = torch.empty(x.shape[0], N, dtype=dt, device=x.device)
+    native = (x.device.type == "cpu" and dt == torch.float32 and sm.dtype == torch.bfloat16
+              and kernels.available())
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        w = ops.int4_dequant(q[n0:n1], sm[n0:n1], group_size) if native \
+            else dequantize_int4_packed(q[n0:n1], sm[n0:n1], dtype=dt)
+        out[:, n0:n1] = xd @ w.t()
+    return out

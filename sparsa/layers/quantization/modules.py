@@ -1,0 +1,213 @@
+"""Quantized drop-ins for `Linear` and `FusedExperts`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsa.kernels import ops
+from sparsa.kernels.layout import INT8_K_ALIGN, int4_padded_k, pad_to
+from sparsa.layers.linear import Linear
+from sparsa.layers.moe import FusedExperts, GroupedExperts
+from sparsa.layers.quantization.matmul import int4_matmul, int8_matmul, use_native
+from sparsa.layers.quantization.schemes import (
+    QuantConfig,
+    dequantize_int4_packed,
+    dequantize_int8,
+    quantize_int4_packed,
+    quantize_int8_padded,
+)
+
+
+def _weight_nk(linear: Linear) -> torch.Tensor:
+    """The Linear's weight as [out, in], whatever its storage layout."""
+    w = linear.weight.data
+    if w.is_meta:
+        raise ValueError("cannot quantize a layer whose weights were never loaded (meta tensor)")
+    return w.t() if linear.transposed else w
+
+
+class _QuantizedLinearBase(nn.Module):
+    method = "none"
+
+    def _init_common(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.output_sizes = [self.out_features]
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def _from(cls, m: _QuantizedLinearBase, linear: Linear) -> _QuantizedLinearBase:
+        m.output_sizes = list(linear.output_sizes)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, x.shape[-1]))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, y.shape[-1])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Int8Linear(_QuantizedLinearBase):
+    """Drop-in for `Linear` with an int8 weight (symmetric, per output channel)."""
+
+    method = "int8"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """weight [out, in] (any float dtype), bias [out] or None."""
+        super().__init__()
+        self._init_common(weight, bias)
+        q, scale = quantize_int8_padded(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: Linear) -> Int8Linear:
+        return cls._from(cls(_weight_nk(linear), linear.bias), linear)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_matmul(x, self.qweight, self.scale)
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective weight, [out, in] fp32."""
+        return dequantize_int8(self.qweight[:, : self.in_features], self.scale)
+
+
+class Int4Linear(_QuantizedLinearBase):
+    """Drop-in for `Linear` with a group-wise asymmetric int4 weight."""
+
+    method = "int4"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int = 64, clip_search: bool = True):
+        super().__init__()
+        self._init_common(weight, bias)
+        self.group_size = group_size
+        q, sm = quantize_int4_packed(weight, group_size, clip_search)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale_min", sm)
+        self.register_buffer("scale_min_f32", None)
+
+    @classmethod
+    def from_linear(cls, linear: Linear, group_size: int = 64,
+                    clip_search: bool = True) -> Int4Linear:
+        return cls._from(cls(_weight_nk(linear), linear.bias, group_size, clip_search), linear)
+
+    def _apply(self, fn, recurse=True):
+        # Off the CPU the reference path runs: keep an fp32 copy of the (small) scale table.
+        out = super()._apply(fn, recurse)
+        self.scale_min_f32 = None if self.scale_min.device.type == "cpu" \
+            else self.scale_min.float()
+        return out
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        y = int4_matmul(x, self.qweight, self.scale_min, self.group_size, self.scale_min_f32)
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4_packed(self.qweight, self.scale_min, self.out_features,
+                                      self.in_features)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class QuantizedExperts(GroupedExperts):
+    """Drop-in for `FusedExperts` with int8 or int4 expert weights (each expert quantized on
+    its own, with the same scheme as the linear layers). Weights are kept [out, in] per
+    expert: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+
+    Small batches run the fused native MoE kernel (one C++ call per layer); larger ones, and
+    every non-CPU device, group tokens by expert (`GroupedExperts.forward`) and run each
+    active expert's matmuls through `int8_matmul` / `int4_matmul`."""
+
+    def __init__(self, experts: FusedExperts, config: QuantConfig):
+        super().__init__()
+        if not config.enabled:
+            raise ValueError("QuantizedExperts needs method int8 or int4")
+        if experts.w13.is_meta or experts.w2.is_meta:
+            raise ValueError("cannot quantize experts whose weights were never loaded")
+        self.method = config.method
+        self.group_size = config.group_size
+        self.num_experts = E = experts.num_experts
+        self.hidden_size = H = experts.hidden_size
+        self.intermediate_size = inter = experts.intermediate_size
+        dev = experts.w13.device
+        # (out features N, in features K) of the two stacked projections
+        self._shapes = {"w13": (2 * inter, H), "w2": (H, inter)}
+        for name, (N, K) in self._shapes.items():
+            src = getattr(experts, name).data  # [E, K, N]
+            if self.method == "int8":
+                q = torch.empty(E, N, pad_to(K, INT8_K_ALIGN), dtype=torch.int8, device=dev)
+                s = torch.empty(E, N, dtype=torch.float32, device=dev)
+                for e in range(E):
+                    q[e], s[e] = quantize_int8_padded(src[e].t())
+                self.register_buffer(f"{name}_q", q)
+                self.register_buffer(f"{name}_s", s)
+            else:
+                G = self.group_size
+                kp = int4_padded_k(K, G)
+                q = torch.empty(E, N, kp // 2, dtype=torch.uint8, device=dev)
+                sm = torch.empty(E, N, 2, kp // G, dtype=torch.bfloat16, device=dev)
+                for e in range(E):
+                    q[e], sm[e] = quantize_int4_packed(src[e].t(), G, config.clip_search)
+                self.register_buffer(f"{name}_q", q)
+                self.register_buffer(f"{name}_sm", sm)
+                self.register_buffer(f"{name}_sm_f32", None)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.method == "int4":
+            for name in self._shapes:
+                sm = getattr(self, f"{name}_sm")
+                setattr(self, f"{name}_sm_f32", None if sm.device.type == "cpu" else sm.float())
+        return out
+
+    def _mm(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "int8":
+            return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e])
+        sm32 = getattr(self, f"{name}_sm_f32")
+        return int4_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_sm")[e],
+                           self.group_size, None if sm32 is None else sm32[e])
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = self._mm("w13", e, x)[:, : 2 * self.intermediate_size]
+        gate, up = h.chunk(2, dim=-1)
+        return self._mm("w2", e, F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        if not use_native(x, x.shape[0], "moe"):
+            return super().forward(x, topk_weights, topk_ids)
+        xf = x.float()
+        if self.method == "int8":
+            y = ops.moe_int8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
+                             topk_weights)
+        else:
+            y = ops.moe_int4(xf, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm,
+                             self.group_size, topk_ids, topk_weights)
+        return y.to(x.dtype)
+
+    def dequantize(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's effective `name` ('w13' | 'w2') weight in FusedExperts' layout [K, N]."""
+        N, K = self._shapes[name]
+        if self.method == "int8":
+            w = dequantize_int8(getattr(self, f"{name}_q")[e][:, :K],
+                                getattr(self, f"{name}_s")[e])
+        else:
+            w = dequantize_int4_packed(getattr(self, f"{name}_q")[e],
+                                       getattr(self, f"{name}_sm")[e], N, K)
+        return w.t()
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.method == "int4" else ""
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, method={self.method}{extra}")

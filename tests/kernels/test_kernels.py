@@ -1,0 +1,174 @@
+"""Native int8/int4 kernels against plain-PyTorch references of the same arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from sparsa import kernels
+from sparsa.kernels import layout, ops
+from sparsa.layers.quantization import quantize_int4_packed, quantize_int8_padded
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(), reason=f"native kernels unavailable: {kernels.unavailable_reason()}")
+
+ROWS = (1, 2, 3, 8, 33)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("N,K", [(37, 100), (64, 256), (5, 515)])
+def test_int8_gemm_matches_reference(T, N, K):
+    g = torch.Generator().manual_seed(N * K + T)
+    q, s = quantize_int8_padded(torch.randn(N, K, generator=g))
+    x = torch.randn(T, K, generator=g)
+    y = ops.int8_gemm(x, q, s)
+    assert y.shape == (T, N) and y.dtype == torch.float32
+    assert _rel(y, layout.int8_gemm_reference(x, q, s)) < 2e-6
+    # against the fp32 weights: only the activation quantization error remains
+    w = q[:, :K].float() * s[:, None]
+    assert _rel(y, x @ w.t()) < 2e-2
+    exact = ops.int8_gemm(x, q, s, exact=True)
+    assert _rel(exact, (x.double() @ w.double().t()).float()) < 1e-5
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("G", [32, 64, 128, 256])
+@pytest.mark.parametrize("N,K", [(37, 100), (3, 512)])
+def test_int4_gemm_matches_reference(T, G, N, K):
+    g = torch.Generator().manual_seed(N * K + T + G)
+    q, sm = quantize_int4_packed(torch.randn(N, K, generator=g), G)
+    x = torch.randn(T, K, generator=g)
+    y = ops.int4_gemm(x, q, sm, G)
+    assert y.shape == (T, N)
+    assert _rel(y, layout.int4_gemm_reference(x, q, sm, G)) < 1e-5  # fp32 accumulation
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(0, 16, (7, 192), dtype=torch.uint8)
+    packed = layout.pack_int4(q)
+    assert packed.shape == (7, 96)
+    assert torch.equal(layout.unpack_int4(packed), q)
+    # byte i of chunk c: low nibble = weight 64c + i, high nibble = weight 64c + 32 + i
+    assert packed[0, 0].item() == q[0, 0].item() | (q[0, 32].item() << 4)
+    with pytest.raises(ValueError):
+        layout.pack_int4(q[:, :100])
+
+
+def test_dequant_ops_match_torch():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(19, 200, generator=g)
+    q, s = quantize_int8_padded(w)
+    assert torch.equal(ops.int8_dequant(q, s), q.float() * s[:, None])
+    q4, sm = quantize_int4_packed(w, 64)
+    ref = layout.unpack_int4(q4).float().reshape(19, -1, 64) * sm[:, 0].float()[..., None] \
+        + sm[:, 1].float()[..., None]
+    assert torch.equal(ops.int4_dequant(q4, sm, 64), ref.reshape(19, -1))
+
+
+def _moe_reference(x, ids, tw, mm13, mm2, inter):
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            h = mm13(e, x[t : t + 1])[:, : 2 * inter]
+            a = F.silu(h[:, :inter]) * h[:, inter:]
+            out[t] += float(tw[t, j]) * mm2(e, a.float())[0].double()
+    return out.float()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_fused_moe_matches_reference(method, T):
+    E, H, inter, k = 5, 96, 80, 2
+    g = torch.Generator().manual_seed(T)
+    w13 = torch.randn(E, 2 * inter, H, generator=g) * 0.1
+    w2 = torch.randn(E, H, inter, generator=g) * 0.1
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    tw = torch.rand(T, k, generator=g)
+    if method == "int8":
+        a = [quantize_int8_padded(w13[e]) for e in range(E)]
+        b = [quantize_int8_padded(w2[e]) for e in range(E)]
+        q13, s13 = torch.stack([p[0] for p in a]), torch.stack([p[1] for p in a])
+        q2, s2 = torch.stack([p[0] for p in b]), torch.stack([p[1] for p in b])
+        y = ops.moe_int8(x, q13, s13, q2, s2, ids, tw)
+        ref = _moe_reference(x, ids, tw,
+                             lambda e, v: layout.int8_gemm_reference(v, q13[e], s13[e]),
+                             lambda e, v: layout.int8_gemm_reference(v, q2[e], s2[e]), inter)
+    else:
+        G = 32
+        a = [quantize_int4_packed(w13[e], G) for e in range(E)]
+        b = [quantize_int4_packed(w2[e], G) for e in range(E)]
+        q13, sm13 = torch.stack([p[0] for p in a]), torch.stack([p[1] for p in a])
+        q2, sm2 = torch.stack([p[0] for p in b]), torch.stack([p[1] for p in b])
+        y = ops.moe_int4(x, q13, sm13, q2, sm2, G, ids, tw)
+        ref = _moe_reference(x, ids, tw,
+                             lambda e, v: layout.int4_gemm_reference(v, q13[e], sm13[e], G),
+                             lambda e, v: layout.int4_gemm_reference(v, q2[e], sm2[e], G), inter)
+    assert y.shape == (T, H)
+    # the SwiGLU output is re-quantized: tiny fp differences may flip one rounding
+    assert _rel(y, ref) < 1e-4
+
+
+def test_bad_arguments_raise_value_error():
+    q, s = quantize_int8_padded(torch.randn(8, 128))
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match=r"x must be torch\.float32"):
+        ops.int8_gemm(x.double(), q, s)
+    with pytest.raises(ValueError, match=r"q must be torch\.int8"):
+        ops.int8_gemm(x, q.to(torch.int16), s)
+    with pytest.raises(ValueError, match="features"):
+        ops.int8_gemm(torch.randn(2, 200), q, s)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.int8_gemm(x, torch.zeros(128, 8, dtype=torch.int8).t(), s)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ops.int8_gemm(torch.randn(2, 64), q[:, :64].contiguous(), s)
+    with pytest.raises(ValueError, match="rows"):
+        ops.int8_gemm(x, q, s[:4].contiguous())
+    q4, sm = quantize_int4_packed(torch.randn(8, 128), 64)
+    with pytest.raises(ValueError, match="group_size"):
+        ops.int4_gemm(x, q4, sm, 48)
+    with pytest.raises(ValueError, match="scale/min table"):
+        ops.int4_gemm(x, q4, sm, 32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        ops.int4_gemm(x, q4, sm.float(), 64)
+    q13 = torch.zeros(2, 8, 128, dtype=torch.int8)
+    s13 = torch.ones(2, 8)
+    q2 = torch.zeros(2, 128, 128, dtype=torch.int8)
+    s2 = torch.ones(2, 128)
+    x = torch.randn(1, 128)
+    with pytest.raises(ValueError, match="topk_ids must be in"):
+        ops.moe_int8(x, q13, s13, q2, s2, torch.tensor([[0, 2]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="shape of topk_ids"):
+        ops.moe_int8(x, q13, s13, q2, s2, torch.tensor([[0, 1]]), torch.ones(1, 3))
+    assert ops.moe_int8(x, q13, s13, q2, s2, torch.tensor([[0, 1]]),
+                        torch.ones(1, 2)).shape == (1, 128)
+
+
+def test_disabled_by_env(monkeypatch):
+    monkeypatch.setenv("SPARSA_KERNELS", "0")
+    assert not kernels.available()
+    assert "SPARSA_KERNELS" in kernels.unavailable_reason()
+    with pytest.raises(RuntimeError):
+        ops.int8_gemm(torch.randn(1, 128), *quantize_int8_padded(torch.randn(4, 128)))
+    monkeypatch.delenv("SPARSA_KERNELS")
+    assert kernels.available()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_results(threads):
+    q, s = quantize_int8_padded(torch.randn(300, 256))
+    x = torch.randn(3, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = ops.int8_gemm(x, q, s)
+        torch.set_num_threads(threads)
+        assert torch.equal(ops.int8_gemm(x, q, s), ref)
+    finally:
+        torch.set_num_threads(before)
