@@ -8,6 +8,7 @@ install:
 	@# torch first, pinned: the CPU wheel is on local disk; an unpinned resolve pulls CUDA.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
+	$(PY) -m sparsa.kernels build || true
 
 demo: install
 	$(PY) -m sparsa.cli demo
