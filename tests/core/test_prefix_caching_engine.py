@@ -58,13 +58,22 @@ def _all_free(llm: LLM) -> bool:
 ], ids=["plain", "chunked", "no-chunking", "preemption"])
 def test_greedy_outputs_identical_with_caching_on(ckpt, reference, kw):
     llm = LLM(ckpt, dtype="float32", enable_prefix_caching=True, **kw)
-    # one by one: every later request sharing the system prompt hits the cache
-    assert _greedy(llm, _prompts(), one_by_one=True) == reference
-    assert _all_free(llm)
-    assert llm.engine.block_manager.prefix_hit_tokens > 0
-    # all at once, with the cache already warm
+    # all at once, cold: later chunks and readmissions after preemption find cached blocks
     assert _greedy(llm, _prompts()) == reference
     assert _all_free(llm)
+    # again, with the cache warm
+    assert _greedy(llm, _prompts()) == reference
+    assert _all_free(llm)
+    assert llm.engine.block_manager.prefix_hit_tokens > 0
+
+
+def test_one_by_one_hits_the_shared_system_prompt(ckpt, reference):
+    llm = LLM(ckpt, dtype="float32", enable_prefix_caching=True, num_kv_blocks=128,
+              block_size=8, max_num_batched_tokens=16)
+    assert _greedy(llm, _prompts(), one_by_one=True) == reference
+    assert _all_free(llm)
+    # all but the first of each prefix group hit its full blocks
+    assert llm.engine.block_manager.prefix_hit_rate() > 0.5
 
 
 def test_cached_prefix_is_not_recomputed(ckpt):

@@ -27,6 +27,15 @@ def api_schema(server):
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@pytest.fixture(autouse=True)
+def _no_flush_denormal():
+    # Every LLMEngine built on this thread (other test modules build some) flushes
+    # denormals, and hypothesis refuses to generate floats with that set.
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 @schema.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
           phases=[Phase.explicit, Phase.generate],
