@@ -1,0 +1,1 @@
+"""Expert offloading: routing traces, cache policies, predictors and the cache simulator."""

@@ -1,0 +1,324 @@
+"""Expert cache eviction policies behind one interface.
+
+The simulator (:mod:`sparsa.offload.cache_sim`) owns residency; a policy only ranks. The cache
+is split into ``G`` groups of ``S`` slots (per-layer capacity: one group per layer, a slot per
+expert; global capacity: one group whose slots are all (layer, expert) pairs). At each step the
+simulator asks :meth:`CachePolicy.priority` for a (G, S) array and evicts the resident,
+unprotected slots with the LOWEST priority, then reports what happened through
+:meth:`CachePolicy.observe` (demand requests) and :meth:`CachePolicy.inserted` (loads). A
+priority interface keeps every policy vectorized over groups, which is what makes a full
+replay take seconds instead of minutes.
+
+Policies see only the past, except :class:`Belady`, the offline optimum, which is given the
+future through :meth:`CachePolicy.begin` on purpose: it is the bound, not a usable policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "ARC",
+    "LFU",
+    "LRFU",
+    "LRU",
+    "ActivationAware",
+    "Belady",
+    "CachePolicy",
+    "Stream",
+    "make_policy",
+]
+
+
+@dataclass
+class Stream:
+    """What a policy may know about the replay before it starts.
+
+    ``requests[t, g]`` are the slots group g requests at step t (-1 = none). Only
+    :class:`Belady` may read ``requests``; the others use ``step_token``/``prompt_start`` (a
+    new request starting is known to a real server) and ``slot_layer``/``slot_expert``.
+    """
+
+    requests: np.ndarray  # (T, G, k) int
+    step_token: np.ndarray  # (T,) token index of each step
+    prompt_start: np.ndarray  # (T,) bool: the step is the first of a new prompt
+    slot_layer: np.ndarray  # (S,) layer index of each slot
+    slot_expert: np.ndarray  # (S,) expert id of each slot
+    num_layers: int
+    num_experts: int
+    capacity: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.requests.shape[1]), int(self.slot_layer.shape[0])
+
+
+class CachePolicy:
+    """Base class: subclasses override :meth:`priority` and usually :meth:`observe`."""
+
+    name = "base"
+
+    def begin(self, stream: Stream) -> None:
+        self.G, self.S = stream.shape
+        self.stream = stream
+
+    def priority(self, t: int) -> np.ndarray:
+        """(G, S) float: eviction candidates with the lowest value go first (at step t)."""
+        raise NotImplementedError
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        """Step t's demand requests (G, k) slots (-1 = none) and whether each was resident."""
+
+    def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
+        """(G, S) bool: slots loaded at step t (by prefetch or on a miss)."""
+
+    def evicted(self, t: int, mask: np.ndarray) -> None:
+        """(G, S) bool: slots evicted at step t."""
+
+
+def _scatter(shape: tuple[int, int], req: np.ndarray) -> np.ndarray:
+    """(G, k) slot ids (-1 = none) -> (G, S) bool mask."""
+    out = np.zeros((shape[0], shape[1] + 1), dtype=bool)
+    np.put_along_axis(out, np.where(req < 0, shape[1], req), True, axis=1)
+    return out[:, : shape[1]]
+
+
+class LRU(CachePolicy):
+    """Least recently used: evict the slot whose last use (request or load) is oldest."""
+
+    name = "lru"
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        self.last = np.full((self.G, self.S), -1.0)
+
+    def priority(self, t: int) -> np.ndarray:
+        return self.last
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        self.last[_scatter((self.G, self.S), req)] = t
+
+    def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
+        self.last[mask] = t
+
+
+class LFU(CachePolicy):
+    """Least frequently used (counts over the whole replay, kept across evictions, which is
+    better than per-residency counts for the stable popularity of experts); ties go to the
+    least recently used."""
+
+    name = "lfu"
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        self.count = np.zeros((self.G, self.S))
+        self.last = np.full((self.G, self.S), -1.0)
+
+    def priority(self, t: int) -> np.ndarray:
+        # recency only breaks ties: it is scaled below one count
+        return self.count + self.last / (t + 2.0) * 0.5
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        m = _scatter((self.G, self.S), req)
+        self.count[m] += 1
+        self.last[m] = t
+
+
+class LRFU(CachePolicy):
+    """Least recently/frequently used (Lee et al., 2001), the learned recency+frequency family:
+    each slot's combined recency-frequency value is a sum over its past uses of
+    ``2 ** (-decay * age)``. ``decay`` -> 0 is LFU, large ``decay`` is LRU; the simulator's
+    ``tune`` helper picks it on the training trace. Kept as log-CRF for numerical range."""
+
+    name = "lrfu"
+
+    def __init__(self, decay: float = 0.05) -> None:
+        self.decay = float(decay)
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        # log2 CRF at reference time 0: value(t) = crf * 2**(-decay*t), so rank by crf alone
+        self.log_crf = np.full((self.G, self.S), -np.inf)
+
+    def priority(self, t: int) -> np.ndarray:
+        return self.log_crf
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        m = _scatter((self.G, self.S), req)
+        # add 2**(decay*t) (the use's weight referred to time 0) in log space
+        self.log_crf[m] = np.logaddexp2(self.log_crf[m], self.decay * t)
+
+
+class ARC(CachePolicy):
+    """Adaptive replacement cache (Megiddo and Modha, 2003) per group: T1 holds slots used
+    once since they entered, T2 slots used again; ghost lists B1/B2 remember recent evictions
+    from each, and a hit in a ghost list moves the target size ``p`` of T1. The victim is the
+    LRU slot of T1 when |T1| > p, else the LRU slot of T2, expressed as a priority."""
+
+    name = "arc"
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        g, s = self.G, self.S
+        self.capacity = stream.capacity.astype(np.float64)
+        self.last = np.full((g, s), -1.0)
+        self.in_t2 = np.zeros((g, s), dtype=bool)
+        self.resident = np.zeros((g, s), dtype=bool)
+        self.ghost = np.zeros((g, s), dtype=np.int8)  # 1 = B1, 2 = B2
+        self.ghost_time = np.full((g, s), -1.0)
+        self.p = np.zeros(g)
+
+    def priority(self, t: int) -> np.ndarray:
+        t1 = self.resident & ~self.in_t2
+        from_t1 = (t1.sum(1) > self.p) | ~(self.resident & self.in_t2).any(1)
+        # the list not evicted from gets a large offset so the other list's LRU goes first
+        shield = np.where(from_t1[:, None], self.in_t2, ~self.in_t2)
+        return self.last + shield * 1e12
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        m = _scatter((self.G, self.S), req)
+        hit_m = m & self.resident
+        self.in_t2 |= hit_m  # a second use promotes to the frequency list
+        self.last[m] = t
+
+    def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
+        c = self.capacity
+        b1 = (self.ghost == 1).sum(1)
+        b2 = (self.ghost == 2).sum(1)
+        in_b1 = (mask & (self.ghost == 1)).sum(1)
+        in_b2 = (mask & (self.ghost == 2)).sum(1)
+        # adaptation: a ghost hit in B1 says T1 was too small, in B2 that T2 was
+        self.p = np.minimum(c, self.p + in_b1 * np.maximum(1.0, b2 / np.maximum(b1, 1)))
+        self.p = np.maximum(0.0, self.p - in_b2 * np.maximum(1.0, b1 / np.maximum(b2, 1)))
+        self.in_t2[mask] = (self.ghost[mask] > 0) & (not prefetched)
+        self.ghost[mask] = 0
+        self.resident |= mask
+        self.last[mask] = t
+
+    def evicted(self, t: int, mask: np.ndarray) -> None:
+        self.ghost[mask] = np.where(self.in_t2[mask], 2, 1)
+        self.ghost_time[mask] = t
+        self.resident &= ~mask
+        self.in_t2 &= ~mask
+        # each ghost list keeps only its `capacity` most recent entries
+        for lst in (1, 2):
+            gl = self.ghost == lst
+            over = gl.sum(1) > self.capacity
+            for g in np.flatnonzero(over):
+                idx = np.flatnonzero(gl[g])
+                drop = len(idx) - int(self.capacity[g])
+                old = idx[np.argsort(self.ghost_time[g, idx])[:drop]]
+                self.ghost[g, old] = 0
+
+
+class ActivationAware(CachePolicy):
+    """MoE-Infinity's activation-aware priority: the current request's expert activation
+    matrix (EAM, layers x experts counts so far) is matched by cosine similarity against EAMs
+    recorded on the training trace (``library``), and a slot's priority is the matched EAM's
+    activation ratio blended with the request's own counts; recency breaks ties."""
+
+    name = "activation"
+
+    def __init__(self, library: np.ndarray, own_weight: float = 1.0,
+                 rematch_every: int = 4) -> None:
+        lib = np.asarray(library, dtype=np.float64)  # (P, L, E) per-prompt counts
+        self.library = lib.reshape(len(lib), -1)
+        self.lib_unit = self.library / np.maximum(
+            np.linalg.norm(self.library, axis=1, keepdims=True), 1e-9)
+        self.lib_ratio = self.library / np.maximum(
+            self.library.reshape(len(lib), lib.shape[1], -1).sum(2).repeat(lib.shape[2], 1),
+            1e-9)
+        self.own_weight = float(own_weight)
+        self.rematch_every = int(rematch_every)
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        le = stream.num_layers * stream.num_experts
+        self.flat_slot = stream.slot_layer * stream.num_experts + stream.slot_expert
+        self.eam = np.zeros(le)
+        self.match = self.lib_ratio.mean(0)  # before any evidence: the average request
+        self.last = np.full((self.G, self.S), -1.0)
+        self._since = 0
+        self._prio = None
+
+    def _rematch(self) -> None:
+        norm = np.linalg.norm(self.eam)
+        if norm > 0:
+            best = int(np.argmax(self.lib_unit @ (self.eam / norm)))
+            self.match = self.lib_ratio[best]
+        self._prio = None
+
+    def priority(self, t: int) -> np.ndarray:
+        if self._prio is None:
+            per_layer = self.eam.reshape(self.stream.num_layers, -1)
+            own = per_layer / np.maximum(per_layer.sum(1, keepdims=True), 1.0)
+            score = self.match + self.own_weight * own.reshape(-1)
+            self._prio = score[self.flat_slot][None, :].repeat(self.G, 0)
+        return self._prio + self.last * 1e-9
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        if self.stream.prompt_start[t]:
+            self.eam[:] = 0.0
+            self._since = self.rematch_every
+        m = _scatter((self.G, self.S), req)
+        self.last[m] = t
+        flat = self.flat_slot[np.nonzero(m)[1]]
+        np.add.at(self.eam, flat, 1.0)
+        self._since += 1
+        if self._since >= self.rematch_every:
+            self._since = 0
+            self._rematch()
+        else:
+            self._prio = None
+
+
+class Belady(CachePolicy):
+    """Belady's MIN: evict the slot whose next request is farthest in the future. Optimal for
+    demand paging, so it is the bound for policies without prediction. Offline: it reads the
+    whole request stream."""
+
+    name = "belady"
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        req = stream.requests
+        t_steps, g, k = req.shape
+        # next_req[t, g, i]: the next step after t at which slot req[t, g, i] is requested
+        self.next_req = np.full(req.shape, np.iinfo(np.int64).max // 4, dtype=np.int64)
+        upcoming = np.full((g, self.S + 1), np.iinfo(np.int64).max // 4, dtype=np.int64)
+        rows = np.arange(g)[:, None]
+        for t in range(t_steps - 1, -1, -1):
+            r = np.where(req[t] < 0, self.S, req[t])
+            self.next_req[t] = upcoming[rows, r]
+            upcoming[rows, r] = t
+        self.nxt = upcoming[:, : self.S].astype(np.float64)
+
+    def priority(self, t: int) -> np.ndarray:
+        return -self.nxt
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        ok = req >= 0
+        g_idx = np.nonzero(ok)[0]
+        self.nxt[g_idx, req[ok]] = self.next_req[t][ok]
+
+
+def make_policy(name: str, capacity: int = 6, library: np.ndarray | None = None,
+                lrfu_decay: float = 0.05) -> CachePolicy:
+    """A policy by name: lru, lfu, lrfu, arc, activation (needs ``library``), belady."""
+    if name == "lru":
+        return LRU()
+    if name == "lfu":
+        return LFU()
+    if name == "lrfu":
+        return LRFU(lrfu_decay)
+    if name == "arc":
+        return ARC()
+    if name == "belady":
+        return Belady()
+    if name == "activation":
+        if library is None:
+            raise ValueError("the activation policy needs a library of recorded EAMs")
+        return ActivationAware(library)
+    raise ValueError(f"unknown policy {name!r} (lru, lfu, lrfu, arc, activation, belady)")
