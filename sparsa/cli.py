@@ -411,7 +411,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     d = model_info(args.model, dtype=args.dtype, device=args.device,
                    load_format=args.load_format, max_model_len=args.max_model_len,
-                   kv_cache_memory=args.kv_cache_memory)
+                   kv_cache_memory=args.kv_cache_memory,
+                   quantization=args.quantization, group_size=args.group_size)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
     if d.get("build_error"):
         print(f"sparsa: warning: could not build {args.model} to count its parameters: "

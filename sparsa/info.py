@@ -198,6 +198,55 @@ def _checkpoint_files_bytes(model_dir: Path | None) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
+def _quantizable_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameters that weight-only quantization replaces: every
+    Linear except MoE routers, and routed experts (active at their top_k share)."""
+    from sparsa.layers.linear import Linear
+    from sparsa.layers.moe import FusedExperts
+
+    total = active = 0
+    for name, mod in model.named_modules():
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(mod, FusedExperts):
+            n = sum(p.numel() for p in mod.parameters())
+            total += n
+            active += n * getattr(parent, "top_k", mod.num_experts) // mod.num_experts
+        elif isinstance(mod, Linear) and not _is_router(name, parent):  # routers stay fp
+            n = sum(p.numel() for p in mod.parameters())
+            total += n
+            active += n
+    return total, active
+
+
+def _is_router(name: str, parent: nn.Module) -> bool:
+    attr = name.rpartition(".")[2]
+    return attr == "shared_expert_gate" or (attr == "gate" and hasattr(parent, "experts"))
+
+
+def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
+    """How the weights are held and multiplied on `dev` (what `sparsa info` shows)."""
+    if not qc.enabled:
+        why = " (no bf16 GEMM on this CPU: bf16/fp16 checkpoints are upcast once at load)" \
+            if dev.type == "cpu" and compute_dt == torch.float32 else ""
+        return f"{_dtype_name(compute_dt)} weights, {_dtype_name(compute_dt)} matmuls{why}"
+    scheme = "int8 per output channel" if qc.method == "int8" else \
+        f"int4 asymmetric, groups of {qc.group_size}"
+    if dev.type != "cpu":
+        kernel = "dequantize + matmul (reference path)"
+    else:
+        try:
+            from sparsa import kernels
+
+            native = kernels.available()
+        except Exception:
+            native = False
+        kernel = ("sparsa C++ AVX2 kernels for decode, dequantize + fp32 GEMM for prefill"
+                  if native else "torch packed-weight kernels / dequantize + fp32 GEMM")
+    return (f"{scheme} for linear layers and experts (routers, embedding, norms in "
+            f"{_dtype_name(compute_dt)}); {kernel}")
+
+
 def model_info(
     model: str,
     dtype: str = "auto",
@@ -206,6 +255,8 @@ def model_info(
     max_model_len: int | None = None,
     kv_cache_memory: str | int | None = None,
     block_size: int = 16,
+    quantization: str | None = None,
+    group_size: int = 64,
 ) -> dict[str, Any]:
     """Describe `model` (a path, llama2.c .bin or built-in name) without allocating weights.
 
@@ -217,7 +268,8 @@ def model_info(
     """
     from sparsa.loader.model_loader import checkpoint_dtype, choose_dtype, resolve_model
 
-    mc = ModelConfig(model, dtype=dtype, load_format=load_format, max_model_len=max_model_len)
+    mc = ModelConfig(model, dtype=dtype, load_format=load_format, max_model_len=max_model_len,
+                     quantization=quantization, quantization_group_size=group_size)
     CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory)  # validates them
     dev = _resolve_device(device)
     resolved = resolve_model(mc)
@@ -252,6 +304,17 @@ def model_info(
     itemsize = compute_dt.itemsize
     info["checkpoint_weight_bytes"] = counts["total_params"] * ckpt_dt.itemsize
     info["decode_bytes_per_token"] = counts["active_params"] * itemsize
+    qc = mc.quant_config()
+    info["quantization"] = qc.method if qc.method != "int4" else f"int4-g{qc.group_size}"
+    info["weight_form"] = _weight_form(compute_dt, qc, dev)
+    if qc.enabled:
+        q_total, q_active = _quantizable_params(meta_model)
+        bpp = 1.0 if qc.method == "int8" else 0.5 + 4 / qc.group_size  # + bf16 scale/zero
+        saved_total = q_total * (itemsize - bpp)
+        counts["weight_bytes"] = int(counts["weight_bytes"] - saved_total)
+        info["weight_bytes"] = counts["weight_bytes"]
+        info["decode_bytes_per_token"] = int(info["decode_bytes_per_token"]
+                                             - q_active * (itemsize - bpp))
 
     attn = list(meta_model.attention_layers()) if hasattr(meta_model, "attention_layers") \
         else []
@@ -349,6 +412,8 @@ def format_info(d: dict[str, Any]) -> str:
         rows.append(("MoE", f"no (dense, FFN {d.get('intermediate_size') or '?'})"))
     rows.append(("dtype", f"checkpoint {d.get('checkpoint_dtype')} -> compute "
                           f"{d.get('compute_dtype')} on {d.get('device')}"))
+    if d.get("weight_form"):
+        rows.append(("weight form", d["weight_form"]))
     if d.get("build_error"):
         rows.append(("parameters", f"unavailable: could not build the model ({d['build_error']})"))
         return _table(rows)
@@ -363,7 +428,9 @@ def format_info(d: dict[str, Any]) -> str:
                                 f"{_count(d['non_expert_params'])} elsewhere"))
     tied = " (tied to LM head)" if d.get("tied_embeddings") else ""
     rows.append(("embedding", f"{_count(d['embedding_params'])}{tied}"))
-    rows.append(("weights", f"{_bytes(d['weight_bytes'])} in {d['compute_dtype']}"
+    wform = d["compute_dtype"] if d.get("quantization", "none") == "none" else \
+        f"{d['quantization']} (+ {d['compute_dtype']} for the rest)"
+    rows.append(("weights", f"{_bytes(d['weight_bytes'])} in {wform}"
                             + (f" ({_bytes(d['checkpoint_weight_bytes'])} in checkpoint "
                                f"{d['checkpoint_dtype']})"
                                if d["checkpoint_dtype"] != d["compute_dtype"] else "")
