@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparsa.engine.llm_engine import LLMEngine
-from sparsa.server.async_engine import AdmissionConfig, AsyncEngine
+from sparsa.server.async_engine import AdmissionConfig, AsyncEngine, EngineFailed
 from sparsa.server.errors import APIError
 from sparsa.server.metrics import ServerMetrics
 from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -197,6 +197,10 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)
                         ).response()
+
+    @app.exception_handler(EngineFailed)
+    async def failed(_: Request, e: EngineFailed) -> JSONResponse:
+        return APIError(500, f"generation failed: {e}", code="engine_error").response()
 
     @app.exception_handler(ClientGone)
     async def gone(_: Request, e: ClientGone) -> Response:
