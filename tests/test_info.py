@@ -197,3 +197,19 @@ def test_llama2c_file_is_accepted():
     assert d["name"] == "stories260K.bin"
     assert d["total_params"] == pytest.approx(260e3, rel=0.01)
     assert d["tied_embeddings"]
+
+
+def test_quantized_sizes_and_weight_form():
+    full = model_info("mixtral-mini")
+    q8 = model_info("mixtral-mini", quantization="int8")
+    q4 = model_info("mixtral-mini", quantization="int4", group_size=32)
+    assert full["quantization"] == "none" and "float32 matmuls" in full["weight_form"]
+    assert q8["quantization"] == "int8" and "int8 per output channel" in q8["weight_form"]
+    assert q4["quantization"] == "int4-g32"
+    # int8: ~1 byte per quantized parameter instead of 4; int4 g32: 0.5 + 4/32 bytes
+    assert full["decode_bytes_per_token"] / q8["decode_bytes_per_token"] == \
+        pytest.approx(4, rel=0.05)
+    assert q4["decode_bytes_per_token"] < 0.7 * q8["decode_bytes_per_token"]
+    assert "int8" in format_info(q8)
+    with pytest.raises(ValueError):
+        model_info("mixtral-mini", quantization="int4", group_size=48)
