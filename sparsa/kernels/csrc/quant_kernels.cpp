@@ -517,17 +517,27 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* smp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
   float* wp = w.data_ptr<float>();
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
   at::parallel_for(0, N, row_grain(Kp), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* qr = qp + n * (Kp / 2);
+      const uint16_t* sr = smp + n * 2 * ng;
       float* wr = wp + n * Kp;
-      for (int64_t c = 0; c < Kp / 64; ++c)
-        for (int64_t i = 0; i < 64; ++i) {
-          const int64_t kk = c * 64 + i, g = kk / G;
-          const uint8_t b = qr[c * 32 + (i & 31)];
-          const int v = i < 32 ? (b & 15) : (b >> 4);
-          wr[kk] = v * bf16_to_f32(smp[n * 2 * ng + g]) + bf16_to_f32(smp[n * 2 * ng + ng + g]);
+      for (int64_t c = 0; c < Kp / 64; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + c * 32));
+        alignas(32) uint8_t nib[64];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(nib), _mm256_and_si256(v, m4));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(nib + 32),
+                           _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        for (int64_t i = 0; i < 64; i += 8) {  // 8 weights share a group (G >= 32)
+          const int64_t g = (c * 64 + i) / G;
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib + i))));
+          _mm256_storeu_ps(wr + c * 64 + i,
+                           _mm256_fmadd_ps(f, _mm256_set1_ps(bf16_to_f32(sr[g])),
+                                           _mm256_set1_ps(bf16_to_f32(sr[ng + g]))));
         }
+      }
     }
   });
   return w;

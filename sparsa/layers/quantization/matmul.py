@@ -31,12 +31,14 @@ _policy: dict[str, int] | None = None
 
 def kernel_policy() -> dict[str, int]:
     """Largest row count (tokens; for MoE, tokens in the batch) that uses the native kernels,
-    per op. Measured with 2 threads on mixtral-mini shapes on an AVX2 CPU without VNNI:
-    the int8 kernel's cost grows ~0.8x per extra row while dequantize + fp32 GEMM costs
-    about a fixed dequantization, so the crossover is at a few rows."""
+    per op. Measured single-threaded on mixtral-mini shapes (5632x1024, 1024x2816) on this
+    AVX2 CPU without VNNI, on a shared machine: the native kernels' time grows ~linearly per
+    row (integer dot products), dequantize + fp32 GEMM costs a fixed dequantization plus an
+    MKL GEMM that is slow for small row counts; native won up to 64 rows and tied at 128.
+    The thresholds sit lower (32 / 16) since an idle machine's fp32 GEMM gains more."""
     global _policy
     if _policy is None:
-        policy = {"int8": 6, "int4": 6, "moe": 8}
+        policy = {"int8": 32, "int4": 32, "moe": 16}
         env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
         if env:
             policy = dict.fromkeys(policy, int(env))

@@ -1,0 +1,120 @@
+"""Micro-benchmark of the native quantized kernels against torch's ops.
+
+    python -m sparsa.kernels.bench_kernels [--n 8192 --k 4096 --threads 2 --rows 1,2,4,8]
+
+Prints weight bandwidth (GB/s of weight bytes read, the figure that bounds decode) for the
+int8 and int4 GEMV/small-GEMM kernels beside torch's ``_weight_int8pack_mm`` (bf16 path),
+``_weight_int4pack_mm_for_cpu`` and fp32 ``F.linear``, the fused MoE op on mixtral-mini's
+expert shapes, and the crossover against dequantize + fp32 GEMM. Best of several repeats
+(the CPU may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+
+from sparsa.kernels import available, ops
+from sparsa.layers.quantization.matmul import int4_matmul_reference, int8_matmul_reference
+from sparsa.layers.quantization.schemes import quantize_int4_packed, quantize_int8_padded
+
+
+def best_time(fn: Callable[[], object], min_time: float = 0.3, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt > min_time / repeats:
+                break
+        best = min(best, dt / n)
+    return best
+
+
+def bench_gemv(n: int, k: int, rows: list[int], group: int) -> None:
+    w = torch.randn(n, k) * 0.02
+    q8, s8 = quantize_int8_padded(w)
+    q4, sm = quantize_int4_packed(w, group, clip_search=False)
+    b8, b4 = q8.numel() + 4 * n, q4.numel() + 2 * sm.numel()
+    wf = w.contiguous()
+    s8b = s8.to(torch.bfloat16)
+    # torch's int4 layout: pack once from the same int4 values
+    q4t = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32), group)
+    szt = torch.rand(k // group, n, 2).to(torch.bfloat16)
+    print(f"weight {n}x{k}: int8 {b8 / 1e6:.1f} MB, int4 (G{group}) {b4 / 1e6:.1f} MB, "
+          f"fp32 {4 * n * k / 1e6:.1f} MB; GB/s = weight bytes / time")
+    print(f"{'T':>3} {'ours int8':>10} {'exact int8':>10} {'torch int8':>10} {'ours int4':>10} "
+          f"{'torch int4':>10} {'fp32 linear':>11} {'deq8+gemm':>10} {'deq4+gemm':>10}")
+    kp8 = q8.shape[1]
+    cases = [  # (bytes read, op(x fp32, x bf16))
+        (b8, lambda x, xb: ops.int8_gemm(x, q8, s8)),
+        (b8, lambda x, xb: ops.int8_gemm(x, q8, s8, exact=True)),
+        (b8, lambda x, xb: torch.ops.aten._weight_int8pack_mm(xb, q8, s8b)),
+        (b4, lambda x, xb: ops.int4_gemm(x, q4, sm, group)),
+        (b4, lambda x, xb: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q4t, group, szt)),
+        (4 * n * k, lambda x, xb: F.linear(x, wf)),
+        (b8, lambda x, xb: int8_matmul_reference(F.pad(x, (0, kp8 - k)), q8, s8)),
+        (b4, lambda x, xb: int4_matmul_reference(x, q4, sm, group)),
+    ]
+    for t in rows:
+        x = torch.randn(t, k)
+        xb = x.to(torch.bfloat16)
+        r = [nbytes / best_time(lambda f=f, x=x, xb=xb: f(x, xb)) for nbytes, f in cases]
+        print(f"{t:>3} " + " ".join(f"{v / 1e9:>10.1f}" for v in r))
+
+
+def bench_moe(hidden: int, inter: int, experts: int, top_k: int, group: int,
+              rows: list[int]) -> None:
+    w13 = torch.randn(experts, 2 * inter, hidden) * 0.02
+    w2 = torch.randn(experts, hidden, inter) * 0.02
+    p8 = [quantize_int8_padded(w13[e]) + quantize_int8_padded(w2[e]) for e in range(experts)]
+    p4 = [quantize_int4_packed(w13[e], group, False) + quantize_int4_packed(w2[e], group, False)
+          for e in range(experts)]
+    t8 = [torch.stack([p[i] for p in p8]) for i in range(4)]
+    t4 = [torch.stack([p[i] for p in p4]) for i in range(4)]
+    per8 = sum(t[0].numel() * t.element_size() for t in t8)  # bytes of one expert
+    per4 = sum(t[0].numel() * t.element_size() for t in t4)
+    print(f"fused MoE, {experts} experts top-{top_k}, hidden {hidden}, ffn {inter}: "
+          f"GB/s of the active experts' bytes")
+    for t in rows:
+        x = torch.randn(t, hidden)
+        ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(t)])
+        tw = torch.rand(t, top_k)
+        active = len(set(ids.flatten().tolist()))
+        args = (x, ids, tw)
+        d8 = best_time(lambda a=args: ops.moe_int8(a[0], *t8, a[1], a[2]))
+        d4 = best_time(lambda a=args: ops.moe_int4(a[0], *t4, group, a[1], a[2]))
+        print(f"  T={t:>2}: int8 {active * per8 / d8 / 1e9:5.1f} GB/s ({d8 * 1e3:.2f} ms), "
+              f"int4 {active * per4 / d4 / 1e9:5.1f} GB/s ({d4 * 1e3:.2f} ms)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2,4,8,16")
+    p.add_argument("--skip-moe", action="store_true")
+    args = p.parse_args(argv)
+    if not available():
+        raise SystemExit("native kernels unavailable (see sparsa.kernels.unavailable_reason)")
+    torch.set_num_threads(args.threads)
+    rows = [int(r) for r in args.rows.split(",")]
+    print(f"threads {args.threads}, torch {torch.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    bench_gemv(args.n, args.k, rows, args.group)
+    if not args.skip_moe:
+        bench_moe(1024, 2816, 8, 2, args.group, [1, 2, 4, 8])
+
+
+if __name__ == "__main__":
+    main()
