@@ -296,7 +296,10 @@ def _first_model(base_url: str, api_key: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: a status, not an exit of the caller
+        return e.code if isinstance(e.code, int) else 2
     try:
         slos = parse_slos(args.goodput)
     except ValueError as e:

@@ -1,0 +1,58 @@
+"""`sparsa serve` as a real process: it binds loopback, answers, and stops on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from sparsa.cli import main
+from tests.server.conftest import free_port
+
+
+def test_help_of_both_commands(capsys):
+    assert main(["serve", "--help"]) == 0
+    assert "--no-prefix-caching" in capsys.readouterr().out
+    assert main(["bench", "serve", "--help"]) == 0
+    assert "--request-rate" in capsys.readouterr().out
+
+
+def test_serve_process(model_dir):
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsa.cli", "serve", str(model_dir), "--port", str(port),
+         "--max-model-len", "128", "--threads", "1", "--api-key", "k", "--num-kv-blocks", "32",
+         "--served-model-name", "tiny", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        h = {"Authorization": "Bearer k"}
+        models = httpx.get(url + "/v1/models", headers=h).json()["data"]
+        assert [m["id"] for m in models] == ["tiny", str(model_dir)]
+        r = httpx.post(url + "/v1/completions", headers=h, timeout=60,
+                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "serving tiny" in out and "prefix caching on" in out
