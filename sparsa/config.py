@@ -51,6 +51,51 @@ def parse_size(size: str | float) -> int:
 
 
 @dataclass
+class OffloadConfig:
+    """Expert offloading: experts stay on disk, a budgeted cache holds compute-ready copies.
+
+    expert_memory: None (off: every expert resident), bytes, "4GiB", or "25%" of all expert
+    weights in the compute dtype. policy: eviction ranking (lru, lfu, lrfu, arc).
+    prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
+    """
+
+    expert_memory: str | int | None = None
+    policy: str = "lru"
+    prefetch: str = "lookahead"
+    io_threads: int = 2
+    direct_io: bool = True
+
+    def __post_init__(self) -> None:
+        if self.expert_memory is not None:
+            self.budget_bytes(1)  # validates the form
+        if self.policy not in ("lru", "lfu", "lrfu", "arc"):
+            raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
+        if self.prefetch not in ("none", "lookahead"):
+            raise ValueError(f"prefetch must be 'none' or 'lookahead'; got {self.prefetch!r}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.expert_memory is not None
+
+    def budget_bytes(self, total_expert_bytes: int) -> int:
+        m = self.expert_memory
+        if isinstance(m, str) and m.strip().endswith("%"):
+            try:
+                frac = float(m.strip()[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"cannot parse expert_memory {m!r}") from None
+            if not 0 < frac <= 1:
+                raise ValueError(f"expert_memory percentage must be in (0, 100]; got {m!r}")
+            return int(total_expert_bytes * frac)
+        n = parse_size(m)
+        if n <= 0:
+            raise ValueError(f"expert_memory must be positive; got {m!r}")
+        return n
+
+
+@dataclass
 class ModelConfig:
     """What to load: an HF directory, a llama2.c .bin, or a built-in name (dummy weights)."""
 
@@ -64,12 +109,15 @@ class ModelConfig:
     # Weight-only quantization applied at load: "none" | "int8" | "int4"
     quantization: str | None = None
     quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty path or built-in model name")
         parse_dtype(self.dtype)
         self.quant_config()  # validates method and group size
+        if self.offload.enabled and self.quant_config().enabled:
+            raise ValueError("expert offloading with quantization is not supported yet")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy'; got {self.load_format!r}"

@@ -24,10 +24,8 @@ Definitions used throughout (and by ``format_info``):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,35 +52,15 @@ def _dtype_name(dt: torch.dtype | None) -> str | None:
     return None if dt is None else str(dt).removeprefix("torch.")
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Fallback for models whose constructor computes real values (e.g. YaRN RoPE tables) and
-    so cannot run entirely under ``torch.device('meta')``: build on the CPU but swap every
-    parameter for a meta tensor as it is registered. The CPU ``torch.empty`` behind each one is
-    never written, so its pages are never touched, and it is freed at once."""
-    original = nn.Module.register_parameter
-
-    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(torch.empty_like(param, device="meta"),
-                                 requires_grad=param.requires_grad)
-        original(self, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def _build_meta_model(hf_config: Any, dtype: torch.dtype) -> nn.Module:
+    from sparsa.loader.meta import parameters_on_meta
     from sparsa.loader.model_loader import build_model
 
     try:
         return build_model(hf_config, dtype, torch.device("meta"))
     except NotImplementedError as e:  # "Cannot copy out of meta tensor" and friends
         log.debug("meta build failed (%s); retrying with parameters swapped to meta", e)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         return build_model(hf_config, dtype, torch.device("cpu"))
 
 

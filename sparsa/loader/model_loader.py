@@ -144,12 +144,31 @@ def _apply_rule(name: str, rules) -> tuple[str, int | str | None, int | None]:
     return name, None, None
 
 
-def load_weights(model: nn.Module, weights, extra_rules=None) -> None:
-    """Copy checkpoint tensors into the model; every parameter must be covered."""
+def load_weights(model: nn.Module, weights, extra_rules=None,
+                 expert_sink: dict | None = None) -> None:
+    """Copy checkpoint tensors into the model; every parameter must be covered.
+
+    With `expert_sink` (a dict; `weights` must then be a SafetensorsCheckpoint) routed-expert
+    tensors are not read: their names go to expert_sink[(module name, expert, which)] for
+    an offloaded expert store to fetch later."""
     rules = list(getattr(model, "weight_rules", [])) + list(extra_rules or []) + _DEFAULT_RULES
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     filled: set[str] = set()
+    skip: set[str] = set()
+    if expert_sink is not None:
+        for ckpt_name in weights.names():
+            if _IGNORED.search(ckpt_name):
+                continue
+            target, action, expert = _apply_rule(ckpt_name, rules)
+            if isinstance(action, str):
+                if target not in modules or not hasattr(modules[target], "load_expert"):
+                    raise CheckpointError(
+                        f"checkpoint tensor {ckpt_name!r} has no place in the model")
+                expert_sink[(target, expert, action)] = ckpt_name
+                filled.add(f"{target}.{action}.{expert}")
+                skip.add(ckpt_name)
+        weights = weights.tensors(skip)
     for ckpt_name, tensor in weights:
         if _IGNORED.search(ckpt_name):
             continue
@@ -242,6 +261,17 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
                                                                 torch.dtype]:
     resolved = resolve_model(mc)
     dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
+    if mc.offload.enabled:
+        if resolved.model_dir is None or mc.load_format == "dummy":
+            raise ValueError("expert offloading reads experts from a safetensors checkpoint; "
+                             "write the dummy model to disk first (sparsa write-dummy)")
+        from sparsa.loader.meta import parameters_on_meta
+        from sparsa.offload.loading import load_offloaded
+
+        with parameters_on_meta():  # experts are never materialized; the rest is, there
+            model = build_model(resolved.hf_config, dtype, device)
+        model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device)
+        return model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
     if mc.load_format == "dummy" or resolved.model_dir is None:
         init_dummy_weights(model, mc.seed)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,17 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or malformed."""
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are: for readers that fetch it later (expert offloading)."""
+
+    path: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -97,10 +109,25 @@ class SafetensorsCheckpoint:
     def dtypes(self) -> set[torch.dtype]:
         return {_DTYPES[i["dtype"]] for h, _ in self._headers.values() for i in h.values()}
 
+    def locate(self, name: str) -> TensorLocation:
+        for path, (header, data_start) in self._headers.items():
+            info = header.get(name)
+            if info is not None:
+                begin, end = info["data_offsets"]
+                return TensorLocation(path, data_start + begin, end - begin,
+                                      _DTYPES[info["dtype"]], tuple(info["shape"]))
+        raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.dir}")
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.tensors()
+
+    def tensors(self, skip: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in file order; names in `skip` are not read."""
         for path, (header, data_start) in self._headers.items():
             with open(path, "rb", buffering=0) as f:
                 for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    if name in skip:
+                        continue
                     begin, end = info["data_offsets"]
                     dtype = _DTYPES[info["dtype"]]
                     buf = bytearray(end - begin)

@@ -1,0 +1,320 @@
+"""Experts that live on disk and a budgeted cache of compute-ready copies.
+
+`ExpertReader` fetches one expert's gate/up/down tensors straight from the checkpoint's
+safetensors files with O_DIRECT, so the OS page cache cannot silently serve (and inflate the
+measured hit rate of) a "slow tier" read; where O_DIRECT is refused (tmpfs, some
+filesystems) it reads normally and drops the pages afterwards with posix_fadvise.
+
+`ExpertCache` holds at most `budget_bytes` of expert weights in the compute dtype, accounted
+per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
+`sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). Loads run
+on background I/O threads; `get` waits for a load in flight or demand-loads a miss.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sparsa.loader.safetensors_reader import CheckpointError, TensorLocation
+from sparsa.offload.policies import CachePolicy, Stream, make_policy
+
+_ALIGN = 4096
+
+
+@dataclass
+class ExpertLocation:
+    gate: TensorLocation
+    up: TensorLocation
+    down: TensorLocation
+
+
+class ExpertReader:
+    """Reads (layer, expert) -> (w13 [H, 2I], w2 [I, H]) in `dtype`, FusedExperts' layout."""
+
+    def __init__(self, locations: dict[tuple[int, int], ExpertLocation], dtype: torch.dtype,
+                 direct_io: bool = True, device: torch.device | str = "cpu"):
+        self.locations = locations
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.direct_io = direct_io
+        self._fds: dict[tuple[str, bool], int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def _fd(self, path: str) -> tuple[int, bool]:
+        with self._lock:
+            for direct in ((True, False) if self.direct_io else (False,)):
+                fd = self._fds.get((path, direct))
+                if fd is not None:
+                    return fd, direct
+                flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
+                if direct and not getattr(os, "O_DIRECT", 0):
+                    continue
+                try:
+                    fd = os.open(path, flags)
+                except OSError:
+                    if direct:
+                        continue
+                    raise
+                self._fds[(path, direct)] = fd
+                return fd, direct
+        raise OSError(f"cannot open {path}")
+
+    def read_tensor(self, loc: TensorLocation) -> torch.Tensor:
+        fd, direct = self._fd(str(loc.path))
+        start = loc.offset // _ALIGN * _ALIGN
+        end = -(-(loc.offset + loc.nbytes) // _ALIGN) * _ALIGN
+        buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT requires
+        try:
+            n = os.preadv(fd, [buf], start)
+        except OSError as e:
+            if not direct:
+                raise
+            # Some filesystems accept O_DIRECT at open but fail the read: fall back once.
+            with self._lock:
+                self._fds.pop((str(loc.path), True), None)
+                self.direct_io = False
+            os.close(fd)
+            del e
+            return self.read_tensor(loc)
+        if n < loc.offset + loc.nbytes - start:
+            raise CheckpointError(f"{loc.path}: short read of an expert tensor (file truncated "
+                                  f"after it was opened?)")
+        if not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += loc.nbytes
+        lo = loc.offset - start
+        raw = torch.frombuffer(buf, dtype=torch.uint8)[lo : lo + loc.nbytes]
+        t = raw.view(loc.dtype).view(loc.shape).to(self.dtype, copy=True)
+        del raw
+        buf.close()
+        return t
+
+    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.locations.get((layer, expert))
+        if loc is None:
+            raise KeyError(f"no expert {expert} in layer {layer}")
+        gate, up, down = (self.read_tensor(x) for x in (loc.gate, loc.up, loc.down))
+        if not (torch.isfinite(gate).all() and torch.isfinite(up).all()
+                and torch.isfinite(down).all()):
+            raise CheckpointError(f"layer {layer} expert {expert}: non-finite weights on disk "
+                                  f"(corrupt file {loc.gate.path})")
+        w13 = torch.cat((gate.t(), up.t()), dim=1).contiguous()  # [H, 2I]
+        w2 = down.t().contiguous()  # [I, H]
+        if self.device.type != "cpu":
+            w13, w2 = w13.to(self.device), w2.to(self.device)
+        return w13, w2
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+@dataclass
+class CacheStats:
+    requests: int = 0
+    hits: int = 0  # resident (or already loaded) when its layer asked for it
+    inflight_hits: int = 0  # a prefetch was started but had not finished: the layer waited
+    misses: int = 0  # nothing resident or in flight: demand load
+    prefetches: int = 0
+    useful_prefetches: int = 0
+    evictions: int = 0
+    bytes_loaded: int = 0
+    peak_bytes: int = 0
+    wait_seconds: float = 0.0
+    per_layer: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "per_layer"}
+        d["hit_rate"] = self.hit_rate
+        return d
+
+
+class _Entry:
+    __slots__ = ("future", "pins", "prefetched", "used", "weights")
+
+    def __init__(self, future: Future | None, prefetched: bool):
+        self.future = future
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pins = 0
+        self.prefetched = prefetched
+        self.used = False
+
+
+class ExpertCache:
+    """Budgeted cache of (layer, expert) weights with background loads."""
+
+    def __init__(self, reader: ExpertReader, num_layers: int, num_experts: int,
+                 expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
+                 io_threads: int = 2, clock: Callable[[], float] | None = None):
+        if budget_bytes < expert_bytes:
+            raise ValueError(f"expert memory budget {budget_bytes} B holds no expert "
+                             f"({expert_bytes} B each)")
+        import time
+
+        self.reader = reader
+        self.L, self.E = num_layers, num_experts
+        self.expert_bytes = expert_bytes
+        self.budget_bytes = budget_bytes
+        self.capacity = budget_bytes // expert_bytes
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        S = num_layers * num_experts
+        self.policy.begin(Stream(
+            requests=np.zeros((0, 1, 1), dtype=np.int64), step_token=np.zeros(0, np.int64),
+            prompt_start=np.zeros(0, bool), slot_layer=np.repeat(np.arange(num_layers),
+                                                                   num_experts),
+            slot_expert=np.tile(np.arange(num_experts), num_layers), num_layers=num_layers,
+            num_experts=num_experts, capacity=np.array([self.capacity])))
+        self._clock = clock or time.perf_counter
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="sparsa-expert-io")
+        self._t = 0  # policy step: one per get()
+        self.stats = CacheStats()
+        self._S = S
+
+    # ---- accounting ---------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._entries) * self.expert_bytes
+
+    def resident(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return {k for k, e in self._entries.items() if e.weights is not None}
+
+    def _slot(self, key: tuple[int, int]) -> int:
+        return key[0] * self.E + key[1]
+
+    def _mask(self, keys) -> np.ndarray:
+        m = np.zeros((1, self._S), dtype=bool)
+        for k in keys:
+            m[0, self._slot(k)] = True
+        return m
+
+    @staticmethod
+    def _ready(entry: _Entry) -> bool:
+        """Resident (a finished background load counts; a failed one is not)."""
+        if entry.weights is None and entry.future is not None and entry.future.done() \
+                and entry.future.exception() is None:
+            entry.weights = entry.future.result()
+        return entry.weights is not None
+
+    def _make_room(self, protect: set[tuple[int, int]]) -> bool:
+        """Evict until one more expert fits; False if everything left is pinned/protected
+        or still loading (bytes in flight count against the budget)."""
+        while len(self._entries) + 1 > self.capacity:
+            prio = self.policy.priority(self._t)[0]
+            victims = [(prio[self._slot(k)], k) for k, e in self._entries.items()
+                       if e.pins == 0 and k not in protect and self._ready(e)]
+            if not victims:
+                return False
+            _, key = min(victims)
+            del self._entries[key]
+            self.stats.evictions += 1
+            self.policy.evicted(self._t, self._mask([key]))
+        return True
+
+    def _start_load(self, key: tuple[int, int], prefetched: bool) -> _Entry:
+        entry = _Entry(None, prefetched)
+        self._entries[key] = entry
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
+        entry.future = self._pool.submit(self.reader.load, *key)
+        self.stats.bytes_loaded += self.expert_bytes
+        self.policy.inserted(self._t, self._mask([key]), prefetched)
+        return entry
+
+    # ---- API ----------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, experts, protect: set[tuple[int, int]] | None = None) -> int:
+        """Start background loads for experts not resident; returns how many started.
+        A prefetch never evicts a pinned expert or one in `protect`."""
+        started = 0
+        with self._lock:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._entries:
+                    continue
+                if not self._make_room(protect or set()):
+                    break
+                self._start_load(key, prefetched=True)
+                self.stats.prefetches += 1
+                started += 1
+        return started
+
+    def acquire(self, layer: int, expert: int,
+                protect: set[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert's weights, pinned until `release`; waits for a load in flight or
+        demand-loads a miss."""
+        key = (layer, expert)
+        with self._lock:
+            self._t += 1
+            self.stats.requests += 1
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats.misses += 1
+                if not self._make_room(protect or set()):
+                    raise RuntimeError("expert cache: every resident expert is pinned; raise "
+                                       "expert_memory")
+                entry = self._start_load(key, prefetched=False)
+            elif self._ready(entry):
+                self.stats.hits += 1
+            else:
+                self.stats.inflight_hits += 1
+            if entry.prefetched and not entry.used:
+                self.stats.useful_prefetches += 1
+            entry.used = True
+            entry.pins += 1
+            hit = entry.weights is not None
+            self.policy.observe(self._t, np.array([[self._slot(key)]]), np.array([[hit]]))
+        if entry.weights is None:
+            t0 = self._clock()
+            try:
+                weights = entry.future.result()
+            except Exception:
+                with self._lock:
+                    entry.pins -= 1
+                    self._entries.pop(key, None)
+                raise
+            self.stats.wait_seconds += self._clock() - t0
+            with self._lock:
+                entry.weights = weights
+        return entry.weights
+
+    def release(self, layer: int, expert: int) -> None:
+        with self._lock:
+            entry = self._entries.get((layer, expert))
+            if entry is not None:
+                entry.pins -= 1
+
+    def settle(self) -> None:
+        """Wait for every load in flight (their weights become resident)."""
+        with self._lock:
+            pending = [(k, e) for k, e in self._entries.items() if e.weights is None]
+        for k, e in pending:
+            try:
+                w = e.future.result()
+            except Exception:
+                with self._lock:
+                    self._entries.pop(k, None)
+                continue
+            with self._lock:
+                e.weights = w
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.reader.close()

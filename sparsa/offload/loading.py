@@ -1,0 +1,89 @@
+"""Load a model with its routed experts offloaded: everything else resident, experts read
+from the checkpoint on demand through a budgeted `ExpertCache`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsa.config import OffloadConfig
+from sparsa.layers.moe import FusedExperts
+from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
+from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass
+class OffloadState:
+    cache: ExpertCache
+    lookahead: LookaheadStats
+    total_expert_bytes: int
+    budget_bytes: int
+
+    def report(self) -> dict:
+        d = self.cache.stats.as_dict()
+        d.update(budget_bytes=self.budget_bytes, total_expert_bytes=self.total_expert_bytes,
+                 capacity_experts=self.cache.capacity, resident_bytes=self.cache.used_bytes,
+                 lookahead_recall=self.lookahead.recall,
+                 lookahead_precision=self.lookahead.precision,
+                 disk_bytes_read=self.cache.reader.bytes_read)
+        return d
+
+
+def _materialize_non_experts(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter outside the expert blocks real (uninitialized) storage;
+    tied parameters stay tied."""
+    done: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        if isinstance(mod, FusedExperts):
+            continue
+        for name, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            new = done.get(id(p))
+            if new is None:
+                new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                   requires_grad=False)
+                done[id(p)] = new
+            mod._parameters[name] = new
+
+
+def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: torch.dtype,
+                   device: torch.device) -> OffloadState:
+    from sparsa.loader.model_loader import load_weights
+
+    experts = [m for m in model.modules() if isinstance(m, FusedExperts)]
+    if not experts:
+        raise ValueError("expert offloading needs an MoE model; this one has no experts")
+    _materialize_non_experts(model, device)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    sink: dict = {}
+    load_weights(model, ckpt, expert_sink=sink)
+    parts: dict[tuple[int, int], dict] = {}
+    for (target, e, which), name in sink.items():
+        m = _LAYER.search(target + ".")
+        if m is None:
+            raise CheckpointError(f"cannot tell the layer of expert tensor {name!r}")
+        parts.setdefault((int(m.group(1)), e), {})[which] = ckpt.locate(name)
+    locations = {}
+    for key, p in parts.items():
+        if set(p) != {"gate", "up", "down"}:
+            raise CheckpointError(f"layer {key[0]} expert {key[1]} lacks "
+                                  f"{sorted({'gate', 'up', 'down'} - set(p))}")
+        locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
+    ref = experts[0]
+    expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * dtype.itemsize
+    total = len(locations) * expert_bytes
+    budget = min(oc.budget_bytes(total), total)
+    reader = ExpertReader(locations, dtype, oc.direct_io, device)
+    num_layers = max(k[0] for k in locations) + 1
+    cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
+                        policy=oc.policy, io_threads=oc.io_threads)
+    stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead")
+    return OffloadState(cache, stats, total, budget)

@@ -1,0 +1,120 @@
+"""Expert offloading in the engine: MoE blocks whose experts come from an `ExpertCache`.
+
+`OffloadedExperts` replaces a block's `FusedExperts`. When its layer runs it first starts
+loads for every expert its tokens need (all misses in parallel on the I/O threads), then,
+with gate lookahead on, applies the NEXT MoE layer's router to this layer's input and
+prefetches the experts it picks (mixtral-offloading's trick: the residual stream changes
+little between adjacent layers), and only then computes, expert by expert, waiting for each
+load as it needs it. The arithmetic is FusedExperts' own (same layout, same grouping via
+`GroupedExperts`), so outputs are identical to the all-resident model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsa.layers.moe import FusedExperts, GroupedExperts
+from sparsa.offload.expert_store import ExpertCache
+
+
+@dataclass
+class LookaheadStats:
+    predicted: int = 0  # experts predicted for the next layer
+    needed: int = 0  # experts the next layer then used
+    correct: int = 0  # needed and predicted
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.needed if self.needed else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+
+class OffloadedExperts(GroupedExperts):
+    def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
+                 cache: ExpertCache, lookahead: LookaheadStats | None = None):
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.cache = cache
+        self.lookahead = lookahead
+        # Set by install_offloading: the next MoE block (for its router) and its experts.
+        self.next_block: nn.Module | None = None
+        self.next_experts: OffloadedExperts | None = None
+        self.predicted: set[int] | None = None  # what the previous layer prefetched for us
+        self._acquired: list[int] = []
+        self._protect: set[tuple[int, int]] = set()
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        needed = sorted(set(topk_ids.reshape(-1).tolist()))
+        if self.predicted is not None and self.lookahead is not None:
+            self.lookahead.needed += len(needed)
+            self.lookahead.correct += len(self.predicted.intersection(needed))
+            self.predicted = None
+        self._protect = {(self.layer, e) for e in needed}
+        self.cache.prefetch(self.layer, needed, self._protect)
+        if self.lookahead is not None and self.next_block is not None:
+            _, nxt = self.next_block.route(x)
+            guess = sorted(set(nxt.reshape(-1).tolist()))
+            self.next_experts.predicted = set(guess)
+            self.lookahead.predicted += len(guess)
+            self.cache.prefetch(self.next_experts.layer, guess, self._protect)
+        try:
+            return super().forward(x, topk_weights, topk_ids)
+        finally:
+            for e in self._acquired:
+                self.cache.release(self.layer, e)
+            self._acquired.clear()
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        w13, w2 = self.cache.acquire(self.layer, e, self._protect)
+        self._acquired.append(e)
+        gate, up = (x.to(w13.dtype) @ w13).chunk(2, dim=-1)
+        return ((F.silu(gate) * up) @ w2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, num_experts={self.num_experts}, "
+                f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}")
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(layer index, module name, block) of every MoE block, in layer order."""
+    out = []
+    for name, mod in model.named_modules():
+        experts = getattr(mod, "experts", None)
+        if isinstance(experts, (FusedExperts, OffloadedExperts)) and hasattr(mod, "route"):
+            m = _LAYER.search(name + ".")
+            if m is None:
+                raise ValueError(f"cannot tell the layer index of MoE block {name!r}")
+            out.append((int(m.group(1)), name, mod))
+    return sorted(out, key=lambda t: t[0])
+
+
+def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool) -> LookaheadStats:
+    """Swap every block's FusedExperts (its parameters may be on the meta device: they are
+    never materialized) for OffloadedExperts over `cache`."""
+    stats = LookaheadStats() if lookahead else None
+    blocks = moe_blocks(model)
+    new: list[OffloadedExperts] = []
+    for layer, _, block in blocks:
+        old = block.experts
+        block.experts = OffloadedExperts(layer, old.num_experts, old.hidden_size,
+                                         old.intermediate_size, cache, stats)
+        new.append(block.experts)
+    for i in range(len(blocks) - 1):
+        new[i].next_block = blocks[i + 1][2]
+        new[i].next_experts = new[i + 1]
+    return stats or LookaheadStats()
