@@ -90,7 +90,14 @@ def test_soak(server, client):
                                         max_tokens=MAX_TOKENS,
                                         extra_body={"ignore_eos": True}).choices[0].text
            for p in PROMPTS}
-    kinds, results, prompts = asyncio.run(_soak(server.url))
+    # admit everything: this test is about concurrency, test_overload about refusing
+    adm = server.app.state.async_engine.admission
+    old = adm.max_waiting, adm.max_tokens_in_flight
+    adm.max_waiting, adm.max_tokens_in_flight = N + 1, N * 300
+    try:
+        kinds, results, prompts = asyncio.run(_soak(server.url))
+    finally:
+        adm.max_waiting, adm.max_tokens_in_flight = old
     for kind, res, prompt in zip(kinds, results, prompts):
         if kind == "ok":
             status, text, reason = res
