@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli"]
+_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli", "sparsa.offload.cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------

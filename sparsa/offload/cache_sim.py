@@ -189,6 +189,8 @@ def simulate(trace: Trace, policy: CachePolicy, capacity: int | Sequence[int],
             miss = rmask & ~resident
             n_miss = miss.sum(1)
             n_evict = count + n_miss - cap
+            # observe first: the current request is known when its misses evict
+            policy.observe(t, req_all[t], hit_m[rows, np.maximum(req_all[t], 0)])
             if (n_evict > 0).any():
                 victims = _lowest(policy.priority(t), resident & ~rmask,
                                   np.maximum(n_evict, 0), rows)
@@ -196,7 +198,6 @@ def simulate(trace: Trace, policy: CachePolicy, capacity: int | Sequence[int],
                 pending &= ~victims
                 policy.evicted(t, victims)
                 count = np.minimum(count, cap - n_miss)
-            policy.observe(t, req_all[t], hit_m[rows, np.maximum(req_all[t], 0)])
             resident |= miss
             count += n_miss
             dm_loads[t] = n_miss
@@ -236,11 +237,12 @@ def stall_model(pf_loads: np.ndarray, dm_loads: np.ndarray, bw: BandwidthModel,
                 lookahead: int) -> float:
     """Total seconds layers wait for experts, from per-(token, layer) load counts.
 
-    Event order per token, on one FIFO load channel: at the token's start the prefetches for
-    layers 0..lookahead-1 are issued (the token id is known then); layer j starts once layer
-    j-1 is done, its prefetched experts have arrived and its misses (queued behind every load
-    issued before) are loaded; when layer j finishes, the prefetch for layer j+lookahead is
-    issued. Misses wait behind earlier prefetches because a real channel cannot recall a read.
+    One FIFO load channel. At a token's start the prefetches for layers 0..lookahead-1 are
+    queued (the token id is known then). When layer j is reached (the previous layer is done
+    and layer j's router has chosen), its misses are queued, then the prefetch for layer
+    j+lookahead (made from routing known by now); layer j computes once its misses and its
+    prefetched experts have arrived. Misses wait behind earlier prefetches, as on a real
+    channel that cannot recall a read already issued.
     """
     x = bw.expert_bytes / bw.bandwidth
     c = bw.compute_s
@@ -261,10 +263,10 @@ def stall_model(pf_loads: np.ndarray, dm_loads: np.ndarray, bw: BandwidthModel,
             if dm_t[j]:
                 io_free = max(io_free, now) + dm_t[j] * x
                 start = max(start, io_free)
-            stall += start - now
-            now = start + c
             nxt = j + d
             if nxt < nl and pf_t[nxt]:
                 io_free = max(io_free, now) + pf_t[nxt] * x
                 ready[nxt] = io_free
+            stall += start - now
+            now = start + c
     return stall

@@ -27,6 +27,7 @@ __all__ = [
     "ActivationAware",
     "Belady",
     "CachePolicy",
+    "LearnedRF",
     "Stream",
     "make_policy",
 ]
@@ -284,7 +285,7 @@ class Belady(CachePolicy):
     def begin(self, stream: Stream) -> None:
         super().begin(stream)
         req = stream.requests
-        t_steps, g, k = req.shape
+        t_steps, g, _ = req.shape
         # next_req[t, g, i]: the next step after t at which slot req[t, g, i] is requested
         self.next_req = np.full(req.shape, np.iinfo(np.int64).max // 4, dtype=np.int64)
         upcoming = np.full((g, self.S + 1), np.iinfo(np.int64).max // 4, dtype=np.int64)
@@ -302,6 +303,86 @@ class Belady(CachePolicy):
         ok = req >= 0
         g_idx = np.nonzero(ok)[0]
         self.nxt[g_idx, req[ok]] = self.next_req[t][ok]
+
+
+class LearnedRF(CachePolicy):
+    """Learned recency + frequency: priority is a linear score of recency-frequency values
+    at three decays (fast ~ LRU, slow ~ LFU), the current request's own frequency (its
+    activation matrix row) and the expert's prior popularity, with weights fit by least
+    squares on the training trace to the discounted number of future uses (the quantity
+    Belady ranks by, smoothed). Time is the token index, in per-layer and global mode."""
+
+    name = "learned"
+    DECAYS = (1.0, 0.25, 0.05)  # log2 decay per token
+
+    def __init__(self, weights: np.ndarray, prior: np.ndarray) -> None:
+        self.weights = np.asarray(weights, dtype=np.float64)  # (len(DECAYS) + 3,)
+        self.prior = np.asarray(prior, dtype=np.float64)  # (L, E)
+
+    @classmethod
+    def fit(cls, experts: np.ndarray, prompt_start: np.ndarray, num_experts: int,
+            horizon: int = 16, gamma: float = 0.8, every: int = 40) -> LearnedRF:
+        """Fit on a training trace's (N, L, k) experts and (N,) prompt-start flags."""
+        n, nl, _ = experts.shape
+        hot = np.zeros((n, nl, num_experts + 1), dtype=np.float32)
+        np.put_along_axis(hot, np.where(experts < 0, num_experts, experts), 1.0, axis=2)
+        hot = hot[:, :, :num_experts]
+        prior = (hot.sum(0) + 1.0) / (n + 2.0)
+        # discounted future uses from token t+1, within the horizon, for every token
+        fut = np.zeros_like(hot)
+        for h in range(1, horizon + 1):
+            fut[:-h] += gamma ** (h - 1) * hot[h:]
+        crf = np.zeros((len(cls.DECAYS), nl, num_experts))
+        count = np.zeros((nl, num_experts))
+        n_in = 0
+        xs, ys = [], []
+        factors = np.exp2(-np.asarray(cls.DECAYS))[:, None, None]
+        for t in range(n - horizon):
+            if prompt_start[t]:
+                count[:] = 0.0
+                n_in = 0
+            crf = crf * factors + hot[t][None]
+            count += hot[t]
+            n_in += 1
+            if t % every == 0:
+                free = hot[t] == 0  # the current request is never a candidate
+                feats = np.concatenate([crf, (count / n_in)[None], np.log(prior)[None],
+                                        np.ones((1, nl, num_experts))])
+                xs.append(feats[:, free].T)
+                ys.append(fut[t][free])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        w = np.linalg.lstsq(x, y, rcond=None)[0]
+        return cls(w, prior)
+
+    def begin(self, stream: Stream) -> None:
+        super().begin(stream)
+        g, s = self.G, self.S
+        self.crf = np.zeros((len(self.DECAYS), g, s))
+        self.last_token = -1
+        self.count = np.zeros((g, s))
+        self.n_in = 0
+        self.log_prior = np.log(self.prior[stream.slot_layer, stream.slot_expert])[None, :]
+
+    def _advance(self, token: int) -> None:
+        if token != self.last_token:
+            gap = token - self.last_token if self.last_token >= 0 else 0
+            self.crf *= np.exp2(-np.asarray(self.DECAYS) * gap)[:, None, None]
+            self.last_token = token
+            self.n_in += 1
+
+    def priority(self, t: int) -> np.ndarray:
+        w = self.weights
+        p = (self.crf * w[: len(self.DECAYS), None, None]).sum(0)
+        return p + w[-3] * self.count / max(self.n_in, 1) + w[-2] * self.log_prior
+
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+        if self.stream.prompt_start[t]:
+            self.count[:] = 0.0
+            self.n_in = 0
+        self._advance(int(self.stream.step_token[t]))
+        m = _scatter((self.G, self.S), req)
+        self.crf[:, m] += 1.0
+        self.count[m] += 1.0
 
 
 def make_policy(name: str, capacity: int = 6, library: np.ndarray | None = None,

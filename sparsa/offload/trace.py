@@ -4,7 +4,7 @@ The format is the one of the real DeepSeek-V2-Lite traces in ``../shared/traces`
 (optionally gzip'd) with one row per (prompt, layer, token)::
 
     prompt,layer,pos,token,experts
-    1003,1,0,<｜begin▁of▁sentence｜>,8 26 56 57 60 43
+    1003,1,1,They,22 43 46 56 62 8
 
 ``prompt`` is a request id, ``layer`` the MoE layer number, ``pos`` the 0-based token position
 inside the request, ``token`` the token's text (Sparsa's own traces may write the token id as
@@ -24,14 +24,14 @@ import csv
 import gzip
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
-__all__ = ["COLUMNS", "Trace", "TraceRecorder", "load_trace", "save_trace"]
+__all__ = ["COLUMNS", "Trace", "TraceRecorder", "load_trace", "make_trace", "save_trace"]
 
 COLUMNS = ("prompt", "layer", "pos", "token", "experts")
 
@@ -93,6 +93,31 @@ class Trace:
         return Trace(self.prompts[keep], self.pos[keep], self.tokens[keep],
                      self.token_ids[keep], list(self.layers), self.experts[keep],
                      self.num_experts, self.vocab)
+
+
+def make_trace(experts: np.ndarray, prompts: Sequence[str | int] | None = None,
+               tokens: Sequence[str | int] | None = None, num_experts: int | None = None,
+               layers: Sequence[int] | None = None) -> Trace:
+    """A Trace from a dense (N, L, k) expert array already in replay order (tests, engines).
+
+    ``prompts`` (N,) request ids (default: one prompt), ``tokens`` (N,) token texts or ids
+    (default: the ids 0..N-1 as text), ``layers`` the layer numbers (default 1..L).
+    """
+    ex = np.asarray(experts, dtype=np.int16)
+    if ex.ndim != 3:
+        raise ValueError("experts must be (tokens, layers, k)")
+    n = ex.shape[0]
+    pr = np.asarray([str(p) for p in (prompts if prompts is not None else ["0"] * n)])
+    toks = np.asarray([str(t) for t in (tokens if tokens is not None else range(n))],
+                      dtype=object)
+    change = np.ones(n, dtype=bool)
+    change[1:] = pr[1:] != pr[:-1]
+    seg = np.cumsum(change) - 1
+    pos = np.arange(n) - np.flatnonzero(change)[seg]
+    vocab: dict[str, int] = {}
+    tids = np.asarray([vocab.setdefault(t, len(vocab)) for t in toks], dtype=np.int64)
+    e = int(ex.max()) + 1 if num_experts is None else int(num_experts)
+    return Trace(pr, pos, toks, tids, list(layers or range(1, ex.shape[1] + 1)), ex, e, vocab)
 
 
 def _open_text(path: Path, mode: str) -> TextIO:
@@ -235,7 +260,7 @@ class TraceRecorder:
     memory (about 60 bytes each); call :meth:`save` then :meth:`clear` for long runs.
     """
 
-    def __init__(self, token_text: None | object = None) -> None:
+    def __init__(self, token_text: Callable[[int], str] | None = None) -> None:
         self._token_text = token_text
         self._rows: list[tuple[str, int, int, str, str]] = []
 
@@ -245,7 +270,7 @@ class TraceRecorder:
     def _text(self, token_id: int) -> str:
         if self._token_text is None:
             return str(int(token_id))
-        return str(self._token_text(int(token_id)))  # type: ignore[operator]
+        return str(self._token_text(int(token_id)))
 
     def record(self, request_id: str | int, position: int, token_id: int, layer: int,
                experts: Sequence[int]) -> None:

@@ -1,0 +1,223 @@
+"""`sparsa cache-sim`: replay a routing trace through cache policies and predictors.
+
+    sparsa cache-sim                                  # shared DeepSeek-V2-Lite heldout split
+    sparsa cache-sim --capacity 6 --predictor combined --prefetch 6
+    sparsa cache-sim --capacity 156 --global --predictor combined --prefetch 16
+    sparsa cache-sim --sweep 6,10,13,16,19,26,32,48 --plot hit_rate.png
+    sparsa cache-sim --trace run.csv.gz --train run_train.csv.gz   # Sparsa's own traces
+
+Policies and predictors are fit on ``--train`` only (default: the shared train split when the
+trace is the shared heldout one); the report is on ``--trace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsa.offload.cache_sim import DSV2_LITE_EXPERT_BYTES, BandwidthModel, simulate
+from sparsa.offload.policies import ActivationAware, CachePolicy, LearnedRF, make_policy
+from sparsa.offload.predictors import (
+    CombinedPredictor,
+    CooccurrencePredictor,
+    Predictor,
+    PrevTokenPredictor,
+    TokenAffinityPredictor,
+    predict_trace,
+)
+from sparsa.offload.trace import Trace, load_trace
+
+__all__ = ["add_parser", "run"]
+
+ALL_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation", "learned", "belady")
+NEEDS_TRAIN = ("activation", "learned")
+PREDICTORS = {"cooc": CooccurrencePredictor, "token": TokenAffinityPredictor,
+              "prev": PrevTokenPredictor, "combined": CombinedPredictor}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def add_parser(subparsers: Any, add_common: Any = None,
+               add_model_options: Any = None) -> argparse.ArgumentParser:
+    """Register `cache-sim` on the `sparsa` command's subparsers (the signature of
+    sparsa.cli's external commands; ``add_common`` adds --debug/--verbose)."""
+    p = subparsers.add_parser(
+        "cache-sim", help="replay an expert-routing trace through cache policies",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if add_common is not None:
+        add_common(p)
+    p.add_argument("--trace", default=None,
+                   help="trace to report on (default: the shared deepseek-v2-lite heldout)")
+    p.add_argument("--train", default=None,
+                   help="trace to fit policies/predictors on (default: the shared train "
+                        "split when --trace is the default)")
+    p.add_argument("--policy", default="all",
+                   help=f"comma-separated, or all: {', '.join(ALL_POLICIES)}")
+    p.add_argument("--capacity", type=_ints, default=None,
+                   help="experts resident per layer (or in all with --global); several "
+                        "comma-separated values allowed (default: 10%%, 20%%, 30%%)")
+    p.add_argument("--global", dest="global_", action="store_true",
+                   help="one pool shared by all layers instead of per-layer capacity")
+    p.add_argument("--predictor", default="none", choices=["none", *PREDICTORS],
+                   help="prefetch with this predictor")
+    p.add_argument("--prefetch", type=int, default=None,
+                   help="experts prefetched per layer (default: the routing top-k)")
+    p.add_argument("--lookahead", type=int, default=1,
+                   help="predict layer l when layer l-D has finished (default 1)")
+    p.add_argument("--expert-bytes", type=float, default=DSV2_LITE_EXPERT_BYTES)
+    p.add_argument("--bandwidth", type=float, default=3.0e9, help="load bandwidth, bytes/s")
+    p.add_argument("--compute-ms", type=float, default=5.0, help="compute time per layer")
+    p.add_argument("--sweep", type=_ints, default=None,
+                   help="capacities for the hit-rate curve (implies --plot)")
+    p.add_argument("--plot", default=None, help="PNG path for hit rate vs cache size")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def _default_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    from sparsa.tokenizer import shared_dir
+
+    base = shared_dir() / "traces" / "deepseek-v2-lite"
+    if args.trace is None:
+        trace = base / "heldout.csv.gz"
+        if not trace.is_file():
+            raise ValueError(f"{trace} not found: pass --trace or set SPARSA_SHARED")
+        train = Path(args.train) if args.train else base / "train.csv.gz"
+        return trace, train
+    return Path(args.trace), Path(args.train) if args.train else None
+
+
+def _library(train: Trace) -> np.ndarray:
+    """Per-prompt expert activation matrices (counts) of the training trace."""
+    starts = np.append(train.prompt_starts(), train.num_tokens)
+    hot = train.multi_hot().astype(np.float32)
+    return np.stack([hot[a:b].sum(0) for a, b in itertools.pairwise(starts)])
+
+
+def _policies(names: list[str], train: Trace | None) -> list[CachePolicy]:
+    out: list[CachePolicy] = []
+    for name in names:
+        if name in NEEDS_TRAIN and train is None:
+            print(f"sparsa cache-sim: skipping {name}: it needs --train", file=sys.stderr)
+            continue
+        if name == "activation":
+            out.append(ActivationAware(_library(train)))  # type: ignore[arg-type]
+        elif name == "learned":
+            first = np.zeros(train.num_tokens, dtype=bool)  # type: ignore[union-attr]
+            first[train.prompt_starts()] = True  # type: ignore[union-attr]
+            out.append(LearnedRF.fit(train.experts, first, train.num_experts))  # type: ignore[union-attr]
+        else:
+            out.append(make_policy(name))
+    return out
+
+
+def _row(r: Any, belady: dict[int, float]) -> str:
+    b = belady.get(r.capacity)
+    rel = f"{r.hit_rate / b:6.3f}" if b else "     -"
+    pf = (f"{r.prefetch_precision:6.3f} {r.prefetch_recall:6.3f}" if r.predicted
+          else "     -      -")
+    return (f"{r.policy:<11} {r.capacity:>5} {r.hit_rate:8.4f} {rel} {pf} "
+            f"{r.bytes_loaded / 1e9 / max(r.requests, 1) * 1e3:9.3f} "
+            f"{1e3 * r.stall_s_per_token:9.1f} {r.replay_seconds:7.1f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    trace_path, train_path = _default_paths(args)
+    train = load_trace(train_path) if train_path is not None else None
+    trace = load_trace(trace_path, vocab=train.vocab if train is not None else None,
+                       num_experts=train.num_experts if train is not None else None)
+    e = trace.num_experts
+    names = list(ALL_POLICIES) if args.policy == "all" else args.policy.split(",")
+    for n in names:
+        if n not in ALL_POLICIES:
+            raise ValueError(f"unknown policy {n!r}; choose from {', '.join(ALL_POLICIES)}")
+    scale = trace.num_layers if args.global_ else 1
+    caps = args.sweep or args.capacity or [max(trace.top_k, round(f * e) * scale)
+                                           for f in (0.1, 0.2, 0.3)]
+    caps = sorted({max(c, trace.top_k) for c in caps})
+    bw = BandwidthModel(args.expert_bytes, args.bandwidth, args.compute_ms / 1e3)
+
+    prefetch = None
+    if args.predictor != "none":
+        if train is None:
+            raise ValueError("--predictor needs --train (predictors are fit on it)")
+        pred: Predictor = PREDICTORS[args.predictor]()
+        if isinstance(pred, CombinedPredictor):
+            pred.lookahead = args.lookahead
+        pred.fit(train)
+        m = args.prefetch or trace.top_k
+        prefetch = predict_trace(pred, trace, m, args.lookahead)
+
+    results = []
+    belady: dict[int, float] = {}
+    for pol in _policies(names, train):
+        rs = simulate(trace, pol, caps, per_layer=not args.global_, prefetch=prefetch,
+                      bandwidth=bw, lookahead=args.lookahead)
+        results.extend(rs)
+        if pol.name == "belady" and prefetch is None:
+            belady = {r.capacity: r.hit_rate for r in rs}
+    if prefetch is not None and "belady" in names:  # the demand-paging bound, for reference
+        belady = {r.capacity: r.hit_rate for r in simulate(
+            trace, make_policy("belady"), caps, per_layer=not args.global_)}
+    total = time.perf_counter() - t_start
+
+    if args.json:
+        print(json.dumps({"trace": str(trace_path), "train": str(train_path),
+                          "predictor": args.predictor, "lookahead": args.lookahead,
+                          "belady_demand": belady, "seconds": total,
+                          "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        where = "global" if args.global_ else "per layer"
+        print(f"trace {trace_path} ({trace.num_tokens} tokens x {trace.num_layers} layers, "
+              f"top-{trace.top_k} of {e}); capacity {where}; predictor {args.predictor}"
+              + (f" (prefetch {prefetch.shape[2]}, lookahead {args.lookahead})"
+                 if prefetch is not None else ""))
+        print("policy      capacity hit_rate xBelady  prec  recall GB/1k-req "
+              "stall_ms/tok replay_s")
+        for r in results:
+            print(_row(r, belady))
+        print(f"(Belady = demand-paging optimum; stall from {bw.bandwidth / 1e9:g} GB/s, "
+              f"{bw.expert_bytes / 1e6:.1f} MB experts, {1e3 * bw.compute_s:g} ms/layer; "
+              f"total {total:.1f} s)")
+    plot = args.plot or ("cache_sim_hit_rate.png" if args.sweep else None)
+    if plot:
+        _plot(results, plot, args, trace)
+        print(f"plot: {plot}", file=sys.stderr)
+    return 0
+
+
+def _plot(results: list[Any], path: str, args: argparse.Namespace, trace: Trace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    denom = trace.num_experts * (trace.num_layers if args.global_ else 1)
+    for name in dict.fromkeys(r.policy for r in results):
+        rs = sorted((r for r in results if r.policy == name), key=lambda r: r.capacity)
+        ax.plot([100 * r.capacity / denom for r in rs], [r.hit_rate for r in rs],
+                marker="o", ls="--" if name == "belady" else "-", label=name)
+    ax.set_xlabel("experts resident (% of " + ("all" if args.global_ else "each layer's")
+                  + " experts)")
+    ax.set_ylabel("hit rate")
+    title = "expert cache hit rate"
+    if args.predictor != "none":
+        title += f", prefetch: {args.predictor}"
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

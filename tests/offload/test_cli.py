@@ -1,0 +1,39 @@
+"""`sparsa cache-sim` on tiny synthetic traces (in-process)."""
+
+from __future__ import annotations
+
+import json
+
+from sparsa.cli import main
+from sparsa.offload.trace import save_trace
+
+from .helpers import synthetic
+
+
+def test_cache_sim_smoke(tmp_path, capsys):
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv.gz"
+    save_trace(synthetic(n_prompts=8, seed=1), train)
+    save_trace(synthetic(n_prompts=3, seed=2), test)
+    png = tmp_path / "hit.png"
+    rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--sweep", "2,4,8",
+               "--plot", str(png), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    doc = json.loads(out)
+    pols = {r["policy"] for r in doc["results"]}
+    assert pols == {"lru", "lfu", "lrfu", "arc", "activation", "learned", "belady"}
+    assert png.stat().st_size > 1000
+    for r in doc["results"]:
+        assert r["hit_rate"] <= doc["belady_demand"][str(r["capacity"])] + 1e-12
+
+    rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--capacity", "2",
+               "--policy", "lru,belady", "--predictor", "combined", "--prefetch", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "prefetch 2" in out and "lru" in out
+
+
+def test_cache_sim_bad_policy(tmp_path, capsys):
+    test = tmp_path / "t.csv"
+    save_trace(synthetic(n_prompts=2), test)
+    assert main(["cache-sim", "--trace", str(test), "--policy", "nope"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
