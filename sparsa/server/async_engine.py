@@ -2,7 +2,7 @@
 
 The event loop never touches the engine. It sends commands (add, abort) through a locked
 list and wakes the thread; the thread applies them between steps and hands each request's
-outputs to that request's asyncio.Queue with loop.call_soon_threadsafe. Admission control
+outputs to that request's handle with loop.call_soon_threadsafe. Admission control
 (a bounded waiting queue, a cap on tokens in flight) is decided on the event loop before a
 request is queued, so an overloaded server answers at once instead of piling up work.
 """
@@ -52,7 +52,10 @@ class RequestHandle:
         self.engine = engine
         self.request_id = request_id
         self.cost = cost
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # Outputs are cumulative, so only the newest matters: a slow reader finds one
+        # output, never a backlog that grows with every step.
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
         self.arrival = time.monotonic()
         self.finished = False
 
@@ -66,9 +69,13 @@ class RequestHandle:
                     raise APIError(504, f"request timed out after {timeout:g} s",
                                    code="timeout")
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), remaining)
+                    await asyncio.wait_for(self._ready.wait(), remaining)
                 except asyncio.TimeoutError:
                     continue  # the loop head raises the timeout error
+                item, self._latest = self._latest, None
+                self._ready.clear()
+                if item is None:
+                    continue
                 if isinstance(item, BaseException):
                     self.finished = True  # the engine already dropped it
                     raise item
@@ -76,6 +83,11 @@ class RequestHandle:
                 yield item
         finally:
             self.close()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._latest, BaseException):  # an error is never overwritten
+            self._latest = item
+        self._ready.set()
 
     def close(self) -> None:
         self.engine._release(self)
@@ -179,7 +191,7 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item: object) -> None:
         handle = self._requests.get(request_id)
         if handle is not None:  # gone: the consumer left and its abort is on the way
-            handle.queue.put_nowait(item)
+            handle.put(item)
 
     def _post(self, request_id: str, item: object) -> None:
         assert self._loop is not None

@@ -116,16 +116,17 @@ class OpenAIServing:
                     job.first_token = time.monotonic()
                 job.last = out
                 await sink.put((job, out))
-        except BaseException as e:
+        except asyncio.CancelledError:
+            raise  # the consumer is gone; nobody reads the sink any more
+        except Exception as e:
             await sink.put((job, e))
-            if isinstance(e, asyncio.CancelledError):
-                raise
         else:
             await sink.put((job, None))
 
     async def _events(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, RequestOutput]]:
         """Outputs of all jobs as they come; raises the first job error."""
-        sink: asyncio.Queue = asyncio.Queue()
+        # bounded, so a slow reader backs up into the handles, which keep only the newest
+        sink: asyncio.Queue = asyncio.Queue(maxsize=len(jobs))
         tasks = [asyncio.create_task(self._pump(j, sink)) for j in jobs]
         live = len(jobs)
         try:
