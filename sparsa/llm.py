@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from sparsa.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sparsa.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    OffloadConfig,
+    SchedulerConfig,
+)
 from sparsa.engine.llm_engine import LLMEngine
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
@@ -24,6 +31,9 @@ class LLM:
         seed: int = 0,
         quantization: str | None = None,
         quantization_group_size: int = 64,
+        expert_memory: str | int | None = None,
+        offload_policy: str = "lru",
+        offload_prefetch: str = "lookahead",
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,
@@ -39,7 +49,10 @@ class LLM:
             model=ModelConfig(model, tokenizer=tokenizer, dtype=dtype, load_format=load_format,
                               max_model_len=max_model_len, seed=seed,
                               quantization=quantization,
-                              quantization_group_size=quantization_group_size),
+                              quantization_group_size=quantization_group_size,
+                              offload=OffloadConfig(expert_memory=expert_memory,
+                                                    policy=offload_policy,
+                                                    prefetch=offload_prefetch)),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),

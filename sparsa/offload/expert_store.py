@@ -17,7 +17,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,6 +229,26 @@ class ExpertCache:
             self.policy.evicted(self._t, self._mask([key]))
         return True
 
+    def _make_room_waiting(self, protect: set[tuple[int, int]]) -> None:
+        """Make room for a demand load (lock held). If only loads in flight or protected
+        experts stand in the way, wait for a load to finish, then give up protection (a
+        protected expert is re-read later) rather than fail; pinned experts (being computed
+        with) are never evicted."""
+        while not self._make_room(protect):
+            pending = [e.future for e in self._entries.values()
+                       if e.weights is None and e.future is not None and not e.future.done()]
+            if pending:
+                self._lock.release()
+                try:
+                    wait(pending, return_when=FIRST_COMPLETED)
+                finally:
+                    self._lock.acquire()
+            elif protect:
+                protect = set()
+            else:
+                raise RuntimeError("expert cache: every resident expert is in use; raise "
+                                   "expert_memory")
+
     def _start_load(self, key: tuple[int, int], prefetched: bool) -> _Entry:
         entry = _Entry(None, prefetched)
         self._entries[key] = entry
@@ -267,9 +287,7 @@ class ExpertCache:
             entry = self._entries.get(key)
             if entry is None:
                 self.stats.misses += 1
-                if not self._make_room(protect or set()):
-                    raise RuntimeError("expert cache: every resident expert is pinned; raise "
-                                       "expert_memory")
+                self._make_room_waiting(protect or set())
                 entry = self._start_load(key, prefetched=False)
             elif self._ready(entry):
                 self.stats.hits += 1

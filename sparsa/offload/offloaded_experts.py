@@ -51,12 +51,13 @@ class OffloadedExperts(GroupedExperts):
         self.next_block: nn.Module | None = None
         self.next_experts: OffloadedExperts | None = None
         self.predicted: set[int] | None = None  # what the previous layer prefetched for us
-        self._acquired: list[int] = []
         self._protect: set[tuple[int, int]] = set()
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        needed = sorted(set(topk_ids.reshape(-1).tolist()))
+        # Load in the order GroupedExperts will consume: slot order at batch 1, else by id.
+        needed = topk_ids[0].tolist() if topk_ids.shape[0] == 1 else \
+            sorted(set(topk_ids.reshape(-1).tolist()))
         if self.predicted is not None and self.lookahead is not None:
             self.lookahead.needed += len(needed)
             self.lookahead.correct += len(self.predicted.intersection(needed))
@@ -69,18 +70,19 @@ class OffloadedExperts(GroupedExperts):
             self.next_experts.predicted = set(guess)
             self.lookahead.predicted += len(guess)
             self.cache.prefetch(self.next_experts.layer, guess, self._protect)
-        try:
-            return super().forward(x, topk_weights, topk_ids)
-        finally:
-            for e in self._acquired:
-                self.cache.release(self.layer, e)
-            self._acquired.clear()
+        return super().forward(x, topk_weights, topk_ids)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        # Experts run in ascending id order, the order the loads above were issued in; one
+        # that is done is unprotected at once, so a batch needing more experts than the
+        # budget holds streams them through the cache instead of deadlocking.
         w13, w2 = self.cache.acquire(self.layer, e, self._protect)
-        self._acquired.append(e)
-        gate, up = (x.to(w13.dtype) @ w13).chunk(2, dim=-1)
-        return ((F.silu(gate) * up) @ w2).to(x.dtype)
+        try:
+            gate, up = (x.to(w13.dtype) @ w13).chunk(2, dim=-1)
+            return ((F.silu(gate) * up) @ w2).to(x.dtype)
+        finally:
+            self.cache.release(self.layer, e)
+            self._protect.discard((self.layer, e))
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, num_experts={self.num_experts}, "
