@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli", "sparsa.offload.cli"]
+_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli", "sparsa.offload.cli",
+                      "sparsa.loader.dummy_writer_cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
