@@ -13,10 +13,15 @@ trace is the shared heldout one); the report is on ``--trace``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import itertools
 import json
+import os
+import pickle
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,9 @@ def add_parser(subparsers: Any, add_common: Any = None,
                    help="capacities for the hit-rate curve (implies --plot)")
     p.add_argument("--plot", default=None, help="PNG path for hit rate vs cache size")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--no-cache", action="store_true",
+                   help="refit predictors and learned policies instead of reusing the fits "
+                        "cached under ~/.cache/sparsa/offload")
     p.set_defaults(func=run)
     return p
 
@@ -97,6 +105,28 @@ def _default_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return Path(args.trace), Path(args.train) if args.train else None
 
 
+def _cached(key: str, train_path: Path | None, fit: Callable[[], Any], enabled: bool) -> Any:
+    """Fits are pure functions of the training file and their settings, and take a minute
+    or two on the full train split, so they are pickled by (file, size, mtime, settings)."""
+    if not enabled or train_path is None:
+        return fit()
+    st = train_path.stat()
+    ident = f"{train_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key}"
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsa" / "offload"
+    f = root / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".pkl")
+    if f.is_file():
+        with contextlib.suppress(Exception), open(f, "rb") as fh:
+            return pickle.load(fh)
+    obj = fit()
+    with contextlib.suppress(OSError):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(f)
+    return obj
+
+
 def _library(train: Trace) -> np.ndarray:
     """Per-prompt expert activation matrices (counts) of the training trace."""
     starts = np.append(train.prompt_starts(), train.num_tokens)
@@ -104,7 +134,8 @@ def _library(train: Trace) -> np.ndarray:
     return np.stack([hot[a:b].sum(0) for a, b in itertools.pairwise(starts)])
 
 
-def _policies(names: list[str], train: Trace | None) -> list[CachePolicy]:
+def _policies(names: list[str], train: Trace | None, train_path: Path | None,
+              cache: bool) -> list[CachePolicy]:
     out: list[CachePolicy] = []
     for name in names:
         if name in NEEDS_TRAIN and train is None:
@@ -113,12 +144,17 @@ def _policies(names: list[str], train: Trace | None) -> list[CachePolicy]:
         if name == "activation":
             out.append(ActivationAware(_library(train)))  # type: ignore[arg-type]
         elif name == "learned":
-            first = np.zeros(train.num_tokens, dtype=bool)  # type: ignore[union-attr]
-            first[train.prompt_starts()] = True  # type: ignore[union-attr]
-            out.append(LearnedRF.fit(train.experts, first, train.num_experts))  # type: ignore[union-attr]
+            out.append(_cached("learned-rf-v1", train_path, lambda: _fit_learned(train),
+                               cache))
         else:
             out.append(make_policy(name))
     return out
+
+
+def _fit_learned(train: Trace) -> LearnedRF:
+    first = np.zeros(train.num_tokens, dtype=bool)
+    first[train.prompt_starts()] = True
+    return LearnedRF.fit(train.experts, first, train.num_experts)
 
 
 def _row(r: Any, belady: dict[int, float]) -> str:
@@ -152,16 +188,20 @@ def run(args: argparse.Namespace) -> int:
     if args.predictor != "none":
         if train is None:
             raise ValueError("--predictor needs --train (predictors are fit on it)")
-        pred: Predictor = PREDICTORS[args.predictor]()
-        if isinstance(pred, CombinedPredictor):
-            pred.lookahead = args.lookahead
-        pred.fit(train)
+        def fit() -> Predictor:
+            p: Predictor = PREDICTORS[args.predictor]()
+            if isinstance(p, CombinedPredictor):
+                p.lookahead = args.lookahead
+            return p.fit(train)  # type: ignore[arg-type]
+
+        pred = _cached(f"{args.predictor}-v2-la{args.lookahead}", train_path, fit,
+                       not args.no_cache)
         m = args.prefetch or trace.top_k
         prefetch = predict_trace(pred, trace, m, args.lookahead)
 
     results = []
     belady: dict[int, float] = {}
-    for pol in _policies(names, train):
+    for pol in _policies(names, train, train_path, not args.no_cache):
         rs = simulate(trace, pol, caps, per_layer=not args.global_, prefetch=prefetch,
                       bandwidth=bw, lookahead=args.lookahead)
         results.extend(rs)

@@ -203,15 +203,15 @@ class ARC(CachePolicy):
         self.ghost_time[mask] = t
         self.resident &= ~mask
         self.in_t2 &= ~mask
-        # each ghost list keeps only its `capacity` most recent entries
+        # each ghost list keeps only its `capacity` most recent entries (rank by age per row)
         for lst in (1, 2):
             gl = self.ghost == lst
-            over = gl.sum(1) > self.capacity
-            for g in np.flatnonzero(over):
-                idx = np.flatnonzero(gl[g])
-                drop = len(idx) - int(self.capacity[g])
-                old = idx[np.argsort(self.ghost_time[g, idx])[:drop]]
-                self.ghost[g, old] = 0
+            if not (gl.sum(1) > self.capacity).any():
+                continue
+            order = np.argsort(np.where(gl, -self.ghost_time, np.inf), axis=1, kind="stable")
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.arange(self.S)[None, :].repeat(self.G, 0), axis=1)
+            self.ghost[gl & (rank >= self.capacity[:, None])] = 0
 
 
 class ActivationAware(CachePolicy):

@@ -25,6 +25,7 @@ __all__ = [
     "Predictor",
     "PrevTokenPredictor",
     "TokenAffinityPredictor",
+    "TransitionPredictor",
     "predict_trace",
 ]
 
@@ -54,6 +55,30 @@ class History:
     @property
     def num_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def earlier(self, back: np.ndarray) -> np.ndarray:
+        """(N, L, k) experts of token n - back[n] (back >= 1) of the same prompt, -1 where
+        that is outside the prompt. Reads only ``prev`` rows <= n: no token's own row."""
+        back = np.asarray(back, dtype=np.int64)
+        if (back < 1).any():
+            raise ValueError("back must be >= 1: a token's own routing is not history")
+        n = np.arange(self.num_tokens)
+        src = n - back + 1  # prev[m] holds token m-1
+        seg = np.cumsum(self.first)
+        ok = (src >= 0) & (seg[np.maximum(src - 1, 0)] == seg) & (src - 1 >= 0)
+        out = self.prev[np.clip(src, 0, self.num_tokens - 1)].copy()
+        out[~ok] = -1
+        return out
+
+    def same_token_back(self) -> np.ndarray:
+        """(N,) distance to the previous occurrence of the same token id in the prompt
+        (a huge number when there is none)."""
+        key = self.token_ids * (self.num_tokens + 1) + np.cumsum(self.first)
+        order = np.lexsort((np.arange(self.num_tokens), key))
+        back = np.full(self.num_tokens, 1 << 40, dtype=np.int64)
+        same = key[order][1:] == key[order][:-1]
+        back[order[1:][same]] = order[1:][same] - order[:-1][same]
+        return back
 
     def prompt_counts(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """(N, E) uses of each expert at ``layer`` by EARLIER tokens of the same prompt, and
@@ -172,6 +197,46 @@ class CooccurrencePredictor(Predictor):
         return s
 
 
+class TransitionPredictor(Predictor):
+    """Naive Bayes from the PREVIOUS token's experts at layers l-1, l, l+1 to this token's
+    layer l (consecutive tokens of a prompt share context, so their routing correlates)."""
+
+    name = "transition"
+
+    def fit(self, train: Trace) -> TransitionPredictor:
+        first = np.zeros(train.num_tokens, dtype=bool)
+        first[train.prompt_starts()] = True
+        ex = train.experts.astype(np.int64)
+        cur, prv = ex[1:][~first[1:]], ex[:-1][~first[1:]]
+        e, nl = train.num_experts, train.num_layers
+        self.prior = _layer_prior(train)
+        n = len(cur)
+        used_c = np.stack([np.bincount(cur[:, j][cur[:, j] >= 0], minlength=e)
+                           for j in range(nl)]).astype(np.float64)
+        used_p = np.stack([np.bincount(prv[:, j][prv[:, j] >= 0], minlength=e)
+                           for j in range(nl)]).astype(np.float64)
+        self.w: dict[tuple[int, int], np.ndarray] = {}
+        for tgt in range(nl):
+            for j in range(max(0, tgt - 1), min(nl, tgt + 2)):
+                a = prv[:, j][:, :, None] * e + cur[:, tgt][:, None, :]
+                ok = (prv[:, j][:, :, None] >= 0) & (cur[:, tgt][:, None, :] >= 0)
+                c = np.bincount(a[ok], minlength=e * e).reshape(e, e)
+                p_ie = (c + 1.0) / (used_c[tgt][None, :] + 2.0)
+                p_i = (used_p[j] + 1.0) / (n + 2.0)
+                self.w[j, tgt] = (np.log(p_ie) - np.log(p_i)[:, None]).astype(np.float32)
+        return self
+
+    def scores(self, hist: History) -> np.ndarray:
+        tgt = hist.layer
+        s = np.zeros((hist.num_tokens, hist.num_experts), np.float32)
+        for (j, t2), w in self.w.items():
+            if t2 == tgt:
+                ids = hist.prev[:, j]
+                w1 = np.vstack([w, np.zeros((1, hist.num_experts), np.float32)])
+                s += w1[np.where(ids < 0, hist.num_experts, ids)].sum(1)
+        return s
+
+
 class TokenAffinityPredictor(Predictor):
     """log P(expert at layer | token id), counted on the training trace and shrunk towards
     the layer's prior with ``alpha`` pseudo-counts (rare and unseen tokens fall back to it)."""
@@ -230,14 +295,19 @@ class CombinedPredictor(Predictor):
         self.seed = int(seed)
 
     def _components(self) -> list[Predictor]:
-        return [CooccurrencePredictor(self.depth), TokenAffinityPredictor(), PrevTokenPredictor()]
+        return [CooccurrencePredictor(self.depth), TokenAffinityPredictor(),
+                CooccurrencePredictor(64), TransitionPredictor()]
 
     def _features(self, comps: list[Predictor], hist: History) -> np.ndarray:
         prev = _multi_hot(hist.prev[:, hist.layer], hist.num_experts).astype(np.float32)
         counts, n_prev = hist.prompt_counts(hist.layer)
+        back = hist.same_token_back()
+        same = hist.earlier(np.minimum(back, hist.num_tokens + 1))[:, hist.layer]
         feats = [comps[0].scores(hist), comps[1].scores(hist), prev,
                  counts / np.maximum(n_prev, 1.0)[:, None],
-                 np.broadcast_to(np.log(self.prior[hist.layer]), prev.shape)]
+                 np.broadcast_to(np.log(self.prior[hist.layer]), prev.shape),
+                 comps[2].scores(hist), comps[3].scores(hist),
+                 _multi_hot(same, hist.num_experts)]
         return np.stack(feats, axis=-1).astype(np.float32)  # (N, E, F)
 
     def fit(self, train: Trace) -> CombinedPredictor:
@@ -250,7 +320,7 @@ class CombinedPredictor(Predictor):
         comps = [c.fit(a) for c in self._components()]
         hot = b.multi_hot()
         rows = rng.permutation(b.num_tokens)[: self.sample]
-        self.coef = np.zeros((train.num_layers, 5 + 1), dtype=np.float64)
+        self.coef = np.zeros((train.num_layers, 8 + 1), dtype=np.float64)
         for layer in range(train.num_layers):
             x = self._features(comps, History(b, layer, self.lookahead))[rows]
             y = hot[rows, layer]

@@ -10,7 +10,8 @@ from sparsa.offload.trace import save_trace
 from .helpers import synthetic
 
 
-def test_cache_sim_smoke(tmp_path, capsys):
+def test_cache_sim_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     train, test = tmp_path / "train.csv", tmp_path / "test.csv.gz"
     save_trace(synthetic(n_prompts=8, seed=1), train)
     save_trace(synthetic(n_prompts=3, seed=2), test)
@@ -30,6 +31,14 @@ def test_cache_sim_smoke(tmp_path, capsys):
                "--policy", "lru,belady", "--predictor", "combined", "--prefetch", "2"])
     out = capsys.readouterr().out
     assert rc == 0 and "prefetch 2" in out and "lru" in out
+    assert len(list((tmp_path / "cache" / "sparsa" / "offload").glob("*.pkl"))) == 2
+    # a second run reuses the cached fits and reports the same
+    rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--capacity", "2",
+               "--policy", "lru,belady", "--predictor", "combined", "--prefetch", "2"])
+    again = capsys.readouterr().out
+    assert rc == 0
+    assert [ln.split()[:3] for ln in again.splitlines()[2:4]] == \
+        [ln.split()[:3] for ln in out.splitlines()[2:4]]
 
 
 def test_cache_sim_bad_policy(tmp_path, capsys):
