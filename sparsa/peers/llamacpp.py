@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.3.36"
 CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF "
-              "-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF")
+              "-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "
+              "-DLLAVA_BUILD=OFF")
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-server")
 # Our weight formats and the llama.cpp type of equal bits.
 GGUF_TYPES = {"none": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m"}
@@ -53,7 +54,10 @@ class LlamaCpp:
         return self.cache / "build"
 
     def tool(self, name: str) -> Path:
-        return self.build / "vendor" / "llama.cpp" / "bin" / name
+        for d in (self.build / "bin", self.build / "vendor" / "llama.cpp" / "bin"):
+            if (d / name).exists():
+                return d / name
+        return self.build / "bin" / name
 
     # ---- install ------------------------------------------------------------------------
 
@@ -79,6 +83,8 @@ class LlamaCpp:
             log.warning("building llama-cpp-python from source (about 10 minutes)")
             _run([sys.executable, "-m", "pip", "install", "-C", f"build-dir={self.build}",
                   f"{self.src}[server]", "gguf", "sentencepiece", "protobuf"], env=env)
+        # pip builds only the library: configure the kept tree for the tools and build them
+        _run(["cmake", str(self.build), "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON"])
         _run(["cmake", "--build", str(self.build), "--target", *TOOLS, "--parallel",
               str(os.cpu_count() or 2)])
 
