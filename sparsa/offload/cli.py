@@ -162,7 +162,7 @@ def _row(r: Any, belady: dict[int, float]) -> str:
     rel = f"{r.hit_rate / b:6.3f}" if b else "     -"
     pf = (f"{r.prefetch_precision:6.3f} {r.prefetch_recall:6.3f}" if r.predicted
           else "     -      -")
-    return (f"{r.policy:<11} {r.capacity:>5} {r.hit_rate:8.4f} {rel} {pf} "
+    return (f"{r.policy:<11} {r.prefetch:>3} {r.capacity:>5} {r.hit_rate:8.4f} {rel} {pf} "
             f"{r.bytes_loaded / 1e9 / max(r.requests, 1) * 1e3:9.3f} "
             f"{1e3 * r.stall_s_per_token:9.1f} {r.replay_seconds:7.1f}")
 
@@ -201,13 +201,16 @@ def run(args: argparse.Namespace) -> int:
 
     results = []
     belady: dict[int, float] = {}
+    # with a predictor and a sweep, the demand-only curves are replayed too, for comparison
+    modes = [None, prefetch] if prefetch is not None and args.sweep else [prefetch]
     for pol in _policies(names, train, train_path, not args.no_cache):
-        rs = simulate(trace, pol, caps, per_layer=not args.global_, prefetch=prefetch,
-                      bandwidth=bw, lookahead=args.lookahead)
-        results.extend(rs)
-        if pol.name == "belady" and prefetch is None:
-            belady = {r.capacity: r.hit_rate for r in rs}
-    if prefetch is not None and "belady" in names:  # the demand-paging bound, for reference
+        for pf in modes:
+            rs = simulate(trace, pol, caps, per_layer=not args.global_, prefetch=pf,
+                          bandwidth=bw, lookahead=args.lookahead)
+            results.extend(rs)
+            if pol.name == "belady" and pf is None:
+                belady = {r.capacity: r.hit_rate for r in rs}
+    if prefetch is not None and "belady" in names and not belady:  # the demand bound
         belady = {r.capacity: r.hit_rate for r in simulate(
             trace, make_policy("belady"), caps, per_layer=not args.global_)}
     total = time.perf_counter() - t_start
@@ -223,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
               f"top-{trace.top_k} of {e}); capacity {where}; predictor {args.predictor}"
               + (f" (prefetch {prefetch.shape[2]}, lookahead {args.lookahead})"
                  if prefetch is not None else ""))
-        print("policy      capacity hit_rate xBelady  prec  recall GB/1k-req "
+        print("policy      pf capacity hit_rate xBelady  prec  recall GB/1k-req "
               "stall_ms/tok replay_s")
         for r in results:
             print(_row(r, belady))
@@ -245,10 +248,13 @@ def _plot(results: list[Any], path: str, args: argparse.Namespace, trace: Trace)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     denom = trace.num_experts * (trace.num_layers if args.global_ else 1)
-    for name in dict.fromkeys(r.policy for r in results):
-        rs = sorted((r for r in results if r.policy == name), key=lambda r: r.capacity)
+    for name, pf in dict.fromkeys((r.policy, r.prefetch) for r in results):
+        rs = sorted((r for r in results if (r.policy, r.prefetch) == (name, pf)),
+                    key=lambda r: r.capacity)
+        label = name + (f" + {args.predictor} prefetch" if pf else "")
         ax.plot([100 * r.capacity / denom for r in rs], [r.hit_rate for r in rs],
-                marker="o", ls="--" if name == "belady" else "-", label=name)
+                marker="o" if not pf else "s", ls="--" if name == "belady" else "-",
+                label=label)
     ax.set_xlabel("experts resident (% of " + ("all" if args.global_ else "each layer's")
                   + " experts)")
     ax.set_ylabel("hit rate")
@@ -257,7 +263,7 @@ def _plot(results: list[Any], path: str, args: argparse.Namespace, trace: Trace)
         title += f", prefetch: {args.predictor}"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
