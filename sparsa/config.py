@@ -55,7 +55,8 @@ class OffloadConfig:
     """Expert offloading: experts stay on disk, a budgeted cache holds compute-ready copies.
 
     expert_memory: None (off: every expert resident), bytes, "4GiB", or "25%" of all expert
-    weights in the compute dtype. policy: eviction ranking (lru, lfu, lrfu, arc).
+    weights as stored in the cache (the checkpoint's dtype when narrower than the compute
+    dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32). policy: eviction ranking (lru, lfu, lrfu, arc).
     prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
     """
 

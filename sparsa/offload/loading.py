@@ -78,10 +78,16 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                   f"{sorted({'gate', 'up', 'down'} - set(p))}")
         locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
     ref = experts[0]
-    expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * dtype.itemsize
+    # Keep experts in the checkpoint's dtype when it is narrower than the compute dtype
+    # (bf16 on disk, fp32 compute on CPU): twice the experts fit the budget, and upcasting
+    # at use is exact, so outputs equal the all-resident model's.
+    disk_dtype = next(iter(locations.values())).gate.dtype
+    store_dtype = disk_dtype if disk_dtype.is_floating_point and \
+        disk_dtype.itemsize < dtype.itemsize else dtype
+    expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
     total = len(locations) * expert_bytes
     budget = min(oc.budget_bytes(total), total)
-    reader = ExpertReader(locations, dtype, oc.direct_io, device)
+    reader = ExpertReader(locations, store_dtype, oc.direct_io, device)
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=oc.policy, io_threads=oc.io_threads)

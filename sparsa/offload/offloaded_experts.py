@@ -78,8 +78,10 @@ class OffloadedExperts(GroupedExperts):
         # budget holds streams them through the cache instead of deadlocking.
         w13, w2 = self.cache.acquire(self.layer, e, self._protect)
         try:
-            gate, up = (x.to(w13.dtype) @ w13).chunk(2, dim=-1)
-            return ((F.silu(gate) * up) @ w2).to(x.dtype)
+            if w13.dtype != x.dtype:  # stored narrower than compute (e.g. bf16): exact upcast
+                w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+            gate, up = (x @ w13).chunk(2, dim=-1)
+            return (F.silu(gate) * up) @ w2
         finally:
             self.cache.release(self.layer, e)
             self._protect.discard((self.layer, e))
