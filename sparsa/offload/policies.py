@@ -69,8 +69,10 @@ class CachePolicy:
         """(G, S) float: eviction candidates with the lowest value go first (at step t)."""
         raise NotImplementedError
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
-        """Step t's demand requests (G, k) slots (-1 = none) and whether each was resident."""
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+        """Step t's demand requests (G, k) slots (-1 = none), whether each was resident, and
+        optionally the same requests as a (G, S) mask (saves rebuilding it)."""
 
     def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
         """(G, S) bool: slots loaded at step t (by prefetch or on a miss)."""
@@ -98,8 +100,9 @@ class LRU(CachePolicy):
     def priority(self, t: int) -> np.ndarray:
         return self.last
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
-        self.last[_scatter((self.G, self.S), req)] = t
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+        self.last[_scatter((self.G, self.S), req) if mask is None else mask] = t
 
     def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
         self.last[mask] = t
@@ -121,8 +124,9 @@ class LFU(CachePolicy):
         # recency only breaks ties: it is scaled below one count
         return self.count + self.last / (t + 2.0) * 0.5
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
-        m = _scatter((self.G, self.S), req)
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+        m = _scatter((self.G, self.S), req) if mask is None else mask
         self.count[m] += 1
         self.last[m] = t
 
@@ -146,8 +150,9 @@ class LRFU(CachePolicy):
     def priority(self, t: int) -> np.ndarray:
         return self.log_crf
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
-        m = _scatter((self.G, self.S), req)
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+        m = _scatter((self.G, self.S), req) if mask is None else mask
         # add 2**(decay*t) (the use's weight referred to time 0) in log space
         self.log_crf[m] = np.logaddexp2(self.log_crf[m], self.decay * t)
 
@@ -178,8 +183,9 @@ class ARC(CachePolicy):
         shield = np.where(from_t1[:, None], self.in_t2, ~self.in_t2)
         return self.last + shield * 1e12
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
-        m = _scatter((self.G, self.S), req)
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+        m = _scatter((self.G, self.S), req) if mask is None else mask
         hit_m = m & self.resident
         self.in_t2 |= hit_m  # a second use promotes to the frequency list
         self.last[m] = t
@@ -259,11 +265,12 @@ class ActivationAware(CachePolicy):
             self._prio = score[self.flat_slot][None, :].repeat(self.G, 0)
         return self._prio + self.last * 1e-9
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
         if self.stream.prompt_start[t]:
             self.eam[:] = 0.0
             self._since = self.rematch_every
-        m = _scatter((self.G, self.S), req)
+        m = _scatter((self.G, self.S), req) if mask is None else mask
         self.last[m] = t
         flat = self.flat_slot[np.nonzero(m)[1]]
         np.add.at(self.eam, flat, 1.0)
@@ -299,7 +306,8 @@ class Belady(CachePolicy):
     def priority(self, t: int) -> np.ndarray:
         return -self.nxt
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
         ok = req >= 0
         g_idx = np.nonzero(ok)[0]
         self.nxt[g_idx, req[ok]] = self.next_req[t][ok]
@@ -375,12 +383,13 @@ class LearnedRF(CachePolicy):
         p = (self.crf * w[: len(self.DECAYS), None, None]).sum(0)
         return p + w[-3] * self.count / max(self.n_in, 1) + w[-2] * self.log_prior
 
-    def observe(self, t: int, req: np.ndarray, hit: np.ndarray) -> None:
+    def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
         if self.stream.prompt_start[t]:
             self.count[:] = 0.0
             self.n_in = 0
         self._advance(int(self.stream.step_token[t]))
-        m = _scatter((self.G, self.S), req)
+        m = _scatter((self.G, self.S), req) if mask is None else mask
         self.crf[:, m] += 1.0
         self.count[m] += 1.0
 
