@@ -1,8 +1,8 @@
 """`sparsa cache-sim`: replay a routing trace through cache policies and predictors.
 
     sparsa cache-sim                                  # shared DeepSeek-V2-Lite heldout split
-    sparsa cache-sim --capacity 6 --predictor combined --prefetch 6
-    sparsa cache-sim --capacity 156 --global --predictor combined --prefetch 16
+    sparsa cache-sim --capacity 6 --policy lru --predictor combined --prefetch 6
+    sparsa cache-sim --capacity 156 --global --policy lru --predictor combined --prefetch 12
     sparsa cache-sim --sweep 6,10,13,16,19,26,32,48 --plot hit_rate.png
     sparsa cache-sim --trace run.csv.gz --train run_train.csv.gz   # Sparsa's own traces
 
