@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sparsa.offload.trace import TraceRecorder, load_trace, make_trace, save_trace
+from sparsa.tokenizer import shared_dir
 
 from .helpers import synthetic
 
@@ -65,3 +66,18 @@ def test_make_trace_positions_and_multi_hot():
     assert tr.pos.tolist() == [0, 1, 0]
     assert tr.prompt_starts().tolist() == [0, 2]
     assert tr.multi_hot()[1, 0].tolist() == [False, True, True, False]
+
+
+HELDOUT = shared_dir() / "traces" / "deepseek-v2-lite" / "heldout.csv.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HELDOUT.is_file(), reason=f"{HELDOUT} not found (set SPARSA_SHARED)")
+def test_shared_heldout_trace_loads():
+    tr = load_trace(HELDOUT)
+    assert tr.experts.shape == (30202, 26, 6) and tr.num_experts == 64
+    assert (tr.experts >= 0).all() and tr.layers == list(range(1, 27))
+    assert len(np.unique(tr.prompts)) == 250
+    # six distinct experts per (token, layer)
+    first = np.sort(tr.experts[:50], axis=2)
+    assert (first[:, :, 1:] != first[:, :, :-1]).all()
