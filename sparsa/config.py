@@ -56,7 +56,8 @@ class OffloadConfig:
 
     expert_memory: None (off: every expert resident), bytes, "4GiB", or "25%" of all expert
     weights as stored in the cache (the checkpoint's dtype when narrower than the compute
-    dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32). policy: eviction ranking (lru, lfu, lrfu, arc).
+    dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32).
+    policy: eviction ranking (lru, lfu, lrfu, arc).
     prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
     """
 

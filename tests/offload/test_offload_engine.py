@@ -119,4 +119,7 @@ def test_tinymoe_lookahead_recall_and_hit_rate():
     llm = LLM(str(model), expert_memory="25%")
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == ref
     rep = llm.engine.model.offload.report()
-    assert rep["hit_rate"] > 0.5 and rep["lookahead_recall"] > 0.5
+    # Recall depends only on the routers; whether a prefetch has finished when its layer
+    # runs depends on timing, so count experts resident or in flight (the cache covered them).
+    assert rep["lookahead_recall"] > 0.6
+    assert (rep["hits"] + rep["inflight_hits"]) / rep["requests"] > 0.6
