@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparsa.bench_suite import random_prompts
 from sparsa.config import physical_cores
 
 
@@ -102,11 +103,6 @@ def _add_tokenizer(model_dir: Path) -> None:
             shutil.copyfile(src / f, model_dir / f)
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n, length), generator=g).tolist()
-
-
 def bench_sparsa(path: str, args) -> dict:
     from sparsa import LLM, SamplingParams
 
@@ -114,7 +110,7 @@ def bench_sparsa(path: str, args) -> dict:
               max_num_seqs=args.num_requests, max_num_batched_tokens=args.max_batched_tokens,
               num_threads=args.threads)
     vocab = llm.engine.hf_config.vocab_size
-    prompt = _prompts(1, args.input_len, vocab, seed=1)[0]
+    prompt = random_prompts(1, args.input_len, vocab, 1)[0]
     # warm-up
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     res: dict = {}
@@ -131,7 +127,7 @@ def bench_sparsa(path: str, args) -> dict:
     ttft1 = m["first_token_time"] - m["arrival_time"]
     res["decode_b1_tok_s"] = (args.output_len - 1) / (e2e - ttft1)
     res["bytes_per_token"] = bytes_per_token(llm.engine.model)
-    prompts = _prompts(args.num_requests, args.input_len, vocab, seed=2)
+    prompts = random_prompts(args.num_requests, args.input_len, vocab, 2)
     t = time.perf_counter()
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=args.output_len,
                                                 ignore_eos=True))
@@ -151,7 +147,7 @@ def bench_transformers(path: str, args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     vocab = model.config.vocab_size
-    prompt = torch.tensor(_prompts(1, args.input_len, vocab, seed=1))
+    prompt = torch.tensor(random_prompts(1, args.input_len, vocab, 1))
     res: dict = {}
 
     def gen(ids, n):
@@ -168,7 +164,7 @@ def bench_transformers(path: str, args) -> dict:
         gen(prompt, args.output_len)
         e2e = time.perf_counter() - t
         res["decode_b1_tok_s"] = (args.output_len - 1) / (e2e - ttft)
-        prompts = torch.tensor(_prompts(args.num_requests, args.input_len, vocab, seed=2))
+        prompts = torch.tensor(random_prompts(args.num_requests, args.input_len, vocab, 2))
         best = 0.0
         for bsz in args.hf_batch_sizes:
             t = time.perf_counter()

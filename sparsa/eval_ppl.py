@@ -64,24 +64,12 @@ def read_documents(path: str | Path, text_slice: str = "0:1", mode: str = "block
     return blocks[int(lo * len(blocks)) : int(hi * len(blocks))]
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t is None or t.is_meta:
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
-
-
 @torch.inference_mode()
 def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = None,
                         max_windows: int | None = None, label: str = "") -> PerplexityResult:
     """Perplexity of `llm` (a `sparsa.LLM`) over `documents`, each scored on its own."""
     from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.layers.quantization import module_bytes
 
     engine = llm.engine
     tok = engine.tokenizer
@@ -119,7 +107,7 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
     return PerplexityResult(
         model=mc.model, quantization=label or (mc.quantization or "none"), text="",
         tokens=total_tokens, windows=windows, context_len=L, nll=mean, perplexity=math.exp(mean),
-        seconds=seconds, weight_bytes=_weight_bytes(engine.runner.model),
+        seconds=seconds, weight_bytes=module_bytes(engine.runner.model),
     )
 
 

@@ -181,6 +181,7 @@ def _quantizable_params(model: nn.Module) -> tuple[int, int]:
     Linear except MoE routers, and routed experts (active at their top_k share)."""
     from sparsa.layers.linear import Linear
     from sparsa.layers.moe import FusedExperts
+    from sparsa.layers.quantization.model import is_router
 
     total = active = 0
     for name, mod in model.named_modules():
@@ -190,16 +191,11 @@ def _quantizable_params(model: nn.Module) -> tuple[int, int]:
             n = sum(p.numel() for p in mod.parameters())
             total += n
             active += n * getattr(parent, "top_k", mod.num_experts) // mod.num_experts
-        elif isinstance(mod, Linear) and not _is_router(name, parent):  # routers stay fp
+        elif isinstance(mod, Linear) and not is_router(name, parent):  # routers stay fp
             n = sum(p.numel() for p in mod.parameters())
             total += n
             active += n
     return total, active
-
-
-def _is_router(name: str, parent: nn.Module) -> bool:
-    attr = name.rpartition(".")[2]
-    return attr == "shared_expert_gate" or (attr == "gate" and hasattr(parent, "experts"))
 
 
 def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:

@@ -32,7 +32,7 @@ def module_bytes(module: nn.Module) -> int:
     return _tensor_bytes(list(module.parameters()) + list(module.buffers()))
 
 
-def _is_router(name: str, parent: nn.Module | None) -> bool:
+def is_router(name: str, parent: nn.Module | None) -> bool:
     attr = name.rsplit(".", 1)[-1]
     if attr == "shared_expert_gate":
         return True
@@ -72,7 +72,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> dict:
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        skip = (config.skip_router and _is_router(name, parent)) or \
+        skip = (config.skip_router and is_router(name, parent)) or \
             (config.skip_lm_head and name == "lm_head")
         if isinstance(mod, Linear) and skip:
             stats["skipped"].append(name)
