@@ -165,6 +165,21 @@ def simulate(trace: Trace, policy: CachePolicy, capacity: int | Sequence[int],
     pf_used = np.zeros(g, dtype=np.int64)
     predicted = np.zeros(g, dtype=np.int64)
     correct = np.zeros(g, dtype=np.int64)
+
+    def make_room(t: int, protect: np.ndarray, n_new: np.ndarray,
+                  count: np.ndarray) -> np.ndarray:
+        """Evict the policy's lowest-priority unprotected slots so n_new more fit; returns
+        the resident count left (resident/pending are updated in place)."""
+        n_evict = count + n_new - cap
+        if not (n_evict > 0).any():
+            return count
+        victims = _lowest(policy.priority(t), resident & ~protect, np.maximum(n_evict, 0),
+                          rows)
+        resident[victims] = False
+        pending[victims] = False
+        policy.evicted(t, victims)
+        return np.minimum(count, cap - n_new)
+
     # request masks in chunks: whole-trace masks would take T*G*S bytes
     chunk = max(1, 2**24 // max(g * s, 1))
     for c0 in range(0, steps, chunk):
@@ -179,14 +194,7 @@ def simulate(trace: Trace, policy: CachePolicy, capacity: int | Sequence[int],
                 correct += (pmask & rmask).sum(1)
                 new = pmask & ~resident
                 n_new = new.sum(1)
-                n_evict = count + n_new - cap
-                if (n_evict > 0).any():
-                    victims = _lowest(policy.priority(t), resident & ~pmask,
-                                      np.maximum(n_evict, 0), rows)
-                    resident &= ~victims
-                    pending &= ~victims
-                    policy.evicted(t, victims)
-                    count = np.minimum(count, cap - n_new)
+                count = make_room(t, pmask, n_new, count)
                 resident |= new
                 pending |= new
                 count += n_new
@@ -198,16 +206,9 @@ def simulate(trace: Trace, policy: CachePolicy, capacity: int | Sequence[int],
             pending &= ~rmask
             miss = rmask & ~resident
             n_miss = miss.sum(1)
-            n_evict = count + n_miss - cap
             # observe first: the current request is known when its misses evict
             policy.observe(t, req_all[t], hit_m[rows, np.maximum(req_all[t], 0)], rmask)
-            if (n_evict > 0).any():
-                victims = _lowest(policy.priority(t), resident & ~rmask,
-                                  np.maximum(n_evict, 0), rows)
-                resident &= ~victims
-                pending &= ~victims
-                policy.evicted(t, victims)
-                count = np.minimum(count, cap - n_miss)
+            count = make_room(t, rmask, n_miss, count)
             resident |= miss
             count += n_miss
             dm_loads[t] = n_miss
