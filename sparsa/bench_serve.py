@@ -4,6 +4,8 @@ llama.cpp's server, ...).
     sparsa bench serve --base-url http://127.0.0.1:8000 --model M --num-prompts 200 \\
         --request-rate 4 --dataset shared-prefix --prefix-len 512 --input-len 64
     sparsa bench serve --prefix-cache-ab MODEL     # Sparsa itself, prefix caching on vs off
+    sparsa bench serve --vs-llamacpp mixtral-mini -q int8 --request-rates 0.25,0.5 \\
+        --goodput ttft:5000 tpot:500             # Sparsa's server vs llama-server
 
 Requests stream (SSE). Metrics follow vLLM's benchmark_serving: TTFT is the time to the
 first chunk with text; TPOT per request is (e2e - ttft) / (output_tokens - 1); ITL is every
@@ -280,9 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-ab", metavar="MODEL", default=None,
                    help="start Sparsa servers for MODEL with prefix caching on and off and "
                         "compare TTFT on a shared-prefix workload")
+    from sparsa.server.peer_bench import add_peer_arguments
     from sparsa.server.prefix_bench import add_ab_arguments
 
     add_ab_arguments(p)
+    add_peer_arguments(p)
     return p
 
 
@@ -309,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         from sparsa.server.prefix_bench import run_ab
 
         return run_ab(args, slos)
+    if args.vs_llamacpp:
+        from sparsa.server.peer_bench import run_peer_bench
+
+        try:
+            return run_peer_bench(args, slos)
+        except ValueError as e:
+            print(f"sparsa bench serve: error: {e}", file=sys.stderr)
+            return 2
     args.model = args.model or _first_model(args.base_url, args.api_key)
     requests = make_requests(args)
     results, duration = asyncio.run(run_benchmark(args, requests))

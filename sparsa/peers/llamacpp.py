@@ -17,7 +17,9 @@ import sys
 import tarfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,19 +140,34 @@ class LlamaCpp:
                 res[int(row["pl"])] = float(row["speed_tg"])
         return res
 
+    @contextmanager
+    def server(self, gguf: Path, threads: int, parallel: int, ctx_per_slot: int,
+               extra: list[str] | None = None) -> Iterator[str]:
+        """llama-server on a free loopback port with `parallel` slots (continuous batching);
+        yields its base URL once /health answers, stops it on exit."""
+        port = _free_port()
+        cmd = [str(self.tool("llama-server")), "-m", str(gguf), "-t", str(threads),
+               "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+               "-c", str(parallel * ctx_per_slot), "-cb", "-b", "2048", "-ub", "512",
+               *(extra or [])]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(base, proc)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
     def offline(self, gguf: Path, threads: int, prompts: list[list[int]],
                 max_tokens: list[int], parallel: int = 32) -> dict:
         """All requests through llama-server with `parallel` slots (continuous batching);
         output tok/s = generated tokens / wall time."""
         ctx_per_slot = max(len(p) for p in prompts) + max(max_tokens) + 8
-        port = _free_port()
-        cmd = [str(self.tool("llama-server")), "-m", str(gguf), "-t", str(threads),
-               "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
-               "-c", str(parallel * ctx_per_slot), "-cb", "-b", "2048", "-ub", "512"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(base, proc)
+        with self.server(gguf, threads, parallel, ctx_per_slot) as base:
 
             def one(i: int) -> int:
                 body = {"prompt": prompts[i], "n_predict": max_tokens[i], "temperature": 0,
@@ -164,9 +181,6 @@ class LlamaCpp:
             with ThreadPoolExecutor(parallel) as pool:
                 n_out = sum(pool.map(one, range(len(prompts))))
             wall = time.perf_counter() - t
-        finally:
-            proc.terminate()
-            proc.wait(30)
         n_in = sum(len(p) for p in prompts)
         return {"output_tok_s": n_out / wall, "total_tok_s": (n_out + n_in) / wall,
                 "wall_s": wall, "output_tokens": n_out}
@@ -187,11 +201,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300,
+                  name: str = "llama-server") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
                 if r.status == 200:
@@ -199,4 +214,4 @@ def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300) -> No
         except OSError:
             pass
         time.sleep(0.5)
-    raise TimeoutError("llama-server did not become healthy")
+    raise TimeoutError(f"{name} did not become healthy in {timeout:.0f} s")

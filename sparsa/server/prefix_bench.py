@@ -23,7 +23,8 @@ def add_ab_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     g.add_argument("--dtype", default="auto")
     g.add_argument("--max-model-len", type=int, default=1024)
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=int, default=None,
+                   help="engine threads (also for --vs-llamacpp; default: the physical cores)")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--ab-num-prompts", type=int, default=16)
     g.add_argument("--ab-suffix-len", type=int, default=32,

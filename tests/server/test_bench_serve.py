@@ -62,3 +62,39 @@ def test_prefix_cache_ab(model_dir, tmp_path):
     r = json.loads(out.read_text())
     assert r["greedy_outputs_identical"]
     assert r["on"]["prefix_cache_hit_rate"] > 0.9 and r["off"]["prefix_cache_hit_rate"] == 0
+
+
+def test_vs_llamacpp_sparsa_side(model_dir, tmp_path, capsys):
+    """The peer comparison's Sparsa half: `sparsa serve` in a child process, token-id prompts
+    at two Poisson rates, every request answered with its full length. (llama.cpp's half
+    needs llama-server, built by `sparsa bench --vs llama.cpp`; not available in CI.)"""
+    out = tmp_path / "vs.json"
+    rc = main(["--vs-llamacpp", str(model_dir), "-q", "int8", "--engines", "sparsa",
+               "--request-rates", "8,16", "--num-prompts", "4", "--input-len", "12",
+               "--output-len", "5", "--parallel", "2", "--threads", "1",
+               "--goodput", "e2el:60000", "--result-json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    runs = r["runs"]["sparsa"]
+    assert set(runs) == {"8.0", "16.0"}
+    for m in runs.values():
+        assert m["completed"] == 4 and m["failed"] == 0
+        assert m["total_output_tokens"] == 20
+        assert m["total_input_tokens"] == 48
+    table = capsys.readouterr().out
+    assert "| 8 | goodput |" in table and "| 16 | output_throughput |" in table
+
+
+def test_vs_llamacpp_rejects_bad_rates(model_dir, capsys):
+    rc = main(["--vs-llamacpp", str(model_dir), "--request-rates", "0,abc"])
+    assert rc == 2
+    assert "--request-rates" in capsys.readouterr().err
+
+
+def test_comparison_table_ratios():
+    from sparsa.server.peer_bench import format_comparison
+
+    t = format_comparison({"sparsa": {0.5: {"goodput": 0.3, "median_ttft_ms": 100.0}},
+                           "llama.cpp": {0.5: {"goodput": 0.2, "median_ttft_ms": 400.0}}})
+    assert "| 0.5 | goodput | 0.30 | 0.20 | 1.50x |" in t
+    assert "| 0.5 | median_ttft_ms | 100.00 | 400.00 | 0.25x |" in t
