@@ -3,7 +3,8 @@
 For each expert budget (and "all" = every expert resident, when it fits), one request of
 `--prompt-len` random tokens decodes `--max-tokens` tokens greedily at batch 1. Reported:
 TTFT, decode tok/s ((tokens - 1) / (E2E - TTFT)), the cache's hit rate, lookahead recall
-and bytes read from disk, and the process's peak RSS.
+and bytes read from disk, and the process's peak RSS. `--on-miss wait,int4,int8` repeats each
+offloaded budget once per miss handling (wait, or the int4/int8 low-precision copy).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_one(model: str, budget: str | None, args) -> dict:
+def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4")
+            ) -> dict:
     from sparsa import LLM, SamplingParams
 
     t = time.perf_counter()
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
-              offload_prefetch=args.prefetch, num_threads=args.threads,
+              offload_prefetch=args.prefetch, offload_on_miss=on_miss[0],
+              offload_low_precision=on_miss[1], num_threads=args.threads,
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
     load_s = time.perf_counter() - t
     vocab = llm.engine.hf_config.vocab_size
@@ -38,6 +41,7 @@ def run_one(model: str, budget: str | None, args) -> dict:
     ttft = m["first_token_time"] - m["arrival_time"]
     decode = (len(out.outputs[0].token_ids) - 1) / (m["finished_time"] - m["first_token_time"])
     res = {"budget": budget or "all", "load_s": load_s, "ttft_s": ttft,
+           "on_miss": "wait" if on_miss[0] == "wait" or budget is None else on_miss[1],
            "decode_tok_s": decode, "peak_rss_bytes": _peak_rss(),
            "tokens": out.outputs[0].token_ids[:16]}
     state = getattr(llm.engine.model, "offload", None)
@@ -55,25 +59,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", default="lookahead")
+    ap.add_argument("--on-miss", default="wait",
+                    help="comma-separated miss handlings to compare: wait, int4, int8 "
+                         "(compute a miss with that low-precision copy instead of waiting)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)
+    from sparsa.offload.low_precision import parse_on_miss
+
+    variants = parse_on_miss(args.on_miss)
+    runs = [(b, v) for b in args.budgets.split(",") for v in (variants[:1] if b == "all"
+                                                             else variants)]
     results = []
-    for b in args.budgets.split(","):
+    for b, v in runs:
         # each budget in a fresh process would be cleaner for RSS; a child keeps it honest
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
-            r = pool.apply(run_one, (args.model, None if b == "all" else b, args))
+            r = pool.apply(run_one, (args.model, None if b == "all" else b, args, v))
         results.append(r)
         c = r.get("cache", {})
-        print(f"budget {r['budget']:>6}: TTFT {r['ttft_s']:.2f} s, decode "
+        lowp = f", {c['low_precision_substitutions']} low-precision substitutions, " \
+            f"{c['low_precision_bytes'] / 2**20:.1f} MiB low-precision tier" \
+            if c.get("low_precision") else ""
+        print(f"budget {r['budget']:>6}, on miss {r['on_miss']:>4}: TTFT {r['ttft_s']:.2f} s, "
+              f"decode "
               f"{r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
               + (f", hit rate {c['hit_rate']:.3f}, lookahead recall "
                  f"{c['lookahead_recall']:.3f}, disk read {c['disk_bytes_read'] / 1e9:.1f} GB, "
                  f"budget {c['budget_bytes'] / 2**30:.2f} GiB of "
-                 f"{c['total_expert_bytes'] / 2**30:.2f} GiB" if c else ""), flush=True)
+                 f"{c['total_expert_bytes'] / 2**30:.2f} GiB" + lowp if c else ""), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

@@ -59,6 +59,12 @@ class OffloadConfig:
     dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32).
     policy: eviction ranking (lru, lfu, lrfu, arc).
     prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
+    on_miss: what a layer does when an expert it needs is not resident: "wait" for the load
+    (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
+    is also kept, quantized to `low_precision` ("int8" | "int4", groups of
+    `low_precision_group_size`), in a RAM tier outside the budget; a miss computes with that
+    copy while the full-precision load goes on in the background. (Computing a miss on the
+    tier where the expert lives, Fiddler's option, needs a GPU tier, which is not built.)
     """
 
     expert_memory: str | int | None = None
@@ -66,6 +72,9 @@ class OffloadConfig:
     prefetch: str = "lookahead"
     io_threads: int = 2
     direct_io: bool = True
+    on_miss: str = "wait"
+    low_precision: str = "int4"
+    low_precision_group_size: int = 64
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
@@ -76,6 +85,17 @@ class OffloadConfig:
             raise ValueError(f"prefetch must be 'none' or 'lookahead'; got {self.prefetch!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
+        if self.on_miss not in ("wait", "low_precision"):
+            raise ValueError(f"on_miss must be 'wait' or 'low_precision'; got {self.on_miss!r}")
+        if self.low_precision not in ("int8", "int4"):
+            raise ValueError(f"low_precision must be 'int8' or 'int4'; got "
+                             f"{self.low_precision!r}")
+        from sparsa.kernels.layout import INT4_GROUP_SIZES
+
+        if self.low_precision == "int4" and \
+                self.low_precision_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"low_precision_group_size must be one of {INT4_GROUP_SIZES}; "
+                             f"got {self.low_precision_group_size!r}")
 
     @property
     def enabled(self) -> bool:

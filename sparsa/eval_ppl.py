@@ -32,6 +32,7 @@ class PerplexityResult:
     perplexity: float
     seconds: float
     weight_bytes: int
+    offload: dict | None = None  # the offload report when experts were offloaded
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +109,8 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
         model=mc.model, quantization=label or (mc.quantization or "none"), text="",
         tokens=total_tokens, windows=windows, context_len=L, nll=mean, perplexity=math.exp(mean),
         seconds=seconds, weight_bytes=module_bytes(engine.runner.model),
+        offload=state.report() if (state := getattr(engine.runner.model, "offload", None))
+        else None,
     )
 
 
@@ -134,6 +137,31 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
     return results
 
 
+def compare_offload(model: str, text_path: str, expert_memory: str,
+                    variants: list[tuple[str, str]], *, text_slice: str = "0:1",
+                    mode: str = "blocks", context_len: int | None = None,
+                    max_windows: int | None = None, policy: str = "lru",
+                    num_threads: int | None = None) -> list[PerplexityResult]:
+    """Score the same text with experts offloaded under `expert_memory`, once per
+    (on_miss, low_precision) variant (`sparsa.offload.low_precision.parse_on_miss`)."""
+    from sparsa.llm import LLM
+
+    documents = read_documents(text_path, text_slice, mode)
+    results = []
+    for on_miss, low in variants:
+        llm = LLM(model, expert_memory=expert_memory, offload_policy=policy,
+                  offload_on_miss=on_miss, offload_low_precision=low, num_threads=num_threads,
+                  max_num_batched_tokens=max(2048, context_len or 0))
+        label = f"offload {expert_memory}, " + ("wait" if on_miss == "wait" else
+                                                f"{low} on miss")
+        r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,
+                                label=label)
+        r.text = f"{text_path}[{text_slice}, {mode}]"
+        results.append(r)
+        del llm
+    return results
+
+
 def format_table(results: list[PerplexityResult]) -> str:
     base = results[0].perplexity if results else float("nan")
     lines = ["| model | weights | tokens | perplexity | vs first | weight MB | s |",
@@ -144,4 +172,14 @@ def format_table(results: list[PerplexityResult]) -> str:
             f"{(r.perplexity / base - 1) * 100:+.2f}% | {r.weight_bytes / 1e6:.2f} | "
             f"{r.seconds:.1f} |"
         )
+    for r in results:
+        o = r.offload
+        if o:
+            lines.append(f"\n{r.quantization}: hit rate {o['hit_rate']:.3f} of {o['requests']} "
+                         f"expert requests, {o['low_precision_substitutions']} computed in low "
+                         f"precision, budget {o['budget_bytes'] / 1e6:.2f} of "
+                         f"{o['total_expert_bytes'] / 1e6:.2f} MB "
+                         f"(peak {o['peak_bytes'] / 1e6:.2f})"
+                         + (f", low-precision tier {o['low_precision_bytes'] / 1e6:.2f} MB"
+                            if o.get("low_precision") else ""))
     return "\n".join(lines)

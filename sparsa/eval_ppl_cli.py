@@ -27,6 +27,13 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
     p.add_argument("--methods", default="none,int8,int4",
                    help="comma-separated weight formats to compare (none, int8, int4)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    p.add_argument("--expert-memory", default=None,
+                   help="offload the experts under this budget (e.g. 25%%) and compare the "
+                        "--on-miss handlings instead of weight formats")
+    p.add_argument("--on-miss", default="wait,int4,int8",
+                   help="with --expert-memory: comma-separated wait, int4, int8 (compute a "
+                        "miss with that low-precision copy)")
+    p.add_argument("--offload-policy", default="lru", help="with --expert-memory: eviction")
     p.add_argument("--context-len", type=int, default=None,
                    help="tokens per scored window (default: the model's context)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most N windows")
@@ -36,6 +43,16 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.expert_memory is not None:
+        from sparsa.eval_ppl import compare_offload
+        from sparsa.offload.low_precision import parse_on_miss
+
+        results = compare_offload(
+            args.model, args.text, args.expert_memory, parse_on_miss(args.on_miss),
+            text_slice=args.text_slice, mode=args.mode, context_len=args.context_len,
+            max_windows=args.max_windows, policy=args.offload_policy,
+            num_threads=args.threads)
+        return _show(results, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ("none", "int8", "int4")]
     if not methods or bad:
@@ -44,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
         context_len=args.context_len, max_windows=args.max_windows,
         group_size=args.group_size, num_threads=args.threads)
+    return _show(results, args)
+
+
+def _show(results: list, args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))

@@ -8,7 +8,8 @@ filesystems) it reads normally and drops the pages afterwards with posix_fadvise
 `ExpertCache` holds at most `budget_bytes` of expert weights in the compute dtype, accounted
 per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
 `sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). Loads run
-on background I/O threads; `get` waits for a load in flight or demand-loads a miss.
+on background I/O threads; `acquire` waits for a load in flight or demand-loads a miss, or,
+with `wait=False` (on_miss="low_precision"), starts the load and returns None at once.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class ExpertReader:
 class CacheStats:
     requests: int = 0
     hits: int = 0  # resident (or already loaded) when its layer asked for it
-    inflight_hits: int = 0  # a prefetch was started but had not finished: the layer waited
+    inflight_hits: int = 0  # started but not finished: the layer waited (or substituted)
     misses: int = 0  # nothing resident or in flight: demand load
     prefetches: int = 0
     useful_prefetches: int = 0
@@ -135,6 +136,8 @@ class CacheStats:
     bytes_loaded: int = 0
     peak_bytes: int = 0
     wait_seconds: float = 0.0
+    # acquire(wait=False) found the expert not ready: computed with the low-precision copy
+    low_precision_substitutions: int = 0
     per_layer: dict = field(default_factory=dict)
 
     @property
@@ -279,10 +282,12 @@ class ExpertCache:
                 started += 1
         return started
 
-    def acquire(self, layer: int, expert: int,
-                protect: set[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def acquire(self, layer: int, expert: int, protect: set[tuple[int, int]] | None = None,
+                wait: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The expert's weights, pinned until `release`; waits for a load in flight or
-        demand-loads a miss."""
+        demand-loads a miss. With `wait=False`, an expert that is not ready returns None
+        (nothing pinned; counted in `low_precision_substitutions`) after starting its load
+        if the budget has room without waiting."""
         key = (layer, expert)
         with self._lock:
             self._t += 1
@@ -290,12 +295,23 @@ class ExpertCache:
             entry = self._entries.get(key)
             if entry is None:
                 self.stats.misses += 1
-                self._make_room_waiting(protect or set())
-                entry = self._start_load(key, prefetched=False)
+                if wait:
+                    self._make_room_waiting(protect or set())
+                    entry = self._start_load(key, prefetched=False)
+                elif self._make_room(protect or set()):
+                    entry = self._start_load(key, prefetched=False)
             elif self._ready(entry):
                 self.stats.hits += 1
             else:
                 self.stats.inflight_hits += 1
+            if entry is not None and entry.weights is None and not wait \
+                    and not entry.future.done():
+                entry = None  # in flight (a failed load falls through and raises below)
+            if entry is None:
+                self.stats.low_precision_substitutions += 1
+                self.policy.observe(self._t, np.array([[self._slot(key)]]),
+                                    np.array([[False]]))
+                return None
             if entry.prefetched and not entry.used:
                 self.stats.useful_prefetches += 1
             entry.used = True

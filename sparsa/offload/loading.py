@@ -14,6 +14,7 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
+from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -25,6 +26,8 @@ class OffloadState:
     lookahead: LookaheadStats
     total_expert_bytes: int
     budget_bytes: int
+    on_miss: str = "wait"
+    low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
 
     def report(self) -> dict:
         d = self.cache.stats.as_dict()
@@ -32,7 +35,9 @@ class OffloadState:
                  capacity_experts=self.cache.capacity, resident_bytes=self.cache.used_bytes,
                  lookahead_recall=self.lookahead.recall,
                  lookahead_precision=self.lookahead.precision,
-                 disk_bytes_read=self.cache.reader.bytes_read)
+                 disk_bytes_read=self.cache.reader.bytes_read, on_miss=self.on_miss)
+        if self.low_precision is not None:
+            d.update(self.low_precision.report())
         return d
 
 
@@ -91,5 +96,12 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=oc.policy, io_threads=oc.io_threads)
-    stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead")
-    return OffloadState(cache, stats, total, budget)
+    lowp = None
+    if oc.on_miss == "low_precision":
+        # every expert read once now (its bytes count in disk_bytes_read), kept compressed
+        lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
+                                         ref.intermediate_size, oc.low_precision_group_size,
+                                         io_threads=oc.io_threads)
+    stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead",
+                               low_precision=lowp)
+    return OffloadState(cache, stats, total, budget, oc.on_miss, lowp)

@@ -7,6 +7,9 @@ prefetches the experts it picks (mixtral-offloading's trick: the residual stream
 little between adjacent layers), and only then computes, expert by expert, waiting for each
 load as it needs it. The arithmetic is FusedExperts' own (same layout, same grouping via
 `GroupedExperts`), so outputs are identical to the all-resident model.
+
+With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
+its turn comes is computed with its quantized copy instead of waiting; its load goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.nn import functional as F
 
 from sparsa.layers.moe import FusedExperts, GroupedExperts
 from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.low_precision import LowPrecisionExperts
 
 
 @dataclass
@@ -39,7 +43,8 @@ class LookaheadStats:
 
 class OffloadedExperts(GroupedExperts):
     def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
-                 cache: ExpertCache, lookahead: LookaheadStats | None = None):
+                 cache: ExpertCache, lookahead: LookaheadStats | None = None,
+                 low_precision: LowPrecisionExperts | None = None):
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
@@ -47,6 +52,7 @@ class OffloadedExperts(GroupedExperts):
         self.intermediate_size = intermediate_size
         self.cache = cache
         self.lookahead = lookahead
+        self.low_precision = low_precision
         # Set by install_offloading: the next MoE block (for its router) and its experts.
         self.next_block: nn.Module | None = None
         self.next_experts: OffloadedExperts | None = None
@@ -76,7 +82,12 @@ class OffloadedExperts(GroupedExperts):
         # Experts run in ascending id order, the order the loads above were issued in; one
         # that is done is unprotected at once, so a batch needing more experts than the
         # budget holds streams them through the cache instead of deadlocking.
-        w13, w2 = self.cache.acquire(self.layer, e, self._protect)
+        lowp = self.low_precision
+        weights = self.cache.acquire(self.layer, e, self._protect, wait=lowp is None)
+        if weights is None:  # not ready: the low-precision copy, while the load goes on
+            self._protect.discard((self.layer, e))
+            return lowp.expert_forward(self.layer, e, x)
+        w13, w2 = weights
         try:
             if w13.dtype != x.dtype:  # stored narrower than compute (e.g. bf16): exact upcast
                 w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
@@ -107,16 +118,17 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     return sorted(out, key=lambda t: t[0])
 
 
-def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool) -> LookaheadStats:
+def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
+                       low_precision: LowPrecisionExperts | None = None) -> LookaheadStats:
     """Swap every block's FusedExperts (its parameters may be on the meta device: they are
-    never materialized) for OffloadedExperts over `cache`."""
+    never materialized) for OffloadedExperts over `cache` (and `low_precision` for misses)."""
     stats = LookaheadStats() if lookahead else None
     blocks = moe_blocks(model)
     new: list[OffloadedExperts] = []
     for layer, _, block in blocks:
         old = block.experts
         block.experts = OffloadedExperts(layer, old.num_experts, old.hidden_size,
-                                         old.intermediate_size, cache, stats)
+                                         old.intermediate_size, cache, stats, low_precision)
         new.append(block.experts)
     for i in range(len(blocks) - 1):
         new[i].next_block = blocks[i + 1][2]
