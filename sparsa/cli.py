@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads (default: physical cores)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON document with token ids, finish reasons and logprobs")
+    g.add_argument("--trace-experts", default=None, metavar="PATH",
+                   help="record every token's routed experts at every MoE layer to this "
+                        "trace (.csv or .csv.gz; replay it with `sparsa cache-sim --trace`)")
     _add_model_options(g)
 
     i = sub.add_parser("info", help="parameters, active parameters, memory plan of a model",
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli", "sparsa.offload.cli",
-                      "sparsa.loader.dummy_writer_cli"]
+                      "sparsa.loader.dummy_writer_cli", "sparsa.offload.trace_cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()
 
-    llm = _make_llm(args.model, args)
+    llm = _make_llm(args.model, args, trace_experts=args.trace_experts)
     tokenizer = llm.get_tokenizer()
     if args.chat:
         if tokenizer is None:
@@ -393,6 +396,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - t0
     stats = _usage_stats(outputs, seconds)
+    llm.close()  # writes the --trace-experts file
 
     if args.json:
         doc = {

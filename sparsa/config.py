@@ -236,3 +236,5 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    # Path of an expert-routing trace to record (CSV, .csv.gz), written on shutdown; None = off
+    trace_experts: str | None = None

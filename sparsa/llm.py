@@ -46,6 +46,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         device: str = "auto",
         num_threads: int | None = None,
+        trace_experts: str | None = None,
     ):
         config = EngineConfig(
             model=ModelConfig(model, tokenizer=tokenizer, dtype=dtype, load_format=load_format,
@@ -65,11 +66,29 @@ class LLM:
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       policy=scheduling_policy),
             device=DeviceConfig(device=device, num_threads=num_threads),
+            trace_experts=str(trace_experts) if trace_experts is not None else None,
         )
         self.engine = LLMEngine(config)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def save_expert_trace(self, path: str | None = None, clear: bool = False):
+        """Write the expert-routing trace recorded so far (``trace_experts=`` must be set):
+        to ``path``, or to the ``trace_experts`` path by default; returns the path written,
+        or None when no MoE layer has run yet. ``clear`` drops the rows written."""
+        return self.engine.save_expert_trace(path, clear=clear)
+
+    def close(self) -> None:
+        """Shut the engine down: writes the expert trace when ``trace_experts`` is set
+        (also done when the LLM is garbage collected or the interpreter exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _normalize(prompts) -> list[PromptType]:

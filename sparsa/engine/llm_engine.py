@@ -6,6 +6,7 @@ import logging
 import math
 import time
 import uuid
+import weakref
 
 import torch
 
@@ -71,6 +72,33 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_ids)
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
+        self.tracer = None
+        if config.trace_experts:
+            self._start_expert_trace(config.trace_experts)
+
+    # ---- expert-routing traces ------------------------------------------------------
+    def _start_expert_trace(self, path: str) -> None:
+        from sparsa.offload.expert_tracer import ExpertTracer
+
+        tok = self.tokenizer
+        texts = getattr(tok, "convert_ids_to_tokens", None) if tok is not None else None
+        self.tracer = ExpertTracer(self.model, path, texts)
+        self.runner.tracer = self.tracer
+        # written on shutdown(), or at the latest when the engine is collected / at exit
+        self._trace_finalizer = weakref.finalize(self, self.tracer.flush_on_close)
+
+    def save_expert_trace(self, path: str | None = None, clear: bool = False):
+        """Write the routing rows recorded so far (see `ExpertTracer.save`)."""
+        if self.tracer is None:
+            raise ValueError("expert tracing is off: create the engine with trace_experts=")
+        return self.tracer.save(path, clear=clear)
+
+    def shutdown(self) -> None:
+        """Finish side effects: write the expert trace (if one is being recorded)."""
+        if self.tracer is not None:
+            self._trace_finalizer()
+            self.tracer.remove()
+            self.runner.tracer = None
 
     # ---- requests -------------------------------------------------------------------
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -37,6 +37,8 @@ class ModelRunner:
     ):
         self.model = model
         self.device = device
+        # An ExpertTracer (sparsa.offload.expert_tracer) when routing is being recorded.
+        self.tracer = None
         self.dtype = dtype
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
@@ -115,6 +117,9 @@ class ModelRunner:
         meta.prefills = prefills
         input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        if self.tracer is not None:
+            self.tracer.begin_step([(it.seq, it.num_new_tokens) for it in items], tokens,
+                                   positions)
         return input_ids, pos_t, meta, sample_rows, sampled
 
     @torch.inference_mode()
@@ -122,6 +127,8 @@ class ModelRunner:
         """Runs one step; returns (logits [n_sampled, V] fp32, the sequences they belong to)."""
         input_ids, positions, meta, rows, sampled = self._prepare(out)
         hidden = self.model(input_ids, positions, meta)
+        if self.tracer is not None:
+            self.tracer.end_step()
         if not rows:
             return None, []
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
