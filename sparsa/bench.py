@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vs", default=None,
                     help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
                          "transformers (e.g. --vs llama.cpp,transformers)")
-    ap.add_argument("--quantization", "-q", default="none", choices=["none", "int8", "int4"],
+    ap.add_argument("--quantization", "-q", default="none",
+                    choices=["none", "int8", "int4", "bf16"],
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "
-                         "(f32, Q8_0, Q4_K_M)")
+                         "(f32, Q8_0, Q4_K_M, bf16)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
     ap.add_argument("--parts", default="pp,tg,batched,offline",
                     help="suite parts to run with --vs (pp, tg, batched, offline)")

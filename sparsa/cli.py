@@ -93,8 +93,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, e.g. 512MiB or 4GiB (default: 25%% of free memory)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantization", "-q", default=None, choices=["none", "int8", "int4"],
-                   help="weight-only quantization applied at load (default: none)")
+    p.add_argument("--quantization", "-q", default=None,
+                   choices=["none", "int8", "int4", "bf16"],
+                   help="weight form applied at load: int8/int4 weight-only quantization, "
+                        "bf16 weights with fp32 math (default: none; bf16 checkpoints on "
+                        "CPU keep bf16 weights)")
     p.add_argument("--group-size", type=_positive_int, default=64,
                    help="int4 group size: input channels per scale (16..256, default 64)")
 

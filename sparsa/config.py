@@ -128,7 +128,8 @@ class ModelConfig:
     max_model_len: int | None = None
     seed: int = 0
     hf_overrides: dict[str, Any] = field(default_factory=dict)
-    # Weight-only quantization applied at load: "none" | "int8" | "int4"
+    # Weight form applied at load: "none" | "int8" | "int4" | "bf16"; None = automatic
+    # (bf16 checkpoints on CPU keep bf16 weights, see quant_config)
     quantization: str | None = None
     quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -147,12 +148,30 @@ class ModelConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
 
-    def quant_config(self):
-        """The `QuantConfig` this model is loaded with (method "none" when off)."""
+    def quant_config(self, checkpoint_dtype: torch.dtype | None = None,
+                     device: torch.device | None = None):
+        """The `QuantConfig` this model is loaded with (method "none" when off).
+
+        With `quantization` left unset (None, not "none"), a bf16 checkpoint computed in fp32
+        on a CPU keeps its weights in bf16 ("bf16" form: half the memory and half the bytes
+        per decoded token, exactly the checkpoint's weights) when the native kernels are
+        there to multiply them; pass the checkpoint dtype and device to get that choice."""
         from sparsa.layers.quantization import QuantConfig
 
-        return QuantConfig(method=self.quantization or "none",
-                           group_size=self.quantization_group_size)
+        method = self.quantization
+        if method is None and self._auto_bf16(checkpoint_dtype, device):
+            method = "bf16"
+        return QuantConfig(method=method or "none", group_size=self.quantization_group_size)
+
+    def _auto_bf16(self, checkpoint_dtype: torch.dtype | None,
+                   device: torch.device | None) -> bool:
+        if checkpoint_dtype != torch.bfloat16 or device is None or device.type != "cpu":
+            return False
+        if self.offload.enabled or parse_dtype(self.dtype) not in (None, torch.float32):
+            return False
+        from sparsa import kernels
+
+        return kernels.available()
 
 
 @dataclass

@@ -201,11 +201,11 @@ def _quantizable_params(model: nn.Module) -> tuple[int, int]:
 def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
     """How the weights are held and multiplied on `dev` (what `sparsa info` shows)."""
     if not qc.enabled:
-        why = " (no bf16 GEMM on this CPU: bf16/fp16 checkpoints are upcast once at load)" \
+        why = " (no bf16 GEMM on this CPU: fp16 checkpoints are upcast once at load)" \
             if dev.type == "cpu" and compute_dt == torch.float32 else ""
         return f"{_dtype_name(compute_dt)} weights, {_dtype_name(compute_dt)} matmuls{why}"
-    scheme = "int8 per output channel" if qc.method == "int8" else \
-        f"int4 asymmetric, groups of {qc.group_size}"
+    scheme = {"int8": "int8 per output channel", "bf16": "bf16 weights (fp32 math)"}.get(
+        qc.method, f"int4 asymmetric, groups of {qc.group_size}")
     if dev.type != "cpu":
         kernel = "dequantize + matmul (reference path)"
     else:
@@ -217,6 +217,9 @@ def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
             native = False
         kernel = ("sparsa C++ AVX2 kernels for decode, dequantize + fp32 GEMM for prefill"
                   if native else "torch packed-weight kernels / dequantize + fp32 GEMM")
+        if qc.method == "bf16":
+            kernel = ("sparsa C++ AVX2 bf16 GEMV for decode, fp32 GEMM over widened tiles "
+                      "for prefill" if native else "fp32 GEMM over widened tiles")
     return (f"{scheme} for linear layers and experts (routers, embedding, norms in "
             f"{_dtype_name(compute_dt)}); {kernel}")
 
@@ -278,12 +281,13 @@ def model_info(
     itemsize = compute_dt.itemsize
     info["checkpoint_weight_bytes"] = counts["total_params"] * ckpt_dt.itemsize
     info["decode_bytes_per_token"] = counts["active_params"] * itemsize
-    qc = mc.quant_config()
+    qc = mc.quant_config(ckpt_dt, dev)
     info["quantization"] = qc.method if qc.method != "int4" else f"int4-g{qc.group_size}"
     info["weight_form"] = _weight_form(compute_dt, qc, dev)
     if qc.enabled:
         q_total, q_active = _quantizable_params(meta_model)
-        bpp = 1.0 if qc.method == "int8" else 0.5 + 4 / qc.group_size  # + bf16 scale/zero
+        # int4: + the bf16 scale and min of each group
+        bpp = {"int8": 1.0, "bf16": 2.0}.get(qc.method, 0.5 + 4 / qc.group_size)
         saved_total = q_total * (itemsize - bpp)
         counts["weight_bytes"] = int(counts["weight_bytes"] - saved_total)
         info["weight_bytes"] = counts["weight_bytes"]

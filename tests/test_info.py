@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sparsa import kernels
 from sparsa.info import format_info, model_info
 from sparsa.models.builtin_configs import builtin_config
 from sparsa.tokenizer import shared_dir
@@ -135,10 +136,17 @@ def _small_llama(**extra) -> dict:
 
 def test_bf16_checkpoint_computes_in_fp32_on_cpu(tmp_path):
     path = _write_config(tmp_path / "bf16", _small_llama(dtype="bfloat16"))
-    d = model_info(str(path))
+    d = model_info(str(path), quantization="none")  # upcast once at load
     assert (d["checkpoint_dtype"], d["compute_dtype"]) == ("bfloat16", "float32")
     n = d["total_params"]
     assert d["weight_bytes"] == 4 * n and d["checkpoint_weight_bytes"] == 2 * n
+    auto = model_info(str(path))  # default: linear weights stay bf16, math in fp32
+    if kernels.available():
+        assert auto["quantization"] == "bf16" and "bf16 weights" in auto["weight_form"]
+        assert 2 * n < auto["weight_bytes"] < 3 * n  # embeddings and norms stay fp32
+        assert auto["decode_bytes_per_token"] < d["decode_bytes_per_token"] * 0.6
+    else:
+        assert auto["weight_bytes"] == 4 * n
     # an explicit dtype is honoured (only shapes are built: no bf16 matmul runs)
     d16 = model_info(str(path), dtype="bfloat16")
     assert d16["compute_dtype"] == "bfloat16" and d16["weight_bytes"] == 2 * n

@@ -3,6 +3,9 @@
 int8: ``q [N, Kp]`` int8 with ``Kp`` the input size zero-padded to a multiple of
 `INT8_K_ALIGN`, ``scale [N]`` fp32; ``w = q * scale``.
 
+bf16: ``w [N, Kp]`` bf16, ``Kp`` padded to a multiple of `BF16_K_ALIGN`; widened to fp32
+exactly (a 16-bit shift), so the math is the fp32 math of the upcast weight.
+
 int4: ``q [N, Kp/2]`` uint8 with ``Kp`` padded to a multiple of `INT4_CHUNK` and of the group
 size. Each 32-byte chunk ``c`` of a row holds weights ``64c .. 64c+31`` in its low nibbles and
 ``64c+32 .. 64c+63`` in its high nibbles: one 256-bit load, an AND and a shift give two
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 INT8_K_ALIGN = 128
+BF16_K_ALIGN = 8  # one 8-wide fp32 vector per step
 INT8_ACT_BLOCK = 128
 INT4_CHUNK = 64
 INT4_GROUP_SIZES = (32, 64, 128, 256)

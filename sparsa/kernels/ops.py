@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from sparsa.kernels import load
-from sparsa.kernels.layout import INT4_CHUNK, INT4_GROUP_SIZES, INT8_K_ALIGN
+from sparsa.kernels.layout import BF16_K_ALIGN, INT4_CHUNK, INT4_GROUP_SIZES, INT8_K_ALIGN
 
 
 def _ext():
@@ -75,6 +75,16 @@ def int4_gemm(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
     _check_int4(q, sm, group_size, ())
     x = _check_x(x, q.shape[1] * 2)
     return _ext().int4_gemm(x, q, sm, int(group_size))
+
+
+def bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] fp32 @ (w [N, Kp] bf16)^T -> [T, N] fp32, each weight widened exactly to fp32
+    (Kp a multiple of `BF16_K_ALIGN`, zero padded past K)."""
+    _check(w, "w", torch.bfloat16, 2)
+    x = _check_x(x, w.shape[1])
+    if w.shape[1] % BF16_K_ALIGN:
+        raise ValueError(f"bf16 weight K={w.shape[1]} must be a multiple of {BF16_K_ALIGN}")
+    return _ext().bf16_gemm(x, w)
 
 
 def _check_moe(x: torch.Tensor, n13: int, e: int, h: int, topk_ids: torch.Tensor,

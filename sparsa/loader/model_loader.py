@@ -277,7 +277,7 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
         init_dummy_weights(model, mc.seed)
     else:
         load_weights(model, SafetensorsCheckpoint(resolved.model_dir))
-    qc = mc.quant_config()
+    qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
     if qc.enabled:
         from sparsa.layers.quantization import quantize_model
 

@@ -36,7 +36,7 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Sparsa vs llama.cpp's server (with --vs-llamacpp MODEL)")
     g.add_argument("--vs-llamacpp", metavar="MODEL", default=None,
                    help="serve MODEL with Sparsa and with llama-server in turn and compare")
-    g.add_argument("--quantization", "-q", default="int8", choices=["none", "int8", "int4"],
+    g.add_argument("--quantization", "-q", default="int8", choices=["none", "int8", "int4", "bf16"],
                    help="Sparsa weight format; llama.cpp gets the type of equal bits")
     g.add_argument("--group-size", type=int, default=64, help="int4 group size")
     g.add_argument("--request-rates", default="0.25,0.5",

@@ -172,3 +172,20 @@ def test_thread_count_does_not_change_results(threads):
         assert torch.equal(ops.int8_gemm(x, q, s), ref)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("N,K", [(37, 96), (64, 256), (5, 515)])
+def test_bf16_gemm_is_fp32_math_of_the_widened_weight(T, N, K):
+    g = torch.Generator().manual_seed(N * K + T)
+    kp = layout.pad_to(K, layout.BF16_K_ALIGN)
+    w = F.pad(torch.randn(N, K, generator=g), (0, kp - K)).to(torch.bfloat16)
+    x = torch.randn(T, K, generator=g)
+    y = ops.bf16_gemm(x, w)
+    assert y.shape == (T, N) and y.dtype == torch.float32
+    ref = (x.double() @ w[:, :K].double().t()).float()
+    assert _rel(y, ref) < 1e-6  # exact widening: only fp32 summation order differs
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ops.bf16_gemm(torch.randn(1, 4), torch.zeros(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"w must be torch\.bfloat16"):
+        ops.bf16_gemm(x, w.float())

@@ -10,6 +10,7 @@ from sparsa.layers import quantization as qz
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import (
+    Bf16Linear,
     Int4Linear,
     Int8Linear,
     QuantConfig,
@@ -29,7 +30,8 @@ native = pytest.mark.skipif(not kernels.available(), reason="native kernels unav
 def policy(monkeypatch):
     """Set the native-kernel row thresholds for one test (0: always the reference path)."""
     def set_rows(rows: int) -> None:
-        monkeypatch.setattr(qz.matmul, "_policy", dict.fromkeys(("int8", "int4", "moe"), rows))
+        monkeypatch.setattr(qz.matmul, "_policy",
+                            dict.fromkeys(("int8", "int4", "bf16", "moe"), rows))
     yield set_rows
     qz.matmul._policy = None
 
@@ -162,3 +164,59 @@ def test_tiny_moe_model_logits_close(method, tmp_path):
     diff = (ours - ref).abs().max().item()
     print(f"{method}: max |logit diff| = {diff:.4f} (logit range {ref.abs().max():.2f})")
     assert diff < (0.05 if method == "int8" else 0.5) * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("T", [1, 3, 33])
+def test_bf16_linear_and_experts_are_fp32_math_of_bf16_weights(T, policy):
+    lin = _linear(100, 77, bias=True)
+    m = Bf16Linear.from_linear(lin)
+    assert m.weight_bf16.dtype == torch.bfloat16 and m.weight_bf16.shape == (77, 104)
+    w = (lin.weight.data.t() if lin.transposed else lin.weight.data).to(torch.bfloat16).float()
+    assert torch.equal(m.dequantize(), w)
+    x = torch.randn(T, 100)
+    ref = x @ w.t() + lin.bias.data
+    for rows in (0, 64):  # widened tiles + fp32 GEMM, then the native kernel
+        policy(rows)
+        assert _rel(m(x), ref) < 1e-6
+    ex = _experts(H=64, inter=36)
+    qe = QuantizedExperts(ex, QuantConfig("bf16"))
+    deq = _experts(H=64, inter=36)
+    deq.w13.data.copy_(ex.w13.data.to(torch.bfloat16).float())
+    deq.w2.data.copy_(ex.w2.data.to(torch.bfloat16).float())
+    wts, ids = torch.rand(T, 2).softmax(-1), torch.stack([torch.randperm(4)[:2] for _ in range(T)])
+    xe = torch.randn(T, 64)
+    ref = deq(xe, wts, ids)
+    for rows in (0, 64):
+        policy(rows)
+        assert _rel(qe(xe, wts, ids), ref) < 1e-6
+    assert module_bytes(qe) == 2 * (4 * 72 * 64 + 4 * 64 * 40)  # bf16, inter padded to 40
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_bf16_checkpoint_keeps_bf16_weights_and_matches_transformers(arch, tmp_path):
+    """A bf16 checkpoint on CPU is held in bf16 by default (half the bytes per token) and its
+    logits still match transformers computing in fp32 on the same (upcast) weights."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa import LLM, SamplingParams
+    from sparsa.engine.llm_engine import prompt_logits
+    from tests.tiny_models import build_tiny_checkpoint
+
+    hf, _ = build_tiny_checkpoint(arch, tmp_path / "fp32")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    # the reference: the bf16 checkpoint upcast at load (fresh fp32 rotary tables)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    ids = list(range(3, 40))
+    llm = LLM(str(tmp_path / "bf16"))
+    model = llm.engine.model
+    assert any(isinstance(m, Bf16Linear) for m in model.modules())
+    assert any(isinstance(m, QuantizedExperts) and m.method == "bf16" for m in model.modules())
+    ours = prompt_logits(llm.engine, ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 1e-4
+    up = LLM(str(tmp_path / "bf16"), quantization="none")  # the old form: upcast to fp32
+    assert not any(isinstance(m, Bf16Linear) for m in up.engine.model.modules())
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert llm.generate([ids], sp)[0].outputs[0].token_ids == \
+        up.generate([ids], sp)[0].outputs[0].token_ids

@@ -228,19 +228,39 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
     for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
 }
 
+// ---- bf16 tile: weights widened to fp32 exactly (a shift), fp32 FMA against fp32 x ------
+
+template <int R, int TT>
+inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* const* x,
+                      float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wf = bf16x8(w + r * ldw + k);
+      for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
 // ---- row drivers: rows [n0, n1) of one weight matrix for T activation rows ----------------
 // Rows go in blocks of 4 (2 when TT >= 3, to stay inside 16 ymm registers); for T > 4 the
 // activation rows go in chunks of 4 over the same row block, whose weights are then still in
 // L1/L2, so batched decode reads each weight from memory once.
 
-enum class Kind { I8Q8, I8F32, I4 };
+enum class Kind { I8Q8, I8F32, I4, BF16 };
 
 struct Mat {
   Kind kind;
-  const void* w;       // int8 [N, Kp] or uint8 [N, Kp/2]
-  int64_t ldw;         // bytes per row
+  const void* w;       // int8 [N, Kp], uint8 [N, Kp/2] or bf16 [N, Kp]
+  int64_t ldw;         // bytes per row (elements for bf16)
   int64_t Kp;          // padded reduction length
-  const float* scale;  // int8: [N]
+  const float* scale;  // int8: [N]; null for int4 / bf16
   const uint16_t* sm;  // int4: [N, ng, 2] bf16
   int64_t ng, G;       // int4 groups per row, group size
 };
@@ -253,6 +273,9 @@ inline void tile(const Mat& m, int64_t n, const QAct* a, const float* const* xf,
       break;
     case Kind::I8F32:
       i8f32_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res);
+      break;
+    case Kind::BF16:
+      bf16_tile<R, TT>(static_cast<const uint16_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res);
       break;
     case Kind::I4: {
       static thread_local std::vector<float> sd;  // per-thread scratch of the int4 prologue
@@ -268,7 +291,7 @@ template <int R, int TT>
 inline void store(const Mat& m, int64_t n, const float* res, float* const* out) {
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r)
-      out[t][n + r] = m.kind == Kind::I4 ? res[t * R + r] : res[t * R + r] * m.scale[n + r];
+      out[t][n + r] = m.scale ? res[t * R + r] * m.scale[n + r] : res[t * R + r];
 }
 
 template <int TT>
@@ -355,7 +378,10 @@ torch::Tensor gemm(const torch::Tensor& x, const Mat& m, int64_t N) {
   QActs qa;
   std::vector<float> xpad;
   std::vector<const float*> xf(T);
-  if (m.kind == Kind::I8F32) {
+  const bool fp32_x = m.kind == Kind::I8F32 || m.kind == Kind::BF16;
+  if (fp32_x && K == m.Kp) {
+    for (int64_t t = 0; t < T; ++t) xf[t] = xp + t * K;
+  } else if (fp32_x) {
     xpad.assign(T * m.Kp, 0.f);
     for (int64_t t = 0; t < T; ++t) {
       std::memcpy(xpad.data() + t * m.Kp, xp + t * K, K * sizeof(float));
@@ -365,7 +391,7 @@ torch::Tensor gemm(const torch::Tensor& x, const Mat& m, int64_t N) {
     qa.init(T, m.Kp, m.kind == Kind::I4 ? m.G : kQB);
     for (int64_t t = 0; t < T; ++t) qa.quantize(t, xp + t * K, K);
   }
-  const QAct* a = m.kind == Kind::I8F32 ? nullptr : qa.rows.data();
+  const QAct* a = fp32_x ? nullptr : qa.rows.data();
   at::parallel_for(0, N, row_grain(m.Kp), [&](int64_t n0, int64_t n1) {
     run_rows(m, n0, n1, a, xf.data(), out.data(), T);
   });
@@ -378,6 +404,11 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, b
 
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor sm, int64_t G) {
   return gemm(x, int4_mat(q, sm, G), q.size(0));
+}
+
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor w) {
+  const Mat m{Kind::BF16, w.data_ptr(), w.size(1), w.size(1), nullptr, nullptr, 0, 0};
+  return gemm(x, m, w.size(0));
 }
 
 // ---- fused MoE (decode) -------------------------------------------------------------------
@@ -548,6 +579,7 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
   m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
+  m.def("bf16_gemm", &bf16_gemm, "x [T,K] f32 @ (w [N,Kp] bf16)^T, fp32 math");
   m.def("moe_int8", &moe_int8, "fused SwiGLU MoE over int8 experts");
   m.def("moe_int4", &moe_int4, "fused SwiGLU MoE over int4 experts");
   m.def("int8_dequant", &int8_dequant, "int8 rows -> fp32");

@@ -6,6 +6,7 @@ norms, embeddings and the KV cache stay as they are.
 """
 
 from sparsa.layers.quantization.matmul import (
+    bf16_matmul,
     int4_matmul,
     int4_matmul_reference,
     int8_matmul,
@@ -13,7 +14,12 @@ from sparsa.layers.quantization.matmul import (
     kernel_policy,
 )
 from sparsa.layers.quantization.model import module_bytes, quantize_linear, quantize_model
-from sparsa.layers.quantization.modules import Int4Linear, Int8Linear, QuantizedExperts
+from sparsa.layers.quantization.modules import (
+    Bf16Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedExperts,
+)
 from sparsa.layers.quantization.schemes import (
     INT4_GROUP_SIZES,
     METHODS,
@@ -28,9 +34,27 @@ from sparsa.layers.quantization.schemes import (
 )
 
 __all__ = [
-    "INT4_GROUP_SIZES", "METHODS", "Int4Linear", "Int8Linear", "QuantConfig",
-    "QuantizedExperts", "dequantize_int4", "dequantize_int4_packed", "dequantize_int8",
-    "int4_matmul", "int4_matmul_reference", "int8_matmul", "int8_matmul_reference",
-    "kernel_policy", "module_bytes", "quantize_int4", "quantize_int4_packed", "quantize_int8",
-    "quantize_int8_padded", "quantize_linear", "quantize_model",
+    "INT4_GROUP_SIZES",
+    "METHODS",
+    "Bf16Linear",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantConfig",
+    "QuantizedExperts",
+    "bf16_matmul",
+    "dequantize_int4",
+    "dequantize_int4_packed",
+    "dequantize_int8",
+    "int4_matmul",
+    "int4_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "kernel_policy",
+    "module_bytes",
+    "quantize_int4",
+    "quantize_int4_packed",
+    "quantize_int8",
+    "quantize_int8_padded",
+    "quantize_linear",
+    "quantize_model",
 ]

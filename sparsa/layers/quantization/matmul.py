@@ -38,7 +38,7 @@ def kernel_policy() -> dict[str, int]:
     The thresholds sit lower (32 / 16) since an idle machine's fp32 GEMM gains more."""
     global _policy
     if _policy is None:
-        policy = {"int8": 32, "int4": 32, "moe": 16}
+        policy = {"int8": 32, "int4": 32, "bf16": 32, "moe": 16}
         env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
         if env:
             policy = dict.fromkeys(policy, int(env))
@@ -112,4 +112,25 @@ def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
         w = ops.int4_dequant(q[n0:n1], sm[n0:n1], group_size) if native \
             else dequantize_int4_packed(q[n0:n1], sm[n0:n1], dtype=dt)
         out[:, n0:n1] = xd @ w.t()
+    return out
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ w^T for a bf16 weight w [N, Kp] (zero padded past K), computed in fp32 (or
+    x's dtype off the CPU): exact upcast of the weight, no bf16 GEMM on a CPU without one."""
+    T = x.shape[0]
+    if use_native(x, T, "bf16"):
+        return ops.bf16_gemm(x.float(), w).to(x.dtype)
+    if x.shape[1] != w.shape[1]:
+        x = F.pad(x, (0, w.shape[1] - x.shape[1]))
+    dt = _dt(x)
+    if x.device.type != "cpu" and dt == torch.bfloat16:
+        return x @ w.t()  # a GPU with bf16 GEMMs
+    xd = x.to(dt)
+    N, K = w.shape
+    step = max(1, _DEQUANT_BLOCK_ELEMS // K)
+    out = torch.empty(T, N, dtype=dt, device=x.device)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        out[:, n0:n1] = xd @ w[n0:n1].to(dt).t()
     return out

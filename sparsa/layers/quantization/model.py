@@ -9,7 +9,12 @@ from torch import nn
 
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts
-from sparsa.layers.quantization.modules import Int4Linear, Int8Linear, QuantizedExperts
+from sparsa.layers.quantization.modules import (
+    Bf16Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedExperts,
+)
 from sparsa.layers.quantization.schemes import QuantConfig
 
 
@@ -44,6 +49,8 @@ def quantize_linear(linear: Linear, config: QuantConfig) -> nn.Module:
         return Int8Linear.from_linear(linear)
     if config.method == "int4":
         return Int4Linear.from_linear(linear, config.group_size, config.clip_search)
+    if config.method == "bf16":
+        return Bf16Linear.from_linear(linear)
     raise ValueError(f"nothing to quantize with method {config.method!r}")
 
 

@@ -7,16 +7,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsa.kernels import ops
-from sparsa.kernels.layout import INT8_K_ALIGN, int4_padded_k, pad_to
+from sparsa.kernels.layout import BF16_K_ALIGN, INT8_K_ALIGN, int4_padded_k, pad_to
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts, GroupedExperts
-from sparsa.layers.quantization.matmul import int4_matmul, int8_matmul, use_native
+from sparsa.layers.quantization.matmul import (
+    bf16_matmul,
+    int4_matmul,
+    int8_matmul,
+    use_native,
+)
 from sparsa.layers.quantization.schemes import (
     QuantConfig,
     dequantize_int4_packed,
     dequantize_int8,
     quantize_int4_packed,
     quantize_int8_padded,
+    to_bf16_padded,
 )
 
 
@@ -81,6 +87,27 @@ class Int8Linear(_QuantizedLinearBase):
         return dequantize_int8(self.qweight[:, : self.in_features], self.scale)
 
 
+class Bf16Linear(_QuantizedLinearBase):
+    """Drop-in for `Linear` with the weight held in bf16 and multiplied in fp32."""
+
+    method = "bf16"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._init_common(weight, bias)
+        self.register_buffer("weight_bf16", to_bf16_padded(weight))
+
+    @classmethod
+    def from_linear(cls, linear: Linear) -> Bf16Linear:
+        return cls._from(cls(_weight_nk(linear), linear.bias), linear)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_matmul(x, self.weight_bf16)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_bf16[:, : self.in_features].float()
+
+
 class Int4Linear(_QuantizedLinearBase):
     """Drop-in for `Linear` with a group-wise asymmetric int4 weight."""
 
@@ -121,8 +148,8 @@ class Int4Linear(_QuantizedLinearBase):
 
 
 class QuantizedExperts(GroupedExperts):
-    """Drop-in for `FusedExperts` with int8 or int4 expert weights (each expert quantized on
-    its own, with the same scheme as the linear layers). Weights are kept [out, in] per
+    """Drop-in for `FusedExperts` with int8, int4 or bf16 expert weights (each expert
+    quantized on its own, with the same scheme as the linear layers). Weights are kept [out, in] per
     expert: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
 
     Small batches run the fused native MoE kernel (one C++ call per layer); larger ones, and
@@ -145,7 +172,13 @@ class QuantizedExperts(GroupedExperts):
         self._shapes = {"w13": (2 * inter, H), "w2": (H, inter)}
         for name, (N, K) in self._shapes.items():
             src = getattr(experts, name).data  # [E, K, N]
-            if self.method == "int8":
+            if self.method == "bf16":
+                w = torch.empty(E, N, pad_to(K, BF16_K_ALIGN), dtype=torch.bfloat16,
+                                device=dev)
+                for e in range(E):
+                    w[e] = to_bf16_padded(src[e].t())
+                self.register_buffer(f"{name}_w", w)
+            elif self.method == "int8":
                 q = torch.empty(E, N, pad_to(K, INT8_K_ALIGN), dtype=torch.int8, device=dev)
                 s = torch.empty(E, N, dtype=torch.float32, device=dev)
                 for e in range(E):
@@ -172,6 +205,8 @@ class QuantizedExperts(GroupedExperts):
         return out
 
     def _mm(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.method == "bf16":
+            return bf16_matmul(x, getattr(self, f"{name}_w")[e])
         if self.method == "int8":
             return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e])
         sm32 = getattr(self, f"{name}_sm_f32")
@@ -185,7 +220,7 @@ class QuantizedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        if not use_native(x, x.shape[0], "moe"):
+        if self.method == "bf16" or not use_native(x, x.shape[0], "moe"):
             return super().forward(x, topk_weights, topk_ids)
         xf = x.float()
         if self.method == "int8":
@@ -199,7 +234,9 @@ class QuantizedExperts(GroupedExperts):
     def dequantize(self, name: str, e: int) -> torch.Tensor:
         """Expert e's effective `name` ('w13' | 'w2') weight in FusedExperts' layout [K, N]."""
         N, K = self._shapes[name]
-        if self.method == "int8":
+        if self.method == "bf16":
+            w = getattr(self, f"{name}_w")[e][:, :K].float()
+        elif self.method == "int8":
             w = dequantize_int8(getattr(self, f"{name}_q")[e][:, :K],
                                 getattr(self, f"{name}_s")[e])
         else:

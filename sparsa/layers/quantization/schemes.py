@@ -1,6 +1,8 @@
 """Quantization schemes (plain PyTorch, any device) and the config that selects one.
 
 * ``int8``: symmetric, one scale per output channel: ``w = q * s``, ``q`` in [-127, 127].
+* ``bf16``: weights stored in bf16 (half of fp32), widened exactly to fp32 for the math; the
+  form for bf16 checkpoints on a CPU without bf16 GEMMs (lossless for them).
 * ``int4``: asymmetric, one (scale, min) pair per group of ``group_size`` input channels of
   each output channel: ``w = q * s + m``, ``q`` in [0, 15]. The range of every group is
   clipped by the shrink factor (from a small grid) that minimizes the group's squared error.
@@ -18,6 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from sparsa.kernels.layout import (
+    BF16_K_ALIGN,
     INT4_GROUP_SIZES,
     INT8_K_ALIGN,
     int4_padded_k,
@@ -26,7 +29,7 @@ from sparsa.kernels.layout import (
     unpack_int4,
 )
 
-METHODS = ("none", "int8", "int4")
+METHODS = ("none", "int8", "int4", "bf16")
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _MIN_SCALE = 1e-10  # bf16 keeps fp32's exponent range, so this is representable
 
@@ -35,9 +38,9 @@ _MIN_SCALE = 1e-10  # bf16 keeps fp32's exponent range, so this is representable
 class QuantConfig:
     """What `quantize_model` does.
 
-    method: "none" | "int8" | "int4". group_size: input channels per int4 scale (ignored for
-    int8). skip_lm_head: keep the LM head in full precision. skip_router: keep MoE routers
-    (`...mlp.gate`, `shared_expert_gate`) in full precision; they are tiny and the top-k
+    method: "none" | "int8" | "int4" | "bf16". group_size: input channels per int4 scale
+    (ignored otherwise). skip_lm_head: keep the LM head in full precision. skip_router: keep
+    MoE routers (`...mlp.gate`, `shared_expert_gate`) in full precision; they are tiny and the top-k
     choice is sensitive to their precision. clip_search: int4 only, pick each group's range
     by minimum squared error over a few shrink factors instead of plain min/max.
     """
@@ -164,3 +167,11 @@ def dequantize_int4_packed(packed: torch.Tensor, sm: torch.Tensor, n: int | None
     smf = sm.to(dtype)
     w = dequantize_int4(unpack_int4(packed), smf[:, 0], smf[:, 1], dtype)
     return w[:n, :k]
+
+
+def to_bf16_padded(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> bf16 [N, Kp], zero padded to `BF16_K_ALIGN` (the kernel layout)."""
+    K = weight.shape[1]
+    w = weight.detach().to(torch.bfloat16)
+    kp = pad_to(K, BF16_K_ALIGN)
+    return (F.pad(w, (0, kp - K)) if kp != K else w).contiguous()
