@@ -29,7 +29,8 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     t = time.perf_counter()
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
               offload_prefetch=args.prefetch, offload_on_miss=on_miss[0],
-              offload_low_precision=on_miss[1], num_threads=args.threads,
+              offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
+              num_threads=args.threads,
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
     load_s = time.perf_counter() - t
     vocab = llm.engine.hf_config.vocab_size
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, int4, int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")
+    ap.add_argument("--io-threads", type=int, default=2, help="expert-loading threads")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args(argv)

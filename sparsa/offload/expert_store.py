@@ -166,7 +166,11 @@ class ExpertCache:
 
     def __init__(self, reader: ExpertReader, num_layers: int, num_experts: int,
                  expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
-                 io_threads: int = 2, clock: Callable[[], float] | None = None):
+                 io_threads: int = 2, clock: Callable[[], float] | None = None,
+                 max_inflight: int | None = None):
+        """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
+        that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
+        queued behind busy I/O threads would only hold budget and arrive too late)."""
         if budget_bytes < expert_bytes:
             raise ValueError(f"expert memory budget {budget_bytes} B holds no expert "
                              f"({expert_bytes} B each)")
@@ -192,6 +196,7 @@ class ExpertCache:
         self._t = 0  # policy step: one per get()
         self.stats = CacheStats()
         self._S = S
+        self.max_inflight = max_inflight
 
     # ---- accounting ---------------------------------------------------------------------
 
@@ -219,6 +224,14 @@ class ExpertCache:
                 and entry.future.exception() is None:
             entry.weights = entry.future.result()
         return entry.weights is not None
+
+    def _io_busy(self) -> bool:
+        """max_inflight loads are in flight (lock held)."""
+        if self.max_inflight is None:
+            return False
+        n = sum(1 for e in self._entries.values()
+                if e.weights is None and e.future is not None and not e.future.done())
+        return n >= self.max_inflight
 
     def _make_room(self, protect: set[tuple[int, int]]) -> bool:
         """Evict until one more expert fits; False if everything left is pinned/protected
@@ -275,7 +288,7 @@ class ExpertCache:
                 key = (layer, int(e))
                 if key in self._entries:
                     continue
-                if not self._make_room(protect or set()):
+                if self._io_busy() or not self._make_room(protect or set()):
                     break
                 self._start_load(key, prefetched=True)
                 self.stats.prefetches += 1
@@ -287,7 +300,7 @@ class ExpertCache:
         """The expert's weights, pinned until `release`; waits for a load in flight or
         demand-loads a miss. With `wait=False`, an expert that is not ready returns None
         (nothing pinned; counted in `low_precision_substitutions`) after starting its load
-        if the budget has room without waiting."""
+        if the budget has room without waiting (and fewer than `max_inflight` are loading)."""
         key = (layer, expert)
         with self._lock:
             self._t += 1
@@ -298,7 +311,7 @@ class ExpertCache:
                 if wait:
                     self._make_room_waiting(protect or set())
                     entry = self._start_load(key, prefetched=False)
-                elif self._make_room(protect or set()):
+                elif not self._io_busy() and self._make_room(protect or set()):
                     entry = self._start_load(key, prefetched=False)
             elif self._ready(entry):
                 self.stats.hits += 1

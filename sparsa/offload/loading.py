@@ -95,7 +95,8 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     reader = ExpertReader(locations, store_dtype, oc.direct_io, device)
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
-                        policy=oc.policy, io_threads=oc.io_threads)
+                        policy=oc.policy, io_threads=oc.io_threads,
+                        max_inflight=oc.io_threads if oc.on_miss == "low_precision" else None)
     lowp = None
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed

@@ -143,6 +143,22 @@ def test_acquire_without_wait_starts_the_load_and_substitutes():
         cache.close()
 
 
+def test_max_inflight_caps_loads_without_wait():
+    reader = _GatedReader()
+    cache = ExpertCache(reader, 1, 4, expert_bytes=100, budget_bytes=400, max_inflight=1)
+    try:
+        assert cache.prefetch(0, [0, 1, 2]) == 1  # one load at a time: no queue
+        assert cache.acquire(0, 3, wait=False) is None and (0, 3) not in cache._entries
+        reader.gate.set()
+        cache.settle()
+        assert cache.acquire(0, 3, wait=False) is None and (0, 3) in cache._entries
+        cache.settle()
+        assert cache.resident() == {(0, 0), (0, 3)}
+    finally:
+        reader.gate.set()
+        cache.close()
+
+
 def test_failed_background_load_raises_without_wait():
     reader = _GatedReader(fail=True)
     cache = ExpertCache(reader, 1, 2, expert_bytes=100, budget_bytes=100)
