@@ -278,3 +278,20 @@ def test_bad_values_raise():
     for bad in ("", "wait,int3", "fiddler"):
         with pytest.raises(ValueError, match="on-miss"):
             parse_on_miss(bad)
+
+
+def test_eval_ppl_compares_miss_handlings(tmp_path):
+    from sparsa.eval_ppl import compare_offload, evaluate_perplexity, format_table, read_documents
+    from sparsa.tokenizer import shared_dir
+
+    model = shared_dir() / "models" / "tinymoe-stories"
+    if not model.exists():
+        pytest.skip(f"{model} not found (set SPARSA_SHARED)")
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a dog.\n\nTom and Sue went to the park.\n")
+    ref = evaluate_perplexity(LLM(str(model)), read_documents(text))
+    res = compare_offload(str(model), str(text), "25%", parse_on_miss("wait,int8"))
+    assert res[0].perplexity == ref.perplexity and res[0].offload["on_miss"] == "wait"
+    assert res[1].offload["low_precision"] == "int8"
+    assert res[1].perplexity == pytest.approx(ref.perplexity, rel=0.02)
+    assert "computed in low precision" in format_table(res)
