@@ -87,6 +87,19 @@ def bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _ext().bf16_gemm(x, w)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of fp32 rows x [T, H] (rows contiguous) with weight [H]; one native call.
+    Unchecked beyond what the caller (`sparsa.layers.norm.RMSNorm`) guarantees: it runs
+    once per layer per step, where a Python check would cost as much as the op."""
+    return _ext().rms_norm(x, weight, float(eps))
+
+
+def rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> None:
+    """NeoX rotary embedding in place on fp32 x [T, heads, D] (last dim contiguous) with
+    cos/sin [T, rotary_dim] contiguous rows; the caller (`RotaryEmbedding`) guarantees it."""
+    _ext().rope_neox_(x, cos, sin, int(rotary_dim))
+
+
 def _check_moe(x: torch.Tensor, n13: int, e: int, h: int, topk_ids: torch.Tensor,
                topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
