@@ -8,7 +8,8 @@ name (dummy weights written once, as `sparsa bench` does); llama.cpp gets the GG
 bits that its own converter writes (`-q int8` -> Q8_0, `-q int4` -> Q4_K_M, none -> F32).
 
 Prompts are token ids, so both engines see exactly the same prompt lengths; every request
-ignores EOS and produces its full output length. Metrics and goodput are vLLM's (see
+ignores EOS and produces its full output length. Each rate gets its own prompts (seed + i),
+the same for both engines. Metrics and goodput are vLLM's (see
 `sparsa.bench_serve`); the ratio printed is Sparsa / llama.cpp per rate.
 """
 
@@ -132,8 +133,10 @@ def run_engine(name: str, model: Path, args: argparse.Namespace, rates: list[flo
         warm = _load(args, base, vocab, None, num_prompts=2, seed=args.seed + 999)
         warm.max_concurrency = 1
         asyncio.run(run_benchmark(warm, make_requests(warm)))
-        for rate in rates:
-            w = _load(args, base, vocab, rate)
+        for i, rate in enumerate(rates):
+            # fresh prompts per rate (same across engines): a repeated prompt would be served
+            # from either engine's prompt cache and flatter every rate after the first
+            w = _load(args, base, vocab, rate, seed=args.seed + i)
             results, duration = asyncio.run(run_benchmark(w, make_requests(w)))
             m = summarize(results, duration, slos)
             print_report(m, f"{name}, {rate:g} req/s")
