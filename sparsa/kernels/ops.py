@@ -175,3 +175,25 @@ def int4_dequant(q: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Te
     _check(sm, "sm", torch.bfloat16, 3)
     _check_int4(q, sm, group_size, ())
     return _ext().int4_dequant(q, sm, int(group_size))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float, window: int | None) -> torch.Tensor:
+    """Decode attention over the paged fp32 KV pools, in place (no gather): q [S, Hq, Dk],
+    k_cache [NB, bs, Hkv, Dk], v_cache [NB, bs, Hkv, Dv], block_tables [S, W] int64,
+    context_lens [S] int64 -> [S, Hq, Dv]. Checks are the cheap shape/dtype ones; block
+    ids are trusted (they come from the engine's own BlockManager)."""
+    for t, n, nd in ((q, "q", 3), (k_cache, "k_cache", 4), (v_cache, "v_cache", 4)):
+        _check(t, n, torch.float32, nd)
+    _check(block_tables, "block_tables", torch.int64, 2)
+    _check(context_lens, "context_lens", torch.int64, 1)
+    S, hq, dk = q.shape
+    nb, bs, hkv, kdk = k_cache.shape
+    if kdk != dk or tuple(v_cache.shape[:3]) != (nb, bs, hkv) or hq % hkv:
+        raise ValueError(f"inconsistent attention shapes q {tuple(q.shape)}, "
+                         f"k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if block_tables.shape[0] != S or context_lens.shape[0] != S:
+        raise ValueError("block_tables and context_lens need one row per query")
+    return _ext().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                         float(scale), int(window or 0))

@@ -1,8 +1,9 @@
 """Attention over a paged KV cache.
 
 The model runner lays a step's tokens out as [decode tokens | prefill chunks]. Decode
-sequences (one query each) are attended in one batched SDPA call over their gathered
-blocks; each prefill chunk attends to its cached prefix plus itself with a causal mask
+sequences (one query each) are attended in one call: on CPU with fp32 pools a native kernel
+walks each sequence's block table in place (`sparsa.kernels.ops.paged_decode_attention`);
+elsewhere one batched SDPA over their gathered blocks. Each prefill chunk attends to its cached prefix plus itself with a causal mask
 offset by the prefix length, which is what makes chunked prefill and prefix reuse exact.
 """
 
@@ -12,6 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
+
+from sparsa import kernels
+from sparsa.kernels import ops
 
 
 @dataclass
@@ -71,6 +75,12 @@ def _prefill_mask(chunk: PrefillChunk, window: int | None, device) -> torch.Tens
     return mask
 
 
+def _native_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
+    return (kc.device.type == "cpu" and kc.dtype == torch.float32 and vc.dtype == torch.float32
+            and q.dtype == torch.float32 and not (q.requires_grad and torch.is_grad_enabled())
+            and kernels.available())
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, Dk]
     k: torch.Tensor,  # [T, Hkv, Dk]
@@ -90,7 +100,11 @@ def paged_attention(
     gqa = Hq != kc.shape[2]
 
     nd = meta.num_decodes
-    if nd:
+    if nd and _native_decode(q, kc, vc):
+        out[:nd] = ops.paged_decode_attention(
+            q[:nd].contiguous(), kc, vc, meta.decode_block_tables, meta.decode_context_lens,
+            scale, sliding_window)
+    elif nd:
         bt = meta.decode_block_tables
         nblk = (meta.decode_max_len + bs - 1) // bs
         bt = bt[:, :nblk]

@@ -1,0 +1,174 @@
+// Decode attention straight over the paged KV cache (one query per sequence).
+//
+// The PyTorch path gathers every decode sequence's blocks into a dense [S, L, H, D] copy,
+// pads them to the longest context and runs SDPA with a mask: each step copies the whole
+// cache of every running sequence and pays a dozen small ops per layer. Here each
+// (sequence, kv head) task walks its block table in place: scores for the whole context
+// (all query heads of the GQA group share each K row read), an exact softmax, then one pass
+// over V. fp32 only; the caller keeps the PyTorch path for other dtypes and devices.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x for x <= 0 (softmax arguments after subtracting the max): range reduction by ln 2,
+// a degree-6 polynomial on [-ln2/2, ln2/2] (relative error ~2e-7, below fp32 rounding of
+// the sums that follow), and the exponent built in the integer unit. Below -87 the result
+// flushes to 0, as expf does for practical purposes.
+inline __m256 exp_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8)
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  float s = hsum8(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// softmax of s[0..n) in place; returns nothing, s holds probabilities
+void softmax_(float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  double sum = hsum8(acc);
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  const __m256 iv = _mm256_set1_ps(inv);
+  i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(s + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), iv));
+  for (; i < n; ++i) s[i] *= inv;
+}
+
+}  // namespace
+
+// q [S, Hq, Dk]; kc [NB, bs, Hkv, Dk], vc [NB, bs, Hkv, Dv] (the pools, K/V of this step
+// already written); block_tables [S, W] int64; context_lens [S] int64 (tokens to attend,
+// this step's included); window > 0 keeps only the last `window` positions.
+// Returns [S, Hq, Dv].
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
+                                     torch::Tensor block_tables, torch::Tensor context_lens,
+                                     double scale, int64_t window) {
+  const int64_t S = q.size(0), Hq = q.size(1), Dk = q.size(2);
+  const int64_t bs = kc.size(1), Hkv = kc.size(2), Dv = vc.size(3);
+  const int64_t W = block_tables.size(1);
+  const int64_t group = Hq / Hkv;
+  auto out = torch::empty({S, Hq, Dv}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* cl = context_lens.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t k_tok = Hkv * Dk, v_tok = Hkv * Dv;  // floats per cached token
+  const float sc = static_cast<float>(scale);
+
+  auto tasks = [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t s = task / Hkv, h = task % Hkv;
+      const int64_t ctx = cl[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t n = ctx - first;
+      const int64_t* table = bt + s * W;
+      scores.resize(static_cast<size_t>(group * n));
+      const float* qh = qp + (s * Hq + h * group) * Dk;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        const float* kr = kp + (table[pos / bs] * bs + pos % bs) * k_tok + h * Dk;
+        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qh + g * Dk, kr, Dk) * sc;
+      }
+      for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
+      float* oh = op + (s * Hq + h * group) * Dv;
+      std::fill(oh, oh + group * Dv, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        const float* vr = vp + (table[pos / bs] * bs + pos % bs) * v_tok + h * Dv;
+        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, oh + g * Dv, Dv);
+      }
+    }
+  };
+  // Threads only pay off once a step holds real work: at batch 1 with a short context the
+  // whole call is a few microseconds, less than waking the pool.
+  // The tables come from the engine's BlockManager, but a wrong one must be an error,
+  // not a read outside the pools: validate every block a task will touch, before any runs.
+  const int64_t NB = kc.size(0);
+  int64_t total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cl[s] >= 1 && cl[s] <= W * bs, "context length ", cl[s], " of row ", s,
+                " outside [1, ", W * bs, "]");
+    for (int64_t b = 0; b < (cl[s] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[s * W + b] >= 0 && bt[s * W + b] < NB, "block id ", bt[s * W + b],
+                  " outside the pool of ", NB);
+    total += cl[s];
+  }
+  const int64_t work = total * Hq * (Dk + Dv);
+  if (work < (int64_t(1) << 20)) {
+    tasks(0, S * Hkv);
+  } else {
+    at::parallel_for(0, S * Hkv, 1, tasks);
+  }
+  return out;
+}
+
+void register_paged_attention(pybind11::module& m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "decode attention over a paged fp32 KV cache");
+}
