@@ -1,9 +1,7 @@
 """Experts that live on disk and a budgeted cache of compute-ready copies.
 
-`ExpertReader` fetches one expert's gate/up/down tensors straight from the checkpoint's
-safetensors files with O_DIRECT, so the OS page cache cannot silently serve (and inflate the
-measured hit rate of) a "slow tier" read; where O_DIRECT is refused (tmpfs, some
-filesystems) it reads normally and drops the pages afterwards with posix_fadvise.
+`ExpertReader` (sparsa.offload.expert_reader) fetches one expert's tensors from the
+checkpoint with O_DIRECT, bypassing the OS page cache.
 
 `ExpertCache` holds at most `budget_bytes` of expert weights in the compute dtype, accounted
 per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
@@ -14,8 +12,6 @@ with `wait=False` (on_miss="low_precision"), starts the load and returns None at
 
 from __future__ import annotations
 
-import mmap
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,104 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sparsa.loader.safetensors_reader import CheckpointError, TensorLocation
+from sparsa.offload.expert_reader import ExpertLocation, ExpertReader
 from sparsa.offload.policies import CachePolicy, Stream, make_policy
 
-_ALIGN = 4096
-
-
-@dataclass
-class ExpertLocation:
-    gate: TensorLocation
-    up: TensorLocation
-    down: TensorLocation
-
-
-class ExpertReader:
-    """Reads (layer, expert) -> (w13 [H, 2I], w2 [I, H]) in `dtype`, FusedExperts' layout."""
-
-    def __init__(self, locations: dict[tuple[int, int], ExpertLocation], dtype: torch.dtype,
-                 direct_io: bool = True, device: torch.device | str = "cpu"):
-        self.locations = locations
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self.direct_io = direct_io
-        self._fds: dict[tuple[str, bool], int] = {}
-        self._lock = threading.Lock()
-        self.bytes_read = 0
-
-    def _fd(self, path: str) -> tuple[int, bool]:
-        with self._lock:
-            for direct in ((True, False) if self.direct_io else (False,)):
-                fd = self._fds.get((path, direct))
-                if fd is not None:
-                    return fd, direct
-                flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0)
-                if direct and not getattr(os, "O_DIRECT", 0):
-                    continue
-                try:
-                    fd = os.open(path, flags)
-                except OSError:
-                    if direct:
-                        continue
-                    raise
-                self._fds[(path, direct)] = fd
-                return fd, direct
-        raise OSError(f"cannot open {path}")
-
-    def read_tensor(self, loc: TensorLocation) -> torch.Tensor:
-        fd, direct = self._fd(str(loc.path))
-        start = loc.offset // _ALIGN * _ALIGN
-        end = -(-(loc.offset + loc.nbytes) // _ALIGN) * _ALIGN
-        buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT requires
-        try:
-            n = os.preadv(fd, [buf], start)
-        except OSError as e:
-            if not direct:
-                raise
-            # Some filesystems accept O_DIRECT at open but fail the read: fall back once.
-            with self._lock:
-                self._fds.pop((str(loc.path), True), None)
-                self.direct_io = False
-            os.close(fd)
-            del e
-            return self.read_tensor(loc)
-        if n < loc.offset + loc.nbytes - start:
-            raise CheckpointError(f"{loc.path}: short read of an expert tensor (file truncated "
-                                  f"after it was opened?)")
-        if not direct and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += loc.nbytes
-        lo = loc.offset - start
-        raw = torch.frombuffer(buf, dtype=torch.uint8)[lo : lo + loc.nbytes]
-        t = raw.view(loc.dtype).view(loc.shape).to(self.dtype, copy=True)
-        del raw
-        buf.close()
-        return t
-
-    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.locations.get((layer, expert))
-        if loc is None:
-            raise KeyError(f"no expert {expert} in layer {layer}")
-        gate, up, down = (self.read_tensor(x) for x in (loc.gate, loc.up, loc.down))
-        # A NaN or inf anywhere makes the sum non-finite: one streaming pass per tensor
-        # instead of isfinite's boolean temporary (3x slower here).
-        # (A sum can overflow on huge but finite weights: confirm with isfinite then.)
-        if not all(torch.isfinite(t.sum(dtype=torch.float32)) or bool(torch.isfinite(t).all())
-                   for t in (gate, up, down)):
-            raise CheckpointError(f"layer {layer} expert {expert}: non-finite weights on disk "
-                                  f"(corrupt file {loc.gate.path})")
-        w13 = torch.cat((gate.t(), up.t()), dim=1).contiguous()  # [H, 2I]
-        w2 = down.t().contiguous()  # [I, H]
-        if self.device.type != "cpu":
-            w13, w2 = w13.to(self.device), w2.to(self.device)
-        return w13, w2
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+__all__ = ["CacheStats", "ExpertCache", "ExpertLocation", "ExpertReader"]
 
 
 @dataclass
@@ -155,7 +57,7 @@ class _Entry:
 
     def __init__(self, future: Future | None, prefetched: bool):
         self.future = future
-        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.weights: tuple[torch.Tensor, ...] | None = None
         self.pins = 0
         self.prefetched = prefetched
         self.used = False
@@ -296,7 +198,7 @@ class ExpertCache:
         return started
 
     def acquire(self, layer: int, expert: int, protect: set[tuple[int, int]] | None = None,
-                wait: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+                wait: bool = True) -> tuple[torch.Tensor, ...] | None:
         """The expert's weights, pinned until `release`; waits for a load in flight or
         demand-loads a miss. With `wait=False`, an expert that is not ready returns None
         (nothing pinned; counted in `low_precision_substitutions`) after starting its load

@@ -71,7 +71,13 @@ class LowPrecisionExperts:
 
     def add(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Quantize one expert given in FusedExperts' layout (w13 [H, 2I], w2 [I, H])."""
-        parts = (self._quantize(w13.t()), self._quantize(w2.t()))
+        self.add_out_in(layer, expert, w13.t(), w2.t())
+
+    def add_out_in(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor
+                   ) -> None:
+        """Quantize one expert given as [out, in]: w13 [2I, H] (gate rows, then up), w2
+        [H, I]."""
+        parts = (self._quantize(w13), self._quantize(w2))
         old = self._experts.get((layer, expert))
         if old is not None:
             self.nbytes -= sum(_nbytes(t) for p in old for t in p)
@@ -129,9 +135,12 @@ class LowPrecisionExperts:
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(reader.load, *nxt)))
-                w13, w2 = fut.result()
-                tier.add(*key, w13, w2)
-                del w13, w2
+                w = fut.result()
+                if len(w) == 3:  # the reader's native layout: gate, up, down as [out, in]
+                    tier.add_out_in(*key, torch.cat(w[:2]), w[2])
+                else:
+                    tier.add(*key, *w)
+                del w
         tier.build_seconds = time.perf_counter() - t0
         return tier
 

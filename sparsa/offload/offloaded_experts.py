@@ -5,8 +5,11 @@ loads for every expert its tokens need (all misses in parallel on the I/O thread
 with gate lookahead on, applies the NEXT MoE layer's router to this layer's input and
 prefetches the experts it picks (mixtral-offloading's trick: the residual stream changes
 little between adjacent layers), and only then computes, expert by expert, waiting for each
-load as it needs it. The arithmetic is FusedExperts' own (same layout, same grouping via
-`GroupedExperts`), so outputs are identical to the all-resident model.
+load as it needs it. The grouping is FusedExperts' own (`GroupedExperts`). With the reader's
+"resident" layout the arithmetic is FusedExperts' too (x @ W on [in, out] weights), so outputs
+are bit-identical to the all-resident model; with the default "native" layout (no transpose
+per load) experts compute with F.linear on the checkpoint's [out, in] tensors, which rounds
+differently in the last bits at batch 1 (~1e-6 relative on mixtral-mini shapes).
 
 With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
 its turn comes is computed with its quantized copy instead of waiting; its load goes on.
@@ -87,10 +90,13 @@ class OffloadedExperts(GroupedExperts):
         if weights is None:  # not ready: the low-precision copy, while the load goes on
             self._protect.discard((self.layer, e))
             return lowp.expert_forward(self.layer, e, x)
-        w13, w2 = weights
         try:
-            if w13.dtype != x.dtype:  # stored narrower than compute (e.g. bf16): exact upcast
-                w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+            if weights[0].dtype != x.dtype:  # stored narrower than compute (bf16): exact upcast
+                weights = tuple(w.to(x.dtype) for w in weights)
+            if len(weights) == 3:  # the checkpoint's [out, in] tensors, as loaded
+                gate, up, down = weights
+                return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            w13, w2 = weights  # FusedExperts' [in, out] layout
             gate, up = (x @ w13).chunk(2, dim=-1)
             return (F.silu(gate) * up) @ w2
         finally:
