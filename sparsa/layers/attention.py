@@ -4,7 +4,8 @@ The model runner lays a step's tokens out as [decode tokens | prefill chunks]. D
 sequences (one query each) are attended in one call: on CPU with fp32 pools a native kernel
 walks each sequence's block table in place (`sparsa.kernels.ops.paged_decode_attention`);
 elsewhere one batched SDPA over their gathered blocks. Each prefill chunk attends to its
-cached prefix plus itself with a causal mask offset by the prefix length, which is what makes chunked prefill and prefix reuse exact.
+cached prefix plus itself with a causal mask offset by the prefix length, which is what
+makes chunked prefill and prefix reuse exact.
 """
 
 from __future__ import annotations
