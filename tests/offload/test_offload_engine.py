@@ -59,6 +59,20 @@ def test_offloaded_greedy_is_identical(checkpoint, memory, policy, prefetch):
     assert single == ref[0]
 
 
+def test_resident_layout_is_identical(checkpoint, monkeypatch):
+    """SPARSA_OFFLOAD_LAYOUT=resident: loads transposed into FusedExperts' layout."""
+    path, ref = checkpoint
+    monkeypatch.setenv("SPARSA_OFFLOAD_LAYOUT", "resident")
+    llm = LLM(str(path), expert_memory="25%")
+    assert llm.engine.model.offload.cache.reader.layout == "resident"
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    rep = llm.engine.model.offload.report()
+    assert rep["evictions"] > 0 and rep["peak_bytes"] <= rep["budget_bytes"]
+    monkeypatch.setenv("SPARSA_OFFLOAD_LAYOUT", "rows")
+    with pytest.raises(ValueError, match="SPARSA_OFFLOAD_LAYOUT"):
+        LLM(str(path), expert_memory="25%")
+
+
 def test_budget_forms_and_errors(tmp_path):
     assert OffloadConfig(expert_memory="25%").budget_bytes(1000) == 250
     assert OffloadConfig(expert_memory="1KiB").budget_bytes(10**9) == 1024
