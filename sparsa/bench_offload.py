@@ -4,7 +4,8 @@ For each expert budget (and "all" = every expert resident, when it fits), one re
 `--prompt-len` random tokens decodes `--max-tokens` tokens greedily at batch 1. Reported:
 TTFT, decode tok/s ((tokens - 1) / (E2E - TTFT)), the cache's hit rate, lookahead recall
 and bytes read from disk, and the process's peak RSS. `--on-miss wait,int4,int8` repeats each
-offloaded budget once per miss handling (wait, or the int4/int8 low-precision copy).
+offloaded budget once per miss handling (wait, or the int4/int8 low-precision copy), and
+`--layouts native,resident` once per expert layout (see sparsa.offload.expert_reader).
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4")
-            ) -> dict:
+def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4"),
+            layout: str = "native") -> dict:
+    import os
+
     from sparsa import LLM, SamplingParams
+
+    os.environ["SPARSA_OFFLOAD_LAYOUT"] = layout  # this child process only
 
     t = time.perf_counter()
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
@@ -44,7 +49,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     res = {"budget": budget or "all", "load_s": load_s, "ttft_s": ttft,
            "on_miss": "wait" if on_miss[0] == "wait" or budget is None else on_miss[1],
            "decode_tok_s": decode, "peak_rss_bytes": _peak_rss(),
-           "tokens": out.outputs[0].token_ids[:16]}
+           "tokens": out.outputs[0].token_ids[:16], "layout": layout if budget else "-"}
     state = getattr(llm.engine.model, "offload", None)
     if state is not None:
         res["cache"] = state.report()
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, int4, int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")
+    ap.add_argument("--layouts", default="native",
+                    help="comma-separated expert layouts to compare: native (the checkpoint's "
+                         "[out, in], F.linear) and resident (transposed per load, "
+                         "bit-identical to all-resident)")
     ap.add_argument("--io-threads", type=int, default=2, help="expert-loading threads")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)
@@ -70,28 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     from sparsa.offload.low_precision import parse_on_miss
 
     variants = parse_on_miss(args.on_miss)
-    runs = [(b, v) for b in args.budgets.split(",") for v in (variants[:1] if b == "all"
-                                                             else variants)]
+    layouts = args.layouts.split(",")
+    runs = [(b, v, lay) for b in args.budgets.split(",")
+            for v in (variants[:1] if b == "all" else variants)
+            for lay in (layouts[:1] if b == "all" else layouts)]
     results = []
-    for b, v in runs:
+    for b, v, lay in runs:
         # each budget in a fresh process would be cleaner for RSS; a child keeps it honest
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
-            r = pool.apply(run_one, (args.model, None if b == "all" else b, args, v))
+            r = pool.apply(run_one, (args.model, None if b == "all" else b, args, v, lay))
         results.append(r)
         c = r.get("cache", {})
         lowp = f", {c['low_precision_substitutions']} low-precision substitutions, " \
             f"{c['low_precision_bytes'] / 2**20:.1f} MiB low-precision tier" \
             if c.get("low_precision") else ""
-        print(f"budget {r['budget']:>6}, on miss {r['on_miss']:>4}: TTFT {r['ttft_s']:.2f} s, "
+        io = ""
+        if c.get("disk_read_seconds"):
+            gbs = c["disk_bytes_read"] / c["disk_read_seconds"] / 1e9
+            io = (f", {c['disk_loads']} loads read at {gbs:.2f} GB/s per I/O thread, "
+                  f"compute waited {c['wait_seconds']:.1f} s for loads")
+        print(f"budget {r['budget']:>6}, on miss {r['on_miss']:>4}, layout {r['layout']}: "
+              f"TTFT {r['ttft_s']:.2f} s, "
               f"decode "
               f"{r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
               + (f", hit rate {c['hit_rate']:.3f}, lookahead recall "
                  f"{c['lookahead_recall']:.3f}, disk read {c['disk_bytes_read'] / 1e9:.1f} GB, "
                  f"budget {c['budget_bytes'] / 2**30:.2f} GiB of "
-                 f"{c['total_expert_bytes'] / 2**30:.2f} GiB" + lowp if c else ""), flush=True)
+                 f"{c['total_expert_bytes'] / 2**30:.2f} GiB" + lowp + io if c else ""),
+              flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -148,6 +149,8 @@ class ExpertReader:
         self._fds: dict[tuple[str, bool], int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0  # from disk, alignment padding included
+        self.read_seconds = 0.0  # inside read syscalls, summed over threads
+        self.loads = 0
         self._plans = {k: plan_reads(v) for k, v in locations.items()}
         # One slab size for every expert (spans differ by a page with their alignment), so
         # any free slab serves any load.
@@ -193,6 +196,7 @@ class ExpertReader:
         fd, direct = self._fd(seg.path)
         buf = slab[seg.slab_off : seg.slab_off + seg.length]
         done = 0
+        t0 = time.perf_counter()
         try:
             while done < seg.need:
                 n = os.preadv(fd, [buf[done : min(done + _CHUNK, seg.length)]],
@@ -213,6 +217,7 @@ class ExpertReader:
             os.posix_fadvise(fd, seg.start, seg.length, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += done
+            self.read_seconds += time.perf_counter() - t0
 
     def read_raw(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor,
                                                           torch.Tensor]:
@@ -225,6 +230,8 @@ class ExpertReader:
         slab = self.pool.lease(self.slab_bytes)
         for seg in plan.segments:
             self._read_segment(seg, slab)
+        with self._lock:
+            self.loads += 1
         out = []
         for off, t in zip(plan.offsets, (loc.gate, loc.up, loc.down)):
             raw = torch.from_numpy(slab[off : off + t.nbytes])

@@ -38,6 +38,9 @@ class OffloadState:
                  lookahead_recall=self.lookahead.recall,
                  lookahead_precision=self.lookahead.precision,
                  disk_bytes_read=self.cache.reader.bytes_read, on_miss=self.on_miss)
+        reader = self.cache.reader
+        d.update(expert_layout=reader.layout, disk_read_seconds=reader.read_seconds,
+                 disk_loads=reader.loads, slabs_mapped=reader.pool.allocated)
         if self.low_precision is not None:
             d.update(self.low_precision.report())
         return d
