@@ -100,6 +100,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "CPU keep bf16 weights)")
     p.add_argument("--group-size", type=_positive_int, default=64,
                    help="int4 group size: input channels per scale (16..256, default 64)")
+    p.add_argument("--int8-activations", default="dynamic", choices=["dynamic", "none"],
+                   help="int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
+                        "activations quantized per row (fast); none = exact activations")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +246,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "num_threads": getattr(args, "threads", None),
         "quantization": getattr(args, "quantization", None),
         "quantization_group_size": getattr(args, "group_size", 64),
+        "int8_activations": getattr(args, "int8_activations", "dynamic"),
     }
     kwargs.update(overrides)
     return LLM(model, **kwargs)

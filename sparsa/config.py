@@ -132,6 +132,8 @@ class ModelConfig:
     # (bf16 checkpoints on CPU keep bf16 weights, see quant_config)
     quantization: str | None = None
     quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
+    # int8 only: "dynamic" (batched rows as W8A8 int8 GEMMs) or "none" (exact activations)
+    int8_activations: str = "dynamic"
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
@@ -161,7 +163,8 @@ class ModelConfig:
         method = self.quantization
         if method is None and self._auto_bf16(checkpoint_dtype, device):
             method = "bf16"
-        return QuantConfig(method=method or "none", group_size=self.quantization_group_size)
+        return QuantConfig(method=method or "none", group_size=self.quantization_group_size,
+                           int8_activations=self.int8_activations)
 
     def _auto_bf16(self, checkpoint_dtype: torch.dtype | None,
                    device: torch.device | None) -> bool:

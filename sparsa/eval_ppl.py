@@ -119,14 +119,18 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
                           context_len: int | None = None,
                           max_windows: int | None = None, group_size: int = 64,
                           num_threads: int | None = None) -> list[PerplexityResult]:
-    """Load `model` once per method and score the same text with each."""
+    """Load `model` once per method and score the same text with each. "int8-exact" is int8
+    with `int8_activations="none"` (plain "int8" quantizes batched activation rows too)."""
     from sparsa.llm import LLM
 
     documents = read_documents(text_path, text_slice, mode)
     results = []
     for method in methods:
-        llm = LLM(model, quantization=None if method == "none" else method,
+        exact = method == "int8-exact"
+        q = "int8" if exact else method
+        llm = LLM(model, quantization=None if q == "none" else q,
                   quantization_group_size=group_size, num_threads=num_threads,
+                  int8_activations="none" if exact else "dynamic",
                   max_num_batched_tokens=max(2048, context_len or 0))
         label = method if method != "int4" else f"int4-g{group_size}"
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,

@@ -25,7 +25,8 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
                    help="blocks: score each blank-line-separated block on its own (default); "
                         "stream: the whole text as one document")
     p.add_argument("--methods", default="none,int8,int4",
-                   help="comma-separated weight formats to compare (none, int8, int4)")
+                   help="comma-separated weight formats to compare (none, int8, int8-exact, "
+                        "int4; int8-exact keeps activations exact in batched matmuls)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
     p.add_argument("--expert-memory", default=None,
                    help="offload the experts under this budget (e.g. 25%%) and compare the "
@@ -54,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.threads)
         return _show(results, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("none", "int8", "int4")]
+    bad = [m for m in methods if m not in ("none", "int8", "int8-exact", "int4")]
     if not methods or bad:
-        raise ValueError(f"--methods takes none, int8, int4; got {args.methods!r}")
+        raise ValueError(f"--methods takes none, int8, int8-exact, int4; got {args.methods!r}")
     results = compare_quantizations(
         args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
         context_len=args.context_len, max_windows=args.max_windows,

@@ -197,3 +197,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("block_tables and context_lens need one row per query")
     return _ext().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                          float(scale), int(window or 0))
+
+
+def quantize_rows_int8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x [T, K] -> (q [T, kp] int8 zero padded past K, scale [T] fp32), x ~= q * scale
+    per row (symmetric, round half to even, q in [-127, 127])."""
+    x = _check_x(x, kp)
+    return _ext().quantize_rows_int8(x, int(kp))
+
+
+def scale_int32_rows(acc: torch.Tensor, row_scale: torch.Tensor,
+                     col_scale: torch.Tensor) -> torch.Tensor:
+    """int32 acc [T, N] -> fp32 acc * row_scale[:, None] * col_scale[None, :]."""
+    _check(acc, "acc", torch.int32, 2)
+    _check(row_scale, "row_scale", torch.float32, 1)
+    _check(col_scale, "col_scale", torch.float32, 1)
+    if row_scale.shape[0] != acc.shape[0] or col_scale.shape[0] != acc.shape[1]:
+        raise ValueError(f"scales {tuple(row_scale.shape)}, {tuple(col_scale.shape)} do not "
+                         f"match acc {tuple(acc.shape)}")
+    return _ext().scale_int32_rows(acc, row_scale, col_scale)

@@ -28,10 +28,12 @@ native = pytest.mark.skipif(not kernels.available(), reason="native kernels unav
 
 @pytest.fixture
 def policy(monkeypatch):
-    """Set the native-kernel row thresholds for one test (0: always the reference path)."""
-    def set_rows(rows: int) -> None:
+    """Set the native-kernel row thresholds for one test (0: always the reference path);
+    W8A8 only above `w8a8` rows (default: never)."""
+    def set_rows(rows: int, w8a8: int = 1 << 30) -> None:
         monkeypatch.setattr(qz.matmul, "_policy",
-                            dict.fromkeys(("int8", "int4", "bf16", "moe"), rows))
+                            {**dict.fromkeys(("int8", "int4", "bf16", "moe"), rows),
+                             "w8a8": w8a8})
     yield set_rows
     qz.matmul._policy = None
 
@@ -220,3 +222,69 @@ def test_bf16_checkpoint_keeps_bf16_weights_and_matches_transformers(arch, tmp_p
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert llm.generate([ids], sp)[0].outputs[0].token_ids == \
         up.generate([ids], sp)[0].outputs[0].token_ids
+
+
+# ---- W8A8: int8 activations x int8 weights through torch._int_mm ----------------------------
+
+@pytest.mark.parametrize("T,K,kp", [(1, 128, 128), (5, 200, 256), (40, 1000, 1024)])
+def test_row_quantizer_native_equals_reference(T, K, kp):
+    from sparsa.layers.quantization.matmul import quantize_rows_int8_reference
+
+    x = torch.randn(T, K) * torch.logspace(-3, 2, T)[:, None]
+    x[0] = 0.0  # an all-zero row gets scale 0 and zeros, not NaN
+    q_ref, s_ref = quantize_rows_int8_reference(x, kp)
+    assert q_ref.shape == (T, kp) and (q_ref[:, K:] == 0).all() and s_ref[0] == 0
+    assert ((q_ref[:, :K].float() * s_ref[:, None] - x).abs() <= s_ref[:, None] / 2 + 1e-6).all()
+    if kernels.available():
+        from sparsa.kernels import ops
+
+        q, s = ops.quantize_rows_int8(x, kp)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+        acc = torch.randint(-10**6, 10**6, (T, 48), dtype=torch.int32)
+        cs = torch.rand(48)
+        torch.testing.assert_close(ops.scale_int32_rows(acc, s, cs),
+                                   acc.float() * s[:, None] * cs[None, :], rtol=1e-6, atol=0)
+        with pytest.raises(ValueError, match="features"):
+            ops.quantize_rows_int8(x, K - 1)
+
+
+@pytest.mark.parametrize("T", [9, 33, 130])
+def test_int8_linear_w8a8_path(T, policy):
+    lin = _linear(300, 70, bias=True)
+    x = torch.randn(T, 300)
+    exact = Int8Linear.from_linear(lin, w8a8=False)
+    ref = x @ exact.dequantize().t() + exact.bias
+    policy(0, w8a8=8)
+    assert _rel(exact(x), ref) < 1e-5  # switch off: exact activations
+    m = Int8Linear.from_linear(lin)  # w8a8 on by default
+    y = m(x)
+    assert y.shape == (T, 70)
+    assert 0 < _rel(y, ref) < 2e-2  # per-row activation rounding, nothing else
+
+
+def test_w8a8_without_native_kernels_matches_native(monkeypatch, policy):
+    """The pure-PyTorch quantizer and scaling give the same numbers as the native ones."""
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    m = Int8Linear.from_linear(_linear(256, 64, bias=False))
+    x = torch.randn(20, 256)
+    policy(0, w8a8=8)
+    native_y = m(x)
+    monkeypatch.setenv("SPARSA_KERNELS", "0")
+    torch.testing.assert_close(m(x), native_y, rtol=1e-6, atol=1e-6)
+
+
+def test_quantized_experts_w8a8(policy):
+    ex = _experts(E=4, H=128, inter=96)
+    x = torch.randn(64, 128)
+    w = torch.rand(64, 2).softmax(-1)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(64)])
+    policy(0, w8a8=8)
+    exact = QuantizedExperts(ex, QuantConfig("int8", int8_activations="none"))(x, w, ids)
+    fast = QuantizedExperts(ex, QuantConfig("int8"))(x, w, ids)
+    assert 0 < _rel(fast, exact) < 3e-2
+
+
+def test_int8_activations_switch_validated():
+    with pytest.raises(ValueError, match="int8_activations"):
+        QuantConfig("int8", int8_activations="static")

@@ -578,10 +578,12 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
 void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
+void register_w8a8(pybind11::module& m);  // w8a8.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   register_paged_attention(m);
+  register_w8a8(m);
   m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
   m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
   m.def("bf16_gemm", &bf16_gemm, "x [T,K] f32 @ (w [N,Kp] bf16)^T, fp32 math");

@@ -46,7 +46,7 @@ def is_router(name: str, parent: nn.Module | None) -> bool:
 
 def quantize_linear(linear: Linear, config: QuantConfig) -> nn.Module:
     if config.method == "int8":
-        return Int8Linear.from_linear(linear)
+        return Int8Linear.from_linear(linear, config.int8_activations == "dynamic")
     if config.method == "int4":
         return Int4Linear.from_linear(linear, config.group_size, config.clip_search)
     if config.method == "bf16":

@@ -67,20 +67,23 @@ class Int8Linear(_QuantizedLinearBase):
 
     method = "int8"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        """weight [out, in] (any float dtype), bias [out] or None."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 w8a8: bool = True):
+        """weight [out, in] (any float dtype), bias [out] or None; w8a8: batched rows run
+        as an int8 x int8 GEMM (activations quantized per row)."""
         super().__init__()
         self._init_common(weight, bias)
         q, scale = quantize_int8_padded(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
+        self.w8a8 = w8a8
 
     @classmethod
-    def from_linear(cls, linear: Linear) -> Int8Linear:
-        return cls._from(cls(_weight_nk(linear), linear.bias), linear)
+    def from_linear(cls, linear: Linear, w8a8: bool = True) -> Int8Linear:
+        return cls._from(cls(_weight_nk(linear), linear.bias, w8a8), linear)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.qweight, self.scale)
+        return int8_matmul(x, self.qweight, self.scale, self.w8a8)
 
     def dequantize(self) -> torch.Tensor:
         """The effective weight, [out, in] fp32."""
@@ -164,6 +167,7 @@ class QuantizedExperts(GroupedExperts):
             raise ValueError("cannot quantize experts whose weights were never loaded")
         self.method = config.method
         self.group_size = config.group_size
+        self.w8a8 = config.int8_activations == "dynamic"
         self.num_experts = E = experts.num_experts
         self.hidden_size = H = experts.hidden_size
         self.intermediate_size = inter = experts.intermediate_size
@@ -208,7 +212,8 @@ class QuantizedExperts(GroupedExperts):
         if self.method == "bf16":
             return bf16_matmul(x, getattr(self, f"{name}_w")[e])
         if self.method == "int8":
-            return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e])
+            return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e],
+                               self.w8a8)
         sm32 = getattr(self, f"{name}_sm_f32")
         return int4_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_sm")[e],
                            self.group_size, None if sm32 is None else sm32[e])

@@ -30,6 +30,7 @@ from sparsa.kernels.layout import (
 )
 
 METHODS = ("none", "int8", "int4", "bf16")
+INT8_ACTIVATIONS = ("dynamic", "none")
 _CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 _MIN_SCALE = 1e-10  # bf16 keeps fp32's exponent range, so this is representable
 
@@ -43,6 +44,7 @@ class QuantConfig:
     MoE routers (`...mlp.gate`, `shared_expert_gate`) in full precision; they are tiny and the top-k
     choice is sensitive to their precision. clip_search: int4 only, pick each group's range
     by minimum squared error over a few shrink factors instead of plain min/max.
+    int8_activations: see the field.
     """
 
     method: str = "none"
@@ -50,8 +52,14 @@ class QuantConfig:
     skip_lm_head: bool = False
     skip_router: bool = True
     clip_search: bool = True
+    # int8 only: "dynamic" quantizes activation rows to int8 for batched matmuls (W8A8 GEMM,
+    # the fast path for prefill); "none" keeps them exact (dequantize + fp32 GEMM).
+    int8_activations: str = "dynamic"
 
     def __post_init__(self) -> None:
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS}, "
+                             f"got {self.int8_activations!r}")
         if self.method is None:
             self.method = "none"
         self.method = str(self.method).lower()

@@ -1,0 +1,103 @@
+// The two elementwise ends of an int8 x int8 GEMM (torch._int_mm, oneDNN underneath): each
+// activation row quantized to int8 with its own scale before, and the int32 result scaled
+// back by (row scale x channel scale) after. In PyTorch each end is 4-6 passes over the
+// data with temporaries; here it is one pass, rows split over threads when there are many.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+namespace {
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+int64_t grain(int64_t row_elems) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_elems, 1));
+}
+
+}  // namespace
+
+// x [T, K] fp32 (rows contiguous) -> (q [T, Kp] int8, zero padded past K; scale [T] fp32)
+// with x ~= q * scale, symmetric, round to nearest even, q in [-127, 127].
+std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, int64_t Kp) {
+  const int64_t T = x.size(0), K = x.size(1);
+  TORCH_CHECK(Kp >= K, "Kp (", Kp, ") must be >= K (", K, ")");
+  auto q = torch::empty({T, Kp}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({T}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  const int64_t sx = x.stride(0);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  auto rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* r = xp + t * sx;
+      __m256 m = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(r + k)));
+      float amax = hmax8(m);
+      for (; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+      const float d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
+      int8_t* o = qp + t * Kp;
+      const __m256 iv = _mm256_set1_ps(id);
+      k = 0;
+      for (; k + 8 <= K; k += 8) {
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), iv));
+        // |v| <= 127 by construction: pack to int8 without saturation surprises
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(w, w));
+      }
+      for (; k < K; ++k)
+        o[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(r[k] * id))));
+      std::fill(o + K, o + Kp, int8_t(0));
+      sp[t] = d;
+    }
+  };
+  const int64_t g = grain(K);
+  if (T <= g) rows(0, T);
+  else at::parallel_for(0, T, g, rows);
+  return {q, s};
+}
+
+// acc [T, N] int32, row_scale [T], col_scale [N] fp32 -> acc * row_scale[t] * col_scale[n].
+torch::Tensor scale_int32_rows(torch::Tensor acc, torch::Tensor row_scale, torch::Tensor col_scale) {
+  const int64_t T = acc.size(0), N = acc.size(1);
+  auto y = torch::empty({T, N}, row_scale.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* rs = row_scale.data_ptr<float>();
+  const float* cs = col_scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  auto rows = [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int32_t* a = ap + t * N;
+      float* o = yp + t * N;
+      const __m256 rv = _mm256_set1_ps(rs[t]);
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + n)));
+        _mm256_storeu_ps(o + n, _mm256_mul_ps(_mm256_mul_ps(v, rv), _mm256_loadu_ps(cs + n)));
+      }
+      for (; n < N; ++n) o[n] = static_cast<float>(a[n]) * rs[t] * cs[n];
+    }
+  };
+  const int64_t g = grain(N);
+  if (T <= g) rows(0, T);
+  else at::parallel_for(0, T, g, rows);
+  return y;
+}
+
+void register_w8a8(pybind11::module& m) {
+  m.def("quantize_rows_int8", &quantize_rows_int8, "per-row symmetric int8 of fp32 rows");
+  m.def("scale_int32_rows", &scale_int32_rows, "int32 GEMM result -> fp32 with row/col scales");
+}
