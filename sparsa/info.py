@@ -215,8 +215,16 @@ def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
             native = kernels.available()
         except Exception:
             native = False
-        kernel = ("sparsa C++ AVX2 kernels for decode, dequantize + fp32 GEMM for prefill"
-                  if native else "torch packed-weight kernels / dequantize + fp32 GEMM")
+        if native and qc.method == "int8":
+            isa = kernels.int8_dot_isa()
+            prefill = ("int8 x int8 GEMM (torch._int_mm) with activations quantized per row "
+                       "for prefill" if qc.int8_activations == "dynamic"
+                       else "dequantize + fp32 GEMM for prefill")
+            kernel = f"sparsa C++ {isa} kernels for decode, {prefill}"
+        elif native:
+            kernel = "sparsa C++ AVX2 kernels for decode, dequantize + fp32 GEMM for prefill"
+        else:
+            kernel = "torch packed-weight kernels / dequantize + fp32 GEMM"
         if qc.method == "bf16":
             kernel = ("sparsa C++ AVX2 bf16 GEMV for decode, fp32 GEMM over widened tiles "
                       "for prefill" if native else "fp32 GEMM over widened tiles")

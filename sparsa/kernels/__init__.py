@@ -90,3 +90,11 @@ def unavailable_reason() -> str:
     if os.environ.get("SPARSA_KERNELS", "1").strip() in ("0", "false", "off"):
         return "disabled by SPARSA_KERNELS=0"
     return _reason
+
+
+def int8_dot_isa() -> str:
+    """The instructions the int8 decode kernels use on this CPU ("" when not built)."""
+    mod = load()
+    if mod is None:
+        return ""
+    return {0: "AVX2", 1: "AVX-512 VNNI", 2: "AVX-VNNI"}.get(int(mod.vnni()), "AVX2")
