@@ -50,8 +50,18 @@ def _adjacent(tmp_path: Path, n: int = 3, start: int = 1000, dtype=torch.float32
     return experts, {k: _expert(k[1], dtype) for k in keys}
 
 
+@pytest.fixture(params=["4MiB", "16KiB"])
+def chunk(request, monkeypatch):
+    """The default chunk (one read per span here) and small ones (many reads per span)."""
+    from sparsa.offload import expert_reader
+
+    if request.param == "16KiB":
+        monkeypatch.setattr(expert_reader, "_CHUNK", 16 << 10)
+    return request.param
+
+
 @pytest.mark.parametrize("direct", [True, False])
-def test_coalesced_reads_are_byte_identical(tmp_path, direct):
+def test_coalesced_reads_are_byte_identical(tmp_path, direct, chunk):
     experts, want = _adjacent(tmp_path)
     plan = plan_reads(experts[(0, 1)])
     assert len(plan.segments) == 1  # gate, down, up adjacent: one span, one read
@@ -116,7 +126,7 @@ def test_bf16_on_disk_and_misaligned_offsets(tmp_path):
         reader.close()
 
 
-def test_truncated_after_open_is_a_checkpoint_error(tmp_path):
+def test_truncated_after_open_is_a_checkpoint_error(tmp_path, chunk):
     experts, _ = _adjacent(tmp_path)
     path = tmp_path / "a.bin"
     for direct in (True, False):
@@ -184,7 +194,7 @@ def test_reads_from_tmpfs(tmp_path):
         reader.close()
 
 
-def test_failed_direct_read_falls_back_to_buffered(tmp_path, monkeypatch):
+def test_failed_direct_read_falls_back_to_buffered(tmp_path, monkeypatch, chunk):
     """A filesystem that opens with O_DIRECT but fails the read: the reader retries without
     it (dropping the pages after each read), once and for good."""
     import errno
