@@ -219,3 +219,20 @@ def test_vnni_tiles_match_avx2_tiles(T):
     assert _rel(vnni[1], avx2[1]) < 1e-4
     torch.testing.assert_close(ops.int8_gemm(x[:1], q, s), vnni[0][:1], rtol=0, atol=0)
     assert kernels.int8_dot_isa() in ("AVX-512 VNNI", "AVX-VNNI")
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int4_vnni_is_bitwise_avx2(G):
+    """The int4 VNNI body forms the same int32 lanes as maddubs + madd: identical results."""
+    mod = kernels.load()
+    if mod.vnni() == 0:
+        pytest.skip("this CPU has no VNNI: only the AVX2 tiles run")
+    q, sm = quantize_int4_packed(torch.randn(40, 512), G)
+    x = torch.randn(5, 512)
+    vnni = ops.int4_gemm(x, q, sm, G)
+    try:
+        mod.set_vnni(False)
+        avx2 = ops.int4_gemm(x, q, sm, G)
+    finally:
+        mod.set_vnni(True)
+    assert torch.equal(vnni, avx2)

@@ -288,6 +288,61 @@ inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, co
   }
 }
 
+// The int4 main loop with VNNI: nibbles are already unsigned, so vpdpbusd takes them as they
+// are and sums 4 products per int32 lane, the lane layout of maddubs + madd: the integer
+// sums, and so the results, are those of i4_body.
+#define SPARSA_I4_VNNI_BODY(NAME, TARGET, DPBUSD)                                              \
+  template <int R, int TT, int CPG>                                                            \
+  __attribute__((target(TARGET), noinline)) void NAME(const uint8_t* w, int64_t ldw,          \
+                                                      int64_t ng, const QAct* a,              \
+                                                      const float* sd, __m256 (&acc)[TT][R]) { \
+    const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+    const __m256i zero = _mm256_setzero_si256();                                               \
+    constexpr int64_t GPC = CPG == 0 ? 2 : 1;                                                  \
+    constexpr int64_t CPS = CPG == 0 ? 1 : CPG;                                                \
+    for (int64_t g = 0; g < ng; g += GPC) {                                                    \
+      const int64_t c0 = CPG == 0 ? g / 2 : g * CPG;                                           \
+      __m256i is[TT][R];                                                                       \
+      for (int t = 0; t < TT; ++t)                                                             \
+        for (int r = 0; r < R; ++r) is[t][r] = zero;                                           \
+      for (int64_t cc = 0; cc < CPS; ++cc) {                                                   \
+        const int64_t c = c0 + cc;                                                             \
+        __m256i xlo[TT], xhi[TT];                                                              \
+        for (int t = 0; t < TT; ++t) {                                                         \
+          xlo[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64));      \
+          xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32)); \
+        }                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                          \
+          const __m256i v =                                                                    \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));      \
+          const __m256i lo = _mm256_and_si256(v, m4);                                          \
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                    \
+          for (int t = 0; t < TT; ++t) {                                                       \
+            if (CPG == 0) {                                                                    \
+              const float* o = sd + (t * R + r) * ng + g;                                      \
+              acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(zero, lo, xlo[t])),        \
+                                          _mm256_broadcast_ss(o), acc[t][r]);                  \
+              acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(zero, hi, xhi[t])),        \
+                                          _mm256_broadcast_ss(o + 1), acc[t][r]);              \
+            } else {                                                                           \
+              is[t][r] = DPBUSD(DPBUSD(is[t][r], lo, xlo[t]), hi, xhi[t]);                     \
+            }                                                                                  \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+      if (CPG > 0)                                                                             \
+        for (int t = 0; t < TT; ++t)                                                           \
+          for (int r = 0; r < R; ++r)                                                          \
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][r]),                          \
+                                        _mm256_broadcast_ss(sd + (t * R + r) * ng + g),        \
+                                        acc[t][r]);                                            \
+    }                                                                                          \
+  }
+
+SPARSA_I4_VNNI_BODY(i4_body_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni",
+                    _mm256_dpbusd_epi32)
+SPARSA_I4_VNNI_BODY(i4_body_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+
 // sm rows are [2, ng] bf16: the ng group scales, then the ng group mins. A vectorized prologue
 // turns them into sd = scale * activation scale per group (read back by broadcast loads) and
 // the whole `min * sum(x)` term, so the inner loop has no scalar work.
@@ -316,12 +371,22 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
       acc[t][r] = _mm256_setzero_ps();
     }
   }
-  switch (G) {  // compile-time group shapes keep every accumulator in a register
-    case 32: i4_body<R, TT, 0>(w, ldw, ng, a, sd, acc); break;
-    case 64: i4_body<R, TT, 1>(w, ldw, ng, a, sd, acc); break;
-    case 128: i4_body<R, TT, 2>(w, ldw, ng, a, sd, acc); break;
-    default: i4_body<R, TT, 4>(w, ldw, ng, a, sd, acc); break;
+#define SPARSA_I4_GROUPS(BODY)                               \
+  switch (G) {                                               \
+    case 32: BODY<R, TT, 0>(w, ldw, ng, a, sd, acc); break;  \
+    case 64: BODY<R, TT, 1>(w, ldw, ng, a, sd, acc); break;  \
+    case 128: BODY<R, TT, 2>(w, ldw, ng, a, sd, acc); break; \
+    default: BODY<R, TT, 4>(w, ldw, ng, a, sd, acc); break;  \
   }
+  // compile-time group shapes keep every accumulator in a register
+  if (g_vnni == Vnni::Avx512) {
+    SPARSA_I4_GROUPS(i4_body_avx512vnni)
+  } else if (g_vnni == Vnni::Avx) {
+    SPARSA_I4_GROUPS(i4_body_avxvnni)
+  } else {
+    SPARSA_I4_GROUPS(i4_body)
+  }
+#undef SPARSA_I4_GROUPS
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
 }
