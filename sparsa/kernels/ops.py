@@ -216,3 +216,30 @@ def scale_int32_rows(acc: torch.Tensor, row_scale: torch.Tensor,
         raise ValueError(f"scales {tuple(row_scale.shape)}, {tuple(col_scale.shape)} do not "
                          f"match acc {tuple(acc.shape)}")
     return _ext().scale_int32_rows(acc, row_scale, col_scale)
+
+
+def decode_attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          rotary_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slots: torch.Tensor, block_tables: torch.Tensor,
+                          context_lens: torch.Tensor, scale: float, window: int | None,
+                          num_heads: int) -> torch.Tensor:
+    """One decode step of standard attention (all rows decodes): NeoX rotary on q/k from
+    the fused qkv [S, (Hq + 2 Hkv) D], K/V written into the pools at `slots`, attention over
+    each sequence's blocks -> [S, Hq * D]. fp32, CPU; block ids are checked in C++."""
+    _check(qkv, "qkv", torch.float32, 2)
+    for t, n in ((cos, "cos"), (sin, "sin")):
+        _check(t, n, torch.float32, 2)
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check(t, n, torch.float32, 4)
+    for t, n, nd in ((slots, "slots", 1), (block_tables, "block_tables", 2),
+                     (context_lens, "context_lens", 1)):
+        _check(t, n, torch.int64, nd)
+    S = qkv.shape[0]
+    if (cos.shape != (S, rotary_dim) or sin.shape != cos.shape or rotary_dim % 2
+            or rotary_dim > k_cache.shape[3] or k_cache.shape != v_cache.shape
+            or num_heads % k_cache.shape[2] or slots.shape[0] != S
+            or block_tables.shape[0] != S or context_lens.shape[0] != S):
+        raise ValueError("inconsistent decode attention arguments")
+    return _ext().decode_attention_step(qkv, cos, sin, int(rotary_dim), k_cache, v_cache,
+                                        slots, block_tables, context_lens, float(scale),
+                                        int(window or 0), int(num_heads))

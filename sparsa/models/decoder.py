@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsa import kernels
+from sparsa.kernels import ops
 from sparsa.layers.attention import AttentionMetadata, KVCache, paged_attention
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts, softmax_topk
@@ -93,11 +95,31 @@ class Attention(nn.Module):
     def kv_shape(self) -> tuple[int, int, int]:
         return self.num_kv_heads, self.head_dim, self.head_dim
 
+    def _fused_decode(self, qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """All-decode step of plain attention on CPU: rotary, KV write and attention run as
+        one native call (at batch 1 the dozen small ops around them cost as much as the
+        attention itself)."""
+        kc = self.kv_cache.k
+        return (meta.num_decodes == qkv.shape[0] and not meta.prefills
+                and self.qk_norm is None and self.clip_qkv is None
+                and qkv.dtype == torch.float32 and kc.dtype == torch.float32
+                and self.kv_cache.v.dtype == torch.float32
+                and qkv.device.type == "cpu" and qkv.is_contiguous()
+                and not self.rotary.interleaved and self.rotary.cos.dtype == torch.float32
+                and kernels.available())
+
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self._fused_decode(qkv, meta):
+            cos, sin = self.rotary.tables(positions, torch.float32)
+            o = ops.decode_attention_step(
+                qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
+                self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
+                meta.decode_context_lens, self.scale, self.sliding_window, self.num_heads)
+            return self.o_proj(o)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -120,3 +120,46 @@ def test_native_rejects_bad_tables():
         ops.paged_decode_attention(q.double(), kc, vc, good, torch.tensor([20]), 0.1, None)
     with pytest.raises(ValueError, match="one row per query"):
         ops.paged_decode_attention(q, kc, vc, good, torch.tensor([20, 3]), 0.1, None)
+
+
+def _rope_ref(x, cos, sin, rd):
+    """NeoX rotary on the first rd dims of x [S, H, D] with cos/sin [S, rd]."""
+    half = rd // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., :half], x[..., half:rd]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x[..., rd:]), dim=-1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("lens,hq,hkv,d,rd,window", [
+    ([1], 4, 4, 32, 32, None),
+    ([7, 40, 19], 8, 2, 64, 64, None),
+    ([50, 3], 4, 1, 32, 16, 20),  # partial rotary, MQA, sliding window
+])
+def test_fused_decode_step_matches_rope_write_attend(lens, hq, hkv, d, rd, window):
+    bs = 16
+    nblocks = sum(-(-n // bs) for n in lens) + 2
+    kc, vc = _pools(nblocks, bs, hkv, d, d)
+    tables = _tables(lens, bs, nblocks)
+    S = len(lens)
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(S, (hq + 2 * hkv) * d, generator=g)
+    ang = torch.rand(S, rd // 2, generator=g) * 6
+    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+    slots = torch.tensor([int(tables[s][(n - 1) // bs]) * bs + (n - 1) % bs
+                          for s, n in enumerate(lens)])
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = ops.decode_attention_step(qkv, cos, sin, rd, kc2, vc2, slots, tables,
+                                    torch.tensor(lens), d ** -0.5, window, hq)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q = _rope_ref(q.reshape(S, hq, d), cos, sin, rd)
+    k = _rope_ref(k.reshape(S, hkv, d), cos, sin, rd)
+    kc.view(-1, hkv, d)[slots] = k
+    vc.view(-1, hkv, d)[slots] = v.reshape(S, hkv, d)
+    torch.testing.assert_close(kc2, kc, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(vc2, vc)
+    want = _reference(q, kc, vc, tables, lens, d ** -0.5, window).reshape(S, hq * d)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="slot"):
+        ops.decode_attention_step(qkv, cos, sin, rd, kc2, vc2, slots + 10**6, tables,
+                                  torch.tensor(lens), 0.1, None, hq)

@@ -168,7 +168,89 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
   return out;
 }
 
+// A whole decode step of standard attention in one call, for a batch that is all decodes:
+// qkv [S, (Hq + 2 Hkv) D] straight from the fused projection; NeoX rotary on the first rd
+// dims of each q/k head (cos/sin [S, rd]); this step's K/V written to `slots`; then the
+// attention above. Each (sequence, kv head) task writes only its own head's slot before
+// reading, so tasks never race. Returns [S, Hq * D].
+torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
+                                    int64_t rd, torch::Tensor kc, torch::Tensor vc,
+                                    torch::Tensor slots, torch::Tensor block_tables,
+                                    torch::Tensor context_lens, double scale, int64_t window,
+                                    int64_t Hq) {
+  const int64_t S = qkv.size(0);
+  const int64_t bs = kc.size(1), Hkv = kc.size(2), D = kc.size(3);
+  const int64_t W = block_tables.size(1), NB = kc.size(0);
+  const int64_t group = Hq / Hkv, half = rd / 2, ld = qkv.size(1);
+  TORCH_CHECK(ld == (Hq + 2 * Hkv) * D, "qkv row of ", ld, " floats, expected ", (Hq + 2 * Hkv) * D);
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* cl = context_lens.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cl[s] >= 1 && cl[s] <= W * bs, "context length ", cl[s], " of row ", s,
+                " outside [1, ", W * bs, "]");
+    for (int64_t b = 0; b < (cl[s] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[s * W + b] >= 0 && bt[s * W + b] < NB, "block id ", bt[s * W + b],
+                  " outside the pool of ", NB);
+    TORCH_CHECK(sl[s] >= 0 && sl[s] < NB * bs, "slot ", sl[s], " outside the pool");
+    total += cl[s];
+  }
+  auto out = torch::empty({S, Hq * D}, qkv.options());
+  const float* xp = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kp = kc.data_ptr<float>();
+  float* vp = vc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t tok = Hkv * D;
+  const float sc = static_cast<float>(scale);
+  auto rope = [&](const float* src, float* dst, const float* c, const float* sn) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = src[i], x2 = src[half + i];
+      dst[i] = x1 * c[i] - x2 * sn[i];
+      dst[half + i] = x2 * c[i] + x1 * sn[i];
+    }
+    for (int64_t i = rd; i < D; ++i) dst[i] = src[i];
+  };
+  auto tasks = [&](int64_t t0, int64_t t1) {
+    std::vector<float> q(group * D), scores;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t s = task / Hkv, h = task % Hkv;
+      const float* row = xp + s * ld;
+      const float* c = cp + s * rd;
+      const float* sn = sp + s * rd;
+      rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn);
+      std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D, vp + sl[s] * tok + h * D);
+      for (int64_t g = 0; g < group; ++g) rope(row + (h * group + g) * D, q.data() + g * D, c, sn);
+      const int64_t ctx = cl[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t n = ctx - first;
+      const int64_t* table = bt + s * W;
+      scores.resize(static_cast<size_t>(group * n));
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        const float* kr = kp + (table[pos / bs] * bs + pos % bs) * tok + h * D;
+        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q.data() + g * D, kr, D) * sc;
+      }
+      for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
+      float* oh = op + s * Hq * D + h * group * D;
+      std::fill(oh, oh + group * D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        const float* vr = vp + (table[pos / bs] * bs + pos % bs) * tok + h * D;
+        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, oh + g * D, D);
+      }
+    }
+  };
+  if (total * Hq * 2 * D < (int64_t(1) << 20)) tasks(0, S * Hkv);
+  else at::parallel_for(0, S * Hkv, 1, tasks);
+  return out;
+}
+
 void register_paged_attention(pybind11::module& m) {
+  m.def("decode_attention_step", &decode_attention_step,
+        "rotary + KV write + decode attention for an all-decode batch");
   m.def("paged_decode_attention", &paged_decode_attention,
         "decode attention over a paged fp32 KV cache");
 }
