@@ -24,7 +24,7 @@ def _peak_rss() -> int:
 
 
 def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4"),
-            layout: str = "native") -> dict:
+            layout: str = "auto") -> dict:
     import os
 
     from sparsa import LLM, SamplingParams
@@ -49,10 +49,11 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     res = {"budget": budget or "all", "load_s": load_s, "ttft_s": ttft,
            "on_miss": "wait" if on_miss[0] == "wait" or budget is None else on_miss[1],
            "decode_tok_s": decode, "peak_rss_bytes": _peak_rss(),
-           "tokens": out.outputs[0].token_ids[:16], "layout": layout if budget else "-"}
+           "tokens": out.outputs[0].token_ids[:16], "layout": "-"}
     state = getattr(llm.engine.model, "offload", None)
     if state is not None:
         res["cache"] = state.report()
+        res["layout"] = res["cache"]["expert_layout"]
     return res
 
 
@@ -68,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, int4, int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")
-    ap.add_argument("--layouts", default="native",
+    ap.add_argument("--layouts", default="auto",
                     help="comma-separated expert layouts to compare: native (the checkpoint's "
-                         "[out, in], F.linear) and resident (transposed per load, "
-                         "bit-identical to all-resident)")
+                         "[out, in], F.linear), resident (transposed per load, bit-identical "
+                         "to all-resident), auto (resident only when every expert fits)")
     ap.add_argument("--io-threads", type=int, default=2, help="expert-loading threads")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)

@@ -7,9 +7,9 @@ prefetches the experts it picks (mixtral-offloading's trick: the residual stream
 little between adjacent layers), and only then computes, expert by expert, waiting for each
 load as it needs it. The grouping is FusedExperts' own (`GroupedExperts`). With the reader's
 "resident" layout the arithmetic is FusedExperts' too (x @ W on [in, out] weights), so outputs
-are bit-identical to the all-resident model; with the default "native" layout (no transpose
-per load) experts compute with F.linear on the checkpoint's [out, in] tensors, which rounds
-differently in the last bits at batch 1 (~1e-6 relative on mixtral-mini shapes).
+are bit-identical to the all-resident model; with the "native" layout (no transpose per
+load; the default unless every expert fits the budget) experts compute with F.linear on the
+checkpoint's [out, in] tensors, which rounds differently in the last bits (~1e-6 relative).
 
 With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
 its turn comes is computed with its quantized copy instead of waiting; its load goes on.

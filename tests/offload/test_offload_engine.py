@@ -68,6 +68,11 @@ def test_resident_layout_is_identical(checkpoint, monkeypatch):
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
     rep = llm.engine.model.offload.report()
     assert rep["evictions"] > 0 and rep["peak_bytes"] <= rep["budget_bytes"]
+    monkeypatch.delenv("SPARSA_OFFLOAD_LAYOUT")  # auto: native unless everything fits
+    assert LLM(str(path), expert_memory="50%").engine.model.offload.cache.reader.layout \
+        == "native"
+    assert LLM(str(path), expert_memory="100%").engine.model.offload.cache.reader.layout \
+        == "resident"
     monkeypatch.setenv("SPARSA_OFFLOAD_LAYOUT", "rows")
     with pytest.raises(ValueError, match="SPARSA_OFFLOAD_LAYOUT"):
         LLM(str(path), expert_memory="25%")
