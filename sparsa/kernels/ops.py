@@ -222,10 +222,13 @@ def decode_attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                           rotary_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slots: torch.Tensor, block_tables: torch.Tensor,
                           context_lens: torch.Tensor, scale: float, window: int | None,
-                          num_heads: int) -> torch.Tensor:
+                          num_heads: int, q_norm: torch.Tensor | None = None,
+                          k_norm: torch.Tensor | None = None, eps: float = 1e-6
+                          ) -> torch.Tensor:
     """One decode step of standard attention (all rows decodes): NeoX rotary on q/k from
     the fused qkv [S, (Hq + 2 Hkv) D], K/V written into the pools at `slots`, attention over
-    each sequence's blocks -> [S, Hq * D]. fp32, CPU; block ids are checked in C++."""
+    each sequence's blocks -> [S, Hq * D]. q_norm / k_norm ([D] weights): per-head RMSNorm
+    of q and k before the rotation (Qwen3). fp32, CPU; block ids are checked in C++."""
     _check(qkv, "qkv", torch.float32, 2)
     for t, n in ((cos, "cos"), (sin, "sin")):
         _check(t, n, torch.float32, 2)
@@ -240,6 +243,12 @@ def decode_attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             or num_heads % k_cache.shape[2] or slots.shape[0] != S
             or block_tables.shape[0] != S or context_lens.shape[0] != S):
         raise ValueError("inconsistent decode attention arguments")
+    for t, n in ((q_norm, "q_norm"), (k_norm, "k_norm")):
+        if t is not None:
+            _check(t, n, torch.float32, 1)
+            if t.shape[0] != k_cache.shape[3]:
+                raise ValueError(f"{n} must have head_dim ({k_cache.shape[3]}) weights")
     return _ext().decode_attention_step(qkv, cos, sin, int(rotary_dim), k_cache, v_cache,
                                         slots, block_tables, context_lens, float(scale),
-                                        int(window or 0), int(num_heads))
+                                        int(window or 0), int(num_heads), q_norm, k_norm,
+                                        float(eps))

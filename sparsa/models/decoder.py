@@ -95,13 +95,18 @@ class Attention(nn.Module):
     def kv_shape(self) -> tuple[int, int, int]:
         return self.num_kv_heads, self.head_dim, self.head_dim
 
+    def _head_norms(self) -> tuple:
+        if self.qk_norm != "head":
+            return None, None, 1e-6
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
     def _fused_decode(self, qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
         """All-decode step of plain attention on CPU: rotary, KV write and attention run as
         one native call (at batch 1 the dozen small ops around them cost as much as the
         attention itself)."""
         kc = self.kv_cache.k
         return (meta.num_decodes == qkv.shape[0] and not meta.prefills
-                and self.qk_norm is None and self.clip_qkv is None
+                and self.qk_norm in (None, "head") and self.clip_qkv is None
                 and qkv.dtype == torch.float32 and kc.dtype == torch.float32
                 and self.kv_cache.v.dtype == torch.float32
                 and qkv.device.type == "cpu" and qkv.is_contiguous()
@@ -118,7 +123,8 @@ class Attention(nn.Module):
             o = ops.decode_attention_step(
                 qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
                 self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale, self.sliding_window, self.num_heads)
+                meta.decode_context_lens, self.scale, self.sliding_window, self.num_heads,
+                *self._head_norms())
             return self.o_proj(o)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)

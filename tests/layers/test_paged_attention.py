@@ -163,3 +163,33 @@ def test_fused_decode_step_matches_rope_write_attend(lens, hq, hkv, d, rd, windo
     with pytest.raises(RuntimeError, match="slot"):
         ops.decode_attention_step(qkv, cos, sin, rd, kc2, vc2, slots + 10**6, tables,
                                   torch.tensor(lens), 0.1, None, hq)
+
+
+@needs_kernels
+def test_fused_decode_step_with_per_head_qk_norm():
+    """Qwen3's per-head RMSNorm of q and k runs inside the fused step, before the rotation."""
+    lens, hq, hkv, d, bs = [9, 30], 8, 2, 32, 16
+    kc, vc = _pools(6, bs, hkv, d, d)
+    tables = _tables(lens, bs, 6)
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, (hq + 2 * hkv) * d, generator=g) * 3
+    ang = torch.rand(2, d // 2, generator=g) * 6
+    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+    qw, kw = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    slots = torch.tensor([int(tables[s][(n - 1) // bs]) * bs + (n - 1) % bs
+                          for s, n in enumerate(lens)])
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = ops.decode_attention_step(qkv, cos, sin, d, kc2, vc2, slots, tables,
+                                    torch.tensor(lens), d ** -0.5, None, hq, qw, kw, 1e-6)
+
+    def norm(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q = _rope_ref(norm(q.reshape(2, hq, d), qw), cos, sin, d)
+    k = _rope_ref(norm(k.reshape(2, hkv, d), kw), cos, sin, d)
+    kc.view(-1, hkv, d)[slots] = k
+    vc.view(-1, hkv, d)[slots] = v.reshape(2, hkv, d)
+    torch.testing.assert_close(kc2, kc, atol=1e-5, rtol=1e-5)
+    want = _reference(q, kc, vc, tables, lens, d ** -0.5, None).reshape(2, hq * d)
+    torch.testing.assert_close(out.double(), want, atol=5e-5, rtol=1e-5)

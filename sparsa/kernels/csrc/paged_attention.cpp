@@ -177,7 +177,8 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
                                     int64_t rd, torch::Tensor kc, torch::Tensor vc,
                                     torch::Tensor slots, torch::Tensor block_tables,
                                     torch::Tensor context_lens, double scale, int64_t window,
-                                    int64_t Hq) {
+                                    int64_t Hq, c10::optional<torch::Tensor> q_norm,
+                                    c10::optional<torch::Tensor> k_norm, double eps) {
   const int64_t S = qkv.size(0);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), D = kc.size(3);
   const int64_t W = block_tables.size(1), NB = kc.size(0);
@@ -205,7 +206,19 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
   float* op = out.data_ptr<float>();
   const int64_t tok = Hkv * D;
   const float sc = static_cast<float>(scale);
-  auto rope = [&](const float* src, float* dst, const float* c, const float* sn) {
+  // Qwen3-style per-head RMSNorm of q and k (weights [D]) before the rotation
+  const float* qn = q_norm.has_value() ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = k_norm.has_value() ? k_norm->data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  auto rope = [&](const float* src, float* dst, const float* c, const float* sn,
+                  const float* nw, float* tmp) {
+    if (nw) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(src[i]) * src[i];
+      const float r = 1.f / std::sqrt(static_cast<float>(ss / D) + e);
+      for (int64_t i = 0; i < D; ++i) tmp[i] = src[i] * r * nw[i];
+      src = tmp;
+    }
     for (int64_t i = 0; i < half; ++i) {
       const float x1 = src[i], x2 = src[half + i];
       dst[i] = x1 * c[i] - x2 * sn[i];
@@ -214,15 +227,16 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
     for (int64_t i = rd; i < D; ++i) dst[i] = src[i];
   };
   auto tasks = [&](int64_t t0, int64_t t1) {
-    std::vector<float> q(group * D), scores;
+    std::vector<float> q(group * D), tmp(D), scores;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t s = task / Hkv, h = task % Hkv;
       const float* row = xp + s * ld;
       const float* c = cp + s * rd;
       const float* sn = sp + s * rd;
-      rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn);
+      rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn, kn, tmp.data());
       std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D, vp + sl[s] * tok + h * D);
-      for (int64_t g = 0; g < group; ++g) rope(row + (h * group + g) * D, q.data() + g * D, c, sn);
+      for (int64_t g = 0; g < group; ++g)
+        rope(row + (h * group + g) * D, q.data() + g * D, c, sn, qn, tmp.data());
       const int64_t ctx = cl[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
       const int64_t n = ctx - first;
