@@ -53,7 +53,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     state = getattr(llm.engine.model, "offload", None)
     if state is not None:
         res["cache"] = state.report()
-        res["layout"] = res["cache"]["expert_layout"]
+        res["layout"] = res["cache"].get("expert_layout", "-")
     return res
 
 
