@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 _NAME = "sparsa_quant_kernels"
 _SOURCES = [Path(__file__).parent / "csrc" / f for f in ("quant_kernels.cpp", "decode_ops.cpp",
-                                                        "paged_attention.cpp", "w8a8.cpp")]
+                                                        "paged_attention.cpp", "w8a8.cpp",
+                                                        "moe_w8a8.cpp")]
 # -mavx2/-mfma rather than -march=native: the cache may be shared by machines of one kind,
 # and nothing here needs more than AVX2 + FMA.
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

@@ -139,6 +139,27 @@ def moe_int8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: to
     return _ext().moe_int8(x, w13_q, w13_s, w2_q, w2_s, ids, tw)
 
 
+def moe_w8a8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: torch.Tensor,
+             w2_s: torch.Tensor, topk_ids: torch.Tensor,
+             topk_weights: torch.Tensor) -> torch.Tensor:
+    """`moe_int8` for many tokens: activations quantized per row, each active expert's two
+    projections as int8 x int8 GEMMs (torch._int_mm) with SwiGLU fused in between."""
+    for t, n, d in ((w13_q, "w13_q", torch.int8), (w2_q, "w2_q", torch.int8)):
+        _check(t, n, d, 3)
+    for t, n in ((w13_s, "w13_s"), (w2_s, "w2_s")):
+        _check(t, n, torch.float32, 2)
+    x = _check_x(x, w13_q.shape[2])
+    E, n13, _ = w13_q.shape
+    H = w2_q.shape[1]
+    if w2_q.shape[0] != E or w2_q.shape[2] < n13 // 2:
+        raise ValueError(f"inconsistent int8 expert shapes {tuple(w13_q.shape)}, "
+                         f"{tuple(w2_q.shape)}")
+    if tuple(w13_s.shape) != (E, n13) or tuple(w2_s.shape) != (E, H):
+        raise ValueError("expert scales must be [E, N] for each weight")
+    ids, tw = _check_moe(x, n13, E, H, topk_ids, topk_weights)
+    return _ext().moe_w8a8(x, w13_q, w13_s, w2_q, w2_s, ids, tw)
+
+
 def moe_int4(x: torch.Tensor, w13_q: torch.Tensor, w13_sm: torch.Tensor, w2_q: torch.Tensor,
              w2_sm: torch.Tensor, group_size: int, topk_ids: torch.Tensor,
              topk_weights: torch.Tensor) -> torch.Tensor:

@@ -754,11 +754,13 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
 void register_paged_attention(pybind11::module& m);  // paged_attention.cpp
 void register_w8a8(pybind11::module& m);  // w8a8.cpp
+void register_moe_w8a8(pybind11::module& m);  // moe_w8a8.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode_ops(m);
   register_paged_attention(m);
   register_w8a8(m);
+  register_moe_w8a8(m);
   m.def("vnni", []() { return static_cast<int>(g_vnni); },
         "int8 dot products in use: 0 AVX2, 1 AVX-512 VNNI, 2 AVX-VNNI");
   m.def("set_vnni", [](bool on) { g_vnni = on ? g_vnni_hw : Vnni::None; },

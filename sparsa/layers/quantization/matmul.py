@@ -63,6 +63,13 @@ def use_w8a8(x: torch.Tensor) -> bool:
             and x.shape[0] > kernel_policy()["w8a8"])
 
 
+def use_w8a8_moe(x: torch.Tensor) -> bool:
+    """Batches past the fused decode kernel's threshold run as one native W8A8 MoE call."""
+    return (_INT_MM is not None and x.device.type == "cpu"
+            and x.shape[0] > max(kernel_policy()["moe"], kernel_policy()["w8a8"])
+            and kernels.available())
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 w8a8: bool = False) -> torch.Tensor:
     """x [T, K] @ (q [N, Kp] * scale [N, 1])^T -> [T, N] in x's dtype. `w8a8` lets rows

@@ -15,6 +15,7 @@ from sparsa.layers.quantization.matmul import (
     int4_matmul,
     int8_matmul,
     use_native,
+    use_w8a8_moe,
 )
 from sparsa.layers.quantization.schemes import (
     QuantConfig,
@@ -225,6 +226,9 @@ class QuantizedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.method == "int8" and self.w8a8 and use_w8a8_moe(x):
+            return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                topk_ids, topk_weights).to(x.dtype)
         if self.method == "bf16" or not use_native(x, x.shape[0], "moe"):
             return super().forward(x, topk_weights, topk_ids)
         xf = x.float()
