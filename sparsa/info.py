@@ -221,6 +221,13 @@ def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
                        "for prefill" if qc.int8_activations == "dynamic"
                        else "dequantize + fp32 GEMM for prefill")
             kernel = f"sparsa C++ {isa} kernels for decode, {prefill}"
+        elif native and qc.method == "int4":
+            from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
+
+            gemm = "bf16 GEMM (this CPU has bf16 dot products)" if cpu_has_bf16_dot() \
+                else "fp32 GEMM"
+            kernel = (f"sparsa C++ {kernels.int8_dot_isa()} kernels for decode, "
+                      f"dequantize + {gemm} for prefill")
         elif native:
             kernel = "sparsa C++ AVX2 kernels for decode, dequantize + fp32 GEMM for prefill"
         else:

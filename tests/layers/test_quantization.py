@@ -33,7 +33,7 @@ def policy(monkeypatch):
     def set_rows(rows: int, w8a8: int = 1 << 30) -> None:
         monkeypatch.setattr(qz.matmul, "_policy",
                             {**dict.fromkeys(("int8", "int4", "bf16", "moe"), rows),
-                             "w8a8": w8a8})
+                             "w8a8": w8a8, "int4_bf16": 1 << 30})
     yield set_rows
     qz.matmul._policy = None
 
@@ -309,3 +309,19 @@ def test_native_moe_w8a8_matches_grouped_w8a8(E, k, T, policy):
     assert _rel(native, exact(x, w, ids)) < 3e-2
     with pytest.raises(ValueError, match="topk_ids"):
         qe(x, w, ids + E)
+
+
+def test_int4_bf16_gemm_path(monkeypatch, policy):
+    """On CPUs with bf16 dot products, int4 rows past the threshold run a bf16 GEMM: close to
+    the fp32 result (bf16 rounding of activations and outputs), switchable by env."""
+    m = Int4Linear.from_linear(_linear(256, 96, bias=True))
+    x = torch.randn(80, 256)
+    ref = x @ m.dequantize().t() + m.bias
+    policy(0)
+    qz.matmul._policy["int4_bf16"] = 64
+    monkeypatch.setenv("SPARSA_BF16_GEMM", "1")
+    y = m(x)
+    assert y.dtype == torch.float32 and 0 < _rel(y, ref) < 1e-2
+    assert _rel(m(x[:64]), ref[:64]) < 1e-5  # at or below the threshold: fp32 GEMM
+    monkeypatch.setenv("SPARSA_BF16_GEMM", "0")
+    assert _rel(m(x), ref) < 1e-5
