@@ -166,7 +166,8 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: 
     if x.shape[1] != kp:
         x = F.pad(x, (0, kp - x.shape[1]))
     bf16_rows = kernel_policy()["int4_bf16"]
-    if x.device.type == "cpu" and T > bf16_rows and sm_f32 is None and cpu_has_bf16_dot():
+    rows = x.shape[0]
+    if x.device.type == "cpu" and rows > bf16_rows and sm_f32 is None and cpu_has_bf16_dot():
         return int4_matmul_bf16(x, q, sm, group_size).to(x.dtype)
     return int4_matmul_reference(x, q, sm if sm_f32 is None else sm_f32, group_size)
 
