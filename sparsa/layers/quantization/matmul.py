@@ -32,6 +32,8 @@ _DEQUANT_BLOCK_ELEMS = 1 << 21  # weights dequantized at a time (8 MiB fp32, sta
 _TORCH_INT8_MAX_ROWS = 16  # torch's packed int8 kernel vs dequant + GEMM, AVX2, 2 threads
 
 _policy: dict[str, int] | None = None
+# a policy without a key for one of the lossy fast paths (W8A8, int4 bf16 GEMM) never takes it
+_NEVER = 1 << 62
 
 
 def kernel_policy() -> dict[str, int]:
@@ -62,13 +64,13 @@ def use_native(x: torch.Tensor, rows: int, op: str) -> bool:
 
 def use_w8a8(x: torch.Tensor) -> bool:
     return (_INT_MM is not None and x.device.type == "cpu"
-            and x.shape[0] > kernel_policy()["w8a8"])
+            and x.shape[0] > kernel_policy().get("w8a8", _NEVER))
 
 
 def use_w8a8_moe(x: torch.Tensor) -> bool:
     """Batches past the fused decode kernel's threshold run as one native W8A8 MoE call."""
     return (_INT_MM is not None and x.device.type == "cpu"
-            and x.shape[0] > max(kernel_policy()["moe"], kernel_policy()["w8a8"])
+            and x.shape[0] > max(kernel_policy()["moe"], kernel_policy().get("w8a8", _NEVER))
             and kernels.available())
 
 
@@ -165,7 +167,7 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: 
     kp = q.shape[1] * 2
     if x.shape[1] != kp:
         x = F.pad(x, (0, kp - x.shape[1]))
-    bf16_rows = kernel_policy()["int4_bf16"]
+    bf16_rows = kernel_policy().get("int4_bf16", _NEVER)
     rows = x.shape[0]
     if x.device.type == "cpu" and rows > bf16_rows and sm_f32 is None and cpu_has_bf16_dot():
         return int4_matmul_bf16(x, q, sm, group_size).to(x.dtype)
