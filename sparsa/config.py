@@ -59,6 +59,9 @@ class OffloadConfig:
     dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32).
     policy: eviction ranking (lru, lfu, lrfu, arc).
     prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
+    prefetch_evicts: "any" (a prefetch evicts whatever the policy ranks lowest) or "cold"
+    (only experts unused in this forward pass and the previous one: better when consecutive
+    tokens reuse most experts, worse when they rarely do, as on tinymoe-stories).
     on_miss: what a layer does when an expert it needs is not resident: "wait" for the load
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
     is also kept, quantized to `low_precision` ("int8" | "int4", groups of
@@ -70,6 +73,7 @@ class OffloadConfig:
     expert_memory: str | int | None = None
     policy: str = "lru"
     prefetch: str = "lookahead"
+    prefetch_evicts: str = "any"
     io_threads: int = 2
     direct_io: bool = True
     on_miss: str = "wait"
@@ -83,6 +87,9 @@ class OffloadConfig:
             raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
         if self.prefetch not in ("none", "lookahead"):
             raise ValueError(f"prefetch must be 'none' or 'lookahead'; got {self.prefetch!r}")
+        if self.prefetch_evicts not in ("cold", "any"):
+            raise ValueError("prefetch_evicts must be 'cold' or 'any'; "
+                             f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
         if self.on_miss not in ("wait", "low_precision"):

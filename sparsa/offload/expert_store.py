@@ -69,10 +69,15 @@ class ExpertCache:
     def __init__(self, reader: ExpertReader, num_layers: int, num_experts: int,
                  expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
                  io_threads: int = 2, clock: Callable[[], float] | None = None,
-                 max_inflight: int | None = None):
+                 max_inflight: int | None = None, prefetch_evicts: str = "any"):
         """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
         that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
-        queued behind busy I/O threads would only hold budget and arrive too late)."""
+        queued behind busy I/O threads would only hold budget and arrive too late).
+        prefetch_evicts: "cold" lets a prefetch evict only experts not used in this forward
+        pass or the previous one (a guess never pushes out what the last token needed, which
+        the next token often needs again); "any" lets the policy pick any victim."""
+        if prefetch_evicts not in ("cold", "any"):
+            raise ValueError(f"prefetch_evicts must be 'cold' or 'any'; got {prefetch_evicts!r}")
         if budget_bytes < expert_bytes:
             raise ValueError(f"expert memory budget {budget_bytes} B holds no expert "
                              f"({expert_bytes} B each)")
@@ -99,6 +104,12 @@ class ExpertCache:
         self.stats = CacheStats()
         self._S = S
         self.max_inflight = max_inflight
+        self.prefetch_evicts = prefetch_evicts
+        # forward passes, counted by acquires going back to a lower layer or repeating a
+        # key; the last pass that used each resident key
+        self._pass = 0
+        self._last_layer = -1
+        self._last_use: dict[tuple[int, int], int] = {}
 
     # ---- accounting ---------------------------------------------------------------------
 
@@ -146,6 +157,7 @@ class ExpertCache:
                 return False
             _, key = min(victims)
             del self._entries[key]
+            self._last_use.pop(key, None)
             self.stats.evictions += 1
             self.policy.evicted(self._t, self._mask([key]))
         return True
@@ -186,11 +198,14 @@ class ExpertCache:
         A prefetch never evicts a pinned expert or one in `protect`."""
         started = 0
         with self._lock:
+            protect = set(protect or ())
+            if self.prefetch_evicts == "cold":
+                protect |= {k for k, p in self._last_use.items() if p >= self._pass - 1}
             for e in experts:
                 key = (layer, int(e))
                 if key in self._entries:
                     continue
-                if self._io_busy() or not self._make_room(protect or set()):
+                if self._io_busy() or not self._make_room(protect):
                     break
                 self._start_load(key, prefetched=True)
                 self.stats.prefetches += 1
@@ -205,6 +220,11 @@ class ExpertCache:
         if the budget has room without waiting (and fewer than `max_inflight` are loading)."""
         key = (layer, expert)
         with self._lock:
+            # a forward pass asks each (layer, expert) once, layers in order
+            if layer < self._last_layer or self._last_use.get(key) == self._pass:
+                self._pass += 1
+            self._last_layer = layer
+            self._last_use[key] = self._pass
             self._t += 1
             self.stats.requests += 1
             entry = self._entries.get(key)

@@ -118,7 +118,8 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=oc.policy, io_threads=oc.io_threads,
-                        max_inflight=oc.io_threads if oc.on_miss == "low_precision" else None)
+                        max_inflight=oc.io_threads if oc.on_miss == "low_precision" else None,
+                        prefetch_evicts=oc.prefetch_evicts)
     # Slabs for every cached expert (loads in flight included) plus the resident layout's
     # read buffers, one per I/O thread: after warm-up no load maps fresh memory.
     reader.set_pool_slabs(cache.capacity + oc.io_threads if device.type == "cpu"

@@ -309,3 +309,30 @@ def test_eval_ppl_compares_miss_handlings(tmp_path, layout, monkeypatch):
     assert res[1].offload["low_precision"] == "int8"
     assert res[1].perplexity == pytest.approx(ref.perplexity, rel=0.02)
     assert "computed in low precision" in format_table(res)
+
+
+def test_prefetch_evicts_only_cold_experts():
+    """With "cold" a prefetch never evicts an expert used in this forward pass or the one
+    before (the next token may need it again); "any" (the default) lets the policy choose."""
+    for mode, started in (("cold", 0), ("any", 1)):
+        reader = _GatedReader()
+        reader.gate.set()
+        cache = ExpertCache(reader, 2, 4, expert_bytes=100, budget_bytes=200,
+                            prefetch_evicts=mode)
+        try:
+            for layer, e in ((0, 0), (1, 1)):  # pass 0
+                cache.acquire(layer, e)
+                cache.release(layer, e)
+            cache.acquire(0, 0)  # pass 1 starts at layer 0
+            cache.release(0, 0)
+            assert cache.prefetch(1, [3]) == started
+            cache.acquire(0, 0)  # pass 2: (1, 1) was last used two passes ago
+            cache.release(0, 0)
+            cache.acquire(0, 0)  # pass 3
+            cache.release(0, 0)
+            if mode == "cold":
+                assert cache.prefetch(1, [3]) == 1  # (1, 1) is cold now
+        finally:
+            cache.close()
+    with pytest.raises(ValueError, match="prefetch_evicts"):
+        ExpertCache(_GatedReader(), 1, 2, 100, 100, prefetch_evicts="hot")
