@@ -35,6 +35,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
               offload_prefetch=args.prefetch, offload_on_miss=on_miss[0],
               offload_prefetch_evicts=args.prefetch_evicts,
+              offload_lookahead_extra=args.lookahead_extra,
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
               num_threads=args.threads,
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", default="lookahead")
+    ap.add_argument("--lookahead-extra", type=int, default=0,
+                    help="experts beyond the next router's top-k to prefetch")
     ap.add_argument("--prefetch-evicts", default="any", choices=["cold", "any"],
                     help="cold: a prefetch never evicts an expert used by the last token")
     ap.add_argument("--on-miss", default="wait",

@@ -62,6 +62,7 @@ class OffloadConfig:
     prefetch_evicts: "any" (a prefetch evicts whatever the policy ranks lowest) or "cold"
     (only experts unused in this forward pass and the previous one: better when consecutive
     tokens reuse most experts, worse when they rarely do, as on tinymoe-stories).
+    lookahead_extra: experts beyond the next router's top-k that lookahead also prefetches.
     on_miss: what a layer does when an expert it needs is not resident: "wait" for the load
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
     is also kept, quantized to `low_precision` ("int8" | "int4", groups of
@@ -74,6 +75,7 @@ class OffloadConfig:
     policy: str = "lru"
     prefetch: str = "lookahead"
     prefetch_evicts: str = "any"
+    lookahead_extra: int = 0
     io_threads: int = 2
     direct_io: bool = True
     on_miss: str = "wait"
@@ -87,6 +89,10 @@ class OffloadConfig:
             raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
         if self.prefetch not in ("none", "lookahead"):
             raise ValueError(f"prefetch must be 'none' or 'lookahead'; got {self.prefetch!r}")
+        if isinstance(self.lookahead_extra, bool) or not isinstance(self.lookahead_extra, int) \
+                or self.lookahead_extra < 0:
+            raise ValueError("lookahead_extra must be an integer >= 0; "
+                             f"got {self.lookahead_extra!r}")
         if self.prefetch_evicts not in ("cold", "any"):
             raise ValueError("prefetch_evicts must be 'cold' or 'any'; "
                              f"got {self.prefetch_evicts!r}")

@@ -131,5 +131,5 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                          ref.intermediate_size, oc.low_precision_group_size,
                                          io_threads=oc.io_threads)
     stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead",
-                               low_precision=lowp)
+                               low_precision=lowp, lookahead_extra=oc.lookahead_extra)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp)

@@ -47,7 +47,7 @@ class LookaheadStats:
 class OffloadedExperts(GroupedExperts):
     def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
                  cache: ExpertCache, lookahead: LookaheadStats | None = None,
-                 low_precision: LowPrecisionExperts | None = None):
+                 low_precision: LowPrecisionExperts | None = None, lookahead_extra: int = 0):
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
@@ -56,6 +56,8 @@ class OffloadedExperts(GroupedExperts):
         self.cache = cache
         self.lookahead = lookahead
         self.low_precision = low_precision
+        # experts beyond the next router's top-k to prefetch (its next most likely ones)
+        self.lookahead_extra = lookahead_extra
         # Set by install_offloading: the next MoE block (for its router) and its experts.
         self.next_block: nn.Module | None = None
         self.next_experts: OffloadedExperts | None = None
@@ -74,12 +76,23 @@ class OffloadedExperts(GroupedExperts):
         self._protect = {(self.layer, e) for e in needed}
         self.cache.prefetch(self.layer, needed, self._protect)
         if self.lookahead is not None and self.next_block is not None:
-            _, nxt = self.next_block.route(x)
-            guess = sorted(set(nxt.reshape(-1).tolist()))
+            guess = self._guess_next(x)
             self.next_experts.predicted = set(guess)
             self.lookahead.predicted += len(guess)
             self.cache.prefetch(self.next_experts.layer, guess, self._protect)
         return super().forward(x, topk_weights, topk_ids)
+
+    def _guess_next(self, x: torch.Tensor) -> list[int]:
+        """The next MoE layer's router on this layer's input: its top-k, plus the next
+        `lookahead_extra` experts by router score (more recall, less precision)."""
+        _, nxt = self.next_block.route(x)
+        guess = set(nxt.reshape(-1).tolist())
+        gate = getattr(self.next_block, "gate", None)
+        if self.lookahead_extra and gate is not None:
+            logits = gate(x)
+            k = min(logits.shape[-1], nxt.shape[-1] + self.lookahead_extra)
+            guess.update(torch.topk(logits, k, dim=-1).indices.reshape(-1).tolist())
+        return sorted(guess)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         # Experts run in ascending id order, the order the loads above were issued in; one
@@ -125,7 +138,8 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
 
 
 def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
-                       low_precision: LowPrecisionExperts | None = None) -> LookaheadStats:
+                       low_precision: LowPrecisionExperts | None = None,
+                       lookahead_extra: int = 0) -> LookaheadStats:
     """Swap every block's FusedExperts (its parameters may be on the meta device: they are
     never materialized) for OffloadedExperts over `cache` (and `low_precision` for misses)."""
     stats = LookaheadStats() if lookahead else None
@@ -134,7 +148,8 @@ def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
     for layer, _, block in blocks:
         old = block.experts
         block.experts = OffloadedExperts(layer, old.num_experts, old.hidden_size,
-                                         old.intermediate_size, cache, stats, low_precision)
+                                         old.intermediate_size, cache, stats, low_precision,
+                                         lookahead_extra)
         new.append(block.experts)
     for i in range(len(blocks) - 1):
         new[i].next_block = blocks[i + 1][2]

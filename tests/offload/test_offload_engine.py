@@ -142,3 +142,20 @@ def test_tinymoe_lookahead_recall_and_hit_rate():
     # runs depends on timing, so count experts resident or in flight (the cache covered them).
     assert rep["lookahead_recall"] > 0.6
     assert (rep["hits"] + rep["inflight_hits"]) / rep["requests"] > 0.6
+
+
+def test_lookahead_extra_and_cold_prefetch_keep_outputs(checkpoint):
+    """Prefetching past the next router's top-k raises recall and changes nothing else;
+    so does restricting prefetch evictions to cold experts."""
+    path, ref = checkpoint
+    recall = {}
+    for extra, evicts in ((0, "any"), (3, "any"), (3, "cold")):
+        llm = LLM(str(path), expert_memory="30%", offload_lookahead_extra=extra,
+                  offload_prefetch_evicts=evicts)
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+        rep = llm.engine.model.offload.report()
+        assert rep["peak_bytes"] <= rep["budget_bytes"]
+        recall[(extra, evicts)] = rep["lookahead_recall"]
+    assert recall[(3, "any")] >= recall[(0, "any")]
+    with pytest.raises(ValueError, match="lookahead_extra"):
+        OffloadConfig(expert_memory="30%", lookahead_extra=-1)
