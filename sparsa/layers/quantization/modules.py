@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsa import kernels
 from sparsa.kernels import ops
 from sparsa.kernels.layout import BF16_K_ALIGN, INT8_K_ALIGN, int4_padded_k, pad_to
 from sparsa.layers.linear import Linear
@@ -14,6 +15,7 @@ from sparsa.layers.quantization.matmul import (
     bf16_matmul,
     int4_matmul,
     int8_matmul,
+    kernel_policy,
     use_native,
     use_w8a8_moe,
 )
@@ -25,6 +27,17 @@ from sparsa.layers.quantization.schemes import (
     quantize_int8_padded,
     to_bf16_padded,
 )
+
+
+def _decode_ext(x: torch.Tensor, max_rows: int):
+    """The native kernel module when x is a decode-sized, 2-D, contiguous fp32 CPU batch
+    (else None): at batch 1 the checked Python path costs ~10 us per call, as much as a
+    small GEMV, and the shapes here are fixed when the module is built."""
+    if (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and 1 <= x.shape[0] <= max_rows and x.is_contiguous()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        return kernels.load()
+    return None
 
 
 def _weight_nk(linear: Linear) -> torch.Tensor:
@@ -82,6 +95,16 @@ class Int8Linear(_QuantizedLinearBase):
     @classmethod
     def from_linear(cls, linear: Linear, w8a8: bool = True) -> Int8Linear:
         return cls._from(cls(_weight_nk(linear), linear.bias, w8a8), linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        policy = kernel_policy()
+        rows = min(policy["int8"], policy.get("w8a8", policy["int8"])) if self.w8a8 \
+            else policy["int8"]
+        ext = _decode_ext(x, rows)
+        if ext is not None:
+            y = ext.int8_gemm(x, self.qweight, self.scale, False)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.qweight, self.scale, self.w8a8)
@@ -226,6 +249,14 @@ class QuantizedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
+        ext = _decode_ext(x, kernel_policy()["moe"]) if self.method == "int8" else None
+        if (ext is not None and topk_ids.dtype == torch.int64 and topk_ids.is_contiguous()
+                and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
+                and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]
+                and topk_weights.shape == topk_ids.shape and x.shape[1] == self.hidden_size):
+            # decode fast path: the kernel checks the expert ids itself
+            return ext.moe_int8(x, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
+                                topk_weights)
         if self.method == "int8" and self.w8a8 and use_w8a8_moe(x):
             return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
                                 topk_ids, topk_weights).to(x.dtype)
