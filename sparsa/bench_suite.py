@@ -1,7 +1,7 @@
 """The workloads of `sparsa bench --vs llama.cpp`, measured the way llama.cpp's tools do.
 
 * ppN: prompt tokens / time of one N-token prefill (llama-bench -p N), mean of 3 runs.
-* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N).
+* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N), mean of 3 runs.
 * batched decode at batch B: B requests of 128 prompt tokens, 128 new tokens each, all prompts
   prefilled in one step; generated tokens after the first / decode time (llama-batched-bench
   S_TG).
@@ -63,10 +63,13 @@ def run_sparsa(llm, w: Workload, parts: set[str]) -> dict:
             times.append(time.perf_counter() - t)
         res[f"pp{w.pp}"] = w.pp / (sum(times) / len(times))
     if "tg" in parts:
-        out = llm.generate([[1]], SamplingParams(temperature=0, max_tokens=w.tg + 1,
-                                                 ignore_eos=True))[0]
-        m = out.metrics
-        res[f"tg{w.tg}"] = w.tg / (m["finished_time"] - m["first_token_time"])
+        rates = []
+        for _ in range(3):  # mean of 3, as llama-bench -r 3 reports
+            out = llm.generate([[1]], SamplingParams(temperature=0, max_tokens=w.tg + 1,
+                                                     ignore_eos=True))[0]
+            m = out.metrics
+            rates.append(w.tg / (m["finished_time"] - m["first_token_time"]))
+        res[f"tg{w.tg}"] = sum(rates) / len(rates)
     if "batched" in parts:
         for b in w.batches:
             prompts = random_prompts(b, w.batched_prompt, vocab, 2)

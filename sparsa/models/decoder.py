@@ -15,7 +15,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsa import kernels
-from sparsa.kernels import ops
 from sparsa.layers.attention import AttentionMetadata, KVCache, paged_attention
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts, softmax_topk
@@ -120,11 +119,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if self._fused_decode(qkv, meta):
             cos, sin = self.rotary.tables(positions, torch.float32)
-            o = ops.decode_attention_step(
+            # unchecked native call: the cache pools, tables and norms are the engine's own
+            # (their shapes are fixed at load; block ids are checked in C++)
+            o = kernels.load().decode_attention_step(
                 qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
                 self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale, self.sliding_window, self.num_heads,
-                *self._head_norms())
+                meta.decode_context_lens, self.scale, self.sliding_window or 0,
+                self.num_heads, *self._head_norms())
             return self.o_proj(o)
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)

@@ -162,6 +162,13 @@ class Int4Linear(_QuantizedLinearBase):
             else self.scale_min.float()
         return out
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = _decode_ext(x, kernel_policy()["int4"])
+        if ext is not None:
+            y = ext.int4_gemm(x, self.qweight, self.scale_min, self.group_size)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = int4_matmul(x, self.qweight, self.scale_min, self.group_size, self.scale_min_f32)
         return y
@@ -249,14 +256,17 @@ class QuantizedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        ext = _decode_ext(x, kernel_policy()["moe"]) if self.method == "int8" else None
+        ext = _decode_ext(x, kernel_policy()["moe"]) if self.method != "bf16" else None
         if (ext is not None and topk_ids.dtype == torch.int64 and topk_ids.is_contiguous()
                 and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
                 and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]
                 and topk_weights.shape == topk_ids.shape and x.shape[1] == self.hidden_size):
             # decode fast path: the kernel checks the expert ids itself
-            return ext.moe_int8(x, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
-                                topk_weights)
+            if self.method == "int8":
+                return ext.moe_int8(x, self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                    topk_ids, topk_weights)
+            return ext.moe_int4(x, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm,
+                                self.group_size, topk_ids, topk_weights)
         if self.method == "int8" and self.w8a8 and use_w8a8_moe(x):
             return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
                                 topk_ids, topk_weights).to(x.dtype)
