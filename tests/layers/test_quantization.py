@@ -302,6 +302,7 @@ def test_native_moe_w8a8_matches_grouped_w8a8(E, k, T, policy):
     w = torch.rand(T, k).softmax(-1)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     policy(0, w8a8=0)  # every batch: the native W8A8 call; every expert GEMM: W8A8
+    qz.matmul._policy["moe_w8a8_rows"] = 0
     native = qe(x, w, ids)
     grouped = super(QuantizedExperts, qe).forward(x, w, ids)  # per-expert int8_matmul (W8A8)
     assert _rel(native, grouped) < 1e-3
@@ -325,3 +326,23 @@ def test_int4_bf16_gemm_path(monkeypatch, policy):
     assert _rel(m(x[:64]), ref[:64]) < 1e-5  # at or below the threshold: fp32 GEMM
     monkeypatch.setenv("SPARSA_BF16_GEMM", "0")
     assert _rel(m(x), ref) < 1e-5
+
+
+def test_batched_int8_moe_with_few_rows_per_expert_uses_the_fused_kernel():
+    """Past the decode threshold but with few rows per expert, the fused kernel runs (it
+    reads each weight once for all rows); many rows per expert switch to W8A8 GEMMs."""
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    from sparsa.kernels import ops
+
+    qe = QuantizedExperts(_experts(E=8, H=128, inter=96), QuantConfig("int8"))
+    x = torch.randn(24, 128)
+    w = torch.rand(24, 2).softmax(-1)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(24)])
+    fused = ops.moe_int8(x, qe.w13_q, qe.w13_s, qe.w2_q, qe.w2_s, ids, w)
+    assert torch.equal(qe(x, w, ids), fused)  # 48 rows over 8 experts: 6 per expert
+    xl = torch.randn(160, 128)
+    wl = torch.rand(160, 2).softmax(-1)
+    idl = torch.stack([torch.randperm(8)[:2] for _ in range(160)])
+    w8a8 = ops.moe_w8a8(xl, qe.w13_q, qe.w13_s, qe.w2_q, qe.w2_s, idl, wl)
+    assert torch.equal(qe(xl, wl, idl), w8a8)  # 40 rows per expert

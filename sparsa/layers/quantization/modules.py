@@ -268,8 +268,14 @@ class QuantizedExperts(GroupedExperts):
             return ext.moe_int4(x, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm,
                                 self.group_size, topk_ids, topk_weights)
         if self.method == "int8" and self.w8a8 and use_w8a8_moe(x):
-            return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
-                                topk_ids, topk_weights).to(x.dtype)
+            xf = x.float()
+            if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * self.num_experts:
+                return ops.moe_w8a8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                    topk_ids, topk_weights).to(x.dtype)
+            # few rows per expert (batched decode): the fused kernel reads each expert's
+            # weights once for all of its rows, which int8 GEMMs this thin do not beat
+            return ops.moe_int8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
+                                topk_weights).to(x.dtype)
         if self.method == "bf16" or not use_native(x, x.shape[0], "moe"):
             return super().forward(x, topk_weights, topk_ids)
         xf = x.float()
