@@ -118,11 +118,11 @@ def _check_moe(x: torch.Tensor, n13: int, e: int, h: int, topk_ids: torch.Tensor
     return ids, topk_weights.to(torch.float32).contiguous()
 
 
-def moe_int8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: torch.Tensor,
-             w2_s: torch.Tensor, topk_ids: torch.Tensor,
-             topk_weights: torch.Tensor) -> torch.Tensor:
-    """Fused SwiGLU MoE over int8 experts: w13_q [E, 2I, Hp], w13_s [E, 2I], w2_q [E, H, Ip],
-    w2_s [E, H] -> [T, H] = sum_j w_j * down(silu(gate(x)) * up(x))."""
+def _check_int8_experts(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor,
+                        w2_q: torch.Tensor, w2_s: torch.Tensor, topk_ids: torch.Tensor,
+                        topk_weights: torch.Tensor):
+    """Shapes of stacked int8 experts and their routing; returns (x, ids, weights) ready
+    for the kernel."""
     for t, n, d in ((w13_q, "w13_q", torch.int8), (w2_q, "w2_q", torch.int8)):
         _check(t, n, d, 3)
     for t, n in ((w13_s, "w13_s"), (w2_s, "w2_s")):
@@ -136,6 +136,15 @@ def moe_int8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: to
     if tuple(w13_s.shape) != (E, n13) or tuple(w2_s.shape) != (E, H):
         raise ValueError("expert scales must be [E, N] for each weight")
     ids, tw = _check_moe(x, n13, E, H, topk_ids, topk_weights)
+    return x, ids, tw
+
+
+def moe_int8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: torch.Tensor,
+             w2_s: torch.Tensor, topk_ids: torch.Tensor,
+             topk_weights: torch.Tensor) -> torch.Tensor:
+    """Fused SwiGLU MoE over int8 experts: w13_q [E, 2I, Hp], w13_s [E, 2I], w2_q [E, H, Ip],
+    w2_s [E, H] -> [T, H] = sum_j w_j * down(silu(gate(x)) * up(x))."""
+    x, ids, tw = _check_int8_experts(x, w13_q, w13_s, w2_q, w2_s, topk_ids, topk_weights)
     return _ext().moe_int8(x, w13_q, w13_s, w2_q, w2_s, ids, tw)
 
 
@@ -144,19 +153,7 @@ def moe_w8a8(x: torch.Tensor, w13_q: torch.Tensor, w13_s: torch.Tensor, w2_q: to
              topk_weights: torch.Tensor) -> torch.Tensor:
     """`moe_int8` for many tokens: activations quantized per row, each active expert's two
     projections as int8 x int8 GEMMs (torch._int_mm) with SwiGLU fused in between."""
-    for t, n, d in ((w13_q, "w13_q", torch.int8), (w2_q, "w2_q", torch.int8)):
-        _check(t, n, d, 3)
-    for t, n in ((w13_s, "w13_s"), (w2_s, "w2_s")):
-        _check(t, n, torch.float32, 2)
-    x = _check_x(x, w13_q.shape[2])
-    E, n13, _ = w13_q.shape
-    H = w2_q.shape[1]
-    if w2_q.shape[0] != E or w2_q.shape[2] < n13 // 2:
-        raise ValueError(f"inconsistent int8 expert shapes {tuple(w13_q.shape)}, "
-                         f"{tuple(w2_q.shape)}")
-    if tuple(w13_s.shape) != (E, n13) or tuple(w2_s.shape) != (E, H):
-        raise ValueError("expert scales must be [E, N] for each weight")
-    ids, tw = _check_moe(x, n13, E, H, topk_ids, topk_weights)
+    x, ids, tw = _check_int8_experts(x, w13_q, w13_s, w2_q, w2_s, topk_ids, topk_weights)
     return _ext().moe_w8a8(x, w13_q, w13_s, w2_q, w2_s, ids, tw)
 
 

@@ -10,22 +10,16 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstdint>
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using sparsa_simd::grain;
+using sparsa_simd::hsum8;
 
-// Rows per task so a task holds at least ~32K elements (below that, one thread does it all).
-int64_t grain(int64_t row_elems) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_elems, 1));
-}
 
 void rms_row(const float* x, const float* w, float* y, int64_t H, float eps) {
   __m256 acc = _mm256_setzero_ps();

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,12 +21,7 @@
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using sparsa_simd::hsum8;
 
 // e^x for x <= 0 (softmax arguments after subtracting the max): range reduction by ln 2,
 // a degree-6 polynomial on [-ln2/2, ln2/2] (relative error ~2e-7, below fp32 rounding of
@@ -97,6 +94,54 @@ void softmax_(float* s, int64_t n) {
   for (; i < n; ++i) s[i] *= inv;
 }
 
+// The tables come from the engine's BlockManager, but a wrong one must be an error, not a
+// read outside the pools: every block a task will touch is checked before any task runs.
+// Returns the total context (for the threading decision).
+int64_t check_tables(const int64_t* bt, const int64_t* cl, int64_t S, int64_t W, int64_t bs,
+                     int64_t NB) {
+  int64_t total = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(cl[s] >= 1 && cl[s] <= W * bs, "context length ", cl[s], " of row ", s,
+                " outside [1, ", W * bs, "]");
+    for (int64_t b = 0; b < (cl[s] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[s * W + b] >= 0 && bt[s * W + b] < NB, "block id ", bt[s * W + b],
+                  " outside the pool of ", NB);
+    total += cl[s];
+  }
+  return total;
+}
+
+// Attention of the `group` query heads q [group, Dk] that share kv head h, over one
+// sequence's cached positions (the last `window` when window > 0) -> o [group, Dv].
+void attend_head(const float* q, int64_t group, const float* kp, const float* vp,
+                 const int64_t* table, int64_t ctx, int64_t window, int64_t bs, int64_t h,
+                 int64_t Hkv, int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores,
+                 float* o) {
+  const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+  const int64_t n = ctx - first;
+  scores.resize(static_cast<size_t>(group * n));
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first + j;
+    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk + h * Dk;
+    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q + g * Dk, kr, Dk) * scale;
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
+  std::fill(o, o + group * Dv, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first + j;
+    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv + h * Dv;
+    for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, o + g * Dv, Dv);
+  }
+}
+
+// Threads only pay off once a step holds real work: at batch 1 with a short context the
+// whole call is a few microseconds, less than waking the pool.
+template <typename F>
+void run_tasks(int64_t ntasks, int64_t work, const F& tasks) {
+  if (work < (int64_t(1) << 20)) tasks(0, ntasks);
+  else at::parallel_for(0, ntasks, 1, tasks);
+}
+
 }  // namespace
 
 // q [S, Hq, Dk]; kc [NB, bs, Hkv, Dk], vc [NB, bs, Hkv, Dv] (the pools, K/V of this step
@@ -117,54 +162,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  const int64_t k_tok = Hkv * Dk, v_tok = Hkv * Dv;  // floats per cached token
   const float sc = static_cast<float>(scale);
-
-  auto tasks = [&](int64_t t0, int64_t t1) {
+  const int64_t total = check_tables(bt, cl, S, W, bs, kc.size(0));
+  run_tasks(S * Hkv, total * Hq * (Dk + Dv), [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t s = task / Hkv, h = task % Hkv;
-      const int64_t ctx = cl[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      const int64_t n = ctx - first;
-      const int64_t* table = bt + s * W;
-      scores.resize(static_cast<size_t>(group * n));
-      const float* qh = qp + (s * Hq + h * group) * Dk;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const float* kr = kp + (table[pos / bs] * bs + pos % bs) * k_tok + h * Dk;
-        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(qh + g * Dk, kr, Dk) * sc;
-      }
-      for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
-      float* oh = op + (s * Hq + h * group) * Dv;
-      std::fill(oh, oh + group * Dv, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const float* vr = vp + (table[pos / bs] * bs + pos % bs) * v_tok + h * Dv;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, oh + g * Dv, Dv);
-      }
+      attend_head(qp + (s * Hq + h * group) * Dk, group, kp, vp, bt + s * W, cl[s], window,
+                  bs, h, Hkv, Dk, Dv, sc, scores, op + (s * Hq + h * group) * Dv);
     }
-  };
-  // Threads only pay off once a step holds real work: at batch 1 with a short context the
-  // whole call is a few microseconds, less than waking the pool.
-  // The tables come from the engine's BlockManager, but a wrong one must be an error,
-  // not a read outside the pools: validate every block a task will touch, before any runs.
-  const int64_t NB = kc.size(0);
-  int64_t total = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(cl[s] >= 1 && cl[s] <= W * bs, "context length ", cl[s], " of row ", s,
-                " outside [1, ", W * bs, "]");
-    for (int64_t b = 0; b < (cl[s] + bs - 1) / bs; ++b)
-      TORCH_CHECK(bt[s * W + b] >= 0 && bt[s * W + b] < NB, "block id ", bt[s * W + b],
-                  " outside the pool of ", NB);
-    total += cl[s];
-  }
-  const int64_t work = total * Hq * (Dk + Dv);
-  if (work < (int64_t(1) << 20)) {
-    tasks(0, S * Hkv);
-  } else {
-    at::parallel_for(0, S * Hkv, 1, tasks);
-  }
+  });
   return out;
 }
 
@@ -187,16 +194,9 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
-  int64_t total = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(cl[s] >= 1 && cl[s] <= W * bs, "context length ", cl[s], " of row ", s,
-                " outside [1, ", W * bs, "]");
-    for (int64_t b = 0; b < (cl[s] + bs - 1) / bs; ++b)
-      TORCH_CHECK(bt[s * W + b] >= 0 && bt[s * W + b] < NB, "block id ", bt[s * W + b],
-                  " outside the pool of ", NB);
+  const int64_t total = check_tables(bt, cl, S, W, bs, NB);
+  for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(sl[s] >= 0 && sl[s] < NB * bs, "slot ", sl[s], " outside the pool");
-    total += cl[s];
-  }
   auto out = torch::empty({S, Hq * D}, qkv.options());
   const float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
@@ -237,28 +237,11 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
       std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D, vp + sl[s] * tok + h * D);
       for (int64_t g = 0; g < group; ++g)
         rope(row + (h * group + g) * D, q.data() + g * D, c, sn, qn, tmp.data());
-      const int64_t ctx = cl[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-      const int64_t n = ctx - first;
-      const int64_t* table = bt + s * W;
-      scores.resize(static_cast<size_t>(group * n));
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const float* kr = kp + (table[pos / bs] * bs + pos % bs) * tok + h * D;
-        for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q.data() + g * D, kr, D) * sc;
-      }
-      for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
-      float* oh = op + s * Hq * D + h * group * D;
-      std::fill(oh, oh + group * D, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t pos = first + j;
-        const float* vr = vp + (table[pos / bs] * bs + pos % bs) * tok + h * D;
-        for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, oh + g * D, D);
-      }
+      attend_head(q.data(), group, kp, vp, bt + s * W, cl[s], window, bs, h, Hkv, D, D, sc,
+                  scores, op + s * Hq * D + h * group * D);
     }
   };
-  if (total * Hq * 2 * D < (int64_t(1) << 20)) tasks(0, S * Hkv);
-  else at::parallel_for(0, S * Hkv, 1, tasks);
+  run_tasks(S * Hkv, total * Hq * 2 * D, tasks);
   return out;
 }
 

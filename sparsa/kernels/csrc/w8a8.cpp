@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "simd.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,16 +16,8 @@
 
 namespace {
 
-inline float hmax8(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-int64_t grain(int64_t row_elems) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_elems, 1));
-}
+using sparsa_simd::grain;
+using sparsa_simd::hmax8;
 
 }  // namespace
 
