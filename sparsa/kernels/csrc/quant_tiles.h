@@ -1,0 +1,337 @@
+// The inner tiles of the int8 / int4 / bf16 matmul kernels: R weight rows x TT activation
+// rows, one form per instruction set (AVX2; VNNI in 256 and 512 bits, chosen at run time).
+// Included by quant_kernels.cpp only, inside its anonymous namespace (it uses kQB, QAct and
+// hsum from there).
+#pragma once
+
+// ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
+
+template <int R, int TT>
+inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t sb = 0; sb < nb; ++sb) {  // one activation scale per kQB = 4 x 32 weights
+    __m256i ia[TT][R];
+    for (int bb = 0; bb < kQB / 32; ++bb) {
+      const int64_t off = sb * kQB + bb * 32;
+      __m256i xv[TT];
+      for (int t = 0; t < TT; ++t)
+        xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off));
+        // maddubs wants unsigned x signed: move w's sign onto x (llama.cpp's trick)
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int t = 0; t < TT; ++t) {
+          const __m256i p = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones);
+          ia[t][r] = bb == 0 ? p : _mm256_add_epi32(ia[t][r], p);
+        }
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m256 dv = _mm256_broadcast_ss(a[t].d + sb);
+      for (int r = 0; r < R; ++r)
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[t][r]), dv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
+// The same tile with VNNI (vpdpbusd: u8 x s8, four products summed into each int32 lane in
+// one instruction). The weight's sign bit is flipped, which reads it as the unsigned w + 128,
+// so each block's integer sum is exactly sum(w * x) + 128 * sum(x); the second term is known
+// per activation block (QAct::qs) and subtracted before the convert. One xor + one dpbusd per
+// 32 weights instead of llama.cpp's sign/sign/maddubs/madd: the AVX2 tile is compute-bound
+// at ~16 GB/s per core on a Zen 5, more than that is memory bandwidth to spare.
+#define SPARSA_I8Q8_VNNI_TILE(NAME, TARGET, DPBUSD)                                            \
+  template <int R, int TT>                                                                     \
+  __attribute__((target(TARGET), noinline)) void NAME(const int8_t* w, int64_t ldw,           \
+                                                      int64_t nb, const QAct* a, float* res) { \
+    __m256 acc[TT][R];                                                                         \
+    for (int t = 0; t < TT; ++t)                                                               \
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();                             \
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));                            \
+    for (int64_t sb = 0; sb < nb; ++sb) {                                                      \
+      __m256i ia[TT][R];                                                                       \
+      for (int t = 0; t < TT; ++t)                                                             \
+        for (int r = 0; r < R; ++r) ia[t][r] = _mm256_setzero_si256();                         \
+      for (int bb = 0; bb < kQB / 32; ++bb) {                                                  \
+        const int64_t off = sb * kQB + bb * 32;                                                \
+        __m256i xv[TT];                                                                        \
+        for (int t = 0; t < TT; ++t)                                                           \
+          xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));          \
+        for (int r = 0; r < R; ++r) {                                                          \
+          const __m256i wu = _mm256_xor_si256(                                                 \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off)), flip);  \
+          for (int t = 0; t < TT; ++t) ia[t][r] = DPBUSD(ia[t][r], wu, xv[t]);                 \
+        }                                                                                      \
+      }                                                                                        \
+      for (int t = 0; t < TT; ++t) {                                                           \
+        const __m256 dv = _mm256_broadcast_ss(a[t].d + sb);                                    \
+        const __m256i corr = _mm256_setr_epi32(128 * a[t].qs[sb], 0, 0, 0, 0, 0, 0, 0);        \
+        for (int r = 0; r < R; ++r)                                                            \
+          acc[t][r] = _mm256_fmadd_ps(                                                         \
+              _mm256_cvtepi32_ps(_mm256_sub_epi32(ia[t][r], corr)), dv, acc[t][r]);            \
+      }                                                                                        \
+    }                                                                                          \
+    for (int t = 0; t < TT; ++t)                                                               \
+      for (int r = 0; r < R; ++r) {                                                            \
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[t][r]),                               \
+                              _mm256_extractf128_ps(acc[t][r], 1));                            \
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                \
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                 \
+        res[t * R + r] = _mm_cvtss_f32(h);                                                     \
+      }                                                                                        \
+  }
+
+// The AVX-512 form: 64 weights per instruction, half the instructions of the 256-bit tile.
+template <int R, int TT>
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni"), noinline)) void
+i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
+  __m512 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t sb = 0; sb < nb; ++sb) {
+    __m512i ia[TT][R];
+    for (int t = 0; t < TT; ++t)
+      for (int r = 0; r < R; ++r) ia[t][r] = _mm512_setzero_si512();
+    for (int bb = 0; bb < kQB / 64; ++bb) {
+      const int64_t off = sb * kQB + bb * 64;
+      __m512i xv[TT];
+      for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a[t].q + off);
+      for (int r = 0; r < R; ++r) {
+        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + off), flip);
+        for (int t = 0; t < TT; ++t) ia[t][r] = _mm512_dpbusd_epi32(ia[t][r], wu, xv[t]);
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m512 dv = _mm512_set1_ps(a[t].d[sb]);
+      const __m512i corr = _mm512_maskz_set1_epi32(1, 128 * a[t].qs[sb]);
+      for (int r = 0; r < R; ++r)
+        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[t][r], corr)), dv,
+                                    acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+SPARSA_I8Q8_VNNI_TILE(i8q8_tile_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+
+// Which int8 dot-product instructions the CPU has (checked once; `set_vnni` can turn the
+// VNNI tiles off, for tests and comparisons).
+enum class Vnni { None = 0, Avx512 = 1, Avx = 2 };
+
+Vnni detect_vnni() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl"))
+    return Vnni::Avx512;
+  if (__builtin_cpu_supports("avxvnni")) return Vnni::Avx;
+  return Vnni::None;
+}
+
+const Vnni g_vnni_hw = detect_vnni();
+Vnni g_vnni = g_vnni_hw;
+
+template <int R, int TT>
+inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* const* x,
+                       float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * ldw + k))));
+      for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
+// ---- int4 tile ------------------------------------------------------------------------------
+
+inline __m256 bf16x8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Main loop of the int4 tile. CPG = 64-weight chunks per group (0: group 32, two groups per
+// chunk). For G >= 64 the activation block is the group, so the int16 maddubs sums of a whole
+// group add up before one madd/convert/FMA (<= 8 * 2*15*127 = 30480: no int16 overflow).
+template <int R, int TT, int CPG>
+inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, const float* sd,
+                    __m256 (&acc)[TT][R]) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int64_t GPC = CPG == 0 ? 2 : 1;  // groups per step
+  constexpr int64_t CPS = CPG == 0 ? 1 : CPG;  // chunks per step
+  for (int64_t g = 0; g < ng; g += GPC) {
+    const int64_t c0 = CPG == 0 ? g / 2 : g * CPG;
+    __m256i is[TT][R];
+    for (int64_t cc = 0; cc < CPS; ++cc) {
+      const int64_t c = c0 + cc;
+      __m256i xlo[TT], xhi[TT];
+      for (int t = 0; t < TT; ++t) {
+        xlo[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64));
+        xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i v =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));
+        const __m256i lo = _mm256_and_si256(v, m4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int t = 0; t < TT; ++t) {
+          const __m256i p0 = _mm256_maddubs_epi16(lo, xlo[t]);
+          const __m256i p1 = _mm256_maddubs_epi16(hi, xhi[t]);
+          if (CPG == 0) {  // group 32: finish both groups here (fewer live registers)
+            const float* o = sd + (t * R + r) * ng + g;
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones)),
+                                        _mm256_broadcast_ss(o), acc[t][r]);
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones)),
+                                        _mm256_broadcast_ss(o + 1), acc[t][r]);
+          } else {
+            const __m256i p = _mm256_add_epi16(p0, p1);
+            is[t][r] = cc == 0 ? p : _mm256_add_epi16(is[t][r], p);
+          }
+        }
+      }
+    }
+    if (CPG > 0)
+      for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) {
+          const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(is[t][r], ones));
+          acc[t][r] =
+              _mm256_fmadd_ps(f, _mm256_broadcast_ss(sd + (t * R + r) * ng + g), acc[t][r]);
+        }
+  }
+}
+
+// The int4 main loop with VNNI: nibbles are already unsigned, so vpdpbusd takes them as they
+// are and sums 4 products per int32 lane, the lane layout of maddubs + madd: the integer
+// sums, and so the results, are those of i4_body.
+#define SPARSA_I4_VNNI_BODY(NAME, TARGET, DPBUSD)                                              \
+  template <int R, int TT, int CPG>                                                            \
+  __attribute__((target(TARGET), noinline)) void NAME(const uint8_t* w, int64_t ldw,          \
+                                                      int64_t ng, const QAct* a,              \
+                                                      const float* sd, __m256 (&acc)[TT][R]) { \
+    const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
+    const __m256i zero = _mm256_setzero_si256();                                               \
+    constexpr int64_t GPC = CPG == 0 ? 2 : 1;                                                  \
+    constexpr int64_t CPS = CPG == 0 ? 1 : CPG;                                                \
+    for (int64_t g = 0; g < ng; g += GPC) {                                                    \
+      const int64_t c0 = CPG == 0 ? g / 2 : g * CPG;                                           \
+      __m256i is[TT][R];                                                                       \
+      for (int t = 0; t < TT; ++t)                                                             \
+        for (int r = 0; r < R; ++r) is[t][r] = zero;                                           \
+      for (int64_t cc = 0; cc < CPS; ++cc) {                                                   \
+        const int64_t c = c0 + cc;                                                             \
+        __m256i xlo[TT], xhi[TT];                                                              \
+        for (int t = 0; t < TT; ++t) {                                                         \
+          xlo[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64));      \
+          xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32)); \
+        }                                                                                      \
+        for (int r = 0; r < R; ++r) {                                                          \
+          const __m256i v =                                                                    \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));      \
+          const __m256i lo = _mm256_and_si256(v, m4);                                          \
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                    \
+          for (int t = 0; t < TT; ++t) {                                                       \
+            if (CPG == 0) {                                                                    \
+              const float* o = sd + (t * R + r) * ng + g;                                      \
+              acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(zero, lo, xlo[t])),        \
+                                          _mm256_broadcast_ss(o), acc[t][r]);                  \
+              acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(zero, hi, xhi[t])),        \
+                                          _mm256_broadcast_ss(o + 1), acc[t][r]);              \
+            } else {                                                                           \
+              is[t][r] = DPBUSD(DPBUSD(is[t][r], lo, xlo[t]), hi, xhi[t]);                     \
+            }                                                                                  \
+          }                                                                                    \
+        }                                                                                      \
+      }                                                                                        \
+      if (CPG > 0)                                                                             \
+        for (int t = 0; t < TT; ++t)                                                           \
+          for (int r = 0; r < R; ++r)                                                          \
+            acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[t][r]),                          \
+                                        _mm256_broadcast_ss(sd + (t * R + r) * ng + g),        \
+                                        acc[t][r]);                                            \
+    }                                                                                          \
+  }
+
+SPARSA_I4_VNNI_BODY(i4_body_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni",
+                    _mm256_dpbusd_epi32)
+SPARSA_I4_VNNI_BODY(i4_body_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+
+// sm rows are [2, ng] bf16: the ng group scales, then the ng group mins. A vectorized prologue
+// turns them into sd = scale * activation scale per group (read back by broadcast loads) and
+// the whole `min * sum(x)` term, so the inner loop has no scalar work.
+template <int R, int TT>
+inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t ng, int64_t G,
+                    const QAct* a, float* res, float* sd) {
+  __m256 acc[TT][R];
+  float bias[TT][R];
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* sr = sm + r * 2 * ng;
+    const uint16_t* mr = sr + ng;
+    for (int t = 0; t < TT; ++t) {
+      float* o = sd + (t * R + r) * ng;
+      __m256 bacc = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= ng; g += 8) {
+        _mm256_storeu_ps(o + g, _mm256_mul_ps(bf16x8(sr + g), _mm256_loadu_ps(a[t].d + g)));
+        bacc = _mm256_fmadd_ps(bf16x8(mr + g), _mm256_loadu_ps(a[t].s + g), bacc);
+      }
+      float bsum = hsum(bacc);
+      for (; g < ng; ++g) {
+        o[g] = bf16_to_f32(sr[g]) * a[t].d[g];
+        bsum += bf16_to_f32(mr[g]) * a[t].s[g];
+      }
+      bias[t][r] = bsum;
+      acc[t][r] = _mm256_setzero_ps();
+    }
+  }
+#define SPARSA_I4_GROUPS(BODY)                               \
+  switch (G) {                                               \
+    case 32: BODY<R, TT, 0>(w, ldw, ng, a, sd, acc); break;  \
+    case 64: BODY<R, TT, 1>(w, ldw, ng, a, sd, acc); break;  \
+    case 128: BODY<R, TT, 2>(w, ldw, ng, a, sd, acc); break; \
+    default: BODY<R, TT, 4>(w, ldw, ng, a, sd, acc); break;  \
+  }
+  // compile-time group shapes keep every accumulator in a register
+  if (g_vnni == Vnni::Avx512) {
+    SPARSA_I4_GROUPS(i4_body_avx512vnni)
+  } else if (g_vnni == Vnni::Avx) {
+    SPARSA_I4_GROUPS(i4_body_avxvnni)
+  } else {
+    SPARSA_I4_GROUPS(i4_body)
+  }
+#undef SPARSA_I4_GROUPS
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
+}
+
+// ---- bf16 tile: weights widened to fp32 exactly (a shift), fp32 FMA against fp32 x ------
+
+template <int R, int TT>
+inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* const* x,
+                      float* res) {
+  __m256 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[TT];
+    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wf = bf16x8(w + r * ldw + k);
+      for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
