@@ -76,7 +76,8 @@ def _prefill_mask(chunk: PrefillChunk, window: int | None, device) -> torch.Tens
     return mask
 
 
-def _native_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
+def native_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
+    """Whether decode attention over these pools can run natively (fp32 on the CPU)."""
     return (kc.device.type == "cpu" and kc.dtype == torch.float32 and vc.dtype == torch.float32
             and q.dtype == torch.float32 and not (q.requires_grad and torch.is_grad_enabled())
             and kernels.available())
@@ -101,7 +102,7 @@ def paged_attention(
     gqa = Hq != kc.shape[2]
 
     nd = meta.num_decodes
-    if nd and _native_decode(q, kc, vc):
+    if nd and native_decode(q, kc, vc):
         out[:nd] = ops.paged_decode_attention(
             q[:nd].contiguous(), kc, vc, meta.decode_block_tables, meta.decode_context_lens,
             scale, sliding_window)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsa import kernels
-from sparsa.layers.attention import AttentionMetadata, KVCache, paged_attention
+from sparsa.layers.attention import AttentionMetadata, KVCache, native_decode, paged_attention
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts, softmax_topk
 from sparsa.layers.norm import RMSNorm
@@ -103,14 +103,11 @@ class Attention(nn.Module):
         """All-decode step of plain attention on CPU: rotary, KV write and attention run as
         one native call (at batch 1 the dozen small ops around them cost as much as the
         attention itself)."""
-        kc = self.kv_cache.k
         return (meta.num_decodes == qkv.shape[0] and not meta.prefills
                 and self.qk_norm in (None, "head") and self.clip_qkv is None
-                and qkv.dtype == torch.float32 and kc.dtype == torch.float32
-                and self.kv_cache.v.dtype == torch.float32
-                and qkv.device.type == "cpu" and qkv.is_contiguous()
-                and not self.rotary.interleaved and self.rotary.cos.dtype == torch.float32
-                and kernels.available())
+                and qkv.is_contiguous() and not self.rotary.interleaved
+                and self.rotary.cos.dtype == torch.float32
+                and native_decode(qkv, self.kv_cache.k, self.kv_cache.v))
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

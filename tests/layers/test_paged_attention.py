@@ -85,7 +85,7 @@ def test_paged_attention_decode_paths_agree(native, monkeypatch):
     if native and not kernels.available():
         pytest.skip(f"native kernels: {kernels.unavailable_reason()}")
     if not native:
-        monkeypatch.setattr(attention, "_native_decode", lambda *a: False)
+        monkeypatch.setattr(attention, "native_decode", lambda *a: False)
     lens, bs, hq, hkv, d = [3, 20, 33], 16, 8, 2, 32
     nblocks = 12
     kc, vc = _pools(nblocks, bs, hkv, d, d)

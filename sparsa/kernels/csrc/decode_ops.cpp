@@ -19,6 +19,7 @@ namespace {
 
 using sparsa_simd::grain;
 using sparsa_simd::hsum8;
+using sparsa_simd::rope_neox_head;
 
 
 void rms_row(const float* x, const float* w, float* y, int64_t H, float eps) {
@@ -76,19 +77,7 @@ void rope_neox_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t r
       const float* s = sp + t * cs;
       for (int64_t h = 0; h < Hn; ++h) {
         float* a = xp + t * s0 + h * s1;
-        float* b = a + half;
-        int64_t i = 0;
-        for (; i + 8 <= half; i += 8) {
-          const __m256 x1 = _mm256_loadu_ps(a + i), x2 = _mm256_loadu_ps(b + i);
-          const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
-          _mm256_storeu_ps(a + i, _mm256_fmsub_ps(x1, cv, _mm256_mul_ps(x2, sv)));
-          _mm256_storeu_ps(b + i, _mm256_fmadd_ps(x2, cv, _mm256_mul_ps(x1, sv)));
-        }
-        for (; i < half; ++i) {
-          const float x1 = a[i], x2 = b[i];
-          a[i] = x1 * c[i] - x2 * s[i];
-          b[i] = x2 * c[i] + x1 * s[i];
-        }
+        rope_neox_head(a, a, c, s, half);
       }
     }
   };

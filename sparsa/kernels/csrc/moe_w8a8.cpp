@@ -16,21 +16,10 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+#include "moe_common.h"
+#include "simd.h"
 
-// per-row symmetric int8 of x (K floats) into q (Kp bytes, zero padded); returns the scale
-float quantize_row_sym(const float* x, int64_t K, int64_t Kp, int8_t* q) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
-  for (int64_t i = 0; i < K; ++i)
-    q[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[i] * id))));
-  std::fill(q + K, q + Kp, int8_t(0));
-  return d;
-}
-
-}  // namespace
+using sparsa_simd::quantize_row_sym;
 
 torch::Tensor moe_w8a8(torch::Tensor x, torch::Tensor w13q, torch::Tensor w13s,
                        torch::Tensor w2q, torch::Tensor w2s, torch::Tensor ids,
@@ -44,12 +33,7 @@ torch::Tensor moe_w8a8(torch::Tensor x, torch::Tensor w13q, torch::Tensor w13s,
   const float* twp = tw.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
 
-  std::vector<std::vector<int64_t>> slots(E);  // slot s = t * k + j, in token order
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t e = idp[s];
-    TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
-    slots[e].push_back(s);
-  }
+  const auto slots = sparsa_moe::group_slots(idp, S, E);
 
   auto i8 = x.options().dtype(torch::kInt8);
   auto xq = torch::empty({T, Hp}, i8);
@@ -104,16 +88,7 @@ torch::Tensor moe_w8a8(torch::Tensor x, torch::Tensor w13q, torch::Tensor w13s,
   auto out = torch::empty({T, H}, x.options());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* dst = op + t * H;
-      const float* y0 = y.data() + (t * k) * H;
-      for (int64_t c = 0; c < H; ++c) dst[c] = y0[c] * twp[t * k];
-      for (int64_t j = 1; j < k; ++j) {
-        const float* yj = y.data() + (t * k + j) * H;
-        const float wj = twp[t * k + j];
-        for (int64_t c = 0; c < H; ++c) dst[c] += yj[c] * wj;
-      }
-    }
+    sparsa_moe::sum_slots(y.data(), twp, t0, t1, k, H, op);
   });
   return out;
 }

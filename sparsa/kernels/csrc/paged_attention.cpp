@@ -219,11 +219,7 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
       for (int64_t i = 0; i < D; ++i) tmp[i] = src[i] * r * nw[i];
       src = tmp;
     }
-    for (int64_t i = 0; i < half; ++i) {
-      const float x1 = src[i], x2 = src[half + i];
-      dst[i] = x1 * c[i] - x2 * sn[i];
-      dst[half + i] = x2 * c[i] + x1 * sn[i];
-    }
+    sparsa_simd::rope_neox_head(src, dst, c, sn, half);
     for (int64_t i = rd; i < D; ++i) dst[i] = src[i];
   };
   auto tasks = [&](int64_t t0, int64_t t1) {

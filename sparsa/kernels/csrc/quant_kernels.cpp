@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "moe_common.h"
 #include "simd.h"
 
 #include <algorithm>
@@ -269,12 +270,7 @@ torch::Tensor moe(const torch::Tensor& x, const std::vector<Mat>& w13, const std
   const float* xp = x.data_ptr<float>();
   const bool i4 = w13[0].kind == Kind::I4;
 
-  std::vector<std::vector<int64_t>> slots(E);  // slot s = t * k + j, in token order
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t e = idp[s];
-    TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
-    slots[e].push_back(s);
-  }
+  const auto slots = sparsa_moe::group_slots(idp, S, E);
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
     if (!slots[e].empty()) active.push_back(e);
@@ -321,12 +317,7 @@ torch::Tensor moe(const torch::Tensor& x, const std::vector<Mat>& w13, const std
   run_stage(w2, H, 16, ha.rows.data(), false, o.data(), H);
 
   auto y = torch::empty({T, H}, x.options());
-  float* yp = y.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t c = 0; c < H; ++c) yp[t * H + c] = twp[t * k] * o[(t * k) * H + c];
-    for (int64_t j = 1; j < k; ++j)
-      for (int64_t c = 0; c < H; ++c) yp[t * H + c] += twp[t * k + j] * o[(t * k + j) * H + c];
-  }
+  sparsa_moe::sum_slots(o.data(), twp, 0, T, k, H, y.data_ptr<float>());
   return y;
 }
 

@@ -136,24 +136,6 @@ Vnni detect_vnni() {
 const Vnni g_vnni_hw = detect_vnni();
 Vnni g_vnni = g_vnni_hw;
 
-template <int R, int TT>
-inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* const* x,
-                       float* res) {
-  __m256 acc[TT][R];
-  for (int t = 0; t < TT; ++t)
-    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 xv[TT];
-    for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
-    for (int r = 0; r < R; ++r) {
-      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + r * ldw + k))));
-      for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
-    }
-  }
-  for (int t = 0; t < TT; ++t)
-    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
-}
 
 // ---- int4 tile ------------------------------------------------------------------------------
 
@@ -316,11 +298,12 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
     for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
 }
 
-// ---- bf16 tile: weights widened to fp32 exactly (a shift), fp32 FMA against fp32 x ------
+// ---- fp32-math tiles: weights widened to fp32 (int8: exact convert; bf16: a shift), FMA
+// against fp32 x. `widen(p)` turns 8 weights at p into a __m256.
 
-template <int R, int TT>
-inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* const* x,
-                      float* res) {
+template <int R, int TT, typename Wt, typename Widen>
+inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const* x,
+                         float* res, Widen widen) {
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -328,10 +311,25 @@ inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* co
     __m256 xv[TT];
     for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
     for (int r = 0; r < R; ++r) {
-      const __m256 wf = bf16x8(w + r * ldw + k);
+      const __m256 wf = widen(w + r * ldw + k);
       for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
     }
   }
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]);
+}
+
+template <int R, int TT>
+inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* const* x,
+                       float* res) {
+  widened_tile<R, TT>(w, ldw, K, x, res, [](const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  });
+}
+
+template <int R, int TT>
+inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* const* x,
+                      float* res) {
+  widened_tile<R, TT>(w, ldw, K, x, res, [](const uint16_t* p) { return bf16x8(p); });
 }

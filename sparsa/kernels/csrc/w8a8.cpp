@@ -17,7 +17,7 @@
 namespace {
 
 using sparsa_simd::grain;
-using sparsa_simd::hmax8;
+using sparsa_simd::quantize_row_sym;
 
 }  // namespace
 
@@ -32,31 +32,8 @@ std::tuple<torch::Tensor, torch::Tensor> quantize_rows_int8(torch::Tensor x, int
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
   const int64_t sx = x.stride(0);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   auto rows = [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* r = xp + t * sx;
-      __m256 m = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(r + k)));
-      float amax = hmax8(m);
-      for (; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
-      const float d = amax / 127.f;
-      const float id = d > 0.f ? 1.f / d : 0.f;
-      int8_t* o = qp + t * Kp;
-      const __m256 iv = _mm256_set1_ps(id);
-      k = 0;
-      for (; k + 8 <= K; k += 8) {
-        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), iv));
-        // |v| <= 127 by construction: pack to int8 without saturation surprises
-        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + k), _mm_packs_epi16(w, w));
-      }
-      for (; k < K; ++k)
-        o[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(r[k] * id))));
-      std::fill(o + K, o + Kp, int8_t(0));
-      sp[t] = d;
-    }
+    for (int64_t t = t0; t < t1; ++t) sp[t] = quantize_row_sym(xp + t * sx, K, Kp, qp + t * Kp);
   };
   const int64_t g = grain(K);
   if (T <= g) rows(0, T);

@@ -67,16 +67,16 @@ def use_native(x: torch.Tensor, rows: int, op: str) -> bool:
             and kernels.available())
 
 
+def native_max_rows(op: str, w8a8: bool = False) -> int:
+    """Most rows `op` sends to the native kernel: its threshold, and with `w8a8` never past
+    the row count where the W8A8 GEMM takes over."""
+    policy = kernel_policy()
+    return min(policy[op], policy.get("w8a8", _NEVER)) if w8a8 else policy[op]
+
+
 def use_w8a8(x: torch.Tensor) -> bool:
     return (_INT_MM is not None and x.device.type == "cpu"
             and x.shape[0] > kernel_policy().get("w8a8", _NEVER))
-
-
-def use_w8a8_moe(x: torch.Tensor) -> bool:
-    """Batches past the fused decode kernel's threshold run as one native W8A8 MoE call."""
-    return (_INT_MM is not None and x.device.type == "cpu"
-            and x.shape[0] > max(kernel_policy()["moe"], kernel_policy().get("w8a8", _NEVER))
-            and kernels.available())
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
@@ -175,32 +175,19 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: 
     bf16_rows = kernel_policy().get("int4_bf16", _NEVER)
     rows = x.shape[0]
     if x.device.type == "cpu" and rows > bf16_rows and sm_f32 is None and cpu_has_bf16_dot():
-        return int4_matmul_bf16(x, q, sm, group_size).to(x.dtype)
+        return int4_matmul_reference(x.float(), q, sm, group_size, torch.bfloat16).to(x.dtype)
     return int4_matmul_reference(x, q, sm if sm_f32 is None else sm_f32, group_size)
 
 
-def int4_matmul_bf16(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
-                     group_size: int) -> torch.Tensor:
-    """int4 prefill on a CPU with bf16 dot products: weight tiles dequantized to bf16 and a
-    bf16 GEMM with bf16 activations (the cost: activations and outputs rounded to bf16)."""
-    N, kp = q.shape[0], q.shape[1] * 2
-    xb = x.to(torch.bfloat16)
-    step = max(1, _DEQUANT_BLOCK_ELEMS // kp)
-    out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)
-    native = kernels.available() and sm.dtype == torch.bfloat16
-    for n0 in range(0, N, step):
-        n1 = min(N, n0 + step)
-        w = ops.int4_dequant(q[n0:n1], sm[n0:n1], group_size) if native \
-            else dequantize_int4_packed(q[n0:n1], sm[n0:n1], dtype=torch.float32)
-        out[:, n0:n1] = xb @ w.to(torch.bfloat16).t()
-    return out
-
-
 def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
-                          group_size: int) -> torch.Tensor:
+                          group_size: int, gemm_dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
+    """Dequantize row tiles of the int4 weight and GEMM (x already padded). `gemm_dtype`
+    bfloat16 runs the GEMM in bf16 (activations and weights rounded to bf16; the output
+    stays fp32): the int4 prefill path on CPUs with bf16 dot products."""
     N, kp = q.shape[0], q.shape[1] * 2
     dt = _dt(x)
-    xd = x.to(dt)
+    xd = x.to(gemm_dtype or dt)
     step = max(1, _DEQUANT_BLOCK_ELEMS // kp)
     out = torch.empty(x.shape[0], N, dtype=dt, device=x.device)
     native = (x.device.type == "cpu" and dt == torch.float32 and sm.dtype == torch.bfloat16
@@ -209,7 +196,7 @@ def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
         n1 = min(N, n0 + step)
         w = ops.int4_dequant(q[n0:n1], sm[n0:n1], group_size) if native \
             else dequantize_int4_packed(q[n0:n1], sm[n0:n1], dtype=dt)
-        out[:, n0:n1] = xd @ w.t()
+        out[:, n0:n1] = xd @ w.to(xd.dtype).t()
     return out
 
 

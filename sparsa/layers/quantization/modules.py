@@ -16,8 +16,9 @@ from sparsa.layers.quantization.matmul import (
     int4_matmul,
     int8_matmul,
     kernel_policy,
+    native_max_rows,
     use_native,
-    use_w8a8_moe,
+    use_w8a8,
 )
 from sparsa.layers.quantization.schemes import (
     QuantConfig,
@@ -29,10 +30,11 @@ from sparsa.layers.quantization.schemes import (
 )
 
 
-def _decode_ext(x: torch.Tensor, max_rows: int):
-    """The native kernel module when x is a decode-sized, 2-D, contiguous fp32 CPU batch
-    (else None): at batch 1 the checked Python path costs ~10 us per call, as much as a
-    small GEMV, and the shapes here are fixed when the module is built."""
+def _trusted_ext(x: torch.Tensor, max_rows: int):
+    """The native kernel module when x is already in the kernels' form (2-D, contiguous,
+    fp32, CPU, at most `max_rows` rows), else None. The modules call it unchecked: their
+    weights' shapes are fixed when they are built, and at batch 1 the checked wrappers of
+    `sparsa.kernels.ops` cost ~10 us per call, as much as a small GEMV."""
     if (x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu"
             and 1 <= x.shape[0] <= max_rows and x.is_contiguous()
             and not (x.requires_grad and torch.is_grad_enabled())):
@@ -97,10 +99,7 @@ class Int8Linear(_QuantizedLinearBase):
         return cls._from(cls(_weight_nk(linear), linear.bias, w8a8), linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        policy = kernel_policy()
-        rows = min(policy["int8"], policy.get("w8a8", policy["int8"])) if self.w8a8 \
-            else policy["int8"]
-        ext = _decode_ext(x, rows)
+        ext = _trusted_ext(x, native_max_rows("int8", self.w8a8))
         if ext is not None:
             y = ext.int8_gemm(x, self.qweight, self.scale, False)
             return y if self.bias is None else y + self.bias
@@ -163,7 +162,7 @@ class Int4Linear(_QuantizedLinearBase):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = _decode_ext(x, kernel_policy()["int4"])
+        ext = _trusted_ext(x, native_max_rows("int4"))
         if ext is not None:
             y = ext.int4_gemm(x, self.qweight, self.scale_min, self.group_size)
             return y if self.bias is None else y + self.bias
@@ -256,35 +255,36 @@ class QuantizedExperts(GroupedExperts):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
-        ext = _decode_ext(x, kernel_policy()["moe"]) if self.method != "bf16" else None
+        if self.method == "bf16":
+            return super().forward(x, topk_weights, topk_ids)
+        if use_native(x, x.shape[0], "moe"):
+            return self._fused(x, topk_weights, topk_ids)
+        if self.method == "int8" and self.w8a8 and use_w8a8(x) and kernels.available():
+            if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * self.num_experts:
+                return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                    topk_ids, topk_weights).to(x.dtype)
+            # few rows per expert (batched decode): the fused kernel reads each expert's
+            # weights once for all of its rows, which int8 GEMMs this thin do not beat
+            return self._fused(x, topk_weights, topk_ids)
+        return super().forward(x, topk_weights, topk_ids)
+
+    def _fused(self, x: torch.Tensor, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor) -> torch.Tensor:
+        """The fused native MoE kernel: called unchecked when the inputs are already in its
+        form (it checks the expert ids itself), through the checked wrapper otherwise."""
+        ext = _trusted_ext(x, x.shape[0])
         if (ext is not None and topk_ids.dtype == torch.int64 and topk_ids.is_contiguous()
                 and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
                 and topk_ids.dim() == 2 and topk_ids.shape[0] == x.shape[0]
                 and topk_weights.shape == topk_ids.shape and x.shape[1] == self.hidden_size):
-            # decode fast path: the kernel checks the expert ids itself
-            if self.method == "int8":
-                return ext.moe_int8(x, self.w13_q, self.w13_s, self.w2_q, self.w2_s,
-                                    topk_ids, topk_weights)
-            return ext.moe_int4(x, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm,
-                                self.group_size, topk_ids, topk_weights)
-        if self.method == "int8" and self.w8a8 and use_w8a8_moe(x):
-            xf = x.float()
-            if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * self.num_experts:
-                return ops.moe_w8a8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s,
-                                    topk_ids, topk_weights).to(x.dtype)
-            # few rows per expert (batched decode): the fused kernel reads each expert's
-            # weights once for all of its rows, which int8 GEMMs this thin do not beat
-            return ops.moe_int8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
-                                topk_weights).to(x.dtype)
-        if self.method == "bf16" or not use_native(x, x.shape[0], "moe"):
-            return super().forward(x, topk_weights, topk_ids)
-        xf = x.float()
-        if self.method == "int8":
-            y = ops.moe_int8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids,
-                             topk_weights)
+            xf, moe8, moe4 = x, ext.moe_int8, ext.moe_int4
         else:
-            y = ops.moe_int4(xf, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm,
-                             self.group_size, topk_ids, topk_weights)
+            xf, moe8, moe4 = x.float(), ops.moe_int8, ops.moe_int4
+        if self.method == "int8":
+            y = moe8(xf, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_ids, topk_weights)
+        else:
+            y = moe4(xf, self.w13_q, self.w13_sm, self.w2_q, self.w2_sm, self.group_size,
+                     topk_ids, topk_weights)
         return y.to(x.dtype)
 
     def dequantize(self, name: str, e: int) -> torch.Tensor:
