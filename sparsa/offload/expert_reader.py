@@ -131,6 +131,13 @@ class SlabPool:
             self._slabs = [s for s in self._slabs if s[1] is not None and s[1]() is not None]
 
 
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    """A streaming sum for the finiteness check. bf16 sums natively (fp32 accumulation, the
+    fp32 exponent range): sum(dtype=float32) would first copy the tensor to fp32, an 11 MB
+    temporary and ~2-6 ms per DeepSeek-V2-Lite expert tensor on the I/O threads."""
+    return t.sum() if t.dtype == torch.bfloat16 else t.sum(dtype=torch.float32)
+
+
 class ExpertReader:
     """Reads (layer, expert) -> weights in `dtype` and `layout`: "native" gives
     (gate [I, H], up [I, H], down [H, I]); "resident" gives FusedExperts' (w13 [H, 2I],
@@ -241,8 +248,7 @@ class ExpertReader:
         # A NaN or inf anywhere makes the sum non-finite: one streaming pass per tensor
         # instead of isfinite's boolean temporary (3x slower here).
         # (A sum can overflow on huge but finite weights: confirm with isfinite then.)
-        if not all(torch.isfinite(t.sum(dtype=torch.float32)) or bool(torch.isfinite(t).all())
-                   for t in out):
+        if not all(torch.isfinite(_sum(t)) or bool(torch.isfinite(t).all()) for t in out):
             raise CheckpointError(f"layer {layer} expert {expert}: non-finite weights on disk "
                                   f"(corrupt file {loc.gate.path})")
         return out[0], out[1], out[2]

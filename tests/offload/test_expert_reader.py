@@ -156,6 +156,25 @@ def test_non_finite_weights_are_a_checkpoint_error(tmp_path):
     reader.close()
 
 
+@pytest.mark.parametrize("bad", [b"\x80\x7f", b"\xc0\x7f"], ids=["inf", "nan"])
+def test_non_finite_bf16_weights_are_a_checkpoint_error(tmp_path, bad):
+    """bf16 experts are summed natively (no fp32 copy): inf and NaN are still caught, and
+    huge finite weights whose sum overflows still load (isfinite confirms them)."""
+    experts, want = _adjacent(tmp_path, dtype=torch.bfloat16)
+    with open(tmp_path / "a.bin", "r+b") as f:
+        f.seek(experts[(0, 1)].gate.offset + 400)
+        f.write(bad)  # one bf16 element: 0x7f80 = +inf, 0x7fc0 = NaN (little endian)
+        f.seek(experts[(0, 2)].down.offset)
+        f.write(b"\x7f\x7f" * 64)  # 64 x 3.4e38: finite, but their sum is inf in bf16
+    reader = ExpertReader(experts, torch.bfloat16)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        reader.load(0, 1)
+    got = reader.load(0, 2)
+    assert torch.isfinite(got[2]).all() and got[2].float().max() > 3e38
+    assert torch.equal(reader.load(0, 0)[0], want[(0, 0)][0])
+    reader.close()
+
+
 def test_slabs_are_reused_only_when_nothing_views_them(tmp_path):
     experts, want = _adjacent(tmp_path)
     reader = ExpertReader(experts, torch.float32)
