@@ -65,6 +65,7 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
     torch_dtype = parse_dtype(dtype)
     out = Path(out_dir)
     if (out / "model.safetensors.index.json").exists():
+        add_tokenizer(out, int(hf["vocab_size"]))
         return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +134,30 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
     cfg = dict(hf)
     cfg["torch_dtype"] = str(torch_dtype).replace("torch.", "")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    add_tokenizer(tmp, int(hf["vocab_size"]))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def add_tokenizer(model_dir: Path, vocab_size: int) -> bool:
+    """Give a dummy checkpoint the shared 32k BPE tokenizer (../shared/tokenizers/bpe32k)
+    when its vocabulary has room for it: llama.cpp's GGUF converter needs a tokenizer and
+    pads a larger vocabulary with unused [PAD] tokens. Returns whether the model has one."""
+    from sparsa.tokenizer import shared_dir
+
+    if (model_dir / "tokenizer.json").exists():
+        return True
+    src = shared_dir() / "tokenizers" / "bpe32k"
+    if not (src / "tokenizer.json").exists():
+        return False
+    tok = json.loads((src / "tokenizer.json").read_text())
+    ids = [*tok.get("model", {}).get("vocab", {}).values(),
+           *(a["id"] for a in tok.get("added_tokens", []))]
+    if max(ids, default=-1) >= vocab_size:
+        return False
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).exists():
+            shutil.copyfile(src / f, model_dir / f)
+    return True

@@ -34,3 +34,32 @@ def test_cli_write_dummy(tmp_path, capsys):
     rc = main(["write-dummy", "no-such-model", str(tmp_path / "x")])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_dummy_checkpoint_gets_the_shared_tokenizer_when_its_vocab_fits(tmp_path,
+                                                                       monkeypatch):
+    """llama.cpp's GGUF converter needs a tokenizer: a dummy whose vocabulary holds the
+    shared one gets it (the converter pads the rest), a smaller vocabulary does not."""
+    import json as _json
+
+    from sparsa.loader.dummy_writer import add_tokenizer
+
+    shared = tmp_path / "shared" / "tokenizers" / "bpe32k"
+    shared.mkdir(parents=True)
+    tok = {"model": {"vocab": {"a": 3, "b": 4}}, "added_tokens": [{"id": 0}, {"id": 9}]}
+    (shared / "tokenizer.json").write_text(_json.dumps(tok))
+    (shared / "tokenizer_config.json").write_text("{}")
+    monkeypatch.setenv("SPARSA_SHARED", str(tmp_path / "shared"))
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    assert not add_tokenizer(small, 9)  # id 9 does not fit a vocabulary of 9
+    assert not (small / "tokenizer.json").exists()
+    assert add_tokenizer(big, 10)
+    assert (big / "tokenizer.json").read_text() == (shared / "tokenizer.json").read_text()
+    assert (big / "tokenizer_config.json").exists()
+    path = write_dummy_checkpoint(dict(TINY_CONFIGS["mixtral"], num_hidden_layers=2,
+                                       vocab_size=64), tmp_path / "m", dtype="bfloat16")
+    assert (path / "tokenizer.json").exists()
+    monkeypatch.setenv("SPARSA_SHARED", str(tmp_path / "none"))
+    assert add_tokenizer(path, 64)  # already there
