@@ -103,6 +103,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-activations", default="dynamic", choices=["dynamic", "none"],
                    help="int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
                         "activations quantized per row (fast); none = exact activations")
+    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
+                   help="run decode steps through the model's modules instead of the native "
+                        "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +250,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "quantization": getattr(args, "quantization", None),
         "quantization_group_size": getattr(args, "group_size", 64),
         "int8_activations": getattr(args, "int8_activations", "dynamic"),
+        "native_decode": getattr(args, "native_decode", True),
     }
     kwargs.update(overrides)
     return LLM(model, **kwargs)

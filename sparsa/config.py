@@ -235,6 +235,8 @@ class SchedulerConfig:
 class DeviceConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int | None = None  # CPU threads; None = physical cores
+    # all-decode CPU steps as one native call sequence per layer (sparsa.models.native_decode)
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.device != "auto" and not (

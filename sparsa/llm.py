@@ -50,6 +50,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         device: str = "auto",
         num_threads: int | None = None,
+        native_decode: bool = True,
         trace_experts: str | None = None,
     ):
         config = EngineConfig(
@@ -73,7 +74,8 @@ class LLM:
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       policy=scheduling_policy),
-            device=DeviceConfig(device=device, num_threads=num_threads),
+            device=DeviceConfig(device=device, num_threads=num_threads,
+                                native_decode=native_decode),
             trace_experts=str(trace_experts) if trace_experts is not None else None,
         )
         self.engine = LLMEngine(config)

@@ -54,6 +54,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.model, self.resolved, self.dtype = load_model(config.model, self.device)
         self.load_seconds = time.perf_counter() - t0
+        decoder = getattr(self.model, "model", None)
+        if hasattr(decoder, "native_decode"):
+            decoder.native_decode = dc.native_decode
         self.hf_config = self.resolved.hf_config
         self.tokenizer = load_tokenizer(
             config.model.tokenizer or self.resolved.model_dir, self.hf_config.vocab_size
@@ -217,8 +220,8 @@ class LLMEngine:
         p = req.params
         seq.output_token_ids.append(tok)
         sid = seq.seq_id
-        req.cum_logprob[sid] += logprob
         if p.logprobs is not None:
+            req.cum_logprob[sid] += logprob
             entry = {tok: logprob}
             for t, lp in top or []:
                 entry.setdefault(t, lp)
@@ -268,7 +271,9 @@ class LLMEngine:
                     index=s.index,
                     text=req.texts[s.seq_id],
                     token_ids=list(s.output_token_ids),
-                    cumulative_logprob=req.cum_logprob[s.seq_id],
+                    # as vLLM: only when logprobs were asked for (it costs a logsumexp)
+                    cumulative_logprob=(req.cum_logprob[s.seq_id]
+                                        if req.params.logprobs is not None else None),
                     logprobs=req.logprobs[s.seq_id] if req.params.logprobs is not None else None,
                     finish_reason=s.finish_reason,
                     stop_reason=req.stop_reason.get(s.seq_id),

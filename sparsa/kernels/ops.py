@@ -94,6 +94,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _ext().rms_norm(x, weight, float(eps))
 
 
+def add_rms_norm_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """residual += x in place; returns RMSNorm(residual) * weight (all fp32 [T, H])."""
+    _check(residual, "residual", torch.float32, 2)
+    _check(x, "x", torch.float32, 2)
+    _check(weight, "weight", torch.float32, 1)
+    if x.shape != residual.shape or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"shapes: residual {tuple(residual.shape)}, x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    return _ext().add_rms_norm_(residual, x, weight, float(eps))
+
+
+def moe_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
+              renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax_topk(x @ router_weight, top_k, renormalize) for x [T, H], weight [H, E]."""
+    _check(x, "x", torch.float32, 2)
+    _check(router_weight, "router_weight", torch.float32, 2)
+    if router_weight.shape[0] != x.shape[1]:
+        raise ValueError(f"router weight {tuple(router_weight.shape)} does not take "
+                         f"{x.shape[1]} features")
+    if not 1 <= top_k <= router_weight.shape[1]:
+        raise ValueError(f"top_k must be in [1, {router_weight.shape[1]}]; got {top_k}")
+    return _ext().moe_route(x, router_weight, int(top_k), bool(renormalize))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of fp32 logits [T, V] (first index of the maximum)."""
+    two_d = isinstance(logits, torch.Tensor) and logits.dim() == 2
+    # dtype, dims and device (the row stride may be anything)
+    _check(logits[:, :1].contiguous() if two_d else logits, "logits", torch.float32, 2)
+    if logits.stride(1) != 1:
+        raise ValueError("logits rows must be contiguous")
+    if logits.shape[1] == 0:
+        raise ValueError("logits have an empty vocabulary")
+    return _ext().argmax_rows(logits)
+
+
 def rope_neox_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> None:
     """NeoX rotary embedding in place on fp32 x [T, heads, D] (last dim contiguous) with
     cos/sin [T, rotary_dim] contiguous rows; the caller (`RotaryEmbedding`) guarantees it."""

@@ -178,7 +178,16 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        gate = self.gate
+        if (type(gate) is Linear and gate.transposed and gate.bias is None
+                and gate.weight.dtype == torch.float32 and x.dtype == torch.float32
+                and x.dim() == 2 and x.device.type == "cpu" and x.is_contiguous()
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            ext = kernels.load()
+            if ext is not None:
+                # one call for GEMV + softmax + top-k; the native decode step routes with it too
+                return ext.moe_route(x, gate.weight, self.top_k, self.renormalize)
+        return softmax_topk(gate(x), self.top_k, self.renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
@@ -215,12 +224,28 @@ class DecoderModel(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, cfg(config, "rms_norm_eps", 1e-6))
+        # NativeDecodePlan for decode steps (built on the first one: quantization and the KV
+        # pools are in place by then); False when the model is not one it covers, or off.
+        self.native_decode = True
+        self._plan = None
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
+        if self.native_decode and meta.num_decodes and not meta.prefills:
+            plan = self._native_plan()
+            ext = kernels.load() if plan else None
+            if ext is not None and plan.covers(x, meta):
+                return plan.run(ext, x, positions, meta)
         for layer in self.layers:
             x = layer(x, positions, meta)
         return self.norm(x)
+
+    def _native_plan(self):
+        if self._plan is None:
+            from sparsa.models.native_decode import NativeDecodePlan
+
+            self._plan = NativeDecodePlan.build(self) or False
+        return self._plan
 
 
 class DecoderForCausalLM(nn.Module):

@@ -403,8 +403,9 @@ def test_logprobs_are_raw_log_softmax() -> None:
     ]
     out = Sampler()(logits, params, [[1, 2, 3]] * 4, [[4, 5]] * 4, [None] * 4)
     ref = np_log_softmax(logits.double().numpy())
-    for i in range(4):
+    for i in range(3):
         assert out.logprobs[i] == pytest.approx(ref[i, out.token_ids[i]], abs=1e-5)
+    assert out.logprobs[3] is None  # not asked for: no logsumexp
     assert out.top_logprobs[2] == []
     assert out.top_logprobs[3] is None
     for i, n in ((0, 5), (1, 3)):

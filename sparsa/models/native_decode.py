@@ -1,0 +1,225 @@
+"""A decode step of a `DecoderModel` as a straight run of native calls (CPU, fp32, decode only).
+
+At batch 1 a mixtral-mini int8 step streams ~190 MB of weights in ~4.3 ms, and the Python
+around those kernels (module calls, per-call checks, a dozen small torch ops per layer, each
+waking the thread pool) took another ~1.3 ms. `NativeDecodePlan` looks at the model once,
+checks that every layer is made of parts it knows (standard attention with the fused decode
+kernel; a routed MoE block or a SwiGLU MLP; int8 / int4 / bf16 / fp32 linears), and records
+what each layer calls. A step then runs, per layer: the qkv GEMV, the fused rotary + KV write
++ paged attention, the output GEMV, the residual add fused with the next RMSNorm, the router
+(GEMV + softmax + top-k in one call), the fused MoE kernel, and the next fused add + norm.
+
+It computes what the module path computes, op for op (the same native kernels, the same fp32
+adds), except routing, whose router GEMV sums in another order than torch's (tests compare
+both paths). Any step it does not cover (a prefill, a batch above the kernels' row limits, a
+hooked expert block, another device) takes the module path. `DeviceConfig.native_decode`
+(`LLM(native_decode=False)`) turns it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsa.layers.attention import AttentionMetadata
+from sparsa.layers.linear import Linear
+from sparsa.layers.moe import FusedExperts
+from sparsa.layers.norm import RMSNorm
+from sparsa.layers.quantization.matmul import native_max_rows
+from sparsa.layers.quantization.modules import (
+    Bf16Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedExperts,
+)
+
+# (ext, x [T, K]) -> y [T, N]
+Step = Callable[[ModuleType, torch.Tensor], torch.Tensor]
+
+
+class Unsupported(Exception):
+    """A part of the model the plan does not cover (the module path runs instead)."""
+
+
+def _linear(m: nn.Module) -> tuple[Step, int]:
+    """The decode call of one linear layer and the most rows it takes natively."""
+    bias = getattr(m, "bias", None)
+    if isinstance(m, Int8Linear):
+        q, s, rows = m.qweight, m.scale, native_max_rows("int8", m.w8a8)
+
+        def step(ext, x):
+            return ext.int8_gemm(x, q, s, False)
+    elif isinstance(m, Int4Linear):
+        q, sm, g, rows = m.qweight, m.scale_min, m.group_size, native_max_rows("int4")
+
+        def step(ext, x):
+            return ext.int4_gemm(x, q, sm, g)
+    elif isinstance(m, Bf16Linear):
+        w, rows = m.weight_bf16, native_max_rows("bf16")
+
+        def step(ext, x):
+            return ext.bf16_gemm(x, w)
+    elif type(m) is Linear and m.weight.dtype == torch.float32:
+        w, rows = m.weight, 1 << 30
+        if m.transposed:
+            def step(ext, x):
+                return x @ w
+        else:
+            def step(ext, x):
+                return F.linear(x, w)
+    else:
+        raise Unsupported(f"linear layer {type(m).__name__}")
+    if bias is None:
+        return step, rows
+    b = bias.detach().float()
+    return (lambda ext, x: step(ext, x) + b), rows
+
+
+def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
+    if type(m) is not RMSNorm or m.weight.dtype != torch.float32:
+        raise Unsupported(f"norm {type(m).__name__}")
+    return m.weight, float(m.eps)
+
+
+def _attention(attn: nn.Module) -> tuple[Callable, int]:
+    from sparsa.models.decoder import Attention
+
+    if type(attn) is not Attention:
+        raise Unsupported(f"attention {type(attn).__name__}")
+    if (attn.qk_norm not in (None, "head") or attn.clip_qkv is not None
+            or attn.rotary.interleaved or attn.rotary.cos.dtype != torch.float32):
+        raise Unsupported("attention options outside the fused decode kernel")
+    cache = attn.kv_cache
+    if cache is None or cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
+        raise Unsupported("KV cache not fp32 on the CPU")
+    qkv, qkv_rows = _linear(attn.qkv_proj)
+    o_proj, o_rows = _linear(attn.o_proj)
+    rotary, rd = attn.rotary, attn.rotary.rotary_dim
+    scale, window, heads = attn.scale, attn.sliding_window or 0, attn.num_heads
+    norms = attn._head_norms()
+
+    def step(ext, h, positions, meta: AttentionMetadata):
+        cos, sin = rotary.tables(positions, torch.float32)
+        o = ext.decode_attention_step(
+            qkv(ext, h), cos.squeeze(1), sin.squeeze(1), rd, cache.k, cache.v,
+            meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens, scale,
+            window, heads, *norms)
+        return o_proj(ext, o)
+
+    return step, min(qkv_rows, o_rows)
+
+
+def _mlp(mlp: nn.Module) -> tuple[Step, int]:
+    from sparsa.models.decoder import MLP
+
+    if type(mlp) is not MLP:
+        raise Unsupported(f"feed-forward block {type(mlp).__name__}")
+    gate_up, r1 = _linear(mlp.gate_up_proj)
+    down, r2 = _linear(mlp.down_proj)
+
+    def step(ext, h):
+        gate, up = gate_up(ext, h).chunk(2, dim=-1)
+        return down(ext, F.silu(gate) * up)
+
+    return step, min(r1, r2)
+
+
+def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
+    from sparsa.models.decoder import SparseMoeBlock
+
+    if type(block) is not SparseMoeBlock:
+        return (*_mlp(block), None)
+    gate = block.gate
+    if type(gate) is not Linear or not gate.transposed or gate.bias is not None \
+            or gate.weight.dtype != torch.float32:
+        raise Unsupported("router is not a plain fp32 linear")
+    experts = block.experts
+    router_w, k, renorm = gate.weight, block.top_k, block.renormalize
+    rows = native_max_rows("moe")
+    if type(experts) is FusedExperts or (type(experts) is QuantizedExperts
+                                         and experts.method == "bf16"):
+        rows = 1 << 30  # their forward picks its own path for any row count
+
+        def routed(ext, h):
+            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            return experts.forward(h, weights, ids)
+    elif type(experts) is not QuantizedExperts:
+        raise Unsupported(f"experts {type(experts).__name__}")
+    elif experts.method == "int8":
+        w13, s13, w2, s2 = experts.w13_q, experts.w13_s, experts.w2_q, experts.w2_s
+
+        def routed(ext, h):
+            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            return ext.moe_int8(h, w13, s13, w2, s2, ids, weights)
+    else:
+        w13, s13, w2, s2 = experts.w13_q, experts.w13_sm, experts.w2_q, experts.w2_sm
+        g = experts.group_size
+
+        def routed(ext, h):
+            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            return ext.moe_int4(h, w13, s13, w2, s2, g, ids, weights)
+    if block.shared_expert is None:
+        return routed, rows, experts
+    shared, r_shared = _mlp(block.shared_expert)
+    shared_gate = None
+    if block.shared_expert_gate is not None:
+        shared_gate, _ = _linear(block.shared_expert_gate)
+
+    def with_shared(ext, h):
+        out = routed(ext, h)
+        s = shared(ext, h)
+        if shared_gate is not None:
+            s = torch.sigmoid(shared_gate(ext, h)) * s
+        return out + s
+
+    return with_shared, min(rows, r_shared), experts
+
+
+class NativeDecodePlan:
+    """What each layer of a `DecoderModel` calls in a native decode step (see the module
+    doc). Build with `NativeDecodePlan.build(model)`, which returns None for a model it does
+    not cover."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = []
+        self.hooked: list[nn.Module] = []  # expert blocks whose hooks force the module path
+        rows = []
+        norms = [_norm(layer.input_layernorm) for layer in model.layers] + [_norm(model.norm)]
+        self.first_norm = norms[0]
+        for i, layer in enumerate(model.layers):
+            attn, r_attn = _attention(layer.self_attn)
+            ffn, r_ffn, experts = _moe(layer.mlp)
+            if experts is not None:
+                self.hooked.append(experts)
+            self.layers.append((attn, _norm(layer.post_attention_layernorm), ffn, norms[i + 1]))
+            rows += [r_attn, r_ffn]
+        self.max_rows = min(rows) if rows else 0
+
+    @classmethod
+    def build(cls, model: nn.Module) -> NativeDecodePlan | None:
+        try:
+            return cls(model)
+        except Unsupported:
+            return None
+
+    def covers(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        T = x.shape[0]
+        return (meta.num_decodes == T and not meta.prefills and 1 <= T <= self.max_rows
+                and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not any(e._forward_hooks or e._forward_pre_hooks for e in self.hooked))
+
+    def run(self, ext: ModuleType, x: torch.Tensor, positions: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """x: the embedded tokens [T, H] (used as the residual stream, updated in place);
+        returns the final-normed hidden states."""
+        residual = x
+        w, eps = self.first_norm
+        h = ext.rms_norm(x, w, eps)
+        for attn, (w_post, eps_post), ffn, (w_next, eps_next) in self.layers:
+            h = ext.add_rms_norm_(residual, attn(ext, h, positions, meta), w_post, eps_post)
+            h = ext.add_rms_norm_(residual, ffn(ext, h), w_next, eps_next)
+        return h
