@@ -8,8 +8,8 @@
 // the rows R * kPfTiles further on). A tile reads R short rows (0.5-3 KB each) side by side,
 // too many short streams for the hardware prefetchers: with this the int4 MoE kernel streams
 // 1.8x faster from DRAM on one core (18.9 -> 34.3 GB/s on the mixtral-mini experts). Reads
-// past a matrix's end are harmless (a prefetch never faults). The int8 tiles read rows twice
-// as long and gain nothing from it.
+// past a matrix's end are harmless (a prefetch never faults). The 512-bit int8 tile: 25 -> 35
+// GB/s on the Qwen3-MoE-mini experts (matrices of 384-1024 rows), unchanged on mixtral-mini's.
 constexpr int64_t kPfTiles = 4;
 
 // ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
@@ -28,6 +28,9 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
       for (int t = 0; t < TT; ++t)
         xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));
       for (int r = 0; r < R; ++r) {
+        if ((bb & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),
+                       _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off));
         // maddubs wants unsigned x signed: move w's sign onto x (llama.cpp's trick)
         const __m256i aw = _mm256_sign_epi8(wv, wv);
@@ -72,6 +75,9 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
         for (int t = 0; t < TT; ++t)                                                           \
           xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));          \
         for (int r = 0; r < R; ++r) {                                                          \
+          if ((bb & 1) == 0)                                                                   \
+            _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),    \
+                         _MM_HINT_T0);                                                         \
           const __m256i wu = _mm256_xor_si256(                                                 \
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off)), flip);  \
           for (int t = 0; t < TT; ++t) ia[t][r] = DPBUSD(ia[t][r], wu, xv[t]);                 \
@@ -112,6 +118,8 @@ i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, fl
       __m512i xv[TT];
       for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a[t].q + off);
       for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),
+                     _MM_HINT_T0);
         const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + off), flip);
         for (int t = 0; t < TT; ++t) ia[t][r] = _mm512_dpbusd_epi32(ia[t][r], wu, xv[t]);
       }
