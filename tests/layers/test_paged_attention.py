@@ -135,6 +135,7 @@ def _rope_ref(x, cos, sin, rd):
     ([1], 4, 4, 32, 32, None),
     ([7, 40, 19], 8, 2, 64, 64, None),
     ([50, 3], 4, 1, 32, 16, 20),  # partial rotary, MQA, sliding window
+    ([1500, 700, 900], 16, 4, 64, 64, None),  # large enough for the threaded per-head path
 ])
 def test_fused_decode_step_matches_rope_write_attend(lens, hq, hkv, d, rd, window):
     bs = 16

@@ -134,11 +134,41 @@ void attend_head(const float* q, int64_t group, const float* kp, const float* vp
   }
 }
 
+// attend_head for every kv head of one sequence at once, q [Hq, Dk] -> o [Hq, Dv]: each
+// cached position's K (then V) row of all heads is read whole, front to back through each
+// block. Per-head tasks read 256-byte pieces 1 KB apart, which the hardware prefetchers
+// follow badly once the cache is cold (after a step's weight streaming); this is the
+// single-threaded path.
+void attend_all_heads(const float* q, int64_t Hq, const float* kp, const float* vp,
+                      const int64_t* table, int64_t ctx, int64_t window, int64_t bs,
+                      int64_t Hkv, int64_t Dk, int64_t Dv, float scale,
+                      std::vector<float>& scores, float* o) {
+  const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+  const int64_t n = ctx - first, group = Hq / Hkv;
+  scores.resize(static_cast<size_t>(Hq * n));
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first + j;
+    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk;
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      scores[hq * n + j] = dot(q + hq * Dk, kr + (hq / group) * Dk, Dk) * scale;
+  }
+  for (int64_t hq = 0; hq < Hq; ++hq) softmax_(scores.data() + hq * n, n);
+  std::fill(o, o + Hq * Dv, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first + j;
+    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv;
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      axpy(scores[hq * n + j], vr + (hq / group) * Dv, o + hq * Dv, Dv);
+  }
+}
+
 // Threads only pay off once a step holds real work: at batch 1 with a short context the
 // whole call is a few microseconds, less than waking the pool.
+inline bool threaded(int64_t work) { return work >= (int64_t(1) << 20); }
+
 template <typename F>
 void run_tasks(int64_t ntasks, int64_t work, const F& tasks) {
-  if (work < (int64_t(1) << 20)) tasks(0, ntasks);
+  if (!threaded(work)) tasks(0, ntasks);
   else at::parallel_for(0, ntasks, 1, tasks);
 }
 
@@ -164,6 +194,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t total = check_tables(bt, cl, S, W, bs, kc.size(0));
+  if (!threaded(total * Hq * (Dk + Dv))) {
+    std::vector<float> scores;
+    for (int64_t s = 0; s < S; ++s)
+      attend_all_heads(qp + s * Hq * Dk, Hq, kp, vp, bt + s * W, cl[s], window, bs, Hkv, Dk,
+                       Dv, sc, scores, op + s * Hq * Dv);
+    return out;
+  }
   run_tasks(S * Hkv, total * Hq * (Dk + Dv), [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t task = t0; task < t1; ++task) {
@@ -237,6 +274,24 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
                   scores, op + s * Hq * D + h * group * D);
     }
   };
+  if (!threaded(total * Hq * 2 * D)) {
+    std::vector<float> q(Hq * D), tmp(D), scores;
+    for (int64_t s = 0; s < S; ++s) {
+      const float* row = xp + s * ld;
+      const float* c = cp + s * rd;
+      const float* sn = sp + s * rd;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn, kn, tmp.data());
+        std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
+                  vp + sl[s] * tok + h * D);
+      }
+      for (int64_t hq = 0; hq < Hq; ++hq)
+        rope(row + hq * D, q.data() + hq * D, c, sn, qn, tmp.data());
+      attend_all_heads(q.data(), Hq, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D, D, sc,
+                       scores, op + s * Hq * D);
+    }
+    return out;
+  }
   run_tasks(S * Hkv, total * Hq * 2 * D, tasks);
   return out;
 }
