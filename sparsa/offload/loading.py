@@ -122,8 +122,13 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                         prefetch_evicts=oc.prefetch_evicts)
     # Slabs for every cached expert (loads in flight included) plus the resident layout's
     # read buffers, one per I/O thread: after warm-up no load maps fresh memory.
-    reader.set_pool_slabs(cache.capacity + oc.io_threads if device.type == "cpu"
-                          else oc.io_threads)
+    # SPARSA_OFFLOAD_RESERVE=1 (default) maps the slabs now, at load, instead of inside the
+    # first request's loads: the cache fills them during any prefill anyway.
+    cpu = device.type == "cpu"
+    reserve = cpu and os.environ.get("SPARSA_OFFLOAD_RESERVE", "1") != "0"
+    slabs = cache.capacity + oc.io_threads if cpu else oc.io_threads
+    reader.set_pool_slabs(slabs, reserve=slabs if reserve else 0,
+                          threads=max(1, min(oc.io_threads, os.cpu_count() or 1)))
     lowp = None
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed

@@ -243,3 +243,21 @@ def test_failed_direct_read_falls_back_to_buffered(tmp_path, monkeypatch, chunk)
     assert all(torch.equal(a, b) for a, b in zip(got, want[(0, 1)]))
     assert reader.direct_io is False and fadvised
     reader.close()
+
+
+def test_reserved_slabs_are_what_leases_get():
+    """reserve maps slabs up front (within the pool's limit); leases then map nothing new
+    until every reserved slab is in use."""
+    from sparsa.offload.expert_reader import SlabPool
+
+    n = 3 * 4096
+    pool = SlabPool(max_bytes=3 * n)
+    assert pool.reserve(5, n, threads=2) == 3 and pool.allocated == 3
+    assert pool.reserve(1, n) == 0  # the pool is full
+    held = [pool.lease(n) for _ in range(3)]
+    assert pool.allocated == 3
+    held.append(pool.lease(n))  # all in use: a buffer of its own
+    assert pool.allocated == 4 and pool.pooled_bytes == 3 * n
+    del held
+    pool.lease(n)
+    assert pool.allocated == 4
