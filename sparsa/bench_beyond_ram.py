@@ -20,6 +20,7 @@ it had. `--drop-caches` empties the OS page cache before every run (root only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -230,14 +231,19 @@ def _run_sparsa(out: str, model: str, budget: str, opts: dict) -> None:
 
 
 def _run_llamacpp(out: str, gguf: str, prompt: list[int], max_tokens: int, threads: int,
-                  ctx: int) -> None:
+                  ctx: int, cap: str | None = None, cap_bytes: int = 0) -> None:
+    budget, note = "mmap", "mmap, page cache unlimited"
+    if cap_bytes:
+        # into the memory cgroup before anything is mapped: page cache counts against it too
+        join_memory_cgroup(cap_bytes)
+        budget, note = cap, f"mmap, memory cgroup {cap_bytes / 2**30:.2f} GiB"
     from llama_cpp import Llama
 
-    rec = _Recorder(out, {"engine": "llama.cpp", "budget": "mmap"})
+    rec = _Recorder(out, {"engine": "llama.cpp", "budget": budget})
     t = time.perf_counter()
     llm = Llama(model_path=gguf, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
                 use_mmap=True, logits_all=False, verbose=False)
-    rec.save(load_s=time.perf_counter() - t, note="mmap")
+    rec.save(load_s=time.perf_counter() - t, note=note)
     times: list[float] = []
     tokens: list[int] = []
     t0 = time.perf_counter()
@@ -283,6 +289,39 @@ def _run_hf(out: str, model: str, budget: str, prompt: list[int], max_tokens: in
             if len(tokens) >= max_tokens:
                 break
             o = m(torch.tensor([[tok]]), past_key_values=o.past_key_values, use_cache=True)
+
+
+_CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+
+
+def parse_caps(text: str | None, budgets: list[str]) -> dict[str, int]:
+    """'12.6GiB,19.3GiB' -> {budget: bytes}, one cap per budget in order (llama.cpp runs
+    once per cap with all of its memory, page cache included, held to it)."""
+    from sparsa.config import parse_size
+
+    if not text:
+        return {}
+    caps = [c.strip() for c in text.split(",") if c.strip()]
+    if len(caps) != len(budgets):
+        raise ValueError(f"--llamacpp-caps needs one size per budget ({len(budgets)}); "
+                         f"got {len(caps)}")
+    return {b: parse_size(c) for b, c in zip(budgets, caps)}
+
+
+def join_memory_cgroup(limit: int, root: Path = _CGROUP_V1) -> Path:
+    """Move this process into a fresh memory cgroup (v1) limited to `limit` bytes of
+    memory, page cache included; the parent removes it after the process exits."""
+    cg = root / f"sparsa-bench-{os.getpid()}"
+    cg.mkdir()
+    (cg / "memory.limit_in_bytes").write_text(str(limit))
+    (cg / "cgroup.procs").write_text(str(os.getpid()))
+    return cg
+
+
+def _remove_cgroups(root: Path = _CGROUP_V1) -> None:
+    for cg in root.glob("sparsa-bench-*"):
+        with contextlib.suppress(OSError):  # still in use: left for the next run
+            cg.rmdir()
 
 
 def run_isolated(fn, args: tuple, timeout: float | None) -> dict:
@@ -352,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "after each run)")
     ap.add_argument("--hf-headroom", default="1GiB",
                     help="added to non-expert bytes + budget for accelerate's cpu memory")
+    ap.add_argument("--llamacpp-caps", default=None,
+                    help="comma-separated sizes, one per budget: also run llama.cpp in a "
+                         "memory cgroup of that size (page cache included), e.g. Sparsa's "
+                         "peak RSS at each budget")
+    ap.add_argument("--no-llamacpp-uncapped", action="store_true",
+                    help="with --llamacpp-caps: skip the run with unlimited page cache")
     ap.add_argument("--drop-caches", action="store_true",
                     help="sync and drop the OS page cache before every run (needs root)")
     # Sparsa's offload options, as bench_offload takes them
@@ -361,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--json", dest="json_out", default=None)
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                    help="run nothing: print the table and ratios of earlier --json files")
     return ap
 
 
@@ -368,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     from sparsa.config import parse_size
 
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        results = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
+        print(format_results(results))
+        for line in ratio_lines(results) + same_tokens(results):
+            print(line)
+        return 0
     engines = parse_engines(args.engines)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     model = Path(args.model)
@@ -396,8 +449,11 @@ def main(argv: list[str] | None = None) -> int:
                    "lookahead_extra": args.lookahead_extra, "io_threads": args.io_threads,
                    "threads": args.threads, "prompt_len": args.prompt_len,
                    "max_tokens": args.max_tokens}
+    caps = parse_caps(args.llamacpp_caps, budgets)
     for engine in engines:
-        runs = budgets if engine != "llama.cpp" else ["mmap"]
+        runs = budgets
+        if engine == "llama.cpp":
+            runs = ([] if caps and args.no_llamacpp_uncapped else ["mmap"]) + list(caps)
         gguf = None
         if engine == "llama.cpp":
             from sparsa.peers.llamacpp import LlamaCpp, default_cache
@@ -414,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             elif engine == "llama.cpp":
                 r = run_isolated(_run_llamacpp, (str(gguf), prompt, args.max_tokens,
                                                  args.threads,
-                                                 args.prompt_len + args.max_tokens + 16),
+                                                 args.prompt_len + args.max_tokens + 16,
+                                                 b, caps.get(b, 0)),
                                  args.timeout)
+                _remove_cgroups()
             else:
                 cpu = hf_cpu_memory(other_b, budget_bytes(b, expert_b),
                                     parse_size(args.hf_headroom))

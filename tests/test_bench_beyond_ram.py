@@ -100,3 +100,34 @@ def test_run_isolated_keeps_partial_results():
     r = br.run_isolated(_failing, (), timeout=60)
     assert r["exitcode"] == 1 and r["note"].startswith("loading; exited")
     json.dumps(r)
+
+
+def test_parse_caps_one_per_budget():
+    assert br.parse_caps(None, ["25%"]) == {}
+    assert br.parse_caps("12GiB, 1e9", ["25%", "50%"]) == {"25%": 12 << 30, "50%": 10**9}
+    with pytest.raises(ValueError, match="one size per budget"):
+        br.parse_caps("12GiB", ["25%", "50%"])
+    a = br.build_parser().parse_args(["/m", "--llamacpp-caps", "1GiB,2GiB",
+                                      "--no-llamacpp-uncapped"])
+    assert a.llamacpp_caps == "1GiB,2GiB" and a.no_llamacpp_uncapped
+
+
+def test_join_memory_cgroup_writes_limit_and_pid(tmp_path):
+    cg = br.join_memory_cgroup(123, root=tmp_path)
+    assert (cg / "memory.limit_in_bytes").read_text() == "123"
+    assert (cg / "cgroup.procs").read_text().isdigit()
+    for f in cg.iterdir():
+        f.unlink()
+    br._remove_cgroups(root=tmp_path)
+    assert not cg.exists()
+
+
+def test_from_json_reports_without_running(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps([{"engine": "sparsa", "budget": "25%", "decode_tok_s": 2.0,
+                              "ttft_s": 1.0},
+                             {"engine": "llama.cpp", "budget": "25%", "decode_tok_s": 1.0,
+                              "ttft_s": 3.0}]))
+    assert br.main(["/nonexistent", "--from-json", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "Sparsa / llama.cpp (25%): decode 2.00x, TTFT 3.00x faster" in out
