@@ -183,7 +183,8 @@ class ModelConfig:
                    device: torch.device | None) -> bool:
         if checkpoint_dtype != torch.bfloat16 or device is None or device.type != "cpu":
             return False
-        if self.offload.enabled or parse_dtype(self.dtype) not in (None, torch.float32):
+        # with offloading this is the form of the resident (non-expert) weights
+        if parse_dtype(self.dtype) not in (None, torch.float32):
             return False
         from sparsa import kernels
 

@@ -271,6 +271,15 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
         with parameters_on_meta():  # experts are never materialized; the rest is, there
             model = build_model(resolved.hf_config, dtype, device)
         model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device)
+        # The automatic weight form applies to what stays resident (a bf16 checkpoint's
+        # non-expert weights stay bf16, as in the all-resident model); the offloaded experts
+        # keep their own store (ModelConfig refuses an explicit quantization with offload).
+        qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
+        if qc.enabled:
+            from sparsa.layers.quantization import quantize_model
+
+            model.quant_stats = quantize_model(model, qc)
+        model.offload.reserve_buffers()
         return model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
     if mc.load_format == "dummy" or resolved.model_dir is None:

@@ -195,12 +195,9 @@ class ExpertReader:
             self.slab_bytes = max(self.slab_bytes, -(-numel * max(elem) // _ALIGN) * _ALIGN)
         self.pool = SlabPool(pool_bytes)
 
-    def set_pool_slabs(self, n: int, reserve: int = 0, threads: int = 1) -> None:
-        """Keep up to n slabs for reuse (the cache's capacity plus loads in flight); map
-        `reserve` of them now (see SlabPool.reserve)."""
+    def set_pool_slabs(self, n: int) -> None:
+        """Keep up to n slabs for reuse (the cache's capacity plus loads in flight)."""
         self.pool.max_bytes = n * self.slab_bytes
-        if reserve:
-            self.pool.reserve(min(reserve, n), self.slab_bytes, threads)
 
     def _fd(self, path: str) -> tuple[int, bool]:
         with self._lock:

@@ -30,6 +30,19 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
+    reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
+    io_threads: int = 1
+
+    def reserve_buffers(self) -> int:
+        """Map the read buffers of every cached expert now, at load, instead of inside the
+        first request's loads (the cache fills them during any prefill anyway): call once
+        the rest of the model is in its final form, so the two never peak together.
+        SPARSA_OFFLOAD_RESERVE=0 leaves them to first use. Returns how many were mapped."""
+        if not self.reserve_slabs or os.environ.get("SPARSA_OFFLOAD_RESERVE", "1") == "0":
+            return 0
+        reader = self.cache.reader
+        return reader.pool.reserve(self.reserve_slabs, reader.slab_bytes,
+                                   threads=max(1, min(self.io_threads, os.cpu_count() or 1)))
 
     def report(self) -> dict:
         d = self.cache.stats.as_dict()
@@ -122,13 +135,8 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                         prefetch_evicts=oc.prefetch_evicts)
     # Slabs for every cached expert (loads in flight included) plus the resident layout's
     # read buffers, one per I/O thread: after warm-up no load maps fresh memory.
-    # SPARSA_OFFLOAD_RESERVE=1 (default) maps the slabs now, at load, instead of inside the
-    # first request's loads: the cache fills them during any prefill anyway.
     cpu = device.type == "cpu"
-    reserve = cpu and os.environ.get("SPARSA_OFFLOAD_RESERVE", "1") != "0"
-    slabs = cache.capacity + oc.io_threads if cpu else oc.io_threads
-    reader.set_pool_slabs(slabs, reserve=slabs if reserve else 0,
-                          threads=max(1, min(oc.io_threads, os.cpu_count() or 1)))
+    reader.set_pool_slabs(cache.capacity + oc.io_threads if cpu else oc.io_threads)
     lowp = None
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed
@@ -137,4 +145,6 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                          io_threads=oc.io_threads)
     stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead",
                                low_precision=lowp, lookahead_extra=oc.lookahead_extra)
-    return OffloadState(cache, stats, total, budget, oc.on_miss, lowp)
+    return OffloadState(cache, stats, total, budget, oc.on_miss, lowp,
+                        reserve_slabs=cache.capacity + oc.io_threads if cpu else 0,
+                        io_threads=oc.io_threads)

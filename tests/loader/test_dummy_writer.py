@@ -63,3 +63,26 @@ def test_dummy_checkpoint_gets_the_shared_tokenizer_when_its_vocab_fits(tmp_path
     assert (path / "tokenizer.json").exists()
     monkeypatch.setenv("SPARSA_SHARED", str(tmp_path / "none"))
     assert add_tokenizer(path, 64)  # already there
+
+
+def test_offloaded_bf16_checkpoint_keeps_resident_weights_bf16(tmp_path):
+    """With offloading, the automatic bf16 weight form still applies to the resident
+    (non-expert) weights of a bf16 checkpoint, as it does all-resident: half the memory,
+    and the same greedy tokens."""
+    from sparsa import kernels
+
+    if not kernels.available():
+        pytest.skip("the bf16 weight form needs the native kernels")
+    path = write_dummy_checkpoint(dict(_DEEPSEEK, num_hidden_layers=3), tmp_path / "m",
+                                  dtype="bfloat16")
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    full = LLM(str(path))
+    off = LLM(str(path), expert_memory="30%")
+    assert off.engine.model.quant_stats["method"] == "bf16"
+    assert off.engine.model.quant_stats["num_linear"] == \
+        full.engine.model.quant_stats["num_linear"]
+    assert off.engine.model.quant_stats["num_experts"] == 0  # the experts stay offloaded
+    cache = off.engine.model.offload.cache  # read buffers mapped at load, after the above
+    assert cache.reader.pool.allocated == cache.capacity + off.engine.model.offload.io_threads
+    assert full.generate([[1, 2, 3]], sp)[0].outputs[0].token_ids == \
+        off.generate([[1, 2, 3]], sp)[0].outputs[0].token_ids
