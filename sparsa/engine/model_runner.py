@@ -131,5 +131,7 @@ class ModelRunner:
             self.tracer.end_step()
         if not rows:
             return None, []
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, idx)), sampled
+        if len(rows) < hidden.shape[0]:  # all rows in a decode step: no gather needed
+            idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+            hidden = hidden.index_select(0, idx)
+        return self.model.compute_logits(hidden), sampled
