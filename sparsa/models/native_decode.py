@@ -129,7 +129,7 @@ def _mlp(mlp: nn.Module) -> tuple[Step, int]:
 
 
 def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
-    from sparsa.models.decoder import SparseMoeBlock
+    from sparsa.models.decoder import ROUTE_NATIVE_MAX_ROWS, SparseMoeBlock
 
     if type(block) is not SparseMoeBlock:
         return (*_mlp(block), None)
@@ -139,10 +139,11 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
         raise Unsupported("router is not a plain fp32 linear")
     experts = block.experts
     router_w, k, renorm = gate.weight, block.top_k, block.renormalize
-    rows = native_max_rows("moe")
+    # the module path routes natively up to ROUTE_NATIVE_MAX_ROWS rows, torch beyond
+    rows = min(native_max_rows("moe"), ROUTE_NATIVE_MAX_ROWS)
     if type(experts) is FusedExperts or (type(experts) is QuantizedExperts
                                          and experts.method == "bf16"):
-        rows = 1 << 30  # their forward picks its own path for any row count
+        rows = ROUTE_NATIVE_MAX_ROWS  # their forward picks its own path for any row count
 
         def routed(ext, h):
             weights, ids = ext.moe_route(h, router_w, k, renorm)
