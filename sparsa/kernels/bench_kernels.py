@@ -1,6 +1,7 @@
 """Micro-benchmark of the native quantized kernels against torch's ops.
 
     python -m sparsa.kernels.bench_kernels [--n 8192 --k 4096 --threads 2 --rows 1,2,4,8]
+                                           [--moe-dram-layers 8]
 
 Prints weight bandwidth (GB/s of weight bytes read, the figure that bounds decode) for the
 int8 and int4 GEMV/small-GEMM kernels beside torch's ``_weight_int8pack_mm`` (bf16 path),
@@ -96,6 +97,33 @@ def bench_moe(hidden: int, inter: int, experts: int, top_k: int, group: int,
               f"int4 {active * per4 / d4 / 1e9:5.1f} GB/s ({d4 * 1e3:.2f} ms)")
 
 
+def bench_moe_dram(hidden: int, inter: int, experts: int, top_k: int, group: int,
+                   layers: int) -> None:
+    """Batch-1 fused MoE with the weights coming from DRAM, as in a decode step: `layers`
+    independent expert sets (more bytes than the L3 holds) called one after another."""
+    torch.manual_seed(0)
+    sets8, sets4 = [], []
+    for _ in range(layers):
+        w13 = torch.randn(experts, 2 * inter, hidden) * 0.02
+        w2 = torch.randn(experts, hidden, inter) * 0.02
+        p8 = [quantize_int8_padded(w13[e]) + quantize_int8_padded(w2[e]) for e in range(experts)]
+        p4 = [quantize_int4_packed(w13[e], group, False) + quantize_int4_packed(w2[e], group,
+                                                                                False)
+              for e in range(experts)]
+        sets8.append([torch.stack([p[i] for p in p8]) for i in range(4)])
+        sets4.append([torch.stack([p[i] for p in p4]) for i in range(4)])
+    x = torch.randn(1, hidden)
+    ids = torch.randperm(experts)[:top_k][None]
+    tw = torch.full((1, top_k), 1.0 / top_k)
+    for name, sets, call in (
+            ("int8", sets8, lambda t: ops.moe_int8(x, *t, ids, tw)),
+            ("int4", sets4, lambda t: ops.moe_int4(x, t[0], t[1], t[2], t[3], group, ids, tw))):
+        active = top_k * sum(t[0].numel() * t.element_size() for t in sets[0])
+        d = best_time(lambda sets=sets, call=call: [call(t) for t in sets]) / layers
+        print(f"  {name}: {d * 1e6:.0f} us per layer, {active / d / 1e9:.1f} GB/s "
+              f"of active expert bytes from DRAM ({layers} layers in turn)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8192)
@@ -104,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,4,8,16")
     p.add_argument("--skip-moe", action="store_true")
+    p.add_argument("--moe-dram-layers", type=int, default=0,
+                   help="also time batch-1 MoE over this many expert sets in turn (weights "
+                        "from DRAM), on the mixtral-mini and Qwen3-MoE-mini shapes")
     args = p.parse_args(argv)
     if not available():
         raise SystemExit("native kernels unavailable (see sparsa.kernels.unavailable_reason)")
@@ -114,6 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     bench_gemv(args.n, args.k, rows, args.group)
     if not args.skip_moe:
         bench_moe(1024, 2816, 8, 2, args.group, [1, 2, 4, 8])
+    if args.moe_dram_layers:
+        for shape in ((1024, 2816, 8, 2), (1024, 384, 64, 8)):
+            print("fused MoE from DRAM, hidden {}, ffn {}, {} experts top-{}".format(*shape))
+            bench_moe_dram(*shape, args.group, args.moe_dram_layers)
 
 
 if __name__ == "__main__":
