@@ -1,7 +1,9 @@
 """The workloads of `sparsa bench --vs llama.cpp`, measured the way llama.cpp's tools do.
 
 * ppN: prompt tokens / time of one N-token prefill (llama-bench -p N), mean of 3 runs.
-* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N), mean of 3 runs.
+* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N), mean of 3 runs;
+  with --vs llama.cpp its runs alternate with llama-bench's, one each (the box's memory
+  bandwidth drifts over minutes).
 * batched decode at batch B: B requests of 128 prompt tokens, 128 new tokens each, all prompts
   prefilled in one step; generated tokens after the first / decode time (llama-batched-bench
   S_TG).
@@ -44,8 +46,10 @@ def offline_requests(w: Workload, vocab: int) -> tuple[list[list[int]], list[int
     return prompts, olen.tolist()
 
 
-def run_sparsa(llm, w: Workload, parts: set[str]) -> dict:
-    """`llm` must allow max(batches) * batched_prompt tokens per step and as many sequences."""
+def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
+    """`llm` must allow max(batches) * batched_prompt tokens per step and as many sequences.
+    `after_each_tg()` runs after each of the 3 tg repetitions: a peer's tg run there is
+    interleaved with ours, so both see the same (shared, drifting) memory bandwidth."""
     from sparsa import SamplingParams
 
     vocab = llm.engine.hf_config.vocab_size
@@ -69,6 +73,8 @@ def run_sparsa(llm, w: Workload, parts: set[str]) -> dict:
                                                      ignore_eos=True))[0]
             m = out.metrics
             rates.append(w.tg / (m["finished_time"] - m["first_token_time"]))
+            if after_each_tg is not None:
+                after_each_tg()
         res[f"tg{w.tg}"] = sum(rates) / len(rates)
     if "batched" in parts:
         for b in w.batches:

@@ -29,6 +29,19 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
     qlabel = args.quantization if args.quantization != "int4" else f"int4-g{args.group_size}"
     results["quantization"] = qlabel
 
+    lc = gguf = None
+    lc_tg: list[float] = []
+    if "llama.cpp" in peers:
+        from sparsa.peers.llamacpp import LlamaCpp, default_cache
+
+        lc = LlamaCpp(default_cache())
+        lc.ensure_installed()
+        gguf = lc.convert(path, args.quantization)
+
+    def llamacpp_tg() -> None:  # one llama-bench tg run between two of ours
+        lc_tg.append(lc.bench(gguf, threads, n_prompt=0, n_gen=w.tg, repetitions=1)[
+            f"tg{w.tg}"])
+
     max_b = max(w.batches)
     llm = LLM(str(path), dtype="float32", quantization=args.quantization,
               quantization_group_size=args.group_size, kv_cache_memory=args.kv_cache_memory,
@@ -38,19 +51,18 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
     bpt = bytes_per_token(llm.engine.model)
     results["bytes_per_token"] = bpt
     results["roofline_decode_tok_s"] = bandwidth / bpt
-    results["sparsa"] = run_sparsa(llm, w, parts)
+    results["sparsa"] = run_sparsa(llm, w, parts, llamacpp_tg if lc is not None else None)
     del llm
     _dump(args, results)
 
-    if "llama.cpp" in peers:
-        from sparsa.peers.llamacpp import GGUF_TYPES, LlamaCpp, default_cache
+    if lc is not None:
+        from sparsa.peers.llamacpp import GGUF_TYPES
 
-        lc = LlamaCpp(default_cache())
-        lc.ensure_installed()
-        gguf = lc.convert(path, args.quantization)
         res: dict = {"gguf": gguf.name, "type": GGUF_TYPES[args.quantization]}
-        if parts & {"pp", "tg"}:
-            res.update(lc.bench(gguf, threads, n_prompt=w.pp, n_gen=w.tg))
+        if "pp" in parts:
+            res.update(lc.bench(gguf, threads, n_prompt=w.pp, n_gen=0))
+        if lc_tg:  # interleaved with Sparsa's runs, mean of as many
+            res[f"tg{w.tg}"] = sum(lc_tg) / len(lc_tg)
         if "batched" in parts:
             for b, v in lc.batched_bench(gguf, threads, list(w.batches), w.batched_prompt,
                                          w.batched_gen).items():
