@@ -8,7 +8,12 @@ greedy, EOS ignored, batch 1. Each engine runs in a fresh process of its own, on
 - llama.cpp: llama-cpp-python over the GGUF (mmap on, the OS page cache is its only cache;
   `--gguf`, or converted from MODEL_DIR with `--gguf-type`);
 - hf: `from_pretrained(device_map="auto", max_memory={"cpu": non-expert bytes + budget +
-  --hf-headroom})`; whatever does not fit is offloaded to `--hf-offload-dir`.
+  --hf-headroom})`; whatever does not fit is offloaded to `--hf-offload-dir`, as a copy
+  (transformers 5 fuses the experts at load, so accelerate re-saves them): skipped when the
+  disk has no room for it.
+
+`--llamacpp-caps` also runs llama.cpp once per budget inside a memory cgroup of that size
+(page cache included), e.g. Sparsa's peak RSS there.
 
 Reported per run: load seconds, TTFT, decode tok/s ((tokens - 1) / (E2E - TTFT)), peak RSS
 (and anonymous / file-backed RSS at the end), bytes read from disk by the process
@@ -26,6 +31,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -100,6 +106,12 @@ def hf_cpu_memory(other_bytes: int, expert_budget: int, headroom: int) -> int:
     """accelerate's max_memory['cpu'] for a budget comparable to Sparsa's: every non-expert
     weight, the expert budget, and headroom for what accelerate keeps besides weights."""
     return other_bytes + expert_budget + headroom
+
+
+def hf_offload_copy_bytes(expert_bytes: int, other_bytes: int, cpu_bytes: int) -> int:
+    """About what accelerate writes to offload_folder: transformers 5 fuses each layer's
+    experts at load, so every weight that does not fit `cpu_bytes` is re-saved (a copy)."""
+    return max(0, expert_bytes + other_bytes - cpu_bytes)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -479,12 +491,18 @@ def main(argv: list[str] | None = None) -> int:
                                     parse_size(args.hf_headroom))
                 off = Path(args.hf_offload_dir or f"{model}.hf-offload")
                 off.mkdir(parents=True, exist_ok=True)
+                need = hf_offload_copy_bytes(expert_b, other_b, cpu)
+                free = shutil.disk_usage(off).free
+                if need + (2 << 30) > free:  # never fill the disk for it
+                    off.rmdir()
+                    record({"engine": "hf", "budget": b,
+                            "note": f"skipped: its offload copy needs ~{need / 1e9:.0f} GB, "
+                                    f"{free / 1e9:.0f} GB free"}, f"{engine} {b}")
+                    continue
                 try:
                     r = run_isolated(_run_hf, (str(model), b, prompt, args.hf_max_tokens,
                                                args.threads, cpu, str(off)), args.timeout)
                 finally:
-                    import shutil
-
                     shutil.rmtree(off, ignore_errors=True)
             record(r, f"{engine} {b}")
     print()

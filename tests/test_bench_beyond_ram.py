@@ -131,3 +131,8 @@ def test_from_json_reports_without_running(tmp_path, capsys):
     assert br.main(["/nonexistent", "--from-json", str(f)]) == 0
     out = capsys.readouterr().out
     assert "Sparsa / llama.cpp (25%): decode 2.00x, TTFT 3.00x faster" in out
+
+
+def test_hf_offload_copy_estimate():
+    assert br.hf_offload_copy_bytes(100, 20, 50) == 70
+    assert br.hf_offload_copy_bytes(100, 20, 500) == 0
