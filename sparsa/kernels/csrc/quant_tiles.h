@@ -329,10 +329,15 @@ inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  // one prefetch per 64-byte line of weights (k advances 8 elements of sizeof(Wt) bytes)
+  constexpr int64_t kLine = 64 / (8 * sizeof(Wt));
   for (int64_t k = 0; k < K; k += 8) {
     __m256 xv[TT];
     for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
     for (int r = 0; r < R; ++r) {
+      if ((k / 8) % kLine == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + k),
+                     _MM_HINT_T0);
       const __m256 wf = widen(w + r * ldw + k);
       for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
     }
