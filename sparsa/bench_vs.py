@@ -28,6 +28,7 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
     threads = torch.get_num_threads()
     qlabel = args.quantization if args.quantization != "int4" else f"int4-g{args.group_size}"
     results["quantization"] = qlabel
+    results["dtype"] = getattr(args, "dtype", "float32")
 
     lc = gguf = None
     lc_tg: list[float] = []
@@ -43,7 +44,7 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
             f"tg{w.tg}"])
 
     max_b = max(w.batches)
-    llm = LLM(str(path), dtype="float32", quantization=args.quantization,
+    llm = LLM(str(path), dtype=getattr(args, "dtype", "float32"), quantization=args.quantization,
               quantization_group_size=args.group_size, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=max(w.offline_requests, max_b),
               max_num_batched_tokens=max(args.max_batched_tokens, max_b * w.batched_prompt),
