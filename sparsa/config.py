@@ -147,6 +147,8 @@ class ModelConfig:
     quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
     # int8 only: "dynamic" (batched rows as W8A8 int8 GEMMs) or "none" (exact activations)
     int8_activations: str = "dynamic"
+    # bf16 weights only: prefill GEMMs in bf16 on CPUs with bf16 dot products (lossy, fast)
+    bf16_prefill: bool = False
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
@@ -177,7 +179,8 @@ class ModelConfig:
         if method is None and self._auto_bf16(checkpoint_dtype, device):
             method = "bf16"
         return QuantConfig(method=method or "none", group_size=self.quantization_group_size,
-                           int8_activations=self.int8_activations)
+                           int8_activations=self.int8_activations,
+                           bf16_prefill=self.bf16_prefill)
 
     def _auto_bf16(self, checkpoint_dtype: torch.dtype | None,
                    device: torch.device | None) -> bool:

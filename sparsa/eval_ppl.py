@@ -120,17 +120,19 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
                           max_windows: int | None = None, group_size: int = 64,
                           num_threads: int | None = None) -> list[PerplexityResult]:
     """Load `model` once per method and score the same text with each. "int8-exact" is int8
-    with `int8_activations="none"` (plain "int8" quantizes batched activation rows too)."""
+    with `int8_activations="none"` (plain "int8" quantizes batched activation rows too);
+    "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill)."""
     from sparsa.llm import LLM
 
     documents = read_documents(text_path, text_slice, mode)
     results = []
     for method in methods:
         exact = method == "int8-exact"
-        q = "int8" if exact else method
+        bf16_prefill = method == "bf16-prefill"
+        q = "int8" if exact else "bf16" if bf16_prefill else method
         llm = LLM(model, quantization=None if q == "none" else q,
                   quantization_group_size=group_size, num_threads=num_threads,
-                  int8_activations="none" if exact else "dynamic",
+                  int8_activations="none" if exact else "dynamic", bf16_prefill=bf16_prefill,
                   max_num_batched_tokens=max(2048, context_len or 0))
         label = method if method != "int4" else f"int4-g{group_size}"
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,

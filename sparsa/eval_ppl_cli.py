@@ -9,6 +9,8 @@ from pathlib import Path
 
 from sparsa.eval_ppl import compare_quantizations, format_table
 
+METHODS = ("none", "int8", "int8-exact", "int4", "bf16", "bf16-prefill")
+
 
 def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
     p = sub.add_parser(
@@ -26,7 +28,8 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
                         "stream: the whole text as one document")
     p.add_argument("--methods", default="none,int8,int4",
                    help="comma-separated weight formats to compare (none, int8, int8-exact, "
-                        "int4; int8-exact keeps activations exact in batched matmuls)")
+                        "int4, bf16, bf16-prefill; int8-exact keeps activations exact in "
+                        "batched matmuls, bf16-prefill runs prefill GEMMs in bf16)")
     p.add_argument("--group-size", type=int, default=64, help="int4 group size")
     p.add_argument("--expert-memory", default=None,
                    help="offload the experts under this budget (e.g. 25%%) and compare the "
@@ -55,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
             num_threads=args.threads)
         return _show(results, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("none", "int8", "int8-exact", "int4")]
+    bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        raise ValueError(f"--methods takes none, int8, int8-exact, int4; got {args.methods!r}")
+        raise ValueError(f"--methods takes {', '.join(METHODS)}; got {args.methods!r}")
     results = compare_quantizations(
         args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
         context_len=args.context_len, max_windows=args.max_windows,

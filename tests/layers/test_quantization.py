@@ -346,3 +346,40 @@ def test_batched_int8_moe_with_few_rows_per_expert_uses_the_fused_kernel():
     idl = torch.stack([torch.randperm(8)[:2] for _ in range(160)])
     w8a8 = ops.moe_w8a8(xl, qe.w13_q, qe.w13_s, qe.w2_q, qe.w2_s, idl, wl)
     assert torch.equal(qe(xl, wl, idl), w8a8)  # 40 rows per expert
+
+
+def test_bf16_prefill_is_an_opt_in_bf16_gemm(monkeypatch):
+    """bf16 weights keep fp32 math unless bf16_prefill asks for bf16 GEMMs on prefill-sized
+    batches; decode-sized ones never change."""
+    from sparsa.layers.quantization.modules import Bf16Linear
+
+    monkeypatch.setenv("SPARSA_BF16_GEMM", "1")  # as on a CPU with bf16 dot products
+    torch.manual_seed(0)
+    w = torch.randn(96, 200)
+    exact, fast = Bf16Linear(w), Bf16Linear(w, bf16_gemm=True)
+    for rows in (1, 16):
+        x = torch.randn(rows, 200)
+        assert torch.equal(fast(x), exact(x))
+    x = torch.randn(64, 200)
+    ref = x @ w.bfloat16().float().t()
+    torch.testing.assert_close(exact(x), ref, atol=1e-4, rtol=1e-4)
+    y = fast(x)
+    assert y.dtype == torch.float32 and not torch.equal(y, exact(x))
+    assert ((y - ref).abs().max() / ref.abs().max()).item() < 2e-2  # bf16 rounding only
+    monkeypatch.setenv("SPARSA_BF16_GEMM", "0")  # a CPU without them: fp32 math again
+    assert torch.equal(fast(x), exact(x))
+
+
+def test_bf16_prefill_reaches_the_layers(tmp_path):
+    from sparsa import LLM
+    from sparsa.layers.quantization import QuantConfig
+    from tests.tiny_models import build_tiny_checkpoint
+
+    with pytest.raises(ValueError, match="bf16_prefill"):
+        QuantConfig(method="bf16", bf16_prefill="yes")
+    _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
+    for on in (False, True):
+        llm = LLM(str(path), quantization="bf16", bf16_prefill=on, kv_cache_memory="8MiB")
+        flags = {type(m).__name__: m.bf16_gemm for m in llm.engine.model.modules()
+                 if hasattr(m, "bf16_gemm")}
+        assert flags == {"Bf16Linear": on, "QuantizedExperts": on}

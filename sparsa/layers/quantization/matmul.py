@@ -53,8 +53,9 @@ def kernel_policy() -> dict[str, int]:
         # moe_w8a8_rows: mean rows per expert above which a batched int8 MoE runs as W8A8
         # GEMMs rather than the fused kernel (mixtral-mini shapes: equal at 16, the GEMMs
         # 1.35x faster at 32, the fused kernel 1.7x faster at 4)
+        # bf16_gemm: rows above which bf16 weights with bf16_prefill run torch's bf16 GEMM
         policy = {"int8": 32, "int4": 32, "bf16": 32, "moe": 16, "w8a8": 8, "int4_bf16": 16,
-                  "moe_w8a8_rows": 16}
+                  "moe_w8a8_rows": 16, "bf16_gemm": 16}
         env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
         if env:
             policy = dict.fromkeys(policy, int(env))
@@ -200,9 +201,11 @@ def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
     return out
 
 
-def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bf16_gemm: bool = False) -> torch.Tensor:
     """x [T, K] @ w^T for a bf16 weight w [N, Kp] (zero padded past K), computed in fp32 (or
-    x's dtype off the CPU): exact upcast of the weight, no bf16 GEMM on a CPU without one."""
+    x's dtype off the CPU): exact upcast of the weight, no bf16 GEMM on a CPU without one.
+    `bf16_gemm` (QuantConfig.bf16_prefill): prefill-sized x on a CPU with bf16 dot products
+    runs torch's bf16 GEMM instead, lossy (activations and outputs rounded to bf16)."""
     T = x.shape[0]
     if use_native(x, T, "bf16"):
         return ops.bf16_gemm(x.float(), w).to(x.dtype)
@@ -211,6 +214,10 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     dt = _dt(x)
     if x.device.type != "cpu" and dt == torch.bfloat16:
         return x @ w.t()  # a GPU with bf16 GEMMs
+    if (bf16_gemm and x.device.type == "cpu" and kernel_policy().get("bf16_gemm", _NEVER) < T
+            and cpu_has_bf16_dot()):
+        # torch on CPU has no bf16 GEMM with an fp32 output (mm's out_dtype is CUDA-only)
+        return (x.to(torch.bfloat16) @ w.t()).to(x.dtype)
     xd = x.to(dt)
     N, K = w.shape
     step = max(1, _DEQUANT_BLOCK_ELEMS // K)

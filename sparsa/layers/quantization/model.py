@@ -50,7 +50,7 @@ def quantize_linear(linear: Linear, config: QuantConfig) -> nn.Module:
     if config.method == "int4":
         return Int4Linear.from_linear(linear, config.group_size, config.clip_search)
     if config.method == "bf16":
-        return Bf16Linear.from_linear(linear)
+        return Bf16Linear.from_linear(linear, config.bf16_prefill)
     raise ValueError(f"nothing to quantize with method {config.method!r}")
 
 

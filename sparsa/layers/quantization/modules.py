@@ -118,17 +118,19 @@ class Bf16Linear(_QuantizedLinearBase):
 
     method = "bf16"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 bf16_gemm: bool = False):
         super().__init__()
         self._init_common(weight, bias)
         self.register_buffer("weight_bf16", to_bf16_padded(weight))
+        self.bf16_gemm = bf16_gemm
 
     @classmethod
-    def from_linear(cls, linear: Linear) -> Bf16Linear:
-        return cls._from(cls(_weight_nk(linear), linear.bias), linear)
+    def from_linear(cls, linear: Linear, bf16_gemm: bool = False) -> Bf16Linear:
+        return cls._from(cls(_weight_nk(linear), linear.bias, bf16_gemm), linear)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return bf16_matmul(x, self.weight_bf16)
+        return bf16_matmul(x, self.weight_bf16, self.bf16_gemm)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_bf16[:, : self.in_features].float()
@@ -198,6 +200,7 @@ class QuantizedExperts(GroupedExperts):
         self.method = config.method
         self.group_size = config.group_size
         self.w8a8 = config.int8_activations == "dynamic"
+        self.bf16_gemm = config.bf16_prefill
         self.num_experts = E = experts.num_experts
         self.hidden_size = H = experts.hidden_size
         self.intermediate_size = inter = experts.intermediate_size
@@ -240,7 +243,7 @@ class QuantizedExperts(GroupedExperts):
 
     def _mm(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.method == "bf16":
-            return bf16_matmul(x, getattr(self, f"{name}_w")[e])
+            return bf16_matmul(x, getattr(self, f"{name}_w")[e], self.bf16_gemm)
         if self.method == "int8":
             return int8_matmul(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_s")[e],
                                self.w8a8)

@@ -44,7 +44,7 @@ class QuantConfig:
     MoE routers (`...mlp.gate`, `shared_expert_gate`) in full precision; they are tiny and the top-k
     choice is sensitive to their precision. clip_search: int4 only, pick each group's range
     by minimum squared error over a few shrink factors instead of plain min/max.
-    int8_activations: see the field.
+    int8_activations, bf16_prefill: see the fields.
     """
 
     method: str = "none"
@@ -55,8 +55,14 @@ class QuantConfig:
     # int8 only: "dynamic" quantizes activation rows to int8 for batched matmuls (W8A8 GEMM,
     # the fast path for prefill); "none" keeps them exact (dequantize + fp32 GEMM).
     int8_activations: str = "dynamic"
+    # bf16 only: prefill-sized matmuls as torch's bf16 GEMM (activations and outputs rounded
+    # to bf16) on CPUs with bf16 dot products; False keeps fp32 math, lossless for bf16
+    # checkpoints.
+    bf16_prefill: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bf16_prefill, bool):
+            raise ValueError(f"bf16_prefill must be True or False, got {self.bf16_prefill!r}")
         if self.int8_activations not in INT8_ACTIVATIONS:
             raise ValueError(f"int8_activations must be one of {INT8_ACTIVATIONS}, "
                              f"got {self.int8_activations!r}")
