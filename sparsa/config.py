@@ -147,8 +147,10 @@ class ModelConfig:
     quantization_group_size: int = 64  # int4 only: input channels per scale/zero pair
     # int8 only: "dynamic" (batched rows as W8A8 int8 GEMMs) or "none" (exact activations)
     int8_activations: str = "dynamic"
-    # bf16 weights only: prefill GEMMs in bf16 on CPUs with bf16 dot products (lossy, fast)
-    bf16_prefill: bool = False
+    # bf16 weights only: prefill GEMMs in bf16 on CPUs with bf16 dot products (activations
+    # rounded to bf16, as vLLM and transformers compute bf16 checkpoints); None = on where
+    # the CPU has them, False keeps fp32 math (lossless for bf16 checkpoints)
+    bf16_prefill: bool | None = None
     offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def __post_init__(self) -> None:
@@ -178,9 +180,14 @@ class ModelConfig:
         method = self.quantization
         if method is None and self._auto_bf16(checkpoint_dtype, device):
             method = "bf16"
+        bf16_prefill = self.bf16_prefill
+        if bf16_prefill is None:
+            from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
+
+            bf16_prefill = method == "bf16" and cpu_has_bf16_dot()
         return QuantConfig(method=method or "none", group_size=self.quantization_group_size,
                            int8_activations=self.int8_activations,
-                           bf16_prefill=self.bf16_prefill)
+                           bf16_prefill=bool(bf16_prefill))
 
     def _auto_bf16(self, checkpoint_dtype: torch.dtype | None,
                    device: torch.device | None) -> bool:

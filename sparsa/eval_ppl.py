@@ -132,7 +132,8 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
         q = "int8" if exact else "bf16" if bf16_prefill else method
         llm = LLM(model, quantization=None if q == "none" else q,
                   quantization_group_size=group_size, num_threads=num_threads,
-                  int8_activations="none" if exact else "dynamic", bf16_prefill=bf16_prefill,
+                  int8_activations="none" if exact else "dynamic",
+                  bf16_prefill=bf16_prefill if q == "bf16" else None,
                   max_num_batched_tokens=max(2048, context_len or 0))
         label = method if method != "int4" else f"int4-g{group_size}"
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,

@@ -32,7 +32,7 @@ class LLM:
         quantization: str | None = None,
         quantization_group_size: int = 64,
         int8_activations: str = "dynamic",
-        bf16_prefill: bool = False,
+        bf16_prefill: bool | None = None,
         expert_memory: str | int | None = None,
         offload_policy: str = "lru",
         offload_prefetch: str = "lookahead",

@@ -22,6 +22,7 @@ from sparsa.layers.quantization import (
     quantize_int8,
     quantize_model,
 )
+from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
 
 native = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable")
 
@@ -209,7 +210,9 @@ def test_bf16_checkpoint_keeps_bf16_weights_and_matches_transformers(arch, tmp_p
     # the reference: the bf16 checkpoint upcast at load (fresh fp32 rotary tables)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     ids = list(range(3, 40))
-    llm = LLM(str(tmp_path / "bf16"))
+    # fp32 math on the bf16 weights: lossless (bf16_prefill=None would round prefill
+    # activations to bf16 on CPUs with bf16 dot products; see the next test)
+    llm = LLM(str(tmp_path / "bf16"), bf16_prefill=False)
     model = llm.engine.model
     assert any(isinstance(m, Bf16Linear) for m in model.modules())
     assert any(isinstance(m, QuantizedExperts) and m.method == "bf16" for m in model.modules())
@@ -222,6 +225,12 @@ def test_bf16_checkpoint_keeps_bf16_weights_and_matches_transformers(arch, tmp_p
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert llm.generate([ids], sp)[0].outputs[0].token_ids == \
         up.generate([ids], sp)[0].outputs[0].token_ids
+    # the default: bf16 prefill GEMMs where the CPU has them, close to the fp32 reference
+    auto = LLM(str(tmp_path / "bf16"))
+    flags = {m.bf16_gemm for m in auto.engine.model.modules() if hasattr(m, "bf16_gemm")}
+    assert flags == {cpu_has_bf16_dot()}
+    diff = (prompt_logits(auto.engine, ids) - ref).abs().max().item()
+    assert diff < (5e-2 if cpu_has_bf16_dot() else 1e-4)
 
 
 # ---- W8A8: int8 activations x int8 weights through torch._int_mm ----------------------------
@@ -378,8 +387,9 @@ def test_bf16_prefill_reaches_the_layers(tmp_path):
     with pytest.raises(ValueError, match="bf16_prefill"):
         QuantConfig(method="bf16", bf16_prefill="yes")
     _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
-    for on in (False, True):
+    for on in (False, True, None):
         llm = LLM(str(path), quantization="bf16", bf16_prefill=on, kv_cache_memory="8MiB")
+        on = cpu_has_bf16_dot() if on is None else on
         flags = {type(m).__name__: m.bf16_gemm for m in llm.engine.model.modules()
                  if hasattr(m, "bf16_gemm")}
         assert flags == {"Bf16Linear": on, "QuantizedExperts": on}
