@@ -111,65 +111,50 @@ int64_t check_tables(const int64_t* bt, const int64_t* cl, int64_t S, int64_t W,
   return total;
 }
 
-// Attention of the `group` query heads q [group, Dk] that share kv head h, over one
-// sequence's cached positions (the last `window` when window > 0) -> o [group, Dv].
-void attend_head(const float* q, int64_t group, const float* kp, const float* vp,
-                 const int64_t* table, int64_t ctx, int64_t window, int64_t bs, int64_t h,
-                 int64_t Hkv, int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores,
-                 float* o) {
+// Attention of the query heads of kv heads [h0, h1) over one sequence's cached positions
+// (the last `window` when window > 0): q [(h1 - h0) * group, Dk] -> o [.., Dv]. Each
+// position's K (then V) row piece of those heads is read in one go; with all heads that is
+// the whole row, front to back through each block, which the hardware prefetchers follow
+// well even when the cache is cold after a step's weight streaming (one head's 256-byte
+// pieces 1 KB apart they follow badly).
+void attend(const float* q, int64_t h0, int64_t h1, int64_t group, const float* kp,
+            const float* vp, const int64_t* table, int64_t ctx, int64_t window, int64_t bs,
+            int64_t Hkv, int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores,
+            float* o) {
   const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-  const int64_t n = ctx - first;
-  scores.resize(static_cast<size_t>(group * n));
+  const int64_t n = ctx - first, nq = (h1 - h0) * group;
+  scores.resize(static_cast<size_t>(nq * n));
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = first + j;
-    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk + h * Dk;
-    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q + g * Dk, kr, Dk) * scale;
+    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk + h0 * Dk;
+    for (int64_t i = 0; i < nq; ++i)
+      scores[i * n + j] = dot(q + i * Dk, kr + (i / group) * Dk, Dk) * scale;
   }
-  for (int64_t g = 0; g < group; ++g) softmax_(scores.data() + g * n, n);
-  std::fill(o, o + group * Dv, 0.f);
+  for (int64_t i = 0; i < nq; ++i) softmax_(scores.data() + i * n, n);
+  std::fill(o, o + nq * Dv, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = first + j;
-    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv + h * Dv;
-    for (int64_t g = 0; g < group; ++g) axpy(scores[g * n + j], vr, o + g * Dv, Dv);
+    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv + h0 * Dv;
+    for (int64_t i = 0; i < nq; ++i)
+      axpy(scores[i * n + j], vr + (i / group) * Dv, o + i * Dv, Dv);
   }
 }
 
-// attend_head for every kv head of one sequence at once, q [Hq, Dk] -> o [Hq, Dv]: each
-// cached position's K (then V) row of all heads is read whole, front to back through each
-// block. Per-head tasks read 256-byte pieces 1 KB apart, which the hardware prefetchers
-// follow badly once the cache is cold (after a step's weight streaming); this is the
-// single-threaded path.
-void attend_all_heads(const float* q, int64_t Hq, const float* kp, const float* vp,
-                      const int64_t* table, int64_t ctx, int64_t window, int64_t bs,
-                      int64_t Hkv, int64_t Dk, int64_t Dv, float scale,
-                      std::vector<float>& scores, float* o) {
-  const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-  const int64_t n = ctx - first, group = Hq / Hkv;
-  scores.resize(static_cast<size_t>(Hq * n));
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first + j;
-    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk;
-    for (int64_t hq = 0; hq < Hq; ++hq)
-      scores[hq * n + j] = dot(q + hq * Dk, kr + (hq / group) * Dk, Dk) * scale;
-  }
-  for (int64_t hq = 0; hq < Hq; ++hq) softmax_(scores.data() + hq * n, n);
-  std::fill(o, o + Hq * Dv, 0.f);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first + j;
-    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv;
-    for (int64_t hq = 0; hq < Hq; ++hq)
-      axpy(scores[hq * n + j], vr + (hq / group) * Dv, o + hq * Dv, Dv);
-  }
-}
-
-// Threads only pay off once a step holds real work: at batch 1 with a short context the
-// whole call is a few microseconds, less than waking the pool.
-inline bool threaded(int64_t work) { return work >= (int64_t(1) << 20); }
-
+// Runs body(s, h0, h1, scores) over every sequence s. Threads only pay off once a step holds
+// real work: at batch 1 with a short context the whole call is a few microseconds, less
+// than waking the pool, so small steps take each sequence's kv heads together on one
+// thread and large ones split them into (sequence, kv head) tasks.
 template <typename F>
-void run_tasks(int64_t ntasks, int64_t work, const F& tasks) {
-  if (!threaded(work)) tasks(0, ntasks);
-  else at::parallel_for(0, ntasks, 1, tasks);
+void for_each_sequence(int64_t S, int64_t Hkv, int64_t work, const F& body) {
+  if (work < (int64_t(1) << 20)) {
+    std::vector<float> scores;
+    for (int64_t s = 0; s < S; ++s) body(s, 0, Hkv, scores);
+    return;
+  }
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t t = t0; t < t1; ++t) body(t / Hkv, t % Hkv, t % Hkv + 1, scores);
+  });
 }
 
 }  // namespace
@@ -194,20 +179,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t total = check_tables(bt, cl, S, W, bs, kc.size(0));
-  if (!threaded(total * Hq * (Dk + Dv))) {
-    std::vector<float> scores;
-    for (int64_t s = 0; s < S; ++s)
-      attend_all_heads(qp + s * Hq * Dk, Hq, kp, vp, bt + s * W, cl[s], window, bs, Hkv, Dk,
-                       Dv, sc, scores, op + s * Hq * Dv);
-    return out;
-  }
-  run_tasks(S * Hkv, total * Hq * (Dk + Dv), [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t s = task / Hkv, h = task % Hkv;
-      attend_head(qp + (s * Hq + h * group) * Dk, group, kp, vp, bt + s * W, cl[s], window,
-                  bs, h, Hkv, Dk, Dv, sc, scores, op + (s * Hq + h * group) * Dv);
-    }
+  for_each_sequence(S, Hkv, total * Hq * (Dk + Dv),
+                    [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
+    const int64_t q0 = s * Hq + h0 * group;
+    attend(qp + q0 * Dk, h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, Dk, Dv,
+           sc, scores, op + q0 * Dv);
   });
   return out;
 }
@@ -215,8 +191,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
 // A whole decode step of standard attention in one call, for a batch that is all decodes:
 // qkv [S, (Hq + 2 Hkv) D] straight from the fused projection; NeoX rotary on the first rd
 // dims of each q/k head (cos/sin [S, rd]); this step's K/V written to `slots`; then the
-// attention above. Each (sequence, kv head) task writes only its own head's slot before
-// reading, so tasks never race. Returns [S, Hq * D].
+// attention above. Each task writes only its own kv heads' slot before reading, so tasks
+// never race. Returns [S, Hq * D].
 torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                                     int64_t rd, torch::Tensor kc, torch::Tensor vc,
                                     torch::Tensor slots, torch::Tensor block_tables,
@@ -259,40 +235,22 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
     sparsa_simd::rope_neox_head(src, dst, c, sn, half);
     for (int64_t i = rd; i < D; ++i) dst[i] = src[i];
   };
-  auto tasks = [&](int64_t t0, int64_t t1) {
-    std::vector<float> q(group * D), tmp(D), scores;
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t s = task / Hkv, h = task % Hkv;
-      const float* row = xp + s * ld;
-      const float* c = cp + s * rd;
-      const float* sn = sp + s * rd;
+  for_each_sequence(S, Hkv, total * Hq * 2 * D,
+                    [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
+    std::vector<float> q((h1 - h0) * group * D), tmp(D);
+    const float* row = xp + s * ld;
+    const float* c = cp + s * rd;
+    const float* sn = sp + s * rd;
+    for (int64_t h = h0; h < h1; ++h) {
       rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn, kn, tmp.data());
-      std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D, vp + sl[s] * tok + h * D);
-      for (int64_t g = 0; g < group; ++g)
-        rope(row + (h * group + g) * D, q.data() + g * D, c, sn, qn, tmp.data());
-      attend_head(q.data(), group, kp, vp, bt + s * W, cl[s], window, bs, h, Hkv, D, D, sc,
-                  scores, op + s * Hq * D + h * group * D);
+      std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
+                vp + sl[s] * tok + h * D);
     }
-  };
-  if (!threaded(total * Hq * 2 * D)) {
-    std::vector<float> q(Hq * D), tmp(D), scores;
-    for (int64_t s = 0; s < S; ++s) {
-      const float* row = xp + s * ld;
-      const float* c = cp + s * rd;
-      const float* sn = sp + s * rd;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn, kn, tmp.data());
-        std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
-                  vp + sl[s] * tok + h * D);
-      }
-      for (int64_t hq = 0; hq < Hq; ++hq)
-        rope(row + hq * D, q.data() + hq * D, c, sn, qn, tmp.data());
-      attend_all_heads(q.data(), Hq, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D, D, sc,
-                       scores, op + s * Hq * D);
-    }
-    return out;
-  }
-  run_tasks(S * Hkv, total * Hq * 2 * D, tasks);
+    for (int64_t i = 0; i < (h1 - h0) * group; ++i)
+      rope(row + (h0 * group + i) * D, q.data() + i * D, c, sn, qn, tmp.data());
+    attend(q.data(), h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D, D, sc,
+           scores, op + s * Hq * D + h0 * group * D);
+  });
   return out;
 }
 
