@@ -181,19 +181,26 @@ class SparseMoeBlock(nn.Module):
         )
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def native_router_weight(self) -> torch.Tensor | None:
+        """The router's [H, E] fp32 weight when the native `moe_route` can apply it (a plain
+        transposed fp32 Linear without bias), else None."""
         gate = self.gate
-        if (x.dim() == 2 and x.shape[0] <= ROUTE_NATIVE_MAX_ROWS and type(gate) is Linear
-                and gate.transposed and gate.bias is None
-                and gate.weight.dtype == torch.float32 and x.dtype == torch.float32
+        if (type(gate) is Linear and gate.transposed and gate.bias is None
+                and gate.weight.dtype == torch.float32):
+            return gate.weight
+        return None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (x.dim() == 2 and x.shape[0] <= ROUTE_NATIVE_MAX_ROWS and x.dtype == torch.float32
                 and x.device.type == "cpu" and x.is_contiguous()
                 and not (x.requires_grad and torch.is_grad_enabled())):
-            ext = kernels.load()
+            w = self.native_router_weight()
+            ext = kernels.load() if w is not None else None
             if ext is not None:
                 # one call for GEMV + softmax + top-k, as the native decode step routes; torch's
                 # blocked GEMM is 3x faster from a few dozen rows on (prefill)
-                return ext.moe_route(x, gate.weight, self.top_k, self.renormalize)
-        return softmax_topk(gate(x), self.top_k, self.renormalize)
+                return ext.moe_route(x, w, self.top_k, self.renormalize)
+        return softmax_topk(self.gate(x), self.top_k, self.renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)

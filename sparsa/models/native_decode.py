@@ -133,12 +133,11 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
 
     if type(block) is not SparseMoeBlock:
         return (*_mlp(block), None)
-    gate = block.gate
-    if type(gate) is not Linear or not gate.transposed or gate.bias is not None \
-            or gate.weight.dtype != torch.float32:
+    router_w = block.native_router_weight()
+    if router_w is None:
         raise Unsupported("router is not a plain fp32 linear")
     experts = block.experts
-    router_w, k, renorm = gate.weight, block.top_k, block.renormalize
+    k, renorm = block.top_k, block.renormalize
     # the module path routes natively up to ROUTE_NATIVE_MAX_ROWS rows, torch beyond
     rows = min(native_max_rows("moe"), ROUTE_NATIVE_MAX_ROWS)
     if type(experts) is FusedExperts or (type(experts) is QuantizedExperts

@@ -219,8 +219,7 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
         break;
       }
     }
-    if (idx + 8 > V || r[idx] != best)
-      while (idx < V && r[idx] != best) ++idx;
+    while (idx < V && r[idx] != best) ++idx;  // the tail (a no-op when the loop found it)
     o[t] = idx < V ? idx : 0;
   }
   return out;
