@@ -163,6 +163,13 @@ def cpu_has_bf16_dot() -> bool:
     return _cpu_bf16
 
 
+def use_bf16_gemm(x: torch.Tensor, op: str) -> bool:
+    """Whether x's rows go to a bf16 GEMM: on the CPU, more rows than the policy's `op`
+    threshold, and a CPU with bf16 dot products."""
+    return (x.device.type == "cpu" and x.shape[0] > kernel_policy().get(op, _NEVER)
+            and cpu_has_bf16_dot())
+
+
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: int,
                 sm_f32: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ W^T for the int4 weight (q [N, Kp/2], sm [N, 2, Kp/G] bf16) -> [T, N] in
@@ -173,9 +180,7 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor, group_size: 
     kp = q.shape[1] * 2
     if x.shape[1] != kp:
         x = F.pad(x, (0, kp - x.shape[1]))
-    bf16_rows = kernel_policy().get("int4_bf16", _NEVER)
-    rows = x.shape[0]
-    if x.device.type == "cpu" and rows > bf16_rows and sm_f32 is None and cpu_has_bf16_dot():
+    if sm_f32 is None and use_bf16_gemm(x, "int4_bf16"):
         return int4_matmul_reference(x.float(), q, sm, group_size, torch.bfloat16).to(x.dtype)
     return int4_matmul_reference(x, q, sm if sm_f32 is None else sm_f32, group_size)
 
@@ -214,8 +219,7 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor, bf16_gemm: bool = False) -> to
     dt = _dt(x)
     if x.device.type != "cpu" and dt == torch.bfloat16:
         return x @ w.t()  # a GPU with bf16 GEMMs
-    if (bf16_gemm and x.device.type == "cpu" and kernel_policy().get("bf16_gemm", _NEVER) < T
-            and cpu_has_bf16_dot()):
+    if bf16_gemm and use_bf16_gemm(x, "bf16_gemm"):
         # torch on CPU has no bf16 GEMM with an fp32 output (mm's out_dtype is CUDA-only)
         return (x.to(torch.bfloat16) @ w.t()).to(x.dtype)
     xd = x.to(dt)
