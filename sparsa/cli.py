@@ -242,6 +242,7 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
+    from sparsa.config import BF16_PREFILL_CHOICES
     from sparsa.llm import LLM
 
     kwargs: dict[str, Any] = {
@@ -255,7 +256,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "quantization_group_size": getattr(args, "group_size", 64),
         "int8_activations": getattr(args, "int8_activations", "dynamic"),
         "native_decode": getattr(args, "native_decode", True),
-        "bf16_prefill": {"on": True, "off": False}.get(getattr(args, "bf16_prefill", "auto")),
+        "bf16_prefill": BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
     }
     kwargs.update(overrides)
     return LLM(model, **kwargs)

@@ -130,6 +130,10 @@ class OffloadConfig:
         return n
 
 
+# --bf16-prefill choices -> ModelConfig.bf16_prefill
+BF16_PREFILL_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 @dataclass
 class ModelConfig:
     """What to load: an HF directory, a llama2.c .bin, or a built-in name (dummy weights)."""
