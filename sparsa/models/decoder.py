@@ -103,15 +103,31 @@ class Attention(nn.Module):
             return None, None, 1e-6
         return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
 
+    def fused_decode_options(self) -> bool:
+        """Whether this layer's options fit the fused native decode step (per-head or no
+        q/k norm, no qkv clipping, NeoX rotary with fp32 tables)."""
+        return (self.qk_norm in (None, "head") and self.clip_qkv is None
+                and not self.rotary.interleaved and self.rotary.cos.dtype == torch.float32)
+
     def _fused_decode(self, qkv: torch.Tensor, meta: AttentionMetadata) -> bool:
         """All-decode step of plain attention on CPU: rotary, KV write and attention run as
         one native call (at batch 1 the dozen small ops around them cost as much as the
         attention itself)."""
         return (meta.num_decodes == qkv.shape[0] and not meta.prefills
-                and self.qk_norm in (None, "head") and self.clip_qkv is None
-                and qkv.is_contiguous() and not self.rotary.interleaved
-                and self.rotary.cos.dtype == torch.float32
+                and qkv.is_contiguous() and self.fused_decode_options()
                 and native_decode(qkv, self.kv_cache.k, self.kv_cache.v))
+
+    def fused_decode_step(self, ext, qkv: torch.Tensor, positions: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+        """Rotary + KV write + paged attention of an all-decode batch in one native call,
+        unchecked: the cache pools, tables and norms are the engine's own (their shapes are
+        fixed at load; block ids are checked in C++). Returns [T, Hq * D] before o_proj."""
+        cos, sin = self.rotary.tables(positions, torch.float32)
+        return ext.decode_attention_step(
+            qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
+            self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
+            meta.decode_context_lens, self.scale, self.sliding_window or 0,
+            self.num_heads, *self._head_norms())
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -119,15 +135,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         if self._fused_decode(qkv, meta):
-            cos, sin = self.rotary.tables(positions, torch.float32)
-            # unchecked native call: the cache pools, tables and norms are the engine's own
-            # (their shapes are fixed at load; block ids are checked in C++)
-            o = kernels.load().decode_attention_step(
-                qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
-                self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens, self.scale, self.sliding_window or 0,
-                self.num_heads, *self._head_norms())
-            return self.o_proj(o)
+            return self.o_proj(self.fused_decode_step(kernels.load(), qkv, positions, meta))
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

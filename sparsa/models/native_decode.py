@@ -90,25 +90,17 @@ def _attention(attn: nn.Module) -> tuple[Callable, int]:
 
     if type(attn) is not Attention:
         raise Unsupported(f"attention {type(attn).__name__}")
-    if (attn.qk_norm not in (None, "head") or attn.clip_qkv is not None
-            or attn.rotary.interleaved or attn.rotary.cos.dtype != torch.float32):
+    if not attn.fused_decode_options():
         raise Unsupported("attention options outside the fused decode kernel")
     cache = attn.kv_cache
     if cache is None or cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
         raise Unsupported("KV cache not fp32 on the CPU")
     qkv, qkv_rows = _linear(attn.qkv_proj)
     o_proj, o_rows = _linear(attn.o_proj)
-    rotary, rd = attn.rotary, attn.rotary.rotary_dim
-    scale, window, heads = attn.scale, attn.sliding_window or 0, attn.num_heads
-    norms = attn._head_norms()
+    fused = attn.fused_decode_step
 
     def step(ext, h, positions, meta: AttentionMetadata):
-        cos, sin = rotary.tables(positions, torch.float32)
-        o = ext.decode_attention_step(
-            qkv(ext, h), cos.squeeze(1), sin.squeeze(1), rd, cache.k, cache.v,
-            meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens, scale,
-            window, heads, *norms)
-        return o_proj(ext, o)
+        return o_proj(ext, fused(ext, qkv(ext, h), positions, meta))
 
     return step, min(qkv_rows, o_rows)
 
