@@ -48,21 +48,8 @@ class Unsupported(Exception):
 def _linear(m: nn.Module) -> tuple[Step, int]:
     """The decode call of one linear layer and the most rows it takes natively."""
     bias = getattr(m, "bias", None)
-    if isinstance(m, Int8Linear):
-        q, s, rows = m.qweight, m.scale, native_max_rows("int8", m.w8a8)
-
-        def step(ext, x):
-            return ext.int8_gemm(x, q, s, False)
-    elif isinstance(m, Int4Linear):
-        q, sm, g, rows = m.qweight, m.scale_min, m.group_size, native_max_rows("int4")
-
-        def step(ext, x):
-            return ext.int4_gemm(x, q, sm, g)
-    elif isinstance(m, Bf16Linear):
-        w, rows = m.weight_bf16, native_max_rows("bf16")
-
-        def step(ext, x):
-            return ext.bf16_gemm(x, w)
+    if isinstance(m, (Int8Linear, Int4Linear, Bf16Linear)):
+        step, rows = m.native_gemm, m.native_rows()
     elif type(m) is Linear and m.weight.dtype == torch.float32:
         w, rows = m.weight, 1 << 30
         if m.transposed:

@@ -64,6 +64,10 @@ class _QuantizedLinearBase(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = _trusted_ext(x, self.native_rows())
+        if ext is not None:
+            y = self.native_gemm(ext, x)
+            return y if self.bias is None else y + self.bias
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
@@ -71,6 +75,15 @@ class _QuantizedLinearBase(nn.Module):
         return y.reshape(*lead, y.shape[-1])
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def native_rows(self) -> int:
+        """Most rows the native kernel takes (forward calls it unchecked up to that)."""
+        raise NotImplementedError
+
+    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
+        """x (2-D contiguous fp32 CPU, at most native_rows() rows) @ W^T by the native
+        kernel module `ext`, without the bias and without checks."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -98,12 +111,11 @@ class Int8Linear(_QuantizedLinearBase):
     def from_linear(cls, linear: Linear, w8a8: bool = True) -> Int8Linear:
         return cls._from(cls(_weight_nk(linear), linear.bias, w8a8), linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = _trusted_ext(x, native_max_rows("int8", self.w8a8))
-        if ext is not None:
-            y = ext.int8_gemm(x, self.qweight, self.scale, False)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+    def native_rows(self) -> int:
+        return native_max_rows("int8", self.w8a8)
+
+    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
+        return ext.int8_gemm(x, self.qweight, self.scale, False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.qweight, self.scale, self.w8a8)
@@ -131,6 +143,12 @@ class Bf16Linear(_QuantizedLinearBase):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return bf16_matmul(x, self.weight_bf16, self.bf16_gemm)
+
+    def native_rows(self) -> int:
+        return native_max_rows("bf16")
+
+    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
+        return ext.bf16_gemm(x, self.weight_bf16)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_bf16[:, : self.in_features].float()
@@ -163,12 +181,11 @@ class Int4Linear(_QuantizedLinearBase):
             else self.scale_min.float()
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ext = _trusted_ext(x, native_max_rows("int4"))
-        if ext is not None:
-            y = ext.int4_gemm(x, self.qweight, self.scale_min, self.group_size)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+    def native_rows(self) -> int:
+        return native_max_rows("int4")
+
+    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
+        return ext.int4_gemm(x, self.qweight, self.scale_min, self.group_size)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = int4_matmul(x, self.qweight, self.scale_min, self.group_size, self.scale_min_f32)
