@@ -110,6 +110,24 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
+    from sparsa.config import PREFETCH_CHOICES
+
+    o = p.add_argument_group("expert offloading (MoE models)")
+    o.add_argument("--expert-memory", default=None, metavar="SIZE",
+                   help="keep routed experts on disk and at most SIZE of them in memory, e.g. "
+                        "25%% (of all expert bytes) or 4GiB (default: every expert resident)")
+    o.add_argument("--offload-policy", default="lru", choices=["lru", "lfu", "lrfu", "arc"],
+                   help="eviction policy of the expert cache")
+    o.add_argument("--offload-prefetch", default="lookahead", choices=list(PREFETCH_CHOICES),
+                   help="lookahead: the next layer's router on this layer's input; history: "
+                        "predictors fit on --offload-predictor-trace; or both")
+    o.add_argument("--offload-predictor-trace", default=None, metavar="TRACE",
+                   help="a routing trace of this model (sparsa trace) for history prefetch")
+    o.add_argument("--offload-on-miss", default="wait", choices=["wait", "int4", "int8"],
+                   help="wait for a missing expert's load (exact), or compute it with an "
+                        "int4/int8 copy kept in RAM (HOBBIT; lossy)")
+    o.add_argument("--offload-io-threads", type=_positive_int, default=2,
+                   help="background threads reading experts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +276,14 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "native_decode": getattr(args, "native_decode", True),
         "bf16_prefill": BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
     }
+    if getattr(args, "expert_memory", None) is not None:
+        miss = args.offload_on_miss
+        kwargs.update(expert_memory=args.expert_memory, offload_policy=args.offload_policy,
+                      offload_prefetch=args.offload_prefetch,
+                      offload_predictor_trace=args.offload_predictor_trace,
+                      offload_on_miss="wait" if miss == "wait" else "low_precision",
+                      offload_low_precision="int4" if miss == "wait" else miss,
+                      offload_io_threads=args.offload_io_threads)
     kwargs.update(overrides)
     return LLM(model, **kwargs)
 

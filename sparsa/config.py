@@ -50,6 +50,9 @@ def parse_size(size: str | float) -> int:
         raise ValueError(f"cannot parse size {size!r}; use e.g. '4GiB' or '512MB'") from None
 
 
+PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
+
+
 @dataclass
 class OffloadConfig:
     """Expert offloading: experts stay on disk, a budgeted cache holds compute-ready copies.
@@ -58,7 +61,11 @@ class OffloadConfig:
     weights as stored in the cache (the checkpoint's dtype when narrower than the compute
     dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32).
     policy: eviction ranking (lru, lfu, lrfu, arc).
-    prefetch: "none" or "lookahead" (the next MoE layer's router on this layer's input).
+    prefetch: "none", "lookahead" (the next MoE layer's router on this layer's input),
+    "history" (the trace lab's co-occurrence + token-affinity + transition predictors, fit on
+    `predictor_trace`, a trace recorded from this model), or "lookahead+history" (both).
+    predictor_trace: a routing trace (.csv / .csv.gz from `sparsa trace`) for "history".
+    history_topk: experts per token the history predictor prefetches (None: the router's k).
     prefetch_evicts: "any" (a prefetch evicts whatever the policy ranks lowest) or "cold"
     (only experts unused in this forward pass and the previous one: better when consecutive
     tokens reuse most experts, worse when they rarely do, as on tinymoe-stories).
@@ -81,14 +88,24 @@ class OffloadConfig:
     on_miss: str = "wait"
     low_precision: str = "int4"
     low_precision_group_size: int = 64
+    predictor_trace: str | None = None
+    history_topk: int | None = None
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
             self.budget_bytes(1)  # validates the form
         if self.policy not in ("lru", "lfu", "lrfu", "arc"):
             raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
-        if self.prefetch not in ("none", "lookahead"):
-            raise ValueError(f"prefetch must be 'none' or 'lookahead'; got {self.prefetch!r}")
+        if self.prefetch not in PREFETCH_CHOICES:
+            raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_CHOICES)}; "
+                             f"got {self.prefetch!r}")
+        if "history" in self.prefetch and not self.predictor_trace:
+            raise ValueError(f"prefetch={self.prefetch!r} needs predictor_trace (a routing "
+                             "trace of this model, from `sparsa trace`)")
+        if self.history_topk is not None and (isinstance(self.history_topk, bool) or
+                                              not isinstance(self.history_topk, int) or
+                                              self.history_topk < 1):
+            raise ValueError(f"history_topk must be an integer >= 1; got {self.history_topk!r}")
         if isinstance(self.lookahead_extra, bool) or not isinstance(self.lookahead_extra, int) \
                 or self.lookahead_extra < 0:
             raise ValueError("lookahead_extra must be an integer >= 0; "
@@ -113,6 +130,14 @@ class OffloadConfig:
     @property
     def enabled(self) -> bool:
         return self.expert_memory is not None
+
+    @property
+    def lookahead(self) -> bool:
+        return "lookahead" in self.prefetch
+
+    @property
+    def history(self) -> bool:
+        return "history" in self.prefetch
 
     def budget_bytes(self, total_expert_bytes: int) -> int:
         m = self.expert_memory

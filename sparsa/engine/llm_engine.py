@@ -78,6 +78,10 @@ class LLMEngine:
         self.tracer = None
         if config.trace_experts:
             self._start_expert_trace(config.trace_experts)
+        history = self.runner.expert_history
+        if history is not None and self.tokenizer is not None:
+            # token ids -> the trace's token text, as the tracer wrote it
+            history.token_text = getattr(self.tokenizer, "convert_ids_to_tokens", None)
 
     # ---- expert-routing traces ------------------------------------------------------
     def _start_expert_trace(self, path: str) -> None:

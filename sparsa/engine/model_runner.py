@@ -39,6 +39,9 @@ class ModelRunner:
         self.device = device
         # An ExpertTracer (sparsa.offload.expert_tracer) when routing is being recorded.
         self.tracer = None
+        # The offloaded experts' HistoryPrefetcher, which needs each step's token ids too.
+        offload = getattr(model, "offload", None)
+        self.expert_history = getattr(offload, "history", None)
         self.dtype = dtype
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
@@ -117,18 +120,27 @@ class ModelRunner:
         meta.prefills = prefills
         input_ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        if self.tracer is not None:
-            self.tracer.begin_step([(it.seq, it.num_new_tokens) for it in items], tokens,
-                                   positions)
+        for obs in self._step_observers():
+            obs.begin_step([(it.seq, it.num_new_tokens) for it in items], tokens, positions)
         return input_ids, pos_t, meta, sample_rows, sampled
+
+    def _step_observers(self) -> list:
+        """Components that see each step's rows (sequence, token ids, positions) around the
+        forward pass: the expert tracer, the offload history predictor."""
+        return [o for o in (self.tracer, self.expert_history) if o is not None]
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
         """Runs one step; returns (logits [n_sampled, V] fp32, the sequences they belong to)."""
         input_ids, positions, meta, rows, sampled = self._prepare(out)
-        hidden = self.model(input_ids, positions, meta)
-        if self.tracer is not None:
-            self.tracer.end_step()
+        try:
+            hidden = self.model(input_ids, positions, meta)
+        except BaseException:
+            for obs in self._step_observers():
+                obs.abandon_step()
+            raise
+        for obs in self._step_observers():
+            obs.end_step()
         if not rows:
             return None, []
         if len(rows) < hidden.shape[0]:  # all rows in a decode step: no gather needed

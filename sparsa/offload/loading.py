@@ -16,6 +16,7 @@ from sparsa.layers.moe import FusedExperts
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
+from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
 
@@ -32,6 +33,8 @@ class OffloadState:
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
+    history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
+    history_stats: LookaheadStats | None = None
 
     def reserve_buffers(self) -> int:
         """Map the read buffers of every cached expert now, at load, instead of inside the
@@ -56,6 +59,9 @@ class OffloadState:
                  disk_loads=reader.loads, slabs_mapped=reader.pool.allocated)
         if self.low_precision is not None:
             d.update(self.low_precision.report())
+        if self.history is not None:
+            d.update(history_recall=self.history_stats.recall,
+                     history_precision=self.history_stats.precision)
         return d
 
 
@@ -143,8 +149,28 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
                                          ref.intermediate_size, oc.low_precision_group_size,
                                          io_threads=oc.io_threads)
-    stats = install_offloading(model, cache, lookahead=oc.prefetch == "lookahead",
-                               low_precision=lowp, lookahead_extra=oc.lookahead_extra)
+    history = _history_predictor(oc, sorted({k[0] for k in locations}), ref.num_experts)
+    stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
+                                       low_precision=lowp, lookahead_extra=oc.lookahead_extra,
+                                       history=history, history_topk=oc.history_topk or 0)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp,
                         reserve_slabs=cache.capacity + oc.io_threads if cpu else 0,
-                        io_threads=oc.io_threads)
+                        io_threads=oc.io_threads, history=history,
+                        history_stats=hstats if history is not None else None)
+
+
+def _history_predictor(oc: OffloadConfig, layers: list[int],
+                       num_experts: int) -> HistoryPrefetcher | None:
+    if not oc.history:
+        return None
+    from sparsa.offload.trace import load_trace
+
+    path = Path(oc.predictor_trace)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictor trace {str(path)!r} not found (record one with "
+                                "`sparsa trace MODEL --out FILE`)")
+    try:
+        train = load_trace(path, num_experts=num_experts)
+    except ValueError as e:
+        raise ValueError(f"predictor trace {str(path)!r}: {e}") from None
+    return HistoryPrefetcher(train, layers, num_experts)

@@ -11,6 +11,10 @@ are bit-identical to the all-resident model; with the "native" layout (no transp
 load; the default unless every expert fits the budget) experts compute with F.linear on the
 checkpoint's [out, in] tensors, which rounds differently in the last bits (~1e-6 relative).
 
+With a `HistoryPrefetcher` (prefetch "history" or "lookahead+history") the layer also
+reports its routing to it and prefetches the history predictor's guesses for the next layer;
+those are scored separately in `HistoryStats` (and together in `LookaheadStats`).
+
 With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
 its turn comes is computed with its quantized copy instead of waiting; its load goes on.
 """
@@ -27,6 +31,7 @@ from torch.nn import functional as F
 from sparsa.layers.moe import FusedExperts, GroupedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
 from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.low_precision import LowPrecisionExperts
 
 
@@ -44,11 +49,19 @@ class LookaheadStats:
     def precision(self) -> float:
         return self.correct / self.predicted if self.predicted else 0.0
 
+    def score(self, predicted: set[int] | None, needed: list[int]) -> None:
+        if predicted is not None:
+            self.needed += len(needed)
+            self.correct += len(predicted.intersection(needed))
+
 
 class OffloadedExperts(GroupedExperts):
     def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
                  cache: ExpertCache, lookahead: LookaheadStats | None = None,
-                 low_precision: LowPrecisionExperts | None = None, lookahead_extra: int = 0):
+                 low_precision: LowPrecisionExperts | None = None, lookahead_extra: int = 0,
+                 history: HistoryPrefetcher | None = None,
+                 history_stats: LookaheadStats | None = None, history_topk: int = 0,
+                 gate_lookahead: bool = True):
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
@@ -59,10 +72,15 @@ class OffloadedExperts(GroupedExperts):
         self.low_precision = low_precision
         # experts beyond the next router's top-k to prefetch (its next most likely ones)
         self.lookahead_extra = lookahead_extra
+        self.gate_lookahead = gate_lookahead and lookahead is not None
+        self.history = history
+        self.history_stats = history_stats
+        self.history_topk = history_topk  # per token; 0: the router's k
         # Set by install_offloading: the next MoE block (for its router) and its experts.
         self.next_block: nn.Module | None = None
         self.next_experts: OffloadedExperts | None = None
         self.predicted: set[int] | None = None  # what the previous layer prefetched for us
+        self.history_predicted: set[int] | None = None  # the history predictor's part of it
         self._protect: set[tuple[int, int]] = set()
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
@@ -70,17 +88,28 @@ class OffloadedExperts(GroupedExperts):
         # Load in the order GroupedExperts will consume: slot order at batch 1, else by id.
         needed = topk_ids[0].tolist() if topk_ids.shape[0] == 1 else \
             sorted(set(topk_ids.reshape(-1).tolist()))
-        if self.predicted is not None and self.lookahead is not None:
-            self.lookahead.needed += len(needed)
-            self.lookahead.correct += len(self.predicted.intersection(needed))
-            self.predicted = None
+        if self.lookahead is not None:
+            self.lookahead.score(self.predicted, needed)
+        if self.history_stats is not None:
+            self.history_stats.score(self.history_predicted, needed)
+        self.predicted = self.history_predicted = None
         self._protect = {(self.layer, e) for e in needed}
         self.cache.prefetch(self.layer, needed, self._protect)
-        if self.lookahead is not None and self.next_block is not None:
-            guess = self._guess_next(x)
-            self.next_experts.predicted = set(guess)
-            self.lookahead.predicted += len(guess)
-            self.cache.prefetch(self.next_experts.layer, guess, self._protect)
+        if self.history is not None:
+            self.history.observe(self.layer, topk_ids)
+        if self.next_block is not None and (self.lookahead is not None or
+                                            self.history is not None):
+            guess = set(self._guess_next(x)) if self.gate_lookahead else set()
+            if self.history is not None:
+                k = self.history_topk or topk_ids.shape[-1]
+                mine = set(self.history.predict(self.next_experts.layer, k))
+                self.next_experts.history_predicted = mine
+                self.history_stats.predicted += len(mine)
+                guess |= mine
+            self.next_experts.predicted = guess
+            if self.lookahead is not None:
+                self.lookahead.predicted += len(guess)
+            self.cache.prefetch(self.next_experts.layer, sorted(guess), self._protect)
         return super().forward(x, topk_weights, topk_ids)
 
     def _guess_next(self, x: torch.Tensor) -> list[int]:
@@ -148,19 +177,25 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
 
 def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
                        low_precision: LowPrecisionExperts | None = None,
-                       lookahead_extra: int = 0) -> LookaheadStats:
+                       lookahead_extra: int = 0, history: HistoryPrefetcher | None = None,
+                       history_topk: int = 0) -> tuple[LookaheadStats, LookaheadStats]:
     """Swap every block's FusedExperts (its parameters may be on the meta device: they are
-    never materialized) for OffloadedExperts over `cache` (and `low_precision` for misses)."""
-    stats = LookaheadStats() if lookahead else None
+    never materialized) for OffloadedExperts over `cache` (and `low_precision` for misses).
+    Returns the stats of all prefetch guesses (as "lookahead") and of the history
+    predictor's alone."""
+    stats = LookaheadStats() if lookahead or history is not None else None
+    hstats = LookaheadStats()
     blocks = moe_blocks(model)
     new: list[OffloadedExperts] = []
     for layer, _, block in blocks:
         old = block.experts
         block.experts = OffloadedExperts(layer, old.num_experts, old.hidden_size,
                                          old.intermediate_size, cache, stats, low_precision,
-                                         lookahead_extra)
+                                         lookahead_extra if lookahead else 0, history,
+                                         hstats if history is not None else None, history_topk,
+                                         gate_lookahead=lookahead)
         new.append(block.experts)
     for i in range(len(blocks) - 1):
         new[i].next_block = blocks[i + 1][2]
         new[i].next_experts = new[i + 1]
-    return stats or LookaheadStats()
+    return stats or LookaheadStats(), hstats

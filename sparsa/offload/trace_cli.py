@@ -63,8 +63,6 @@ def add_parser(subparsers: Any, add_common: Any = None,
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens")
     p.add_argument("--max-num-seqs", type=_positive, default=64, help="batch size limit")
-    p.add_argument("--expert-memory", default=None,
-                   help="trace with experts offloaded under this budget (e.g. 25%%)")
     p.add_argument("--threads", type=_positive, default=None)
     if add_model_options is not None:
         add_model_options(p)
