@@ -123,6 +123,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "predictors fit on --offload-predictor-trace; or both")
     o.add_argument("--offload-predictor-trace", default=None, metavar="TRACE",
                    help="a routing trace of this model (sparsa trace) for history prefetch")
+    o.add_argument("--offload-history-topk", type=_positive_int, default=None, metavar="K",
+                   help="experts per token history prefetch loads (default: the router's k)")
     o.add_argument("--offload-on-miss", default="wait", choices=["wait", "int4", "int8"],
                    help="wait for a missing expert's load (exact), or compute it with an "
                         "int4/int8 copy kept in RAM (HOBBIT; lossy)")
@@ -281,6 +283,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         kwargs.update(expert_memory=args.expert_memory, offload_policy=args.offload_policy,
                       offload_prefetch=args.offload_prefetch,
                       offload_predictor_trace=args.offload_predictor_trace,
+                      offload_history_topk=args.offload_history_topk,
                       offload_on_miss="wait" if miss == "wait" else "low_precision",
                       offload_low_precision="int4" if miss == "wait" else miss,
                       offload_io_threads=args.offload_io_threads)

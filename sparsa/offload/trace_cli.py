@@ -105,7 +105,6 @@ def _source(args: argparse.Namespace) -> tuple[Path, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsa.llm import LLM
     from sparsa.sampling_params import SamplingParams
 
     path, corpus = _source(args)
@@ -115,12 +114,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise ValueError(f"output folder {out.parent} does not exist")
-    llm = LLM(args.model, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-              device=args.device, num_threads=args.threads,
-              quantization=args.quantization, quantization_group_size=args.group_size,
-              expert_memory=args.expert_memory, max_num_seqs=args.max_num_seqs,
-              trace_experts=str(out))
+    from sparsa.cli import _make_llm
+
+    # the shared model options, offloading included (--expert-memory, --offload-prefetch, ...)
+    llm = _make_llm(args.model, args, max_num_seqs=args.max_num_seqs, trace_experts=str(out))
     engine = llm.engine
     if engine.tokenizer is None and corpus:
         raise ValueError(f"{args.model} has no tokenizer, so a text corpus cannot be traced "
@@ -144,4 +141,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[sparsa] traced {len(texts)} prompts ({n_prompt} prompt + {n_gen} generated "
           f"tokens) x {layers} MoE layers: {rows} rows in {seconds:.1f} s -> {out}",
           file=sys.stderr)
+    state = getattr(engine.model, "offload", None)
+    if state is not None:
+        r = state.report()
+        hist = f", history recall {r['history_recall']:.3f} precision " \
+            f"{r['history_precision']:.3f}" if "history_recall" in r else ""
+        print(f"[sparsa] offloaded experts: hit rate {r['hit_rate']:.3f} (resident or in "
+              f"flight {(r['hits'] + r['inflight_hits']) / max(1, r['requests']):.3f}), "
+              f"prefetch recall {r['lookahead_recall']:.3f} precision "
+              f"{r['lookahead_precision']:.3f}{hist}, {r['disk_loads']} loads", file=sys.stderr)
     return 0
