@@ -261,6 +261,19 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def offload_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """OffloadConfig fields from the --expert-memory / --offload-* options ({} when off)."""
+    if getattr(args, "expert_memory", None) is None:
+        return {}
+    miss = args.offload_on_miss
+    return dict(expert_memory=args.expert_memory, policy=args.offload_policy,
+                prefetch=args.offload_prefetch, predictor_trace=args.offload_predictor_trace,
+                history_topk=args.offload_history_topk,
+                on_miss="wait" if miss == "wait" else "low_precision",
+                low_precision="int4" if miss == "wait" else miss,
+                io_threads=args.offload_io_threads)
+
+
 def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
     from sparsa.config import BF16_PREFILL_CHOICES
     from sparsa.llm import LLM
@@ -278,15 +291,8 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "native_decode": getattr(args, "native_decode", True),
         "bf16_prefill": BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
     }
-    if getattr(args, "expert_memory", None) is not None:
-        miss = args.offload_on_miss
-        kwargs.update(expert_memory=args.expert_memory, offload_policy=args.offload_policy,
-                      offload_prefetch=args.offload_prefetch,
-                      offload_predictor_trace=args.offload_predictor_trace,
-                      offload_history_topk=args.offload_history_topk,
-                      offload_on_miss="wait" if miss == "wait" else "low_precision",
-                      offload_low_precision="int4" if miss == "wait" else miss,
-                      offload_io_threads=args.offload_io_threads)
+    for name, value in offload_fields(args).items():  # LLM's names for OffloadConfig's
+        kwargs[name if name == "expert_memory" else f"offload_{name}"] = value
     kwargs.update(overrides)
     return LLM(model, **kwargs)
 

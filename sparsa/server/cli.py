@@ -9,7 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsa.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from sparsa.config import (
+    BF16_PREFILL_CHOICES,
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    OffloadConfig,
+    SchedulerConfig,
+)
 from sparsa.server.async_engine import AdmissionConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if getattr(args, "quantization", None) not in (None, "none"):
         mkw["quantization"] = args.quantization
         mkw["quantization_group_size"] = args.group_size
+    from sparsa.cli import offload_fields
+
+    mkw["int8_activations"] = getattr(args, "int8_activations", "dynamic")
+    mkw["bf16_prefill"] = BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")]
+    mkw["offload"] = OffloadConfig(**offload_fields(args))
     return EngineConfig(
         model=ModelConfig(args.model, **mkw),
         cache=CacheConfig(block_size=args.block_size,
@@ -85,7 +98,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   enable_chunked_prefill=not args.no_chunked_prefill),
-        device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads),
+        device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads,
+                            native_decode=getattr(args, "native_decode", True)),
     )
 
 

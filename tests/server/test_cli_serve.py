@@ -56,3 +56,21 @@ def test_serve_process(model_dir):
             proc.kill()
             out, _ = proc.communicate()
     assert "serving tiny" in out and "prefix caching on" in out
+
+
+def test_serve_takes_the_model_options():
+    """The shared model options reach the served engine's config (offloading included)."""
+    from sparsa.cli import build_parser
+    from sparsa.server.cli import engine_config
+
+    args = build_parser().parse_args(
+        ["serve", "m", "--expert-memory", "25%", "--offload-policy", "lfu",
+         "--offload-on-miss", "int8", "--bf16-prefill", "off", "--no-native-decode",
+         "--int8-activations", "none"])
+    cfg = engine_config(args)
+    off = cfg.model.offload
+    assert (off.expert_memory, off.policy, off.on_miss, off.low_precision) == \
+        ("25%", "lfu", "low_precision", "int8")
+    assert cfg.model.bf16_prefill is False and cfg.model.int8_activations == "none"
+    assert cfg.device.native_decode is False
+    assert not engine_config(build_parser().parse_args(["serve", "m"])).model.offload.enabled
