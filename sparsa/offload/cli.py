@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 
 from sparsa.offload.cache_sim import DSV2_LITE_EXPERT_BYTES, BandwidthModel, simulate
+from sparsa.offload.learned_eviction import (
+    NextUseModel,
+    ScorePolicy,
+    next_use_scores,
+    oracle_next_scores,
+)
+from sparsa.offload.neural_predictor import NeuralPredictor
 from sparsa.offload.policies import ActivationAware, CachePolicy, LearnedRF, make_policy
 from sparsa.offload.predictors import (
     CombinedPredictor,
@@ -42,9 +49,13 @@ from sparsa.offload.trace import Trace, load_trace
 __all__ = ["add_parser", "run"]
 
 ALL_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation", "learned", "belady")
-NEEDS_TRAIN = ("activation", "learned")
+# not in the default "all" set: nextuse trains a network on first use (minutes; then cached),
+# oracle1 is an offline bound (knows the next token's experts at each layer) for analysis
+EXTRA_POLICIES = ("nextuse", "oracle1")
+NEEDS_TRAIN = ("activation", "learned", "nextuse")
 PREDICTORS = {"cooc": CooccurrencePredictor, "token": TokenAffinityPredictor,
-              "prev": PrevTokenPredictor, "combined": CombinedPredictor}
+              "prev": PrevTokenPredictor, "combined": CombinedPredictor,
+              "neural": NeuralPredictor}
 
 
 def _ints(text: str) -> list[int]:
@@ -66,7 +77,8 @@ def add_parser(subparsers: Any, add_common: Any = None,
                    help="trace to fit policies/predictors on (default: the shared train "
                         "split when --trace is the default)")
     p.add_argument("--policy", default="all",
-                   help=f"comma-separated, or all: {', '.join(ALL_POLICIES)}")
+                   help=f"comma-separated, or all: {', '.join(ALL_POLICIES)}; also "
+                        f"{', '.join(EXTRA_POLICIES)}")
     p.add_argument("--capacity", type=_ints, default=None,
                    help="experts resident per layer (or in all with --global); several "
                         "comma-separated values allowed (default: 10%%, 20%%, 30%%)")
@@ -135,7 +147,7 @@ def _library(train: Trace) -> np.ndarray:
 
 
 def _policies(names: list[str], train: Trace | None, train_path: Path | None,
-              cache: bool) -> list[CachePolicy]:
+              cache: bool, trace: Trace) -> list[CachePolicy]:
     out: list[CachePolicy] = []
     for name in names:
         if name in NEEDS_TRAIN and train is None:
@@ -146,6 +158,13 @@ def _policies(names: list[str], train: Trace | None, train_path: Path | None,
         elif name == "learned":
             out.append(_cached("learned-rf-v1", train_path, lambda: _fit_learned(train),
                                cache))
+        elif name == "nextuse":
+            model = _cached("nextuse-v1", train_path,
+                            lambda: NextUseModel().fit(train),  # type: ignore[arg-type]
+                            cache)
+            out.append(ScorePolicy(next_use_scores(model, trace), "nextuse"))
+        elif name == "oracle1":
+            out.append(ScorePolicy(oracle_next_scores(trace), "oracle1"))
         else:
             out.append(make_policy(name))
     return out
@@ -176,8 +195,9 @@ def run(args: argparse.Namespace) -> int:
     e = trace.num_experts
     names = list(ALL_POLICIES) if args.policy == "all" else args.policy.split(",")
     for n in names:
-        if n not in ALL_POLICIES:
-            raise ValueError(f"unknown policy {n!r}; choose from {', '.join(ALL_POLICIES)}")
+        if n not in ALL_POLICIES + EXTRA_POLICIES:
+            raise ValueError(f"unknown policy {n!r}; choose from "
+                             f"{', '.join(ALL_POLICIES + EXTRA_POLICIES)}")
     scale = trace.num_layers if args.global_ else 1
     caps = args.sweep or args.capacity or [max(trace.top_k, round(f * e) * scale)
                                            for f in (0.1, 0.2, 0.3)]
@@ -190,11 +210,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--predictor needs --train (predictors are fit on it)")
         def fit() -> Predictor:
             p: Predictor = PREDICTORS[args.predictor]()
-            if isinstance(p, CombinedPredictor):
+            if isinstance(p, (CombinedPredictor, NeuralPredictor)):
                 p.lookahead = args.lookahead
             return p.fit(train)  # type: ignore[arg-type]
 
-        pred = _cached(f"{args.predictor}-v2-la{args.lookahead}", train_path, fit,
+        version = "v1" if args.predictor == "neural" else "v2"
+        pred = _cached(f"{args.predictor}-{version}-la{args.lookahead}", train_path, fit,
                        not args.no_cache)
         m = args.prefetch or trace.top_k
         prefetch = predict_trace(pred, trace, m, args.lookahead)
@@ -203,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     belady: dict[int, float] = {}
     # with a predictor and a sweep, the demand-only curves are replayed too, for comparison
     modes = [None, prefetch] if prefetch is not None and args.sweep else [prefetch]
-    for pol in _policies(names, train, train_path, not args.no_cache):
+    for pol in _policies(names, train, train_path, not args.no_cache, trace):
         for pf in modes:
             rs = simulate(trace, pol, caps, per_layer=not args.global_, prefetch=pf,
                           bandwidth=bw, lookahead=args.lookahead)
