@@ -5,7 +5,9 @@ For each expert budget (and "all" = every expert resident, when it fits), one re
 TTFT, decode tok/s ((tokens - 1) / (E2E - TTFT)), the cache's hit rate, lookahead recall
 and bytes read from disk, and the process's peak RSS. `--on-miss wait,int4,int8` repeats each
 offloaded budget once per miss handling (wait, or the int4/int8 low-precision copy), and
-`--layouts native,resident` once per expert layout (see sparsa.offload.expert_reader).
+`--layouts native,resident` once per expert layout (see sparsa.offload.expert_reader), and
+`--quantization none,int8,int4` every budget once per weight form (offloaded int8/int4 experts
+come from the quantized expert store, built on the first such run: see `load_s`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _peak_rss() -> int:
 
 
 def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4"),
-            layout: str = "auto") -> dict:
+            layout: str = "auto", quantization: str | None = None) -> dict:
     import os
 
     from sparsa import LLM, SamplingParams
@@ -37,7 +39,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
               offload_prefetch_evicts=args.prefetch_evicts,
               offload_lookahead_extra=args.lookahead_extra,
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
-              num_threads=args.threads,
+              num_threads=args.threads, quantization=quantization,
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
     load_s = time.perf_counter() - t
     vocab = llm.engine.hf_config.vocab_size
@@ -51,7 +53,8 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     res = {"budget": budget or "all", "load_s": load_s, "ttft_s": ttft,
            "on_miss": "wait" if on_miss[0] == "wait" or budget is None else on_miss[1],
            "decode_tok_s": decode, "peak_rss_bytes": _peak_rss(),
-           "tokens": out.outputs[0].token_ids[:16], "layout": "-"}
+           "tokens": out.outputs[0].token_ids[:16], "layout": "-",
+           "quantization": quantization or "none"}
     state = getattr(llm.engine.model, "offload", None)
     if state is not None:
         res["cache"] = state.report()
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated expert layouts to compare: native (the checkpoint's "
                          "[out, in], F.linear), resident (transposed per load, bit-identical "
                          "to all-resident), auto (resident only when every expert fits)")
+    ap.add_argument("--quantization", default="none",
+                    help="comma-separated weight forms to compare: none, int8, int4")
     ap.add_argument("--io-threads", type=int, default=2, help="expert-loading threads")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)
@@ -87,17 +92,18 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = parse_on_miss(args.on_miss)
     layouts = args.layouts.split(",")
-    runs = [(b, v, lay) for b in args.budgets.split(",")
+    runs = [(q, b, v, lay) for q in args.quantization.split(",") for b in args.budgets.split(",")
             for v in (variants[:1] if b == "all" else variants)
             for lay in (layouts[:1] if b == "all" else layouts)]
     results = []
-    for b, v, lay in runs:
+    for q, b, v, lay in runs:
         # each budget in a fresh process would be cleaner for RSS; a child keeps it honest
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
-            r = pool.apply(run_one, (args.model, None if b == "all" else b, args, v, lay))
+            r = pool.apply(run_one, (args.model, None if b == "all" else b, args, v, lay,
+                                     None if q == "none" else q))
         results.append(r)
         c = r.get("cache", {})
         lowp = f", {c['low_precision_substitutions']} low-precision substitutions, " \
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             gbs = c["disk_bytes_read"] / c["disk_read_seconds"] / 1e9
             io = (f", {c['disk_loads']} loads read at {gbs:.2f} GB/s per I/O thread, "
                   f"compute waited {c['wait_seconds']:.1f} s for loads")
-        print(f"budget {r['budget']:>6}, on miss {r['on_miss']:>4}, layout {r['layout']}: "
+        print(f"{r['quantization']}, budget {r['budget']:>6}, load {r['load_s']:.1f} s, "
+              f"on miss {r['on_miss']:>4}, layout {r['layout']}: "
               f"TTFT {r['ttft_s']:.2f} s, "
               f"decode "
               f"{r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"

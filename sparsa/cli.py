@@ -130,6 +130,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "int4/int8 copy kept in RAM (HOBBIT; lossy)")
     o.add_argument("--offload-io-threads", type=_positive_int, default=2,
                    help="background threads reading experts")
+    o.add_argument("--offload-store-dir", default=None, metavar="DIR",
+                   help="with -q int8/int4: where the quantized expert store is built on "
+                        "first use and reused (default: $SPARSA_EXPERT_STORE, else "
+                        "~/.cache/sparsa/experts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +275,8 @@ def offload_fields(args: argparse.Namespace) -> dict[str, Any]:
                 history_topk=args.offload_history_topk,
                 on_miss="wait" if miss == "wait" else "low_precision",
                 low_precision="int4" if miss == "wait" else miss,
-                io_threads=args.offload_io_threads)
+                io_threads=args.offload_io_threads,
+                store_dir=getattr(args, "offload_store_dir", None))
 
 
 def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:

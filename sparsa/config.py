@@ -59,7 +59,13 @@ class OffloadConfig:
 
     expert_memory: None (off: every expert resident), bytes, "4GiB", or "25%" of all expert
     weights as stored in the cache (the checkpoint's dtype when narrower than the compute
-    dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32).
+    dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32; with int8/int4
+    quantization the quantized experts, so more of them fit).
+    Offloading works with ModelConfig.quantization "int8" / "int4": on first load every
+    expert is quantized, as the all-resident quantized model does it, into a store on disk
+    (sparsa.offload.quantized_store) that later loads reuse; experts are read from there.
+    store_dir: where those stores live (None: $SPARSA_EXPERT_STORE, else
+    ~/.cache/sparsa/experts).
     policy: eviction ranking (lru, lfu, lrfu, arc).
     prefetch: "none", "lookahead" (the next MoE layer's router on this layer's input),
     "history" (the trace lab's co-occurrence + token-affinity + transition predictors, fit on
@@ -90,6 +96,7 @@ class OffloadConfig:
     low_precision_group_size: int = 64
     predictor_trace: str | None = None
     history_topk: int | None = None
+    store_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
@@ -187,8 +194,13 @@ class ModelConfig:
             raise ValueError("model must be a non-empty path or built-in model name")
         parse_dtype(self.dtype)
         self.quant_config()  # validates method and group size
-        if self.offload.enabled and self.quant_config().enabled:
-            raise ValueError("expert offloading with quantization is not supported yet")
+        if self.offload.enabled and self.quant_config().method == "bf16":
+            raise ValueError("expert offloading supports quantization int8 or int4 (a bf16 "
+                             "checkpoint's experts are offloaded in bf16 without it)")
+        if self.offload.enabled and self.quant_config().enabled and \
+                self.offload.on_miss == "low_precision":
+            raise ValueError("offload_on_miss='low_precision' needs full-precision experts; "
+                             "with int8/int4 quantization they are quantized already")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy'; got {self.load_format!r}"

@@ -270,11 +270,12 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
 
         with parameters_on_meta():  # experts are never materialized; the rest is, there
             model = build_model(resolved.hf_config, dtype, device)
-        model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device)
-        # The automatic weight form applies to what stays resident (a bf16 checkpoint's
-        # non-expert weights stay bf16, as in the all-resident model); the offloaded experts
-        # keep their own store (ModelConfig refuses an explicit quantization with offload).
+        # The weight form applies to what stays resident (the automatic one too: a bf16
+        # checkpoint's non-expert weights stay bf16, as in the all-resident model); int8 and
+        # int4 also apply to the offloaded experts, through the quantized expert store.
         qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
+        model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device,
+                                       quant=qc if qc.method in ("int8", "int4") else None)
         if qc.enabled:
             from sparsa.layers.quantization import quantize_model
 

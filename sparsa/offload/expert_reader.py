@@ -15,7 +15,9 @@ per 4 KiB inside the O_DIRECT read (0.65 GB/s), a reused one does not (2.3 GB/s 
 Layouts: "native" keeps the checkpoint's [out, in] tensors (gate, up, down), computed with
 F.linear; "resident" transposes into FusedExperts' [in, out] layout (w13 [H, 2I], w2 [I, H]),
 bit-identical to the all-resident model's arithmetic, with a ~25% faster GEMV here, but ~50 ms
-of CPU per mixtral-mini expert load (sparsa.offload.loading.expert_layout picks).
+of CPU per mixtral-mini expert load (sparsa.offload.loading.expert_layout picks). "packed"
+reads the tensors of a `PackedLocation` (a quantized expert in the store that
+sparsa.offload.quantized_store writes) as they are and hands them to an `assemble` callable.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ _CHUNK = 4 << 20
 # Tensors this close in one file are read as one span: a gap this small costs less to read
 # than a separate request.
 _MERGE_GAP = 256 << 10
-LAYOUTS = ("native", "resident")
+LAYOUTS = ("native", "resident", "packed")
 
 
 @dataclass
@@ -47,6 +51,22 @@ class ExpertLocation:
     gate: TensorLocation
     up: TensorLocation
     down: TensorLocation
+
+    @property
+    def tensors(self) -> tuple[TensorLocation, ...]:
+        return (self.gate, self.up, self.down)
+
+
+@dataclass
+class PackedLocation:
+    """Any tensors that make up one expert (e.g. a quantized one's weights and scales)."""
+
+    names: tuple[str, ...]
+    parts: tuple[TensorLocation, ...]
+
+    @property
+    def tensors(self) -> tuple[TensorLocation, ...]:
+        return self.parts
 
 
 @dataclass(frozen=True)
@@ -61,15 +81,15 @@ class _Segment:
 @dataclass(frozen=True)
 class ReadPlan:
     segments: tuple[_Segment, ...]
-    offsets: tuple[int, int, int]  # gate, up, down: byte offset in the slab
+    offsets: tuple[int, ...]  # of each of loc.tensors: byte offset in the slab
     nbytes: int  # slab bytes needed
 
 
-def plan_reads(loc: ExpertLocation, merge_gap: int = _MERGE_GAP) -> ReadPlan:
+def plan_reads(loc: ExpertLocation | PackedLocation, merge_gap: int = _MERGE_GAP) -> ReadPlan:
     """One aligned span per group of tensors that are adjacent (within `merge_gap`) in one
     file; spans land one after another, page-aligned, in the slab."""
-    tensors = (loc.gate, loc.up, loc.down)
-    order = sorted(range(3), key=lambda i: (str(tensors[i].path), tensors[i].offset))
+    tensors = loc.tensors
+    order = sorted(range(len(tensors)), key=lambda i: (str(tensors[i].path), tensors[i].offset))
     groups: list[list] = []  # [path, lo, hi, members]
     for i in order:
         t = tensors[i]
@@ -79,7 +99,7 @@ def plan_reads(loc: ExpertLocation, merge_gap: int = _MERGE_GAP) -> ReadPlan:
             g[3].append(i)
         else:
             groups.append([str(t.path), t.offset, t.offset + t.nbytes, [i]])
-    segments, offsets, slab = [], [0, 0, 0], 0
+    segments, offsets, slab = [], [0] * len(tensors), 0
     for path, lo, hi, members in groups:
         start = lo // _ALIGN * _ALIGN
         length = -(-(hi - start) // _ALIGN) * _ALIGN
@@ -167,13 +187,17 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 class ExpertReader:
     """Reads (layer, expert) -> weights in `dtype` and `layout`: "native" gives
     (gate [I, H], up [I, H], down [H, I]); "resident" gives FusedExperts' (w13 [H, 2I],
-    w2 [I, H])."""
+    w2 [I, H]); "packed" gives assemble(the location's tensors as stored)."""
 
-    def __init__(self, locations: dict[tuple[int, int], ExpertLocation], dtype: torch.dtype,
-                 direct_io: bool = True, device: torch.device | str = "cpu",
-                 layout: str = "native", pool_bytes: int = 0):
+    def __init__(self, locations: dict[tuple[int, int], ExpertLocation | PackedLocation],
+                 dtype: torch.dtype, direct_io: bool = True,
+                 device: torch.device | str = "cpu", layout: str = "native",
+                 pool_bytes: int = 0, assemble: Callable[[tuple], Any] | None = None):
         if layout not in LAYOUTS:
             raise ValueError(f"expert layout must be one of {LAYOUTS}; got {layout!r}")
+        if (layout == "packed") != (assemble is not None):
+            raise ValueError("the packed layout needs `assemble`, and only it")
+        self.assemble = assemble
         self.locations = locations
         self.dtype = dtype
         self.device = torch.device(device)
@@ -252,10 +276,10 @@ class ExpertReader:
             self.bytes_read += done
             self.read_seconds += time.perf_counter() - t0
 
-    def read_raw(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-        """(gate, up, down) as stored on disk ([out, in], the checkpoint's dtype), views of
-        one slab; checked for non-finite values."""
+    def read_raw(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+        """The location's tensors as stored on disk ((gate, up, down) [out, in] in the
+        checkpoint's dtype for an ExpertLocation), views of one slab; the floating-point
+        ones checked for non-finite values."""
         loc = self.locations.get((layer, expert))
         if loc is None:
             raise KeyError(f"no expert {expert} in layer {layer}")
@@ -266,7 +290,7 @@ class ExpertReader:
         with self._lock:
             self.loads += 1
         out = []
-        for off, t in zip(plan.offsets, (loc.gate, loc.up, loc.down)):
+        for off, t in zip(plan.offsets, loc.tensors):
             raw = torch.from_numpy(slab[off : off + t.nbytes])
             if off % t.dtype.itemsize:  # misaligned for a dtype view (no safetensors writer
                 raw = raw.clone()       # does this): copy
@@ -274,12 +298,19 @@ class ExpertReader:
         # A NaN or inf anywhere makes the sum non-finite: one streaming pass per tensor
         # instead of isfinite's boolean temporary (3x slower here).
         # (A sum can overflow on huge but finite weights: confirm with isfinite then.)
-        if not all(torch.isfinite(_sum(t)) or bool(torch.isfinite(t).all()) for t in out):
+        # (Integer tensors, quantized weights, have no invalid values to find.)
+        if not all(torch.isfinite(_sum(t)) or bool(torch.isfinite(t).all()) for t in out
+                   if t.dtype.is_floating_point):
             raise CheckpointError(f"layer {layer} expert {expert}: non-finite weights on disk "
-                                  f"(corrupt file {loc.gate.path})")
-        return out[0], out[1], out[2]
+                                  f"(corrupt file {loc.tensors[0].path})")
+        return tuple(out)
 
-    def load(self, layer: int, expert: int) -> tuple[torch.Tensor, ...]:
+    def load(self, layer: int, expert: int) -> Any:
+        if self.layout == "packed":
+            raw = self.read_raw(layer, expert)
+            if self.device.type != "cpu":
+                raw = tuple(t.to(self.device) for t in raw)
+            return self.assemble(raw)
         gate, up, down = self.read_raw(layer, expert)
         if self.layout == "native":
             w = tuple(t if t.dtype == self.dtype else t.to(self.dtype)

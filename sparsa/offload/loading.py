@@ -1,5 +1,6 @@
 """Load a model with its routed experts offloaded: everything else resident, experts read
-from the checkpoint on demand through a budgeted `ExpertCache`."""
+from the checkpoint on demand through a budgeted `ExpertCache`; with int8/int4
+quantization, from the quantized expert store (sparsa.offload.quantized_store) instead."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from torch import nn
 
 from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
+from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
+from sparsa.offload.quantized_store import ExpertStore, open_store
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -31,6 +34,7 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
+    store: ExpertStore | None = None  # where quantized experts are read from
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
@@ -62,6 +66,8 @@ class OffloadState:
         if self.history is not None:
             d.update(history_recall=self.history_stats.recall,
                      history_precision=self.history_stats.precision)
+        if self.store is not None:
+            d.update(self.store.report())
         return d
 
 
@@ -100,7 +106,9 @@ def expert_layout(budget_bytes: int, total_bytes: int) -> str:
 
 
 def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: torch.dtype,
-                   device: torch.device) -> OffloadState:
+                   device: torch.device, quant: QuantConfig | None = None) -> OffloadState:
+    """`quant` (method int8 or int4): the experts are cached, read and computed quantized,
+    exactly as `quantize_model` quantizes the all-resident model's experts."""
     from sparsa.loader.model_loader import load_weights
 
     experts = [m for m in model.modules() if isinstance(m, FusedExperts)]
@@ -123,17 +131,29 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                   f"{sorted({'gate', 'up', 'down'} - set(p))}")
         locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
     ref = experts[0]
-    # Keep experts in the checkpoint's dtype when it is narrower than the compute dtype
-    # (bf16 on disk, fp32 compute on CPU): twice the experts fit the budget, and upcasting
-    # at use is exact, so outputs equal the all-resident model's.
-    disk_dtype = next(iter(locations.values())).gate.dtype
-    store_dtype = disk_dtype if disk_dtype.is_floating_point and \
-        disk_dtype.itemsize < dtype.itemsize else dtype
-    expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
-    total = len(locations) * expert_bytes
-    budget = min(oc.budget_bytes(total), total)
-    reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
-                          layout=expert_layout(budget, total))
+    store = None
+    if quant is not None and quant.method in ("int8", "int4"):
+        # The budget counts quantized bytes: "25%" is a quarter of the quantized experts.
+        store = open_store(ckpt.files, locations, quant, dtype, ref.hidden_size,
+                           ref.intermediate_size, oc.store_dir, oc.direct_io,
+                           model_name=Path(model_dir).name)
+        expert_bytes = store.expert_bytes
+        total = len(locations) * expert_bytes
+        budget = min(oc.budget_bytes(total), total)
+        reader = ExpertReader(store.locations, dtype, oc.direct_io, device, layout="packed",
+                              assemble=store.assemble)
+    else:
+        # Keep experts in the checkpoint's dtype when it is narrower than the compute dtype
+        # (bf16 on disk, fp32 compute on CPU): twice the experts fit the budget, and
+        # upcasting at use is exact, so outputs equal the all-resident model's.
+        disk_dtype = next(iter(locations.values())).gate.dtype
+        store_dtype = disk_dtype if disk_dtype.is_floating_point and \
+            disk_dtype.itemsize < dtype.itemsize else dtype
+        expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
+        total = len(locations) * expert_bytes
+        budget = min(oc.budget_bytes(total), total)
+        reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
+                              layout=expert_layout(budget, total))
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=oc.policy, io_threads=oc.io_threads,
@@ -144,6 +164,10 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     cpu = device.type == "cpu"
     reader.set_pool_slabs(cache.capacity + oc.io_threads if cpu else oc.io_threads)
     lowp = None
+    if oc.on_miss == "low_precision" and store is not None:
+        raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
+                         "full-precision experts; with quantization they are already "
+                         "quantized: use on_miss='wait'")
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
@@ -153,7 +177,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
                                        low_precision=lowp, lookahead_extra=oc.lookahead_extra,
                                        history=history, history_topk=oc.history_topk or 0)
-    return OffloadState(cache, stats, total, budget, oc.on_miss, lowp,
+    return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
                         reserve_slabs=cache.capacity + oc.io_threads if cpu else 0,
                         io_threads=oc.io_threads, history=history,
                         history_stats=hstats if history is not None else None)

@@ -17,6 +17,11 @@ those are scored separately in `HistoryStats` (and together in `LookaheadStats`)
 
 With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
 its turn comes is computed with its quantized copy instead of waiting; its load goes on.
+
+With int8/int4 quantization the cache holds one-expert `QuantizedExperts` read from the
+quantized expert store; each is computed with the kernel path the all-resident quantized
+block takes for the whole batch (`QuantizedExperts.moe_path`: the fused native MoE kernel at
+decode), so outputs match it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsa.layers.moe import FusedExperts, GroupedExperts
+from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.history_prefetch import HistoryPrefetcher
@@ -110,6 +116,7 @@ class OffloadedExperts(GroupedExperts):
             if self.lookahead is not None:
                 self.lookahead.predicted += len(guess)
             self.cache.prefetch(self.next_experts.layer, sorted(guess), self._protect)
+        self._batch = (x, topk_ids)  # what picks a quantized expert's kernel path
         return super().forward(x, topk_weights, topk_ids)
 
     def _guess_next(self, x: torch.Tensor) -> list[int]:
@@ -134,6 +141,9 @@ class OffloadedExperts(GroupedExperts):
             self._protect.discard((self.layer, e))
             return lowp.expert_forward(self.layer, e, x)
         try:
+            if isinstance(weights, QuantizedExperts):  # one expert from the quantized store
+                path = weights.moe_path(*self._batch, num_experts=self.num_experts)
+                return weights.expert_rows(path, 0, x)
             if len(weights) == 3 and weights[0].dtype == torch.bfloat16 \
                     and x.dtype == torch.float32 and x.device.type == "cpu":
                 # bf16 experts in [out, in]: the bf16 weight form's matmul (the native kernel

@@ -208,22 +208,20 @@ class QuantizedExperts(GroupedExperts):
     every non-CPU device, group tokens by expert (`GroupedExperts.forward`) and run each
     active expert's matmuls through `int8_matmul` / `int4_matmul`."""
 
+    # the buffers that hold each method's weights, [E, ...] each
+    BUFFERS = {"int8": ("w13_q", "w13_s", "w2_q", "w2_s"),
+               "int4": ("w13_q", "w13_sm", "w2_q", "w2_sm"), "bf16": ("w13_w", "w2_w")}
+
     def __init__(self, experts: FusedExperts, config: QuantConfig):
         super().__init__()
         if not config.enabled:
             raise ValueError("QuantizedExperts needs method int8 or int4")
         if experts.w13.is_meta or experts.w2.is_meta:
             raise ValueError("cannot quantize experts whose weights were never loaded")
-        self.method = config.method
-        self.group_size = config.group_size
-        self.w8a8 = config.int8_activations == "dynamic"
-        self.bf16_gemm = config.bf16_prefill
-        self.num_experts = E = experts.num_experts
-        self.hidden_size = H = experts.hidden_size
-        self.intermediate_size = inter = experts.intermediate_size
+        self._init_fields(config, experts.num_experts, experts.hidden_size,
+                          experts.intermediate_size)
+        E = self.num_experts
         dev = experts.w13.device
-        # (out features N, in features K) of the two stacked projections
-        self._shapes = {"w13": (2 * inter, H), "w2": (H, inter)}
         for name, (N, K) in self._shapes.items():
             src = getattr(experts, name).data  # [E, K, N]
             if self.method == "bf16":
@@ -250,6 +248,38 @@ class QuantizedExperts(GroupedExperts):
                 self.register_buffer(f"{name}_sm", sm)
                 self.register_buffer(f"{name}_sm_f32", None)
 
+    def _init_fields(self, config: QuantConfig, num_experts: int, hidden_size: int,
+                     intermediate_size: int) -> None:
+        self.method = config.method
+        self.group_size = config.group_size
+        self.w8a8 = config.int8_activations == "dynamic"
+        self.bf16_gemm = config.bf16_prefill
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        # (out features N, in features K) of the two stacked projections
+        self._shapes = {"w13": (2 * intermediate_size, hidden_size),
+                        "w2": (hidden_size, intermediate_size)}
+
+    @classmethod
+    def from_buffers(cls, config: QuantConfig, hidden_size: int, intermediate_size: int,
+                     buffers: dict[str, torch.Tensor]) -> QuantizedExperts:
+        """A block over already quantized weights (`BUFFERS[method]`, each [E, ...], as
+        another QuantizedExperts of the same config holds them): offloaded experts are
+        quantized once into a store on disk and rebuilt from its bytes, one per load."""
+        m = cls.__new__(cls)
+        GroupedExperts.__init__(m)
+        names = cls.BUFFERS[config.method]
+        m._init_fields(config, buffers[names[0]].shape[0], hidden_size, intermediate_size)
+        for name in names:
+            m.register_buffer(name, buffers[name])
+        if config.method == "int4":
+            for name in m._shapes:
+                sm = buffers[f"{name}_sm"]
+                m.register_buffer(f"{name}_sm_f32",
+                                  None if sm.device.type == "cpu" else sm.float())
+        return m
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if self.method == "int4":
@@ -273,20 +303,45 @@ class QuantizedExperts(GroupedExperts):
         gate, up = h.chunk(2, dim=-1)
         return self._mm("w2", e, F.silu(gate) * up)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
+    def moe_path(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                 num_experts: int | None = None) -> str:
+        """How `forward` computes this batch: "fused" (the native MoE kernel), "w8a8"
+        (int8 x int8 GEMMs per expert, `ops.moe_w8a8`) or "grouped" (`GroupedExperts` with
+        `int8_matmul` / `int4_matmul` per expert). `num_experts`: of the whole block, when
+        this one holds only some of its experts (offloading: one)."""
         if self.method == "bf16":
-            return super().forward(x, topk_weights, topk_ids)
+            return "grouped"
         if use_native(x, x.shape[0], "moe"):
-            return self._fused(x, topk_weights, topk_ids)
+            return "fused"
         if self.method == "int8" and self.w8a8 and use_w8a8(x) and kernels.available():
-            if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * self.num_experts:
-                return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
-                                    topk_ids, topk_weights).to(x.dtype)
+            E = num_experts or self.num_experts
             # few rows per expert (batched decode): the fused kernel reads each expert's
             # weights once for all of its rows, which int8 GEMMs this thin do not beat
+            return "w8a8" if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * E \
+                else "fused"
+        return "grouped"
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        path = self.moe_path(x, topk_ids)
+        if path == "fused":
             return self._fused(x, topk_weights, topk_ids)
+        if path == "w8a8":
+            return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                topk_ids, topk_weights).to(x.dtype)
         return super().forward(x, topk_weights, topk_ids)
+
+    def expert_rows(self, path: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU over the rows of x, computed as `forward` computes a batch it
+        sends down `path` (`moe_path`): the kernels with one expert and weight 1."""
+        if path == "grouped":
+            return self.expert_forward(e, x)
+        ids = torch.full((x.shape[0], 1), e, dtype=torch.int64, device=x.device)
+        ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        if path == "w8a8":
+            return ops.moe_w8a8(x.float(), self.w13_q, self.w13_s, self.w2_q, self.w2_s,
+                                ids, ones).to(x.dtype)
+        return self._fused(x, ones, ids)
 
     def _fused(self, x: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor) -> torch.Tensor:
