@@ -108,7 +108,7 @@ class NeuralPredictor(Predictor):
     name = "neural"
 
     def __init__(self, lookahead: int = 1, dim: int = 128, hidden: int = 256,
-                 epochs: int = 3, batch: int = 1024, lr: float = 2e-3, min_count: int = 2,
+                 epochs: int = 2, batch: int = 256, lr: float = 3e-3, min_count: int = 2,
                  seed: int = 0, max_pairs: int | None = None, threads: int = 1) -> None:
         self.lookahead = int(lookahead)
         self.dim, self.hidden, self.epochs = int(dim), int(hidden), int(epochs)

@@ -46,3 +46,22 @@ def test_cache_sim_bad_policy(tmp_path, capsys):
     save_trace(synthetic(n_prompts=2), test)
     assert main(["cache-sim", "--trace", str(test), "--policy", "nope"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+
+
+def test_cache_sim_neural_and_learned_eviction(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    save_trace(synthetic(n_prompts=6, seed=1), train)
+    save_trace(synthetic(n_prompts=2, seed=2), test)
+    rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--capacity", "2",
+               "--policy", "lru", "--predictor", "neural", "--prefetch", "2", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["predictor"] == "neural"
+    assert 0.0 < doc["results"][0]["prefetch_precision"] <= 1.0
+    rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--capacity", "3,5",
+               "--policy", "nextuse,oracle1,belady", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert {r["policy"] for r in doc["results"]} == {"nextuse", "oracle1", "belady"}
+    for r in doc["results"]:
+        assert r["hit_rate"] <= doc["belady_demand"][str(r["capacity"])] + 1e-12
