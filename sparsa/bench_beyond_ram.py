@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Sparsa's offload options, as bench_offload takes them
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", default="lookahead")
-    ap.add_argument("--prefetch-evicts", default="any", choices=["cold", "any"])
+    ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"])
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--json", dest="json_out", default=None)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", default="lookahead")
     ap.add_argument("--lookahead-extra", type=int, default=0,
                     help="experts beyond the next router's top-k to prefetch")
-    ap.add_argument("--prefetch-evicts", default="any", choices=["cold", "any"],
+    ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"],
                     help="cold: a prefetch never evicts an expert used by the last token")
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, int4, int8 "

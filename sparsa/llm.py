@@ -36,7 +36,7 @@ class LLM:
         expert_memory: str | int | None = None,
         offload_policy: str = "lru",
         offload_prefetch: str = "lookahead",
-        offload_prefetch_evicts: str = "any",
+        offload_prefetch_evicts: str = "cold",
         offload_lookahead_extra: int = 0,
         offload_on_miss: str = "wait",
         offload_low_precision: str = "int4",

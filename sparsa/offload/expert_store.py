@@ -69,13 +69,14 @@ class ExpertCache:
     def __init__(self, reader: ExpertReader, num_layers: int, num_experts: int,
                  expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
                  io_threads: int = 2, clock: Callable[[], float] | None = None,
-                 max_inflight: int | None = None, prefetch_evicts: str = "any"):
+                 max_inflight: int | None = None, prefetch_evicts: str = "cold"):
         """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
         that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
         queued behind busy I/O threads would only hold budget and arrive too late).
-        prefetch_evicts: "cold" lets a prefetch evict only experts not used in this forward
-        pass or the previous one (a guess never pushes out what the last token needed, which
-        the next token often needs again); "any" lets the policy pick any victim."""
+        prefetch_evicts: "cold" (default) lets a guessed prefetch evict only experts not used
+        in this forward pass or the previous one (a guess never pushes out what the last
+        token needed, which the next token often needs again); "any" lets the policy pick
+        any victim."""
         if prefetch_evicts not in ("cold", "any"):
             raise ValueError(f"prefetch_evicts must be 'cold' or 'any'; got {prefetch_evicts!r}")
         if budget_bytes < expert_bytes:
@@ -193,13 +194,16 @@ class ExpertCache:
 
     # ---- API ----------------------------------------------------------------------------
 
-    def prefetch(self, layer: int, experts, protect: set[tuple[int, int]] | None = None) -> int:
+    def prefetch(self, layer: int, experts, protect: set[tuple[int, int]] | None = None,
+                 guess: bool = True) -> int:
         """Start background loads for experts not resident; returns how many started.
-        A prefetch never evicts a pinned expert or one in `protect`."""
+        A prefetch never evicts a pinned expert or one in `protect`. `guess=False` marks
+        experts the layer is known to need (their loads start early, in parallel): the
+        "cold" rule holds back guesses only, since a known need would evict anyway."""
         started = 0
         with self._lock:
             protect = set(protect or ())
-            if self.prefetch_evicts == "cold":
+            if guess and self.prefetch_evicts == "cold":
                 protect |= {k for k, p in self._last_use.items() if p >= self._pass - 1}
             for e in experts:
                 key = (layer, int(e))

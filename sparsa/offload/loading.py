@@ -57,6 +57,7 @@ class OffloadState:
                  capacity_experts=self.cache.capacity, resident_bytes=self.cache.used_bytes,
                  lookahead_recall=self.lookahead.recall,
                  lookahead_precision=self.lookahead.precision,
+                 prefetch_evicts=self.cache.prefetch_evicts,
                  disk_bytes_read=self.cache.reader.bytes_read, on_miss=self.on_miss)
         reader = self.cache.reader
         d.update(expert_layout=reader.layout, disk_read_seconds=reader.read_seconds,

@@ -100,7 +100,7 @@ class OffloadedExperts(GroupedExperts):
             self.history_stats.score(self.history_predicted, needed)
         self.predicted = self.history_predicted = None
         self._protect = {(self.layer, e) for e in needed}
-        self.cache.prefetch(self.layer, needed, self._protect)
+        self.cache.prefetch(self.layer, needed, self._protect, guess=False)
         if self.history is not None:
             self.history.observe(self.layer, topk_ids)
         if self.next_block is not None and (self.lookahead is not None or

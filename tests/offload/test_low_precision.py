@@ -313,7 +313,8 @@ def test_eval_ppl_compares_miss_handlings(tmp_path, layout, monkeypatch):
 
 def test_prefetch_evicts_only_cold_experts():
     """With "cold" a prefetch never evicts an expert used in this forward pass or the one
-    before (the next token may need it again); "any" (the default) lets the policy choose."""
+    before (the next token may need it again); "any" lets the policy choose. "cold" (the
+    default) holds back guesses only: loads of experts a layer is known to need start."""
     for mode, started in (("cold", 0), ("any", 1)):
         reader = _GatedReader()
         reader.gate.set()
@@ -326,6 +327,10 @@ def test_prefetch_evicts_only_cold_experts():
             cache.acquire(0, 0)  # pass 1 starts at layer 0
             cache.release(0, 0)
             assert cache.prefetch(1, [3]) == started
+            if mode == "cold":
+                assert cache.prefetch(1, [2], guess=False) == 1  # a known need evicts
+                cache.acquire(1, 2)
+                cache.release(1, 2)
             cache.acquire(0, 0)  # pass 2: (1, 1) was last used two passes ago
             cache.release(0, 0)
             cache.acquire(0, 0)  # pass 3
