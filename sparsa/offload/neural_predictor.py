@@ -4,10 +4,12 @@ Why this shape: the strongest trace-only signals are pairwise ("expert i at laye
 token, or of the previous token, makes expert e at layer l likely") plus the token id. A
 naive-Bayes or logistic combination (:class:`~sparsa.offload.predictors.CombinedPredictor`)
 adds those signals independently; here every (source, layer, expert) feature gets a learned
-embedding PER TARGET LAYER (an ``EmbeddingBag`` over offset ids, so one table serves all 26
-layers), summed with a token-id embedding and a layer embedding, and an MLP mixes them, so
-interactions between signals can be learned. A "wide" bag adds a direct logistic term per
-feature (what the naive-Bayes predictors capture) so the deep part only has to learn the rest.
+embedding PER TARGET LAYER (a dense (F, D) input matrix per layer: batches hold one target
+layer each), summed with a token-id embedding and a layer embedding, and an MLP mixes them,
+so interactions between signals can be learned. A "wide" (F, E) term per layer adds a direct
+logistic weight per feature (what the naive-Bayes predictors capture), so the deep part only
+has to learn the rest. On DeepSeek-V2-Lite: precision@6 0.687 on heldout against the
+combined predictor's 0.625 (sparsa/offload/README.md).
 
 Inputs for target layer l of token n (only what the information rule allows; see
 :class:`~sparsa.offload.predictors.History`):
@@ -20,9 +22,9 @@ Inputs for target layer l of token n (only what the information rule allows; see
 - the token id (ids seen fewer than ``min_count`` times in training share one embedding).
 
 Training is BCE on the 64 multi-hot targets of every (token, layer) pair of the training
-trace, one thread, a few epochs (minutes). The same inputs, with ``own`` extended to the
-running layer and a future target, drive the learned eviction policy
-(:mod:`sparsa.offload.learned_eviction`).
+trace, one thread, two epochs (about 8 minutes on the full train split). The same inputs,
+with ``own`` extended to the running layer and a future target, drive the learned eviction
+policy (:mod:`sparsa.offload.learned_eviction`).
 """
 
 from __future__ import annotations
