@@ -18,7 +18,7 @@ from sparsa.offload.trace import load_trace
 from sparsa.tokenizer import shared_dir
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
-from .test_offload_engine import _DEEPSEEK
+from .helpers import DEEPSEEK_V2
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 3], list(range(1, 30)), [1, 250, 4, 4, 4, 8]]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -26,7 +26,7 @@ CONFIGS = {
     "mixtral": None,
     # layers 0 and 2 are MoE, layer 1 dense: the trace must name the model's layer numbers
     "qwen2_moe": dict(TINY_CONFIGS["qwen2_moe"], mlp_only_layers=[1], num_hidden_layers=3),
-    "deepseek_v2": _DEEPSEEK,  # layer 0 dense, 1 and 2 MoE
+    "deepseek_v2": DEEPSEEK_V2,  # layer 0 dense, 1 and 2 MoE
 }
 MOE_LAYERS = {"mixtral": [0, 1], "qwen2_moe": [0, 2], "deepseek_v2": [1, 2]}
 

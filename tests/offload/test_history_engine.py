@@ -11,9 +11,9 @@ from sparsa.cli import main
 from sparsa.config import OffloadConfig
 from sparsa.offload.trace_cli import read_prompts
 from sparsa.tokenizer import shared_dir
-from tests.tiny_models import build_tiny_checkpoint
 
-from .test_offload_engine import _DEEPSEEK, GREEDY, PROMPTS
+from .helpers import moe_checkpoint
+from .test_offload_engine import GREEDY, PROMPTS
 
 TRAIN_PROMPTS = [[1, 5, 9, 33, 7, 8], [1, 100, 3, 3], list(range(40, 80)), [1, 9, 9, 9]]
 
@@ -23,8 +23,7 @@ def traced(request, tmp_path_factory):
     """A tiny checkpoint, its all-resident greedy outputs, and a routing trace recorded
     from other prompts."""
     root = tmp_path_factory.mktemp(request.param)
-    cfg = _DEEPSEEK if request.param == "deepseek_v2" else None
-    _, path = build_tiny_checkpoint(request.param, root, config=cfg)
+    path = moe_checkpoint(request.param, root)
     ref = [o.outputs[0].token_ids for o in LLM(str(path)).generate(PROMPTS, GREEDY)]
     trace = root / "train.csv.gz"
     llm = LLM(str(path), trace_experts=str(trace))

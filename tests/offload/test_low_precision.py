@@ -26,7 +26,8 @@ from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.low_precision import LowPrecisionExperts, parse_on_miss
 from sparsa.offload.offloaded_experts import moe_blocks
-from tests.offload.test_offload_engine import _DEEPSEEK, GREEDY, PROMPTS
+from tests.offload.helpers import DEEPSEEK_V2
+from tests.offload.test_offload_engine import GREEDY, PROMPTS
 from tests.tiny_models import build_tiny_checkpoint
 
 METHODS = ["int8", "int4"]
@@ -35,7 +36,7 @@ METHODS = ["int8", "int4"]
 @pytest.fixture(scope="module", params=["mixtral", "deepseek_v2"])
 def checkpoint(request, tmp_path_factory):
     name = request.param
-    cfg = {"deepseek_v2": _DEEPSEEK, "mixtral": None}[name]
+    cfg = {"deepseek_v2": DEEPSEEK_V2, "mixtral": None}[name]
     _, path = build_tiny_checkpoint(name, tmp_path_factory.mktemp(name), config=cfg)
     llm = LLM(str(path))
     ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]

@@ -10,17 +10,10 @@ from sparsa import LLM, SamplingParams
 from sparsa.config import OffloadConfig
 from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.tokenizer import shared_dir
-from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
+from tests.tiny_models import build_tiny_checkpoint
 
-_DEEPSEEK = dict(
-    architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=64,
-    intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-    vocab_size=256, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-    pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-6, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=None,
-    first_k_dense_replace=1, n_shared_experts=1, topk_method="greedy",
-)
+from .helpers import moe_checkpoint
+
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 3], list(range(1, 40)), [1, 250, 4, 4, 4, 8]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -28,11 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2"])
 def checkpoint(request, tmp_path_factory):
     name = request.param
-    # Qwen2-MoE with three MoE layers, so gate lookahead has a next layer to predict.
-    cfg = {"deepseek_v2": _DEEPSEEK, "mixtral": None,
-           "qwen2_moe": dict(TINY_CONFIGS["qwen2_moe"], mlp_only_layers=[],
-                             num_hidden_layers=3)}[name]
-    _, path = build_tiny_checkpoint(name, tmp_path_factory.mktemp(name), config=cfg)
+    path = moe_checkpoint(name, tmp_path_factory.mktemp(name))
     ref = [o.outputs[0].token_ids for o in LLM(str(path)).generate(PROMPTS, GREEDY)]
     return path, ref
 

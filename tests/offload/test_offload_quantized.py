@@ -21,8 +21,9 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.quantization import module_bytes
 from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.offload.quantized_store import STORE_ENV, store_root
-from tests.offload.test_offload_engine import _DEEPSEEK, GREEDY, PROMPTS
-from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
+from tests.offload.helpers import moe_checkpoint
+from tests.offload.test_offload_engine import GREEDY, PROMPTS
+from tests.tiny_models import build_tiny_checkpoint
 
 # 80 tokens x top-2 is more rows than 16 per expert: int8 prefill takes the W8A8 path
 LONG = PROMPTS + [[1] + [(7 * i) % 250 + 3 for i in range(79)]]
@@ -39,11 +40,7 @@ def _store_dir(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2"])
 def checkpoint(request, tmp_path_factory):
     name = request.param
-    cfg = {"deepseek_v2": _DEEPSEEK, "mixtral": None,
-           "qwen2_moe": dict(TINY_CONFIGS["qwen2_moe"], mlp_only_layers=[],
-                             num_hidden_layers=3)}[name]
-    _, path = build_tiny_checkpoint(name, tmp_path_factory.mktemp(name), config=cfg)
-    return path
+    return moe_checkpoint(name, tmp_path_factory.mktemp(name))
 
 
 def _greedy(llm: LLM, prompts=LONG) -> list[list[int]]:
