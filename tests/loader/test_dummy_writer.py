@@ -10,12 +10,12 @@ import pytest
 from sparsa import LLM, SamplingParams
 from sparsa.cli import main
 from sparsa.loader.dummy_writer import write_dummy_checkpoint
-from tests.offload.test_offload_engine import _DEEPSEEK
+from tests.offload.helpers import DEEPSEEK_V2
 from tests.tiny_models import TINY_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(_DEEPSEEK, num_hidden_layers=4),
+    dict(DEEPSEEK_V2, num_hidden_layers=4),
     dict(TINY_CONFIGS["mixtral"], num_hidden_layers=3),
 ], ids=["deepseek_v2", "mixtral"])
 def test_written_checkpoint_loads_and_offloads(tmp_path, cfg):
@@ -73,7 +73,7 @@ def test_offloaded_bf16_checkpoint_keeps_resident_weights_bf16(tmp_path):
 
     if not kernels.available():
         pytest.skip("the bf16 weight form needs the native kernels")
-    path = write_dummy_checkpoint(dict(_DEEPSEEK, num_hidden_layers=3), tmp_path / "m",
+    path = write_dummy_checkpoint(dict(DEEPSEEK_V2, num_hidden_layers=3), tmp_path / "m",
                                   dtype="bfloat16")
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     full = LLM(str(path))
