@@ -8,6 +8,8 @@ kernel; a routed MoE block or a SwiGLU MLP; int8 / int4 / bf16 / fp32 linears), 
 what each layer calls. A step then runs, per layer: the qkv GEMV, the fused rotary + KV write
 + paged attention, the output GEMV, the residual add fused with the next RMSNorm, the router
 (GEMV + softmax + top-k in one call), the fused MoE kernel, and the next fused add + norm.
+An offloaded expert block (`OffloadedExperts`: cache, prefetch and lookahead are Python)
+is called as a module for the MoE part only; the rest of its layer runs natively.
 
 It computes what the module path computes, op for op (the same native kernels, the same fp32
 adds), except routing, whose router GEMV sums in another order than torch's (tests compare
@@ -120,7 +122,8 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
     # the module path routes natively up to ROUTE_NATIVE_MAX_ROWS rows, torch beyond
     rows = min(native_max_rows("moe"), ROUTE_NATIVE_MAX_ROWS)
     if type(experts) is FusedExperts or (type(experts) is QuantizedExperts
-                                         and experts.method == "bf16"):
+                                         and experts.method == "bf16") or _offloaded(experts):
+        # offloaded experts: their module (cache, prefetch, lookahead) for the MoE part only
         rows = ROUTE_NATIVE_MAX_ROWS  # their forward picks its own path for any row count
 
         def routed(ext, h):
@@ -156,6 +159,12 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
         return out + s
 
     return with_shared, min(rows, r_shared), experts
+
+
+def _offloaded(experts: nn.Module) -> bool:
+    from sparsa.offload.offloaded_experts import OffloadedExperts  # (offload imports layers)
+
+    return type(experts) is OffloadedExperts
 
 
 class NativeDecodePlan:

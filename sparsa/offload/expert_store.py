@@ -131,6 +131,14 @@ class ExpertCache:
             m[0, self._slot(k)] = True
         return m
 
+    def _observe(self, key: tuple[int, int], hit: bool) -> None:
+        """One demand request at the current step. The (1, S) mask is passed along: each
+        policy would rebuild it from the slot ids (np.put_along_axis, ~4 us a call)."""
+        slot = self._slot(key)
+        mask = np.zeros((1, self._S), dtype=bool)
+        mask[0, slot] = True
+        self.policy.observe(self._t, np.array([[slot]]), np.array([[hit]]), mask)
+
     @staticmethod
     def _ready(entry: _Entry) -> bool:
         """Resident (a finished background load counts; a failed one is not)."""
@@ -201,7 +209,10 @@ class ExpertCache:
         experts the layer is known to need (their loads start early, in parallel): the
         "cold" rule holds back guesses only, since a known need would evict anyway."""
         started = 0
+        experts = list(experts)
         with self._lock:
+            if all((layer, int(e)) in self._entries for e in experts):
+                return 0  # the common case at a full budget: the loop below starts nothing
             protect = set(protect or ())
             if guess and self.prefetch_evicts == "cold":
                 protect |= {k for k, p in self._last_use.items() if p >= self._pass - 1}
@@ -248,15 +259,14 @@ class ExpertCache:
                 entry = None  # in flight (a failed load falls through and raises below)
             if entry is None:
                 self.stats.low_precision_substitutions += 1
-                self.policy.observe(self._t, np.array([[self._slot(key)]]),
-                                    np.array([[False]]))
+                self._observe(key, False)
                 return None
             if entry.prefetched and not entry.used:
                 self.stats.useful_prefetches += 1
             entry.used = True
             entry.pins += 1
             hit = entry.weights is not None
-            self.policy.observe(self._t, np.array([[self._slot(key)]]), np.array([[hit]]))
+            self._observe(key, hit)
         if entry.weights is None:
             t0 = self._clock()
             try:
@@ -270,6 +280,42 @@ class ExpertCache:
             with self._lock:
                 entry.weights = weights
         return entry.weights
+
+    def acquire_resident(self, layer: int, experts: list[int]
+                         ) -> list[tuple[torch.Tensor, ...]] | None:
+        """The fast path of a layer whose experts are all resident: each one's weights,
+        pinned, with exactly the bookkeeping `acquire` does for a hit, expert by expert in
+        order (policy step, pass tracking, stats, policy.observe), under one lock. None,
+        with nothing changed, when any of them is missing or still loading: the caller
+        then takes `acquire` per expert. Release with `release_many`."""
+        with self._lock:
+            entries = [self._entries.get((layer, e)) for e in experts]
+            if not all(entry is not None and self._ready(entry) for entry in entries):
+                return None
+            out = []
+            for e, entry in zip(experts, entries):
+                key = (layer, e)
+                if layer < self._last_layer or self._last_use.get(key) == self._pass:
+                    self._pass += 1
+                self._last_layer = layer
+                self._last_use[key] = self._pass
+                self._t += 1
+                self.stats.requests += 1
+                self.stats.hits += 1
+                if entry.prefetched and not entry.used:
+                    self.stats.useful_prefetches += 1
+                entry.used = True
+                entry.pins += 1
+                self._observe(key, True)
+                out.append(entry.weights)
+            return out
+
+    def release_many(self, layer: int, experts: list[int]) -> None:
+        with self._lock:
+            for e in experts:
+                entry = self._entries.get((layer, e))
+                if entry is not None:
+                    entry.pins -= 1
 
     def release(self, layer: int, expert: int) -> None:
         with self._lock:

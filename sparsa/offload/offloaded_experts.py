@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsa import kernels
 from sparsa.layers.moe import FusedExperts, GroupedExperts
 from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
@@ -117,7 +118,40 @@ class OffloadedExperts(GroupedExperts):
                 self.lookahead.predicted += len(guess)
             self.cache.prefetch(self.next_experts.layer, sorted(guess), self._protect)
         self._batch = (x, topk_ids)  # what picks a quantized expert's kernel path
+        if topk_ids.shape[0] == 1:
+            # Decode at batch 1 with every expert resident (any budget that holds the
+            # working set): one locked cache call for the layer instead of an acquire and a
+            # release per expert, then GroupedExperts' batch-1 sum without its per-expert
+            # dispatch. The cache bookkeeping is acquire's, expert by expert, in slot order.
+            weights = self.cache.acquire_resident(self.layer, needed)
+            if weights is not None:
+                try:
+                    return self._resident_decode(weights, x, topk_weights, topk_ids)
+                finally:
+                    self.cache.release_many(self.layer, needed)
+                    self._protect.clear()
         return super().forward(x, topk_weights, topk_ids)
+
+    def _resident_decode(self, weights: list, x: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor) -> torch.Tensor:
+        """One token, its k experts' weights in slot order: what GroupedExperts' batch-1
+        path computes (sum over slots in order, each output times its routing weight),
+        rounding for rounding. Quantized experts on the fused-kernel path get their routing
+        weight passed to the kernel, which forms w * y once per element, as y * w does."""
+        first = weights[0]
+        if isinstance(first, QuantizedExperts) and _fused_args_ok(x, topk_weights, first) \
+                and first.moe_path(x, topk_ids, num_experts=self.num_experts) == "fused":
+            ext = kernels.load()
+            tw = topk_weights.view(-1, 1)  # [k, 1]: row j is slot j's weight as [1, 1]
+            out = _fused_one(ext, first, x, tw[0:1])
+            for j in range(1, len(weights)):
+                out += _fused_one(ext, weights[j], x, tw[j:j + 1])
+            return out
+        w = topk_weights[0].to(x.dtype)
+        out = self._compute(first, x) * w[0]
+        for j in range(1, len(weights)):
+            out = out + self._compute(weights[j], x) * w[j]
+        return out
 
     def _guess_next(self, x: torch.Tensor) -> list[int]:
         """The next MoE layer's router on this layer's input: its top-k, plus the next
@@ -141,32 +175,58 @@ class OffloadedExperts(GroupedExperts):
             self._protect.discard((self.layer, e))
             return lowp.expert_forward(self.layer, e, x)
         try:
-            if isinstance(weights, QuantizedExperts):  # one expert from the quantized store
-                path = weights.moe_path(*self._batch, num_experts=self.num_experts)
-                return weights.expert_rows(path, 0, x)
-            if len(weights) == 3 and weights[0].dtype == torch.bfloat16 \
-                    and x.dtype == torch.float32 and x.device.type == "cpu":
-                # bf16 experts in [out, in]: the bf16 weight form's matmul (the native kernel
-                # widens each weight to fp32 in registers). Upcasting whole experts per call
-                # cost ~13x more here, and its fresh 11-35 MB temporaries fragmented glibc's
-                # heap until RSS outgrew RAM (DeepSeek-V2-Lite bf16, 25% budget: 24 GiB).
-                gate, up, down = weights
-                return bf16_matmul(F.silu(bf16_matmul(x, gate)) * bf16_matmul(x, up), down)
-            if weights[0].dtype != x.dtype:  # stored narrower than compute (bf16): exact upcast
-                weights = tuple(w.to(x.dtype) for w in weights)
-            if len(weights) == 3:  # the checkpoint's [out, in] tensors, as loaded
-                gate, up, down = weights
-                return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-            w13, w2 = weights  # FusedExperts' [in, out] layout
-            gate, up = (x @ w13).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ w2
+            return self._compute(weights, x)
         finally:
             self.cache.release(self.layer, e)
             self._protect.discard((self.layer, e))
 
+    def _compute(self, weights, x: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU over the rows of x, from the weights the cache holds."""
+        if isinstance(weights, QuantizedExperts):  # one expert from the quantized store
+            path = weights.moe_path(*self._batch, num_experts=self.num_experts)
+            return weights.expert_rows(path, 0, x)
+        if len(weights) == 3 and weights[0].dtype == torch.bfloat16 \
+                and x.dtype == torch.float32 and x.device.type == "cpu":
+            # bf16 experts in [out, in]: the bf16 weight form's matmul (the native kernel
+            # widens each weight to fp32 in registers). Upcasting whole experts per call
+            # cost ~13x more here, and its fresh 11-35 MB temporaries fragmented glibc's
+            # heap until RSS outgrew RAM (DeepSeek-V2-Lite bf16, 25% budget: 24 GiB).
+            gate, up, down = weights
+            return bf16_matmul(F.silu(bf16_matmul(x, gate)) * bf16_matmul(x, up), down)
+        if weights[0].dtype != x.dtype:  # stored narrower than compute (bf16): exact upcast
+            weights = tuple(w.to(x.dtype) for w in weights)
+        if len(weights) == 3:  # the checkpoint's [out, in] tensors, as loaded
+            gate, up, down = weights
+            return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        w13, w2 = weights  # FusedExperts' [in, out] layout
+        gate, up = (x @ w13).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ w2
+
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, num_experts={self.num_experts}, "
                 f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}")
+
+
+# the expert index of a one-expert block, as the fused kernel's [1, 1] id tensor
+_ONLY_EXPERT = torch.zeros(1, 1, dtype=torch.int64)
+
+
+def _fused_args_ok(x: torch.Tensor, topk_weights: torch.Tensor, qe: QuantizedExperts) -> bool:
+    """x and the routing weights are already in the fused kernel's form (what
+    QuantizedExperts._fused checks before calling it unchecked)."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == qe.hidden_size
+            and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
+            and kernels.available())
+
+
+def _fused_one(ext, qe: QuantizedExperts, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w [1, 1] * expert(x) for a one-expert quantized block, by the fused MoE kernel."""
+    if qe.method == "int8":
+        return ext.moe_int8(x, qe.w13_q, qe.w13_s, qe.w2_q, qe.w2_s, _ONLY_EXPERT, w)
+    return ext.moe_int4(x, qe.w13_q, qe.w13_sm, qe.w2_q, qe.w2_sm, qe.group_size,
+                        _ONLY_EXPERT, w)
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
