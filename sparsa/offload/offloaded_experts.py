@@ -62,6 +62,19 @@ class LookaheadStats:
             self.correct += len(predicted.intersection(needed))
 
 
+class _CallState:
+    """What one forward of an `OffloadedExperts` leaves for the next (a plain object:
+    nn.Module's __setattr__ costs microseconds per assignment)."""
+
+    __slots__ = ("batch", "history_predicted", "predicted", "protect")
+
+    def __init__(self):
+        self.predicted: set[int] | None = None  # what the previous layer prefetched for us
+        self.history_predicted: set[int] | None = None  # the history predictor's part of it
+        self.protect: set[tuple[int, int]] = set()
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class OffloadedExperts(GroupedExperts):
     def __init__(self, layer: int, num_experts: int, hidden_size: int, intermediate_size: int,
                  cache: ExpertCache, lookahead: LookaheadStats | None = None,
@@ -83,53 +96,59 @@ class OffloadedExperts(GroupedExperts):
         self.history = history
         self.history_stats = history_stats
         self.history_topk = history_topk  # per token; 0: the router's k
-        # Set by install_offloading: the next MoE block (for its router) and its experts.
+        # Set by install_offloading (`link`): the next MoE block (for its router) and its
+        # experts, as submodules and as a plain tuple (nn.Module's attribute lookup of a
+        # submodule costs ~0.4 us, and forward runs once per layer per token).
         self.next_block: nn.Module | None = None
         self.next_experts: OffloadedExperts | None = None
-        self.predicted: set[int] | None = None  # what the previous layer prefetched for us
-        self.history_predicted: set[int] | None = None  # the history predictor's part of it
-        self._protect: set[tuple[int, int]] = set()
+        self._next: tuple[nn.Module, OffloadedExperts] | None = None
+        self._call = _CallState()  # per-forward state, off nn.Module's __setattr__
+
+    def link(self, next_block: nn.Module, next_experts: OffloadedExperts) -> None:
+        self.next_block, self.next_experts = next_block, next_experts
+        self._next = (next_block, next_experts)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor) -> torch.Tensor:
         # Load in the order GroupedExperts will consume: slot order at batch 1, else by id.
         needed = topk_ids[0].tolist() if topk_ids.shape[0] == 1 else \
             sorted(set(topk_ids.reshape(-1).tolist()))
+        call, layer, cache = self._call, self.layer, self.cache
         if self.lookahead is not None:
-            self.lookahead.score(self.predicted, needed)
+            self.lookahead.score(call.predicted, needed)
         if self.history_stats is not None:
-            self.history_stats.score(self.history_predicted, needed)
-        self.predicted = self.history_predicted = None
-        self._protect = {(self.layer, e) for e in needed}
-        self.cache.prefetch(self.layer, needed, self._protect, guess=False)
+            self.history_stats.score(call.history_predicted, needed)
+        call.predicted = call.history_predicted = None
+        call.protect = protect = {(layer, e) for e in needed}
+        cache.prefetch(layer, needed, protect, guess=False)
         if self.history is not None:
-            self.history.observe(self.layer, topk_ids)
-        if self.next_block is not None and (self.lookahead is not None or
-                                            self.history is not None):
+            self.history.observe(layer, topk_ids)
+        if self._next is not None and (self.lookahead is not None or self.history is not None):
+            nxt = self._next[1]
             guess = set(self._guess_next(x)) if self.gate_lookahead else set()
             if self.history is not None:
                 k = self.history_topk or topk_ids.shape[-1]
-                mine = set(self.history.predict(self.next_experts.layer, k))
-                self.next_experts.history_predicted = mine
+                mine = set(self.history.predict(nxt.layer, k))
+                nxt._call.history_predicted = mine
                 self.history_stats.predicted += len(mine)
                 guess |= mine
-            self.next_experts.predicted = guess
+            nxt._call.predicted = guess
             if self.lookahead is not None:
                 self.lookahead.predicted += len(guess)
-            self.cache.prefetch(self.next_experts.layer, sorted(guess), self._protect)
-        self._batch = (x, topk_ids)  # what picks a quantized expert's kernel path
+            cache.prefetch(nxt.layer, sorted(guess), protect)
+        call.batch = (x, topk_ids)  # what picks a quantized expert's kernel path
         if topk_ids.shape[0] == 1:
             # Decode at batch 1 with every expert resident (any budget that holds the
             # working set): one locked cache call for the layer instead of an acquire and a
             # release per expert, then GroupedExperts' batch-1 sum without its per-expert
             # dispatch. The cache bookkeeping is acquire's, expert by expert, in slot order.
-            weights = self.cache.acquire_resident(self.layer, needed)
+            weights = cache.acquire_resident(layer, needed)
             if weights is not None:
                 try:
                     return self._resident_decode(weights, x, topk_weights, topk_ids)
                 finally:
-                    self.cache.release_many(self.layer, needed)
-                    self._protect.clear()
+                    cache.release_many(layer, needed)
+                    protect.clear()
         return super().forward(x, topk_weights, topk_ids)
 
     def _resident_decode(self, weights: list, x: torch.Tensor, topk_weights: torch.Tensor,
@@ -139,9 +158,10 @@ class OffloadedExperts(GroupedExperts):
         rounding for rounding. Quantized experts on the fused-kernel path get their routing
         weight passed to the kernel, which forms w * y once per element, as y * w does."""
         first = weights[0]
-        if isinstance(first, QuantizedExperts) and _fused_args_ok(x, topk_weights, first) \
+        ext = kernels.load()
+        if ext is not None and isinstance(first, QuantizedExperts) \
+                and _fused_args_ok(x, topk_weights, first) \
                 and first.moe_path(x, topk_ids, num_experts=self.num_experts) == "fused":
-            ext = kernels.load()
             tw = topk_weights.view(-1, 1)  # [k, 1]: row j is slot j's weight as [1, 1]
             out = _fused_one(ext, first, x, tw[0:1])
             for j in range(1, len(weights)):
@@ -156,9 +176,10 @@ class OffloadedExperts(GroupedExperts):
     def _guess_next(self, x: torch.Tensor) -> list[int]:
         """The next MoE layer's router on this layer's input: its top-k, plus the next
         `lookahead_extra` experts by router score (more recall, less precision)."""
-        _, nxt = self.next_block.route(x)
+        block = self._next[0]
+        _, nxt = block.route(x)
         guess = set(nxt.reshape(-1).tolist())
-        gate = getattr(self.next_block, "gate", None)
+        gate = getattr(block, "gate", None)
         if self.lookahead_extra and gate is not None:
             logits = gate(x)
             k = min(logits.shape[-1], nxt.shape[-1] + self.lookahead_extra)
@@ -170,20 +191,21 @@ class OffloadedExperts(GroupedExperts):
         # that is done is unprotected at once, so a batch needing more experts than the
         # budget holds streams them through the cache instead of deadlocking.
         lowp = self.low_precision
-        weights = self.cache.acquire(self.layer, e, self._protect, wait=lowp is None)
+        protect = self._call.protect
+        weights = self.cache.acquire(self.layer, e, protect, wait=lowp is None)
         if weights is None:  # not ready: the low-precision copy, while the load goes on
-            self._protect.discard((self.layer, e))
+            protect.discard((self.layer, e))
             return lowp.expert_forward(self.layer, e, x)
         try:
             return self._compute(weights, x)
         finally:
             self.cache.release(self.layer, e)
-            self._protect.discard((self.layer, e))
+            protect.discard((self.layer, e))
 
     def _compute(self, weights, x: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU over the rows of x, from the weights the cache holds."""
         if isinstance(weights, QuantizedExperts):  # one expert from the quantized store
-            path = weights.moe_path(*self._batch, num_experts=self.num_experts)
+            path = weights.moe_path(*self._call.batch, num_experts=self.num_experts)
             return weights.expert_rows(path, 0, x)
         if len(weights) == 3 and weights[0].dtype == torch.bfloat16 \
                 and x.dtype == torch.float32 and x.device.type == "cpu":
@@ -217,15 +239,16 @@ def _fused_args_ok(x: torch.Tensor, topk_weights: torch.Tensor, qe: QuantizedExp
     return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == qe.hidden_size
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
             and not (x.requires_grad and torch.is_grad_enabled())
-            and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous()
-            and kernels.available())
+            and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous())
 
 
 def _fused_one(ext, qe: QuantizedExperts, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """w [1, 1] * expert(x) for a one-expert quantized block, by the fused MoE kernel."""
+    """w [1, 1] * expert(x) for a one-expert quantized block, by the fused MoE kernel.
+    (Its buffers straight from `_buffers`: nn.Module's attribute lookup costs ~0.4 us each.)"""
+    b = qe._buffers
     if qe.method == "int8":
-        return ext.moe_int8(x, qe.w13_q, qe.w13_s, qe.w2_q, qe.w2_s, _ONLY_EXPERT, w)
-    return ext.moe_int4(x, qe.w13_q, qe.w13_sm, qe.w2_q, qe.w2_sm, qe.group_size,
+        return ext.moe_int8(x, b["w13_q"], b["w13_s"], b["w2_q"], b["w2_s"], _ONLY_EXPERT, w)
+    return ext.moe_int4(x, b["w13_q"], b["w13_sm"], b["w2_q"], b["w2_sm"], qe.group_size,
                         _ONLY_EXPERT, w)
 
 
@@ -266,6 +289,5 @@ def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
                                          gate_lookahead=lookahead)
         new.append(block.experts)
     for i in range(len(blocks) - 1):
-        new[i].next_block = blocks[i + 1][2]
-        new[i].next_experts = new[i + 1]
+        new[i].link(blocks[i + 1][2], new[i + 1])
     return stats or LookaheadStats(), hstats
