@@ -227,6 +227,17 @@ class ExpertCache:
                 started += 1
         return started
 
+    def _count_request(self, key: tuple[int, int]) -> None:
+        """A request's pass tracking, policy step and count (lock held): a forward pass asks
+        each (layer, expert) once, layers in order, so going back a layer or repeating a key
+        starts the next pass."""
+        if key[0] < self._last_layer or self._last_use.get(key) == self._pass:
+            self._pass += 1
+        self._last_layer = key[0]
+        self._last_use[key] = self._pass
+        self._t += 1
+        self.stats.requests += 1
+
     def acquire(self, layer: int, expert: int, protect: set[tuple[int, int]] | None = None,
                 wait: bool = True) -> tuple[torch.Tensor, ...] | None:
         """The expert's weights, pinned until `release`; waits for a load in flight or
@@ -235,13 +246,7 @@ class ExpertCache:
         if the budget has room without waiting (and fewer than `max_inflight` are loading)."""
         key = (layer, expert)
         with self._lock:
-            # a forward pass asks each (layer, expert) once, layers in order
-            if layer < self._last_layer or self._last_use.get(key) == self._pass:
-                self._pass += 1
-            self._last_layer = layer
-            self._last_use[key] = self._pass
-            self._t += 1
-            self.stats.requests += 1
+            self._count_request(key)
             entry = self._entries.get(key)
             if entry is None:
                 self.stats.misses += 1
@@ -295,12 +300,7 @@ class ExpertCache:
             out = []
             for e, entry in zip(experts, entries):
                 key = (layer, e)
-                if layer < self._last_layer or self._last_use.get(key) == self._pass:
-                    self._pass += 1
-                self._last_layer = layer
-                self._last_use[key] = self._pass
-                self._t += 1
-                self.stats.requests += 1
+                self._count_request(key)
                 self.stats.hits += 1
                 if entry.prefetched and not entry.used:
                     self.stats.useful_prefetches += 1
