@@ -134,10 +134,8 @@ class ExpertCache:
     def _observe(self, key: tuple[int, int], hit: bool) -> None:
         """One demand request at the current step. The (1, S) mask is passed along: each
         policy would rebuild it from the slot ids (np.put_along_axis, ~4 us a call)."""
-        slot = self._slot(key)
-        mask = np.zeros((1, self._S), dtype=bool)
-        mask[0, slot] = True
-        self.policy.observe(self._t, np.array([[slot]]), np.array([[hit]]), mask)
+        self.policy.observe(self._t, np.array([[self._slot(key)]]), np.array([[hit]]),
+                            self._mask([key]))
 
     @staticmethod
     def _ready(entry: _Entry) -> bool:
@@ -238,6 +236,14 @@ class ExpertCache:
         self._t += 1
         self.stats.requests += 1
 
+    def _pin(self, key: tuple[int, int], entry: _Entry, hit: bool) -> None:
+        """A request that got its entry (lock held): prefetch credit, pin, policy update."""
+        if entry.prefetched and not entry.used:
+            self.stats.useful_prefetches += 1
+        entry.used = True
+        entry.pins += 1
+        self._observe(key, hit)
+
     def acquire(self, layer: int, expert: int, protect: set[tuple[int, int]] | None = None,
                 wait: bool = True) -> tuple[torch.Tensor, ...] | None:
         """The expert's weights, pinned until `release`; waits for a load in flight or
@@ -266,12 +272,7 @@ class ExpertCache:
                 self.stats.low_precision_substitutions += 1
                 self._observe(key, False)
                 return None
-            if entry.prefetched and not entry.used:
-                self.stats.useful_prefetches += 1
-            entry.used = True
-            entry.pins += 1
-            hit = entry.weights is not None
-            self._observe(key, hit)
+            self._pin(key, entry, entry.weights is not None)
         if entry.weights is None:
             t0 = self._clock()
             try:
@@ -302,15 +303,11 @@ class ExpertCache:
                 key = (layer, e)
                 self._count_request(key)
                 self.stats.hits += 1
-                if entry.prefetched and not entry.used:
-                    self.stats.useful_prefetches += 1
-                entry.used = True
-                entry.pins += 1
-                self._observe(key, True)
+                self._pin(key, entry, True)
                 out.append(entry.weights)
             return out
 
-    def release_many(self, layer: int, experts: list[int]) -> None:
+    def release_many(self, layer: int, experts) -> None:
         with self._lock:
             for e in experts:
                 entry = self._entries.get((layer, e))
@@ -318,10 +315,7 @@ class ExpertCache:
                     entry.pins -= 1
 
     def release(self, layer: int, expert: int) -> None:
-        with self._lock:
-            entry = self._entries.get((layer, expert))
-            if entry is not None:
-                entry.pins -= 1
+        self.release_many(layer, (expert,))
 
     def settle(self) -> None:
         """Wait for every load in flight (their weights become resident)."""

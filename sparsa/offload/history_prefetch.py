@@ -52,7 +52,7 @@ class HistoryPrefetcher:
         if list(train.layers) != list(layers):
             raise ValueError(f"predictor trace has MoE layers {train.layers}, the model "
                              f"{list(layers)}: record the trace from this model")
-        if train.num_experts > num_experts:
+        if train.num_experts != num_experts:
             raise ValueError(f"predictor trace has {train.num_experts} experts per layer, "
                              f"the model {num_experts}")
         self.layers = list(layers)
@@ -65,6 +65,16 @@ class HistoryPrefetcher:
         self.affinity = TokenAffinityPredictor(alpha).fit(train)
         self.transition = TransitionPredictor().fit(train)
         self.log_prior = np.log(self.cooc.prior).astype(np.float32)  # (L, E)
+        # The log-likelihood tables with a zero row appended for the -1 padding, built once:
+        # scores() runs per MoE layer per step. target layer -> [(known layer j, table)]
+        pad = np.zeros((1, num_experts), np.float32)
+        self._cooc: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for (j, tgt), w in self.cooc.w.items():
+            self._cooc.setdefault(tgt, []).append((j, np.vstack([w, pad]),
+                                                   self.cooc.w0[j, tgt]))
+        self._trans: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for (j, tgt), w in self.transition.w.items():
+            self._trans.setdefault(tgt, []).append((j, np.vstack([w, pad])))
         self._tid: dict[int, int] = {}  # model token id -> trace token id (-1: unseen)
         self._last: dict[Any, np.ndarray] = {}  # sequence -> (L, k) its last token's experts
         self._rows: list[tuple[Any, int]] = []  # (sequence, is its last row) per flat row
@@ -126,12 +136,10 @@ class HistoryPrefetcher:
             return None
         e = self.num_experts
         s = np.broadcast_to(self.log_prior[tgt], (len(self._tokens), e)).copy()
-        for j in range(max(0, tgt - self.cooc.depth), tgt):
+        for j, w, w0 in self._cooc.get(tgt, ()):
             ids = self._own[j]
-            if ids is None:
-                continue
-            w = np.vstack([self.cooc.w[j, tgt], np.zeros((1, e), np.float32)])
-            s += w[np.where(ids < 0, e, ids)].sum(1) + self.cooc.w0[j, tgt]
+            if ids is not None:
+                s += w[np.where(ids < 0, e, ids)].sum(1) + w0
         tid = self._tokens
         seen = tid >= 0
         if seen.any():
@@ -141,11 +149,9 @@ class HistoryPrefetcher:
             a = self.affinity.alpha
             p = (c + a * self.affinity.prior[tgt][None]) / (n + a)[:, None]
             s += np.log(p) - self.log_prior[tgt]
-        for (j, t2), w in self.transition.w.items():
-            if t2 == tgt:
-                ids = self._prev[:, j]
-                w1 = np.vstack([w, np.zeros((1, e), np.float32)])
-                s += w1[np.where(ids < 0, e, ids)].sum(1)
+        for j, w in self._trans.get(tgt, ()):
+            ids = self._prev[:, j]
+            s += w[np.where(ids < 0, e, ids)].sum(1)
         return s
 
     def predict(self, layer: int, per_row: int) -> list[int]:

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsa import kernels
 from sparsa.layers.moe import FusedExperts, GroupedExperts
 from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
@@ -158,14 +157,12 @@ class OffloadedExperts(GroupedExperts):
         rounding for rounding. Quantized experts on the fused-kernel path get their routing
         weight passed to the kernel, which forms w * y once per element, as y * w does."""
         first = weights[0]
-        ext = kernels.load()
-        if ext is not None and isinstance(first, QuantizedExperts) \
-                and _fused_args_ok(x, topk_weights, first) \
+        if isinstance(first, QuantizedExperts) and topk_weights.dtype == torch.float32 \
                 and first.moe_path(x, topk_ids, num_experts=self.num_experts) == "fused":
-            tw = topk_weights.view(-1, 1)  # [k, 1]: row j is slot j's weight as [1, 1]
-            out = _fused_one(ext, first, x, tw[0:1])
+            tw = topk_weights.reshape(-1, 1)  # [k, 1]: row j is slot j's weight as [1, 1]
+            out = first.fused_moe(x, tw[0:1], _ONLY_EXPERT)
             for j in range(1, len(weights)):
-                out += _fused_one(ext, weights[j], x, tw[j:j + 1])
+                out += weights[j].fused_moe(x, tw[j:j + 1], _ONLY_EXPERT)
             return out
         w = topk_weights[0].to(x.dtype)
         out = self._compute(first, x) * w[0]
@@ -231,25 +228,6 @@ class OffloadedExperts(GroupedExperts):
 
 # the expert index of a one-expert block, as the fused kernel's [1, 1] id tensor
 _ONLY_EXPERT = torch.zeros(1, 1, dtype=torch.int64)
-
-
-def _fused_args_ok(x: torch.Tensor, topk_weights: torch.Tensor, qe: QuantizedExperts) -> bool:
-    """x and the routing weights are already in the fused kernel's form (what
-    QuantizedExperts._fused checks before calling it unchecked)."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == qe.hidden_size
-            and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-            and not (x.requires_grad and torch.is_grad_enabled())
-            and topk_weights.dtype == torch.float32 and topk_weights.is_contiguous())
-
-
-def _fused_one(ext, qe: QuantizedExperts, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """w [1, 1] * expert(x) for a one-expert quantized block, by the fused MoE kernel.
-    (Its buffers straight from `_buffers`: nn.Module's attribute lookup costs ~0.4 us each.)"""
-    b = qe._buffers
-    if qe.method == "int8":
-        return ext.moe_int8(x, b["w13_q"], b["w13_s"], b["w2_q"], b["w2_s"], _ONLY_EXPERT, w)
-    return ext.moe_int4(x, b["w13_q"], b["w13_sm"], b["w2_q"], b["w2_sm"], qe.group_size,
-                        _ONLY_EXPERT, w)
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
