@@ -51,6 +51,7 @@ def parse_size(size: str | float) -> int:
 
 
 PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
+ON_MISS_CHOICES = ("wait", "low_precision", "host")
 
 
 @dataclass
@@ -81,8 +82,14 @@ class OffloadConfig:
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
     is also kept, quantized to `low_precision` ("int8" | "int4", groups of
     `low_precision_group_size`), in a RAM tier outside the budget; a miss computes with that
-    copy while the full-precision load goes on in the background. (Computing a miss on the
-    tier where the expert lives, Fiddler's option, needs a GPU tier, which is not built.)
+    copy while the full-precision load goes on in the background; or "host" (Fiddler): an
+    expert the host tier holds is computed where it lives, on the CPU, for up to
+    `host_compute_max_rows` rows, while its copy to the device goes on (any other miss waits).
+    host_memory: None (off), bytes, "16GiB" or "50%" of the expert bytes: a second tier of
+    experts in host memory (pinned on CUDA, so copies to the device run asynchronously on a
+    side stream) between the device cache (`expert_memory`) and the disk, with its own hard
+    budget and LRU eviction. It is meant for GPU machines; on a CPU-only machine it works
+    (the tests run it there) but one larger `expert_memory` serves better.
     """
 
     expert_memory: str | int | None = None
@@ -98,10 +105,21 @@ class OffloadConfig:
     predictor_trace: str | None = None
     history_topk: int | None = None
     store_dir: str | None = None
+    host_memory: str | int | None = None
+    host_compute_max_rows: int = 4
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
             self.budget_bytes(1)  # validates the form
+        if self.host_memory is not None:
+            self.host_budget_bytes(1)
+        if self.on_miss == "host" and self.host_memory is None:
+            raise ValueError("on_miss='host' computes misses with the host tier's copy: set "
+                             "host_memory")
+        if isinstance(self.host_compute_max_rows, bool) or \
+                not isinstance(self.host_compute_max_rows, int) or self.host_compute_max_rows < 1:
+            raise ValueError("host_compute_max_rows must be an integer >= 1; "
+                             f"got {self.host_compute_max_rows!r}")
         if self.policy not in ("lru", "lfu", "lrfu", "arc"):
             raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
         if self.prefetch not in PREFETCH_CHOICES:
@@ -123,8 +141,9 @@ class OffloadConfig:
                              f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
-        if self.on_miss not in ("wait", "low_precision"):
-            raise ValueError(f"on_miss must be 'wait' or 'low_precision'; got {self.on_miss!r}")
+        if self.on_miss not in ON_MISS_CHOICES:
+            raise ValueError(f"on_miss must be one of {', '.join(ON_MISS_CHOICES)}; "
+                             f"got {self.on_miss!r}")
         if self.low_precision not in ("int8", "int4"):
             raise ValueError(f"low_precision must be 'int8' or 'int4'; got "
                              f"{self.low_precision!r}")
@@ -148,19 +167,26 @@ class OffloadConfig:
         return "history" in self.prefetch
 
     def budget_bytes(self, total_expert_bytes: int) -> int:
-        m = self.expert_memory
-        if isinstance(m, str) and m.strip().endswith("%"):
-            try:
-                frac = float(m.strip()[:-1]) / 100
-            except ValueError:
-                raise ValueError(f"cannot parse expert_memory {m!r}") from None
-            if not 0 < frac <= 1:
-                raise ValueError(f"expert_memory percentage must be in (0, 100]; got {m!r}")
-            return int(total_expert_bytes * frac)
-        n = parse_size(m)
-        if n <= 0:
-            raise ValueError(f"expert_memory must be positive; got {m!r}")
-        return n
+        return _budget(self.expert_memory, total_expert_bytes, "expert_memory")
+
+    def host_budget_bytes(self, total_expert_bytes: int) -> int:
+        return _budget(self.host_memory, total_expert_bytes, "host_memory")
+
+
+def _budget(m: str | int, total: int, name: str) -> int:
+    """Bytes from a size ("4GiB", a number) or a percentage of `total` ("25%")."""
+    if isinstance(m, str) and m.strip().endswith("%"):
+        try:
+            frac = float(m.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"cannot parse {name} {m!r}") from None
+        if not 0 < frac <= 1:
+            raise ValueError(f"{name} percentage must be in (0, 100]; got {m!r}")
+        return int(total * frac)
+    n = parse_size(m)
+    if n <= 0:
+        raise ValueError(f"{name} must be positive; got {m!r}")
+    return n
 
 
 # --bf16-prefill choices -> ModelConfig.bf16_prefill

@@ -19,6 +19,7 @@ from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpo
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
+from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
 from sparsa.offload.quantized_store import ExpertStore, open_store
@@ -39,6 +40,7 @@ class OffloadState:
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
     history_stats: LookaheadStats | None = None
+    host: HostTier | None = None  # host memory between the device cache and the disk
 
     def reserve_buffers(self) -> int:
         """Map the read buffers of every cached expert now, at load, instead of inside the
@@ -69,6 +71,8 @@ class OffloadState:
                      history_precision=self.history_stats.precision)
         if self.store is not None:
             d.update(self.store.report())
+        if self.host is not None:
+            d.update(self.host.report())
         return d
 
 
@@ -155,20 +159,35 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         budget = min(oc.budget_bytes(total), total)
         reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
                               layout=expert_layout(budget, total))
-    num_layers = max(k[0] for k in locations) + 1
-    cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
-                        policy=oc.policy, io_threads=oc.io_threads,
-                        max_inflight=oc.io_threads if oc.on_miss == "low_precision" else None,
-                        prefetch_evicts=oc.prefetch_evicts)
-    # Slabs for every cached expert (loads in flight included) plus the resident layout's
-    # read buffers, one per I/O thread: after warm-up no load maps fresh memory.
-    cpu = device.type == "cpu"
-    reader.set_pool_slabs(cache.capacity + oc.io_threads if cpu else oc.io_threads)
-    lowp = None
     if oc.on_miss == "low_precision" and store is not None:
         raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
                          "full-precision experts; with quantization they are already "
                          "quantized: use on_miss='wait'")
+    if oc.on_miss == "host" and store is not None:
+        raise ValueError("on_miss='host' computes full-precision experts on the CPU; with "
+                         "int8/int4 quantization use on_miss='wait' (host_memory still "
+                         "works)")
+    host = None
+    if oc.host_memory is not None:
+        # the tier holds experts as read from disk (the checkpoint's or the store's bytes,
+        # laid out as in the reader's buffer)
+        host_total = len(locations) * reader.raw_bytes
+        host = HostTier(reader, min(oc.host_budget_bytes(host_total), host_total),
+                        reader.raw_bytes)
+    num_layers = max(k[0] for k in locations) + 1
+    substitutes = oc.on_miss in ("low_precision", "host")
+    cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
+                        policy=oc.policy, io_threads=oc.io_threads,
+                        max_inflight=oc.io_threads if substitutes else None,
+                        prefetch_evicts=oc.prefetch_evicts,
+                        loader=host.load if host is not None else None)
+    # Slabs for every cached expert (loads in flight included) plus the resident layout's
+    # read buffers, one per I/O thread: after warm-up no load maps fresh memory. With a
+    # host tier the cached experts are copies (or, on the CPU, views of the tier's buffers).
+    cpu = device.type == "cpu"
+    reserve = cache.capacity + oc.io_threads if cpu and host is None else 0
+    reader.set_pool_slabs(reserve or oc.io_threads)
+    lowp = None
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
@@ -177,11 +196,12 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     history = _history_predictor(oc, sorted({k[0] for k in locations}), ref.num_experts)
     stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
                                        low_precision=lowp, lookahead_extra=oc.lookahead_extra,
-                                       history=history, history_topk=oc.history_topk or 0)
+                                       history=history, history_topk=oc.history_topk or 0,
+                                       host=host if oc.on_miss == "host" else None,
+                                       host_compute_max_rows=oc.host_compute_max_rows)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
-                        reserve_slabs=cache.capacity + oc.io_threads if cpu else 0,
-                        io_threads=oc.io_threads, history=history,
-                        history_stats=hstats if history is not None else None)
+                        reserve_slabs=reserve, io_threads=oc.io_threads, history=history,
+                        history_stats=hstats if history is not None else None, host=host)
 
 
 def _history_predictor(oc: OffloadConfig, layers: list[int],
