@@ -91,7 +91,7 @@ class ExpertCache:
         import time
 
         self.reader = reader
-        self._load = loader or reader.load
+        self.loader = loader or reader.load
         self.L, self.E = num_layers, num_experts
         self.expert_bytes = expert_bytes
         self.budget_bytes = budget_bytes
@@ -200,7 +200,7 @@ class ExpertCache:
         entry = _Entry(None, prefetched)
         self._entries[key] = entry
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
-        entry.future = self._pool.submit(self._load, *key)
+        entry.future = self._pool.submit(self.loader, *key)
         self.stats.bytes_loaded += self.expert_bytes
         self.policy.inserted(self._t, self._mask([key]), prefetched)
         return entry

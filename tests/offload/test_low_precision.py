@@ -199,8 +199,8 @@ def test_every_miss_substituted_equals_dequantized_experts(checkpoint, method, m
     llm = _lowp(path, method)
     state = llm.engine.model.offload
     gate = threading.Event()
-    load = state.cache.reader.load
-    state.cache.reader.load = lambda *k: (gate.wait(30), load(*k))[1]
+    load = state.cache.loader
+    state.cache.loader = lambda *k: (gate.wait(30), load(*k))[1]
     try:
         got = [prompt_logits(llm.engine, p).float() for p in PROMPTS]
         rep = state.report()
@@ -224,9 +224,9 @@ def test_tight_budget_substitutes_and_stays_close(checkpoint, method):
     path, _, ref_logits = checkpoint
     llm = _lowp(path, method)
     state = llm.engine.model.offload
-    load = state.cache.reader.load
+    load = state.cache.loader
     # slow reads (20 ms per expert) so that loads are still in flight when their layer runs
-    state.cache.reader.load = lambda *k: (time.sleep(0.02), load(*k))[1]
+    state.cache.loader = lambda *k: (time.sleep(0.02), load(*k))[1]
     got = [prompt_logits(llm.engine, p).float() for p in PROMPTS]
     llm.generate(PROMPTS, GREEDY)  # decode steps too (batch 1 and batched paths)
     rep = state.report()
