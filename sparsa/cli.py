@@ -110,14 +110,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
-    from sparsa.config import PREFETCH_CHOICES
+    from sparsa.config import ENGINE_POLICIES, PREFETCH_CHOICES
 
     o = p.add_argument_group("expert offloading (MoE models)")
     o.add_argument("--expert-memory", default=None, metavar="SIZE",
                    help="keep routed experts on disk and at most SIZE of them in memory, e.g. "
                         "25%% (of all expert bytes) or 4GiB (default: every expert resident)")
-    o.add_argument("--offload-policy", default="lru", choices=["lru", "lfu", "lrfu", "arc"],
-                   help="eviction policy of the expert cache")
+    o.add_argument("--offload-policy", default="lru", choices=list(ENGINE_POLICIES),
+                   help="eviction policy of the expert cache (activation: MoE-Infinity's, "
+                        "needs --offload-predictor-trace)")
     o.add_argument("--offload-prefetch", default="lookahead", choices=list(PREFETCH_CHOICES),
                    help="lookahead: the next layer's router on this layer's input; history: "
                         "predictors fit on --offload-predictor-trace; or both")

@@ -52,6 +52,7 @@ def parse_size(size: str | float) -> int:
 
 PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
 ON_MISS_CHOICES = ("wait", "low_precision", "host")
+ENGINE_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation")
 
 
 @dataclass
@@ -67,11 +68,13 @@ class OffloadConfig:
     (sparsa.offload.quantized_store) that later loads reuse; experts are read from there.
     store_dir: where those stores live (None: $SPARSA_EXPERT_STORE, else
     ~/.cache/sparsa/experts).
-    policy: eviction ranking (lru, lfu, lrfu, arc).
+    policy: eviction ranking (lru, lfu, lrfu, arc, or activation: MoE-Infinity's match of the
+    request's expert activation matrix against those of `predictor_trace`'s prompts).
     prefetch: "none", "lookahead" (the next MoE layer's router on this layer's input),
     "history" (the trace lab's co-occurrence + token-affinity + transition predictors, fit on
     `predictor_trace`, a trace recorded from this model), or "lookahead+history" (both).
-    predictor_trace: a routing trace (.csv / .csv.gz from `sparsa trace`) for "history".
+    predictor_trace: a routing trace (.csv / .csv.gz from `sparsa trace`) for "history" and
+    for policy "activation".
     history_topk: experts per token the history predictor prefetches (None: the router's k).
     prefetch_evicts: "cold" (default: a guessed prefetch evicts only experts unused in this
     forward pass and the previous one) or "any" (whatever the policy ranks lowest). "cold"
@@ -120,8 +123,13 @@ class OffloadConfig:
                 not isinstance(self.host_compute_max_rows, int) or self.host_compute_max_rows < 1:
             raise ValueError("host_compute_max_rows must be an integer >= 1; "
                              f"got {self.host_compute_max_rows!r}")
-        if self.policy not in ("lru", "lfu", "lrfu", "arc"):
-            raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
+        if self.policy not in ENGINE_POLICIES:
+            raise ValueError(f"offload policy must be one of {', '.join(ENGINE_POLICIES)}; "
+                             f"got {self.policy!r}")
+        if self.policy == "activation" and not self.predictor_trace:
+            raise ValueError("policy='activation' matches requests against the activation "
+                             "matrices of predictor_trace (a routing trace of this model, "
+                             "from `sparsa trace`): set it")
         if self.prefetch not in PREFETCH_CHOICES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_CHOICES)}; "
                              f"got {self.prefetch!r}")

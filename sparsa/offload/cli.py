@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import itertools
 import json
 import os
 import pickle
@@ -35,7 +34,13 @@ from sparsa.offload.learned_eviction import (
     oracle_next_scores,
 )
 from sparsa.offload.neural_predictor import NeuralPredictor
-from sparsa.offload.policies import ActivationAware, CachePolicy, LearnedRF, make_policy
+from sparsa.offload.policies import (
+    ActivationAware,
+    CachePolicy,
+    LearnedRF,
+    activation_library,
+    make_policy,
+)
 from sparsa.offload.predictors import (
     CombinedPredictor,
     CooccurrencePredictor,
@@ -139,13 +144,6 @@ def _cached(key: str, train_path: Path | None, fit: Callable[[], Any], enabled: 
     return obj
 
 
-def _library(train: Trace) -> np.ndarray:
-    """Per-prompt expert activation matrices (counts) of the training trace."""
-    starts = np.append(train.prompt_starts(), train.num_tokens)
-    hot = train.multi_hot().astype(np.float32)
-    return np.stack([hot[a:b].sum(0) for a, b in itertools.pairwise(starts)])
-
-
 def _policies(names: list[str], train: Trace | None, train_path: Path | None,
               cache: bool, trace: Trace) -> list[CachePolicy]:
     out: list[CachePolicy] = []
@@ -154,7 +152,7 @@ def _policies(names: list[str], train: Trace | None, train_path: Path | None,
             print(f"sparsa cache-sim: skipping {name}: it needs --train", file=sys.stderr)
             continue
         if name == "activation":
-            out.append(ActivationAware(_library(train)))  # type: ignore[arg-type]
+            out.append(ActivationAware(activation_library(train)))  # type: ignore[arg-type]
         elif name == "learned":
             out.append(_cached("learned-rf-v1", train_path, lambda: _fit_learned(train),
                                cache))

@@ -319,6 +319,13 @@ class ExpertCache:
                 out.append(entry.weights)
             return out
 
+    def begin_request(self) -> None:
+        """A new request begins (policies that track one, like ActivationAware, reset)."""
+        new_request = getattr(self.policy, "new_request", None)
+        if new_request is not None:
+            with self._lock:
+                new_request()
+
     def release_many(self, layer: int, experts) -> None:
         with self._lock:
             for e in experts:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +54,13 @@ class OffloadState:
         return reader.pool.reserve(self.reserve_slabs, reader.slab_bytes,
                                    threads=max(1, min(self.io_threads, os.cpu_count() or 1)))
 
+    def step_observers(self) -> list:
+        """What the model runner tells about each step (sequence rows, token ids)."""
+        out: list = [self.history] if self.history is not None else []
+        if hasattr(self.cache.policy, "new_request"):
+            out.append(RequestStarts(self.cache))
+        return out
+
     def report(self) -> dict:
         d = self.cache.stats.as_dict()
         d.update(budget_bytes=self.budget_bytes, total_expert_bytes=self.total_expert_bytes,
@@ -74,6 +82,29 @@ class OffloadState:
         if self.host is not None:
             d.update(self.host.report())
         return d
+
+
+class RequestStarts:
+    """A step observer (the model runner's protocol) that tells the cache when a new request
+    begins: at a step none of whose sequences ran in the step before. At batch 1 that is each
+    request; in a continuous batch, whenever the running set has turned over entirely (until
+    then the activation matrix is the union of the running requests')."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+        self._previous: set = set()
+
+    def begin_step(self, segments, token_ids, positions=None) -> None:
+        ids = {getattr(seq, "seq_id", id(seq)) for seq, _ in segments}
+        if ids and ids.isdisjoint(self._previous):
+            self.cache.begin_request()
+        self._previous = ids
+
+    def end_step(self) -> None:
+        pass
+
+    def abandon_step(self) -> None:
+        pass
 
 
 def _materialize_non_experts(model: nn.Module, device: torch.device) -> None:
@@ -175,9 +206,12 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         host = HostTier(reader, min(oc.host_budget_bytes(host_total), host_total),
                         reader.raw_bytes)
     num_layers = max(k[0] for k in locations) + 1
+    moe_layers = sorted({k[0] for k in locations})
+    policy = _activation_policy(oc, moe_layers, num_layers, ref.num_experts) \
+        if oc.policy == "activation" else oc.policy
     substitutes = oc.on_miss in ("low_precision", "host")
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
-                        policy=oc.policy, io_threads=oc.io_threads,
+                        policy=policy, io_threads=oc.io_threads,
                         max_inflight=oc.io_threads if substitutes else None,
                         prefetch_evicts=oc.prefetch_evicts,
                         loader=host.load if host is not None else None)
@@ -193,7 +227,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
                                          ref.intermediate_size, oc.low_precision_group_size,
                                          io_threads=oc.io_threads)
-    history = _history_predictor(oc, sorted({k[0] for k in locations}), ref.num_experts)
+    history = _history_predictor(oc, moe_layers, ref.num_experts)
     stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
                                        low_precision=lowp, lookahead_extra=oc.lookahead_extra,
                                        history=history, history_topk=oc.history_topk or 0,
@@ -204,10 +238,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                         history_stats=hstats if history is not None else None, host=host)
 
 
-def _history_predictor(oc: OffloadConfig, layers: list[int],
-                       num_experts: int) -> HistoryPrefetcher | None:
-    if not oc.history:
-        return None
+def _predictor_trace(oc: OffloadConfig, num_experts: int):
     from sparsa.offload.trace import load_trace
 
     path = Path(oc.predictor_trace)
@@ -215,7 +246,30 @@ def _history_predictor(oc: OffloadConfig, layers: list[int],
         raise FileNotFoundError(f"predictor trace {str(path)!r} not found (record one with "
                                 "`sparsa trace MODEL --out FILE`)")
     try:
-        train = load_trace(path, num_experts=num_experts)
+        return load_trace(path, num_experts=num_experts)
     except ValueError as e:
         raise ValueError(f"predictor trace {str(path)!r}: {e}") from None
-    return HistoryPrefetcher(train, layers, num_experts)
+
+
+def _history_predictor(oc: OffloadConfig, layers: list[int],
+                       num_experts: int) -> HistoryPrefetcher | None:
+    if not oc.history:
+        return None
+    return HistoryPrefetcher(_predictor_trace(oc, num_experts), layers, num_experts)
+
+
+def _activation_policy(oc: OffloadConfig, moe_layers: list[int], num_layers: int,
+                       num_experts: int):
+    """MoE-Infinity's policy over the cache's slots (every layer index x expert), its
+    library the per-prompt activation matrices of `predictor_trace` (whose layer j is the
+    j-th MoE layer)."""
+    from sparsa.offload.policies import ActivationAware, activation_library
+
+    train = _predictor_trace(oc, num_experts)
+    if train.num_layers != len(moe_layers):
+        raise ValueError(f"predictor trace {oc.predictor_trace!r} has {train.num_layers} MoE "
+                         f"layers; the model has {len(moe_layers)}")
+    lib = activation_library(train)
+    full = np.zeros((len(lib), num_layers, num_experts), dtype=lib.dtype)
+    full[:, moe_layers, :] = lib
+    return ActivationAware(full)
