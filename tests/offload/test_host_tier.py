@@ -85,17 +85,16 @@ def test_host_tier_with_int8(tmp_path):
             offload_on_miss="host", offload_store_dir=str(tmp_path / "store"))
 
 
-def test_config_errors():
-    with pytest.raises(ValueError, match="set host_memory"):
-        OffloadConfig(expert_memory="25%", on_miss="host")
-    with pytest.raises(ValueError, match="host_memory percentage"):
-        OffloadConfig(expert_memory="25%", host_memory="150%")
-    with pytest.raises(ValueError, match="host_memory must be positive"):
-        OffloadConfig(expert_memory="25%", host_memory=0)
-    with pytest.raises(ValueError, match="host_compute_max_rows"):
-        OffloadConfig(expert_memory="25%", host_memory="1GiB", host_compute_max_rows=0)
-    with pytest.raises(ValueError, match="on_miss must be one of"):
-        OffloadConfig(expert_memory="25%", on_miss="gpu")
+@pytest.mark.parametrize("fields, message", [
+    (dict(on_miss="host"), "set host_memory"),
+    (dict(host_memory="150%"), "host_memory percentage"),
+    (dict(host_memory=0), "host_memory must be positive"),
+    (dict(host_memory="1GiB", host_compute_max_rows=0), "host_compute_max_rows"),
+    (dict(on_miss="gpu"), "on_miss must be one of"),
+])
+def test_config_errors(fields, message):
+    with pytest.raises(ValueError, match=message):
+        OffloadConfig(expert_memory="25%", **fields)
 
 
 def test_cli_options():
