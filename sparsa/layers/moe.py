@@ -8,6 +8,8 @@ every expert block (full precision here, quantized in sparsa.layers.quantization
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -131,3 +133,26 @@ class FusedExperts(GroupedExperts):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = (x @ self.w13[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ self.w2[e]
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(layer index, module name, block) of every MoE block (a module with a ``route``
+    method and an ``experts`` module of any implementation), in layer order. Each block is
+    named by its shortest path: offloaded experts hold the next layer's block as a
+    submodule, so "layers.0.mlp.experts.next_block" is layer 1's block too."""
+    names: dict[int, tuple[nn.Module, str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(mod, "experts", None), GroupedExperts) and hasattr(mod, "route"):
+            seen = names.get(id(mod))
+            if seen is None or name.count(".") < seen[1].count("."):
+                names[id(mod)] = (mod, name)
+    out = []
+    for mod, name in names.values():
+        m = _LAYER.search(name + ".")
+        if m is None:
+            raise ValueError(f"cannot tell the layer index of MoE block {name!r}")
+        out.append((int(m.group(1)), name, mod))
+    return sorted(out, key=lambda t: t[0])

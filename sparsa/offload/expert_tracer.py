@@ -20,7 +20,6 @@ each sample as prompt ``"<request id>.<index>"``.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,34 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsa.layers.moe import GroupedExperts
+from sparsa.layers.moe import moe_blocks
 from sparsa.offload.trace import TraceRecorder
 
-__all__ = ["ExpertTracer", "routed_blocks"]
+__all__ = ["ExpertTracer"]
 
 log = logging.getLogger(__name__)
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def routed_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    """(layer index, block) of every MoE block (a module with a ``route`` method and an
-    ``experts`` module of any implementation), in layer order."""
-    names: dict[int, tuple[nn.Module, str]] = {}
-    # every path to each module, keeping the shortest: offloaded experts hold the next
-    # layer's block as a submodule, so "layers.0.mlp.experts.next_block" is layer 1's too
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if isinstance(getattr(mod, "experts", None), GroupedExperts) and hasattr(mod, "route"):
-            seen = names.get(id(mod))
-            if seen is None or name.count(".") < seen[1].count("."):
-                names[id(mod)] = (mod, name)
-    out = []
-    for mod, name in names.values():
-        m = _LAYER.search(name + ".")
-        if m is None:
-            raise ValueError(f"cannot tell the layer index of MoE block {name!r}")
-        out.append((int(m.group(1)), mod))
-    return sorted(out, key=lambda t: t[0])
 
 
 def sequence_label(seq: Any) -> str:
@@ -92,7 +70,7 @@ class ExpertTracer:
         self.token_text = token_text
         self.layers: list[int] = []
         self._handles = []
-        for layer, block in routed_blocks(model):
+        for layer, _, block in moe_blocks(model):
             self.layers.append(layer)
             self._handles.append(block.experts.register_forward_pre_hook(
                 self._hook_for(layer), with_kwargs=True))

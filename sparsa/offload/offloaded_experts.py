@@ -31,14 +31,13 @@ decode), so outputs match it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsa.layers.moe import FusedExperts, GroupedExperts
+from sparsa.layers.moe import GroupedExperts, moe_blocks
 from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
 from sparsa.offload.expert_store import ExpertCache
@@ -274,22 +273,6 @@ class OffloadedExperts(GroupedExperts):
 
 # the expert index of a one-expert block, as the fused kernel's [1, 1] id tensor
 _ONLY_EXPERT = torch.zeros(1, 1, dtype=torch.int64)
-
-
-_LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
-    """(layer index, module name, block) of every MoE block, in layer order."""
-    out = []
-    for name, mod in model.named_modules():
-        experts = getattr(mod, "experts", None)
-        if isinstance(experts, (FusedExperts, OffloadedExperts)) and hasattr(mod, "route"):
-            m = _LAYER.search(name + ".")
-            if m is None:
-                raise ValueError(f"cannot tell the layer index of MoE block {name!r}")
-            out.append((int(m.group(1)), name, mod))
-    return sorted(out, key=lambda t: t[0])
 
 
 def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,

@@ -20,12 +20,12 @@ from torch.nn import functional as F
 from sparsa import LLM
 from sparsa.config import OffloadConfig
 from sparsa.engine.llm_engine import prompt_logits
+from sparsa.layers.moe import moe_blocks
 from sparsa.layers.quantization import matmul as qmatmul
 from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
 from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.low_precision import LowPrecisionExperts, parse_on_miss
-from sparsa.offload.offloaded_experts import moe_blocks
 from tests.offload.helpers import DEEPSEEK_V2
 from tests.offload.test_offload_engine import GREEDY, PROMPTS
 from tests.tiny_models import build_tiny_checkpoint
