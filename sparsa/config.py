@@ -83,6 +83,9 @@ class OffloadConfig:
     `low_precision_group_size`), in a RAM tier outside the budget; a miss computes with that
     copy while the full-precision load goes on in the background. (Computing a miss on the
     tier where the expert lives, Fiddler's option, needs a GPU tier, which is not built.)
+    compression: "none" (read the checkpoint) or "zstd": on first load every expert is
+    written, byte planes zstd-compressed, losslessly, to a store in store_dir
+    (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
     """
 
     expert_memory: str | int | None = None
@@ -98,6 +101,7 @@ class OffloadConfig:
     predictor_trace: str | None = None
     history_topk: int | None = None
     store_dir: str | None = None
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
@@ -123,6 +127,8 @@ class OffloadConfig:
                              f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
+        if self.compression not in ("none", "zstd"):
+            raise ValueError(f"compression must be 'none' or 'zstd'; got {self.compression!r}")
         if self.on_miss not in ("wait", "low_precision"):
             raise ValueError(f"on_miss must be 'wait' or 'low_precision'; got {self.on_miss!r}")
         if self.low_precision not in ("int8", "int4"):

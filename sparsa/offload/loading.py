@@ -16,6 +16,7 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from sparsa.offload.compressed_store import CompressedStore, open_compressed_store
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
@@ -34,7 +35,7 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
-    store: ExpertStore | None = None  # where quantized experts are read from
+    store: ExpertStore | CompressedStore | None = None  # where experts are read from
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
@@ -133,7 +134,11 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
     ref = experts[0]
     store = None
-    if quant is not None and quant.method in ("int8", "int4"):
+    quantized = quant is not None and quant.method in ("int8", "int4")
+    if quantized and oc.compression != "none":
+        raise ValueError(f"offload compression={oc.compression!r} is for full-precision "
+                         f"experts; {quant.method} experts have their own (quantized) store")
+    if quantized:
         # The budget counts quantized bytes: "25%" is a quarter of the quantized experts.
         store = open_store(ckpt.files, locations, quant, dtype, ref.hidden_size,
                            ref.intermediate_size, oc.store_dir, oc.direct_io,
@@ -153,8 +158,18 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
         total = len(locations) * expert_bytes
         budget = min(oc.budget_bytes(total), total)
-        reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
-                              layout=expert_layout(budget, total))
+        if oc.compression != "none":
+            # the budget still counts decompressed bytes (what the cache holds)
+            store = open_compressed_store(ckpt.files, locations, oc.compression,
+                                          store_dtype, oc.store_dir, oc.direct_io,
+                                          model_name=Path(model_dir).name)
+            reader = ExpertReader(store.locations, store_dtype, oc.direct_io, device,
+                                  layout="packed", assemble=store.assemble,
+                                  slab_bytes=store.out_bytes)
+            store.attach(reader)
+        else:
+            reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
+                                  layout=expert_layout(budget, total))
     num_layers = max(k[0] for k in locations) + 1
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=oc.policy, io_threads=oc.io_threads,
@@ -165,7 +180,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     cpu = device.type == "cpu"
     reader.set_pool_slabs(cache.capacity + oc.io_threads if cpu else oc.io_threads)
     lowp = None
-    if oc.on_miss == "low_precision" and store is not None:
+    if oc.on_miss == "low_precision" and quantized:
         raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
                          "full-precision experts; with quantization they are already "
                          "quantized: use on_miss='wait'")

@@ -72,15 +72,20 @@ def store_root(store_dir: str | os.PathLike | None = None) -> Path:
 def store_identity(files: list[Path], qc: QuantConfig, dtype: torch.dtype, hidden_size: int,
                    intermediate_size: int) -> dict:
     """What a store's contents depend on (its directory name is a hash of this)."""
-    shards = []
-    for f in sorted(files):
-        st = f.stat()
-        shards.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return {"version": STORE_VERSION, "shards": shards, "method": qc.method,
+    return {"version": STORE_VERSION, "shards": shard_identity(files), "method": qc.method,
             "group_size": qc.group_size if qc.method == "int4" else None,
             "clip_search": qc.clip_search if qc.method == "int4" else None,
             "dtype": str(dtype), "hidden_size": hidden_size,
             "intermediate_size": intermediate_size}
+
+
+def shard_identity(files: list[Path]) -> list:
+    """Every checkpoint shard's path, size and mtime: a changed checkpoint gets a new store."""
+    shards = []
+    for f in sorted(files):
+        st = f.stat()
+        shards.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return shards
 
 
 @dataclass
@@ -97,7 +102,7 @@ class ExpertStore:
     built: bool = False  # written by this load
     build_seconds: float = 0.0
 
-    def assemble(self, raw: tuple[torch.Tensor, ...]) -> QuantizedExperts:
+    def assemble(self, raw: tuple[torch.Tensor, ...], key=None) -> QuantizedExperts:
         """A one-expert `QuantizedExperts` over the tensors read (views of the read buffer,
         which they keep alive while the cache holds the block)."""
         return QuantizedExperts.from_buffers(
