@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,11 @@ class CompressedStore:
     pool: SlabPool | None = None  # the reader's (attach)
     slab_bytes: int = 0
     phases: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
+    # CPU seconds of loads, summed over the I/O threads: decompressing, interleaving the
+    # planes, the finiteness check
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("decompress", "interleave", "check"), 0.0))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def tensor_bytes(self) -> int:
@@ -194,17 +200,27 @@ class CompressedStore:
         scratch = _DECODER.buffer(max(_numel(s) for s in self.shapes) * k)
         pool = self.pool if self.pool is not None else SlabPool()
         slab = pool.lease(max(self.slab_bytes, self.out_bytes))
-        out, off = [], 0
+        out, off, spent = [], 0, [0.0, 0.0, 0.0]
         for i, shape in enumerate(self.shapes):
             n = _numel(shape)
             off += (self.phases.get(key, (0, 0, 0))[i] - off) % _PHASE
+            t0 = time.perf_counter()
             planes = [decode_plane(raw[i * k + j].numpy(), n, scratch[j * n:])
                       for j in range(k)]
+            t1 = time.perf_counter()
             dst = slab[off : off + n * k]
             merge_planes(planes, dst)
             out.append(torch.from_numpy(dst).view(self.dtype).view(shape))
             off += n * k
-        if not all_finite(out):
+            spent[0] += t1 - t0
+            spent[1] += time.perf_counter() - t1
+        t0 = time.perf_counter()
+        ok = all_finite(out)
+        spent[2] = time.perf_counter() - t0
+        with self._lock:
+            for name, s in zip(self.seconds, spent):
+                self.seconds[name] += s
+        if not ok:
             raise CheckpointError(f"non-finite weights in the compressed expert store "
                                   f"{self.path} (a non-finite checkpoint, or damaged bytes)")
         if self.out_dtype != self.dtype or device.type != "cpu":
@@ -217,7 +233,8 @@ class CompressedStore:
                 "expert_store_build_s": self.build_seconds, "compression": "zstd",
                 "compression_ratio": self.stored_bytes / self.raw_bytes if self.raw_bytes
                 else 0.0, "compressed_bytes": self.stored_bytes,
-                "expert_store_disk_bytes": files}
+                "expert_store_disk_bytes": files,
+                **{f"{name}_seconds": s for name, s in self.seconds.items()}}
 
 
 def _plane_names(k: int) -> list[str]:
@@ -328,3 +345,72 @@ def open_compressed_store(ckpt_files: list[Path], locations: dict[tuple[int, int
         lambda path: _open(path, identity, locations, dtype, shapes, out_dtype),
         lambda path, reader: build_compressed(path, identity, reader, list(locations), shapes),
         log)
+
+
+_EXPERT_TENSOR = r"layers\.(\d+)\..*experts\.(\d+)\.(gate_proj|w1|up_proj|w3|down_proj|w2)\.weight$"
+
+
+def measure(model_dir: str, n: int = 16) -> dict:
+    """The codec on n routed experts of a checkpoint spread over its layers, in memory, on
+    one thread: plane ratios and compress / decompress / interleave times (into buffers
+    reused from one expert to the next, as the I/O threads do)."""
+    import re
+    import time
+
+    from sparsa.loader.safetensors_reader import SafetensorsCheckpoint
+
+    ckpt, found = SafetensorsCheckpoint(model_dir), {}
+    which = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+    for name in ckpt.names():
+        m = re.search(_EXPERT_TENSOR, name)
+        if m:
+            found.setdefault((int(m[1]), int(m[2])), [None] * 3)[which[m[3]]] = \
+                ckpt.locate(name)
+    keys = sorted(found)[:: max(1, len(found) // n)][:n]
+    reader = ExpertReader({k: ExpertLocation(*found[k]) for k in keys}, found[keys[0]][0].dtype)
+    reader.set_pool_slabs(2)
+    size = max(t.nbytes for k in keys for t in found[k])
+    scratch, out_buf = np.empty(size, np.uint8), np.empty(size, np.uint8)
+    scratch[:] = out_buf[:] = 0  # (faulted in)
+    sizes, t = np.zeros((2, 4)), dict.fromkeys(("read", "compress", "decompress", "merge"), 0.0)
+    for key in keys:
+        t0 = time.perf_counter()
+        w = reader.load(*key)
+        t1 = time.perf_counter()
+        for x in w:
+            planes = split_planes(x)
+            t2 = time.perf_counter()
+            stored = [encode_plane(p) for p in planes]
+            t3 = time.perf_counter()
+            back = [decode_plane(np.frombuffer(s, np.uint8) if isinstance(s, bytes) else s,
+                                 p.nbytes, scratch[j * p.nbytes:])
+                    for j, (s, p) in enumerate(zip(stored, planes))]
+            t4 = time.perf_counter()
+            out = out_buf[: x.numel() * x.element_size()]
+            merge_planes(back, out)
+            t5 = time.perf_counter()
+            assert np.array_equal(out, x.contiguous().view(torch.uint8).numpy().reshape(-1))
+            for j, (s, p) in enumerate(zip(stored, planes)):
+                sizes[:, j] += (len(s) if isinstance(s, bytes) else s.nbytes, p.nbytes)
+            t["compress"] += t3 - t2
+            t["decompress"] += t4 - t3
+            t["merge"] += t5 - t4
+        t["read"] += t1 - t0
+    k = w[0].element_size()
+    raw = sizes[1].sum()
+    return {"experts": len(keys), "dtype": str(w[0].dtype), "expert_mb": raw / len(keys) / 1e6,
+            "plane_ratios": [round(a / b, 3) for a, b in zip(*sizes[:, :k])],
+            "ratio": sizes[0].sum() / raw,
+            **{f"{a}_ms_per_expert": 1e3 * b / len(keys) for a, b in t.items()},
+            "decompress_gb_s": raw / t["decompress"] / 1e9 if t["decompress"] else None}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="measure the expert codec on a checkpoint")
+    ap.add_argument("model")
+    ap.add_argument("--experts", type=int, default=16)
+    a = ap.parse_args()
+    print(json.dumps(measure(a.model, a.experts), indent=1))

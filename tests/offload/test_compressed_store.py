@@ -11,7 +11,6 @@ compressed plane and non-finite weights are CheckpointErrors; option conflicts r
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from sparsa.offload.compressed_store import (
     split_planes,
 )
 from sparsa.offload.quantized_store import STORE_ENV
-from tests.offload.helpers import moe_checkpoint
+from tests.offload.helpers import assert_rebuilt_after, moe_checkpoint
 from tests.offload.test_offload_engine import PROMPTS
 
 SAMPLING = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
@@ -172,16 +171,12 @@ def test_damaged_store_is_rebuilt_or_refused(tmp_path, caplog):
     llm = LLM(str(path), expert_memory="25%", offload_compression="zstd")
     store = llm.engine.model.offload.store
     files = sorted(store.path.glob("*.safetensors"))
-    for damage in (lambda: files[0].write_bytes(files[0].read_bytes()[:-5000]),  # truncated
-                   lambda: (store.path / "store.json").unlink()):  # a build cut short
-        damage()
-        with caplog.at_level(logging.WARNING, logger="sparsa.offload.compressed_store"):
-            caplog.clear()
-            again = LLM(str(path), expert_memory="25%", offload_compression="zstd")
-        assert "rebuilding" in caplog.text
-        assert again.engine.model.offload.store.built
-        assert _run(again, PROMPTS) == ref
-    assert not list(store.path.glob(".*.tmp"))
+    damages = (lambda: files[0].write_bytes(files[0].read_bytes()[:-5000]),  # truncated
+               lambda: (store.path / "store.json").unlink())  # a build cut short
+    again = assert_rebuilt_after(
+        damages, "sparsa.offload.compressed_store",
+        lambda: LLM(str(path), expert_memory="25%", offload_compression="zstd"), _run, ref,
+        caplog)
     # a flipped byte inside a compressed plane: the frame's checksum fails at load
     part = _compressed_part(again.engine.model.offload.store)
     with open(part.path, "r+b") as f:
