@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                      None if q == "none" else q))
         results.append(r)
         c = r.get("cache", {})
-        lowp = f", {c['low_precision_substitutions']} low-precision substitutions, " \
+        lowp = f", {c['substitutions']} low-precision substitutions, " \
             f"{c['low_precision_bytes'] / 2**20:.1f} MiB low-precision tier" \
             if c.get("low_precision") else ""
         io = ""

@@ -110,14 +110,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
-    from sparsa.config import PREFETCH_CHOICES
+    from sparsa.config import ENGINE_POLICIES, PREFETCH_CHOICES
 
     o = p.add_argument_group("expert offloading (MoE models)")
     o.add_argument("--expert-memory", default=None, metavar="SIZE",
                    help="keep routed experts on disk and at most SIZE of them in memory, e.g. "
                         "25%% (of all expert bytes) or 4GiB (default: every expert resident)")
-    o.add_argument("--offload-policy", default="lru", choices=["lru", "lfu", "lrfu", "arc"],
-                   help="eviction policy of the expert cache")
+    o.add_argument("--offload-policy", default="lru", choices=list(ENGINE_POLICIES),
+                   help="eviction policy of the expert cache (activation: MoE-Infinity's, "
+                        "needs --offload-predictor-trace)")
     o.add_argument("--offload-prefetch", default="lookahead", choices=list(PREFETCH_CHOICES),
                    help="lookahead: the next layer's router on this layer's input; history: "
                         "predictors fit on --offload-predictor-trace; or both")
@@ -125,9 +126,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="a routing trace of this model (sparsa trace) for history prefetch")
     o.add_argument("--offload-history-topk", type=_positive_int, default=None, metavar="K",
                    help="experts per token history prefetch loads (default: the router's k)")
-    o.add_argument("--offload-on-miss", default="wait", choices=["wait", "int4", "int8"],
-                   help="wait for a missing expert's load (exact), or compute it with an "
-                        "int4/int8 copy kept in RAM (HOBBIT; lossy)")
+    o.add_argument("--offload-on-miss", default="wait", choices=["wait", "int4", "int8", "host"],
+                   help="wait for a missing expert's load (exact), compute it with an "
+                        "int4/int8 copy kept in RAM (HOBBIT; lossy), or, with "
+                        "--offload-host-memory, on the CPU from its host copy (Fiddler)")
+    o.add_argument("--offload-host-memory", default=None, metavar="SIZE",
+                   help="a host-memory tier of experts between the device cache and the disk "
+                        "(pinned on CUDA), e.g. 16GiB or 50%% of the expert bytes")
+    o.add_argument("--offload-host-compute-rows", type=_positive_int, default=4, metavar="N",
+                   help="with --offload-on-miss host: the most rows a miss computes on the CPU")
     o.add_argument("--offload-io-threads", type=_positive_int, default=2,
                    help="background threads reading experts")
     o.add_argument("--offload-store-dir", default=None, metavar="DIR",
@@ -277,10 +284,12 @@ def offload_fields(args: argparse.Namespace) -> dict[str, Any]:
     return dict(expert_memory=args.expert_memory, policy=args.offload_policy,
                 prefetch=args.offload_prefetch, predictor_trace=args.offload_predictor_trace,
                 history_topk=args.offload_history_topk,
-                on_miss="wait" if miss == "wait" else "low_precision",
-                low_precision="int4" if miss == "wait" else miss,
+                on_miss=miss if miss in ("wait", "host") else "low_precision",
+                low_precision=miss if miss in ("int4", "int8") else "int4",
                 io_threads=args.offload_io_threads,
                 store_dir=getattr(args, "offload_store_dir", None),
+                host_memory=args.offload_host_memory,
+                host_compute_max_rows=args.offload_host_compute_rows,
                 compression=getattr(args, "offload_compression", "none"))
 
 

@@ -51,6 +51,8 @@ def parse_size(size: str | float) -> int:
 
 
 PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
+ON_MISS_CHOICES = ("wait", "low_precision", "host")
+ENGINE_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation")
 
 
 @dataclass
@@ -66,11 +68,13 @@ class OffloadConfig:
     (sparsa.offload.quantized_store) that later loads reuse; experts are read from there.
     store_dir: where those stores live (None: $SPARSA_EXPERT_STORE, else
     ~/.cache/sparsa/experts).
-    policy: eviction ranking (lru, lfu, lrfu, arc).
+    policy: eviction ranking (lru, lfu, lrfu, arc, or activation: MoE-Infinity's match of the
+    request's expert activation matrix against those of `predictor_trace`'s prompts).
     prefetch: "none", "lookahead" (the next MoE layer's router on this layer's input),
     "history" (the trace lab's co-occurrence + token-affinity + transition predictors, fit on
     `predictor_trace`, a trace recorded from this model), or "lookahead+history" (both).
-    predictor_trace: a routing trace (.csv / .csv.gz from `sparsa trace`) for "history".
+    predictor_trace: a routing trace (.csv / .csv.gz from `sparsa trace`) for "history" and
+    for policy "activation".
     history_topk: experts per token the history predictor prefetches (None: the router's k).
     prefetch_evicts: "cold" (default: a guessed prefetch evicts only experts unused in this
     forward pass and the previous one) or "any" (whatever the policy ranks lowest). "cold"
@@ -81,8 +85,14 @@ class OffloadConfig:
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
     is also kept, quantized to `low_precision` ("int8" | "int4", groups of
     `low_precision_group_size`), in a RAM tier outside the budget; a miss computes with that
-    copy while the full-precision load goes on in the background. (Computing a miss on the
-    tier where the expert lives, Fiddler's option, needs a GPU tier, which is not built.)
+    copy while the full-precision load goes on in the background; or "host" (Fiddler): an
+    expert the host tier holds is computed where it lives, on the CPU, for up to
+    `host_compute_max_rows` rows, while its copy to the device goes on (any other miss waits).
+    host_memory: None (off), bytes, "16GiB" or "50%" of the expert bytes: a second tier of
+    experts in host memory (pinned on CUDA, so copies to the device run asynchronously on a
+    side stream) between the device cache (`expert_memory`) and the disk, with its own hard
+    budget and LRU eviction. It is meant for GPU machines; on a CPU-only machine it works
+    (the tests run it there) but one larger `expert_memory` serves better.
     compression: "none" (read the checkpoint) or "zstd": on first load every expert is
     written, byte planes zstd-compressed, losslessly, to a store in store_dir
     (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
@@ -101,13 +111,29 @@ class OffloadConfig:
     predictor_trace: str | None = None
     history_topk: int | None = None
     store_dir: str | None = None
+    host_memory: str | int | None = None
+    host_compute_max_rows: int = 4
     compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
             self.budget_bytes(1)  # validates the form
-        if self.policy not in ("lru", "lfu", "lrfu", "arc"):
-            raise ValueError(f"offload policy must be lru, lfu, lrfu or arc; got {self.policy!r}")
+        if self.host_memory is not None:
+            self.host_budget_bytes(1)
+        if self.on_miss == "host" and self.host_memory is None:
+            raise ValueError("on_miss='host' computes misses with the host tier's copy: set "
+                             "host_memory")
+        if isinstance(self.host_compute_max_rows, bool) or \
+                not isinstance(self.host_compute_max_rows, int) or self.host_compute_max_rows < 1:
+            raise ValueError("host_compute_max_rows must be an integer >= 1; "
+                             f"got {self.host_compute_max_rows!r}")
+        if self.policy not in ENGINE_POLICIES:
+            raise ValueError(f"offload policy must be one of {', '.join(ENGINE_POLICIES)}; "
+                             f"got {self.policy!r}")
+        if self.policy == "activation" and not self.predictor_trace:
+            raise ValueError("policy='activation' matches requests against the activation "
+                             "matrices of predictor_trace (a routing trace of this model, "
+                             "from `sparsa trace`): set it")
         if self.prefetch not in PREFETCH_CHOICES:
             raise ValueError(f"prefetch must be one of {', '.join(PREFETCH_CHOICES)}; "
                              f"got {self.prefetch!r}")
@@ -129,8 +155,9 @@ class OffloadConfig:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
         if self.compression not in ("none", "zstd"):
             raise ValueError(f"compression must be 'none' or 'zstd'; got {self.compression!r}")
-        if self.on_miss not in ("wait", "low_precision"):
-            raise ValueError(f"on_miss must be 'wait' or 'low_precision'; got {self.on_miss!r}")
+        if self.on_miss not in ON_MISS_CHOICES:
+            raise ValueError(f"on_miss must be one of {', '.join(ON_MISS_CHOICES)}; "
+                             f"got {self.on_miss!r}")
         if self.low_precision not in ("int8", "int4"):
             raise ValueError(f"low_precision must be 'int8' or 'int4'; got "
                              f"{self.low_precision!r}")
@@ -154,19 +181,26 @@ class OffloadConfig:
         return "history" in self.prefetch
 
     def budget_bytes(self, total_expert_bytes: int) -> int:
-        m = self.expert_memory
-        if isinstance(m, str) and m.strip().endswith("%"):
-            try:
-                frac = float(m.strip()[:-1]) / 100
-            except ValueError:
-                raise ValueError(f"cannot parse expert_memory {m!r}") from None
-            if not 0 < frac <= 1:
-                raise ValueError(f"expert_memory percentage must be in (0, 100]; got {m!r}")
-            return int(total_expert_bytes * frac)
-        n = parse_size(m)
-        if n <= 0:
-            raise ValueError(f"expert_memory must be positive; got {m!r}")
-        return n
+        return _budget(self.expert_memory, total_expert_bytes, "expert_memory")
+
+    def host_budget_bytes(self, total_expert_bytes: int) -> int:
+        return _budget(self.host_memory, total_expert_bytes, "host_memory")
+
+
+def _budget(m: str | int, total: int, name: str) -> int:
+    """Bytes from a size ("4GiB", a number) or a percentage of `total` ("25%")."""
+    if isinstance(m, str) and m.strip().endswith("%"):
+        try:
+            frac = float(m.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"cannot parse {name} {m!r}") from None
+        if not 0 < frac <= 1:
+            raise ValueError(f"{name} percentage must be in (0, 100]; got {m!r}")
+        return int(total * frac)
+    n = parse_size(m)
+    if n <= 0:
+        raise ValueError(f"{name} must be positive; got {m!r}")
+    return n
 
 
 # --bf16-prefill choices -> ModelConfig.bf16_prefill

@@ -183,7 +183,7 @@ def format_table(results: list[PerplexityResult]) -> str:
         o = r.offload
         if o:
             lines.append(f"\n{r.quantization}: hit rate {o['hit_rate']:.3f} of {o['requests']} "
-                         f"expert requests, {o['low_precision_substitutions']} computed in low "
+                         f"expert requests, {o['substitutions']} computed in low "
                          f"precision, budget {o['budget_bytes'] / 1e6:.2f} of "
                          f"{o['total_expert_bytes'] / 1e6:.2f} MB "
                          f"(peak {o['peak_bytes'] / 1e6:.2f})"

@@ -39,9 +39,11 @@ class ModelRunner:
         self.device = device
         # An ExpertTracer (sparsa.offload.expert_tracer) when routing is being recorded.
         self.tracer = None
-        # The offloaded experts' HistoryPrefetcher, which needs each step's token ids too.
+        # Offloading's step observers (the HistoryPrefetcher, which needs each step's token
+        # ids too; request starts for an activation-aware cache policy).
         offload = getattr(model, "offload", None)
         self.expert_history = getattr(offload, "history", None)
+        self.offload_observers = offload.step_observers() if offload is not None else []
         self.dtype = dtype
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
@@ -126,8 +128,8 @@ class ModelRunner:
 
     def _step_observers(self) -> list:
         """Components that see each step's rows (sequence, token ids, positions) around the
-        forward pass: the expert tracer, the offload history predictor."""
-        return [o for o in (self.tracer, self.expert_history) if o is not None]
+        forward pass: the expert tracer, offloading's observers."""
+        return ([self.tracer] if self.tracer is not None else []) + self.offload_observers
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):

@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import itertools
+import hmac
 import json
 import os
 import pickle
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,13 @@ from sparsa.offload.learned_eviction import (
     oracle_next_scores,
 )
 from sparsa.offload.neural_predictor import NeuralPredictor
-from sparsa.offload.policies import ActivationAware, CachePolicy, LearnedRF, make_policy
+from sparsa.offload.policies import (
+    ActivationAware,
+    CachePolicy,
+    LearnedRF,
+    activation_library,
+    make_policy,
+)
 from sparsa.offload.predictors import (
     CombinedPredictor,
     CooccurrencePredictor,
@@ -119,31 +126,50 @@ def _default_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 def _cached(key: str, train_path: Path | None, fit: Callable[[], Any], enabled: bool) -> Any:
     """Fits are pure functions of the training file and their settings, and take a minute
-    or two on the full train split, so they are pickled by (file, size, mtime, settings)."""
+    or two on the full train split, so they are pickled by (file, size, mtime, settings).
+    Pickle runs code, so a cache file is unpickled only if it carries an HMAC made with this
+    user's key (`_cache_key`): only files this code wrote are loaded; others are refit."""
     if not enabled or train_path is None:
         return fit()
     st = train_path.stat()
     ident = f"{train_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key}"
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsa" / "offload"
-    f = root / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".pkl")
-    if f.is_file():
-        with contextlib.suppress(Exception), open(f, "rb") as fh:
-            return pickle.load(fh)
+    f = root / (hashlib.sha256(ident.encode()).hexdigest()[:24] + ".fit")
+    secret = _cache_key(root)
+    if f.is_file() and secret is not None:
+        data = f.read_bytes()
+        tag, payload = data[:32], data[32:]
+        if hmac.compare_digest(tag, hmac.new(secret, payload, "sha256").digest()):
+            with contextlib.suppress(Exception):
+                return pickle.loads(payload)
     obj = fit()
-    with contextlib.suppress(OSError):
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(f)
+    if secret is not None:
+        with contextlib.suppress(OSError):
+            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(hmac.new(secret, payload, "sha256").digest() + payload)
+            tmp.replace(f)
     return obj
 
 
-def _library(train: Trace) -> np.ndarray:
-    """Per-prompt expert activation matrices (counts) of the training trace."""
-    starts = np.append(train.prompt_starts(), train.num_tokens)
-    hot = train.multi_hot().astype(np.float32)
-    return np.stack([hot[a:b].sum(0) for a, b in itertools.pairwise(starts)])
+def _cache_key(root: Path) -> bytes | None:
+    """This user's secret for the fit cache (created on first use, readable by the user
+    only); None when it cannot be kept (then nothing is cached)."""
+    path = root / ".key"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            fd = os.open(path.with_suffix(f".{os.getpid()}"), os.O_WRONLY | os.O_CREAT |
+                         os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            os.replace(path.with_suffix(f".{os.getpid()}"), path)
+        if path.stat().st_mode & 0o077:
+            return None  # others could read it, and so forge cache files
+        key = path.read_bytes()
+        return key if len(key) == 32 else None
+    except OSError:
+        return None
 
 
 def _policies(names: list[str], train: Trace | None, train_path: Path | None,
@@ -154,7 +180,7 @@ def _policies(names: list[str], train: Trace | None, train_path: Path | None,
             print(f"sparsa cache-sim: skipping {name}: it needs --train", file=sys.stderr)
             continue
         if name == "activation":
-            out.append(ActivationAware(_library(train)))  # type: ignore[arg-type]
+            out.append(ActivationAware(activation_library(train)))  # type: ignore[arg-type]
         elif name == "learned":
             out.append(_cached("learned-rf-v1", train_path, lambda: _fit_learned(train),
                                cache))

@@ -14,9 +14,10 @@ GIL) and interleaves them into a pooled page-aligned slab: the checkpoint's tens
 bit, in the "native" layout. The cache budget counts those decompressed bytes.
 
 Layout: as sparsa.offload.quantized_store's (whose helpers this reuses): one safetensors file
-per MoE layer of uint8 tensors `{e}.{gate|up|down}.p{j}`, each expert one contiguous 4 KiB-
-aligned span (`{e}.pad`); a plane stored raw has exactly its element count of bytes, a
-compressed one fewer. `store.json` is written last, files go to temporary names first, the
+per MoE layer of uint8 tensors `{e}.{gate|up|down}.p{j}` and `{e}.phase` (where each tensor
+starts in the checkpoint, modulo 64), each expert one contiguous 4 KiB-aligned span
+(`{e}.pad`); a plane stored raw has exactly its element count of bytes, a compressed one
+fewer. `store.json` is written last, files go to temporary names first, the
 directory name hashes the checkpoint's identity and the codec. Each layer file's header is
 sized before its experts are compressed (from their raw sizes) and filled in after them.
 
@@ -165,7 +166,6 @@ class CompressedStore:
     build_seconds: float = 0.0
     pool: SlabPool | None = None  # the reader's (attach)
     slab_bytes: int = 0
-    phases: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict, repr=False)
     # CPU seconds of loads, summed over the I/O threads: decompressing, interleaving the
     # planes, the finiteness check
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -190,9 +190,9 @@ class CompressedStore:
         """Decompress into slabs of `reader`'s pool (made at least out_bytes large)."""
         self.pool, self.slab_bytes = reader.pool, reader.slab_bytes
 
-    def assemble(self, raw: tuple[torch.Tensor, ...], key=None) -> tuple[torch.Tensor, ...]:
-        """(gate, up, down) [out, in], bit-identical to the checkpoint's, from the planes
-        read (views of the read slab, free once this returns) of expert `key`."""
+    def assemble(self, raw: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) [out, in], bit-identical to the checkpoint's, from the parts
+        read (views of the read slab, free once this returns, or a host tier's copy)."""
         device = raw[0].device
         if device.type != "cpu":
             raw = tuple(t.cpu() for t in raw)
@@ -200,10 +200,10 @@ class CompressedStore:
         scratch = _DECODER.buffer(max(_numel(s) for s in self.shapes) * k)
         pool = self.pool if self.pool is not None else SlabPool()
         slab = pool.lease(max(self.slab_bytes, self.out_bytes))
-        out, off, spent = [], 0, [0.0, 0.0, 0.0]
+        out, off, spent, phases = [], 0, [0.0, 0.0, 0.0], raw[-1].tolist()
         for i, shape in enumerate(self.shapes):
             n = _numel(shape)
-            off += (self.phases.get(key, (0, 0, 0))[i] - off) % _PHASE
+            off += (phases[i] - off) % _PHASE
             t0 = time.perf_counter()
             planes = [decode_plane(raw[i * k + j].numpy(), n, scratch[j * n:])
                       for j in range(k)]
@@ -241,6 +241,12 @@ def _plane_names(k: int) -> list[str]:
     return [f"{n}.p{j}" for n in _NAMES for j in range(k)]
 
 
+def _phases(loc: ExpertLocation) -> bytes:
+    """Where the uncompressed read puts each tensor, modulo _PHASE (its checkpoint offset's)."""
+    return bytes(t.offset % _PHASE if t.offset % t.dtype.itemsize == 0 else 0
+                 for t in loc.tensors)
+
+
 def _compress_expert(w: tuple[torch.Tensor, ...], pool: ThreadPoolExecutor) -> list:
     """(part name, stored bytes) of one expert's planes, compressed on `pool`'s threads."""
     planes = [p for t in w for p in split_planes(t)]
@@ -248,12 +254,13 @@ def _compress_expert(w: tuple[torch.Tensor, ...], pool: ThreadPoolExecutor) -> l
 
 
 def build_compressed(path: Path, identity: dict, reader: ExpertReader,
-                     keys: list[tuple[int, int]], shapes) -> None:
-    """Compress every expert in `keys` (read through `reader`, native layout) into `path`."""
+                     locations: dict[tuple[int, int], ExpertLocation], shapes) -> None:
+    """Compress every expert of `locations` (read through `reader`, native layout) into
+    `path`."""
     prepare_dir(path)
-    k = reader.dtype.itemsize
+    k, keys = reader.dtype.itemsize, list(locations)
     raw_spec = [(name, torch.uint8, (_numel(shapes[i // k]),))
-                for i, name in enumerate(_plane_names(k))]
+                for i, name in enumerate(_plane_names(k))] + [("phase", torch.uint8, (3,))]
     layers: dict[int, list[int]] = {}
     for layer, e in sorted(keys):
         layers.setdefault(layer, []).append(e)
@@ -271,6 +278,7 @@ def build_compressed(path: Path, identity: dict, reader: ExpertReader,
                     key, parts = next(stream)
                     if key != (layer, e):
                         raise AssertionError(f"store build out of order: {key} != {(layer, e)}")
+                    parts.append(("phase", _phases(locations[key])))
                     spec = [(name, torch.uint8, (len(b) if isinstance(b, bytes) else b.nbytes,))
                             for name, b in parts]
                     blocks.append((e, spec))
@@ -294,18 +302,16 @@ def _open(path: Path, identity: dict, locations: dict, dtype: torch.dtype, shape
     wrong (missing, truncated, inconsistent)."""
     m = read_manifest(path, identity)
     store = CompressedStore(path, dtype, shapes, out_dtype)
-    store.phases = {k: tuple(t.offset % _PHASE if t.offset % t.dtype.itemsize == 0 else 0
-                             for t in loc.tensors)
-                    for k, loc in locations.items()}
     k = dtype.itemsize
-    names = tuple(_plane_names(k))
+    names = (*_plane_names(k), "phase")
     for layer, experts, f, header, data_start in layer_files(path, m.get("files")):
         for e in experts:
             parts = []
             for i, name in enumerate(names):
-                t, n = header.get(f"{e}.{name}"), _numel(shapes[i // k])
+                t = header.get(f"{e}.{name}")
+                lo, n = (3, 3) if name == "phase" else (1, _numel(shapes[i // k]))
                 if t is None or t["dtype"] != "U8" or len(t["shape"]) != 1 or \
-                        not 0 < t["shape"][0] <= n:
+                        not lo <= t["shape"][0] <= n:
                     raise CheckpointError(f"{f}: tensor {e}.{name} missing or not a plane of "
                                           f"at most {n} bytes")
                 b, end = t["data_offsets"]
@@ -343,7 +349,7 @@ def open_compressed_store(ckpt_files: list[Path], locations: dict[tuple[int, int
         store_path(store_dir, model_name, f"zstd{ZSTD_LEVEL}", identity), "compressed",
         locations, dtype, direct_io,
         lambda path: _open(path, identity, locations, dtype, shapes, out_dtype),
-        lambda path, reader: build_compressed(path, identity, reader, list(locations), shapes),
+        lambda path, reader: build_compressed(path, identity, reader, locations, shapes),
         log)
 
 

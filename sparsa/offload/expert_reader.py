@@ -197,7 +197,7 @@ def all_finite(tensors) -> bool:
 class ExpertReader:
     """Reads (layer, expert) -> weights in `dtype` and `layout`: "native" gives
     (gate [I, H], up [I, H], down [H, I]); "resident" gives FusedExperts' (w13 [H, 2I],
-    w2 [I, H]); "packed" gives assemble(the location's tensors as stored, (layer, expert))."""
+    w2 [I, H]); "packed" gives assemble(the location's tensors as stored)."""
 
     def __init__(self, locations: dict[tuple[int, int], ExpertLocation | PackedLocation],
                  dtype: torch.dtype, direct_io: bool = True,
@@ -224,14 +224,19 @@ class ExpertReader:
         self._plans = {k: plan_reads(v) for k, v in locations.items()}
         # One slab size for every expert (spans differ by a page with their alignment), so
         # any free slab serves any load.
-        self.slab_bytes = max(max((p.nbytes for p in self._plans.values()), default=0),
-                              -(-slab_bytes // _ALIGN) * _ALIGN)
+        self.raw_bytes = max((p.nbytes for p in self._plans.values()), default=0)
+        self.slab_bytes = max(self.raw_bytes, -(-slab_bytes // _ALIGN) * _ALIGN)
         if layout == "resident":
             elem = {v.gate.dtype.itemsize for v in locations.values()} | {dtype.itemsize}
             numel = max((sum(t.nbytes // t.dtype.itemsize for t in (v.gate, v.up, v.down))
                          for v in locations.values()), default=0)
             self.slab_bytes = max(self.slab_bytes, -(-numel * max(elem) // _ALIGN) * _ALIGN)
         self.pool = SlabPool(pool_bytes)
+
+    def raw_offsets(self, layer: int, expert: int) -> tuple[int, ...]:
+        """Where `read_raw`'s tensors start in its slab (a copy that keeps these offsets in a
+        page-aligned buffer keeps their alignment, and so the kernels' rounding)."""
+        return self._plans[(layer, expert)].offsets
 
     def set_pool_slabs(self, n: int) -> None:
         """Keep up to n slabs for reuse (the cache's capacity plus loads in flight)."""
@@ -315,32 +320,37 @@ class ExpertReader:
         return tuple(out)
 
     def load(self, layer: int, expert: int) -> Any:
-        if self.layout == "packed":
-            raw = self.read_raw(layer, expert)
-            if self.device.type != "cpu":
-                raw = tuple(t.to(self.device) for t in raw)
-            try:
-                return self.assemble(raw, (layer, expert))
-            except CheckpointError as e:  # (say which expert)
-                raise CheckpointError(f"layer {layer} expert {expert}: {e}") from None
-        gate, up, down = self.read_raw(layer, expert)
-        if self.layout == "native":
-            w = tuple(t if t.dtype == self.dtype else t.to(self.dtype)
-                      for t in (gate, up, down))
-        else:
-            inter, hidden = gate.shape
-            arr = self.pool.lease(self.slab_bytes)
-            flat = torch.from_numpy(arr[: 3 * inter * hidden * self.dtype.itemsize])
-            flat = flat.view(self.dtype)
-            w13 = flat[: 2 * inter * hidden].view(hidden, 2 * inter)
-            w2 = flat[2 * inter * hidden :].view(inter, hidden)
-            w13[:, :inter].copy_(gate.t())
-            w13[:, inter:].copy_(up.t())
-            w2.copy_(down.t())
-            w = (w13, w2)
+        raw = self.read_raw(layer, expert)
+        try:
+            return self.compute_form(raw)
+        except CheckpointError as e:  # (an assemble's: say which expert)
+            raise CheckpointError(f"layer {layer} expert {expert}: {e}") from None
+
+    def compute_form(self, raw: tuple[torch.Tensor, ...]) -> Any:
+        """What the cache computes with, from `read_raw`'s tensors (a slab's views or a host
+        tier's copy, on the CPU), on `device`. Off the CPU the tensors move first, then
+        convert there; pinned ones copy asynchronously on the caller's current stream."""
         if self.device.type != "cpu":
-            w = tuple(t.to(self.device) for t in w)
-        return w
+            raw = tuple(t.to(self.device, non_blocking=t.is_pinned()) for t in raw)
+        if self.layout == "packed":
+            return self.assemble(raw)
+        gate, up, down = raw
+        if self.layout == "native":
+            return tuple(t if t.dtype == self.dtype else t.to(self.dtype)
+                         for t in (gate, up, down))
+        inter, hidden = gate.shape
+        if self.device.type != "cpu":
+            return (torch.cat([gate.t(), up.t()], dim=1).to(self.dtype),
+                    down.t().contiguous().to(self.dtype))
+        arr = self.pool.lease(self.slab_bytes)
+        flat = torch.from_numpy(arr[: 3 * inter * hidden * self.dtype.itemsize])
+        flat = flat.view(self.dtype)
+        w13 = flat[: 2 * inter * hidden].view(hidden, 2 * inter)
+        w2 = flat[2 * inter * hidden :].view(inter, hidden)
+        w13[:, :inter].copy_(gate.t())
+        w13[:, inter:].copy_(up.t())
+        w2.copy_(down.t())
+        return (w13, w2)
 
     def close(self) -> None:
         with self._lock:

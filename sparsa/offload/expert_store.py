@@ -7,7 +7,9 @@ checkpoint with O_DIRECT, bypassing the OS page cache.
 per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
 `sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). Loads run
 on background I/O threads; `acquire` waits for a load in flight or demand-loads a miss, or,
-with `wait=False` (on_miss="low_precision"), starts the load and returns None at once.
+with `wait=False` (on_miss="low_precision" or "host"), starts the load and returns None at
+once. With a `HostTier` (sparsa.offload.host_tier) loads go through it: from host memory
+when it holds the expert, else from disk.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class CacheStats:
     bytes_loaded: int = 0
     peak_bytes: int = 0
     wait_seconds: float = 0.0
-    # acquire(wait=False) found the expert not ready: computed with the low-precision copy
-    low_precision_substitutions: int = 0
+    # acquire(wait=False) found the expert not ready: computed with another copy (the
+    # low-precision one, or the host tier's)
+    substitutions: int = 0
     per_layer: dict = field(default_factory=dict)
 
     @property
@@ -69,14 +72,17 @@ class ExpertCache:
     def __init__(self, reader: ExpertReader, num_layers: int, num_experts: int,
                  expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
                  io_threads: int = 2, clock: Callable[[], float] | None = None,
-                 max_inflight: int | None = None, prefetch_evicts: str = "cold"):
+                 max_inflight: int | None = None, prefetch_evicts: str = "cold",
+                 loader: Callable[[int, int], object] | None = None):
         """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
         that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
         queued behind busy I/O threads would only hold budget and arrive too late).
         prefetch_evicts: "cold" (default) lets a guessed prefetch evict only experts not used
         in this forward pass or the previous one (a guess never pushes out what the last
         token needed, which the next token often needs again); "any" lets the policy pick
-        any victim."""
+        any victim.
+        loader: what a load calls, (layer, expert) -> weights (default `reader.load`; a
+        `HostTier`'s load puts host memory in between)."""
         if prefetch_evicts not in ("cold", "any"):
             raise ValueError(f"prefetch_evicts must be 'cold' or 'any'; got {prefetch_evicts!r}")
         if budget_bytes < expert_bytes:
@@ -85,6 +91,7 @@ class ExpertCache:
         import time
 
         self.reader = reader
+        self.loader = loader or reader.load
         self.L, self.E = num_layers, num_experts
         self.expert_bytes = expert_bytes
         self.budget_bytes = budget_bytes
@@ -193,7 +200,7 @@ class ExpertCache:
         entry = _Entry(None, prefetched)
         self._entries[key] = entry
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
-        entry.future = self._pool.submit(self.reader.load, *key)
+        entry.future = self._pool.submit(self.loader, *key)
         self.stats.bytes_loaded += self.expert_bytes
         self.policy.inserted(self._t, self._mask([key]), prefetched)
         return entry
@@ -245,15 +252,20 @@ class ExpertCache:
         self._observe(key, hit)
 
     def acquire(self, layer: int, expert: int, protect: set[tuple[int, int]] | None = None,
-                wait: bool = True) -> tuple[torch.Tensor, ...] | None:
+                wait: bool = True, can_skip: Callable[[tuple[int, int]], bool] | None = None
+                ) -> tuple[torch.Tensor, ...] | None:
         """The expert's weights, pinned until `release`; waits for a load in flight or
         demand-loads a miss. With `wait=False`, an expert that is not ready returns None
-        (nothing pinned; counted in `low_precision_substitutions`) after starting its load
-        if the budget has room without waiting (and fewer than `max_inflight` are loading)."""
+        (nothing pinned; counted in `substitutions`) after starting its load if the budget
+        has room without waiting (and fewer than `max_inflight` are loading); `can_skip`,
+        when given, is asked first (lock held) and a False makes the call wait after all."""
         key = (layer, expert)
         with self._lock:
             self._count_request(key)
             entry = self._entries.get(key)
+            if not wait and can_skip is not None and \
+                    not (entry is not None and self._ready(entry)) and not can_skip(key):
+                wait = True
             if entry is None:
                 self.stats.misses += 1
                 if wait:
@@ -269,7 +281,7 @@ class ExpertCache:
                     and not entry.future.done():
                 entry = None  # in flight (a failed load falls through and raises below)
             if entry is None:
-                self.stats.low_precision_substitutions += 1
+                self.stats.substitutions += 1
                 self._observe(key, False)
                 return None
             self._pin(key, entry, entry.weights is not None)
@@ -306,6 +318,13 @@ class ExpertCache:
                 self._pin(key, entry, True)
                 out.append(entry.weights)
             return out
+
+    def begin_request(self) -> None:
+        """A new request begins (policies that track one, like ActivationAware, reset)."""
+        new_request = getattr(self.policy, "new_request", None)
+        if new_request is not None:
+            with self._lock:
+                new_request()
 
     def release_many(self, layer: int, experts) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +21,7 @@ from sparsa.offload.compressed_store import CompressedStore, open_compressed_sto
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
+from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
 from sparsa.offload.quantized_store import ExpertStore, open_store
@@ -40,6 +42,7 @@ class OffloadState:
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
     history_stats: LookaheadStats | None = None
+    host: HostTier | None = None  # host memory between the device cache and the disk
 
     def reserve_buffers(self) -> int:
         """Map the read buffers of every cached expert now, at load, instead of inside the
@@ -51,6 +54,13 @@ class OffloadState:
         reader = self.cache.reader
         return reader.pool.reserve(self.reserve_slabs, reader.slab_bytes,
                                    threads=max(1, min(self.io_threads, os.cpu_count() or 1)))
+
+    def step_observers(self) -> list:
+        """What the model runner tells about each step (sequence rows, token ids)."""
+        out: list = [self.history] if self.history is not None else []
+        if hasattr(self.cache.policy, "new_request"):
+            out.append(RequestStarts(self.cache))
+        return out
 
     def report(self) -> dict:
         d = self.cache.stats.as_dict()
@@ -70,7 +80,32 @@ class OffloadState:
                      history_precision=self.history_stats.precision)
         if self.store is not None:
             d.update(self.store.report())
+        if self.host is not None:
+            d.update(self.host.report())
         return d
+
+
+class RequestStarts:
+    """A step observer (the model runner's protocol) that tells the cache when a new request
+    begins: at a step none of whose sequences ran in the step before. At batch 1 that is each
+    request; in a continuous batch, whenever the running set has turned over entirely (until
+    then the activation matrix is the union of the running requests')."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+        self._previous: set = set()
+
+    def begin_step(self, segments, token_ids, positions=None) -> None:
+        ids = {getattr(seq, "seq_id", id(seq)) for seq, _ in segments}
+        if ids and ids.isdisjoint(self._previous):
+            self.cache.begin_request()
+        self._previous = ids
+
+    def end_step(self) -> None:
+        pass
+
+    def abandon_step(self) -> None:
+        pass
 
 
 def _materialize_non_experts(model: nn.Module, device: torch.device) -> None:
@@ -170,39 +205,59 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         else:
             reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
                                   layout=expert_layout(budget, total))
-    num_layers = max(k[0] for k in locations) + 1
-    cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
-                        policy=oc.policy, io_threads=oc.io_threads,
-                        max_inflight=oc.io_threads if oc.on_miss == "low_precision" else None,
-                        prefetch_evicts=oc.prefetch_evicts)
-    # Slabs for every cached expert (loads in flight included) plus the resident layout's
-    # read buffers, one per I/O thread: after warm-up no load maps fresh memory.
-    cpu = device.type == "cpu"
-    reader.set_pool_slabs(cache.capacity + oc.io_threads if cpu else oc.io_threads)
-    lowp = None
     if oc.on_miss == "low_precision" and quantized:
         raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
                          "full-precision experts; with quantization they are already "
                          "quantized: use on_miss='wait'")
+    if oc.on_miss == "host" and quantized:
+        raise ValueError("on_miss='host' computes full-precision experts on the CPU; with "
+                         "int8/int4 quantization use on_miss='wait' (host_memory still "
+                         "works)")
+    if oc.on_miss == "host" and oc.compression != "none":
+        raise ValueError("on_miss='host' computes on the host tier's tensors as read, and "
+                         "the compressed store's are compressed: use on_miss='wait' "
+                         "(host_memory still works)")
+    host = None
+    if oc.host_memory is not None:
+        # the tier holds experts as read from disk (the checkpoint's or the store's bytes,
+        # laid out as in the reader's buffer)
+        host_total = len(locations) * reader.raw_bytes
+        host = HostTier(reader, min(oc.host_budget_bytes(host_total), host_total),
+                        reader.raw_bytes)
+    num_layers = max(k[0] for k in locations) + 1
+    moe_layers = sorted({k[0] for k in locations})
+    policy = _activation_policy(oc, moe_layers, num_layers, ref.num_experts) \
+        if oc.policy == "activation" else oc.policy
+    substitutes = oc.on_miss in ("low_precision", "host")
+    cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
+                        policy=policy, io_threads=oc.io_threads,
+                        max_inflight=oc.io_threads if substitutes else None,
+                        prefetch_evicts=oc.prefetch_evicts,
+                        loader=host.load if host is not None else None)
+    # Slabs for every cached expert (loads in flight included) plus the resident layout's
+    # read buffers, one per I/O thread: after warm-up no load maps fresh memory. With a
+    # host tier the cached experts are copies (or, on the CPU, views of the tier's buffers).
+    cpu = device.type == "cpu"
+    reserve = cache.capacity + oc.io_threads if cpu and host is None else 0
+    reader.set_pool_slabs(reserve or oc.io_threads)
+    lowp = None
     if oc.on_miss == "low_precision":
         # every expert read once now (its bytes count in disk_bytes_read), kept compressed
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
                                          ref.intermediate_size, oc.low_precision_group_size,
                                          io_threads=oc.io_threads)
-    history = _history_predictor(oc, sorted({k[0] for k in locations}), ref.num_experts)
+    history = _history_predictor(oc, moe_layers, ref.num_experts)
     stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
                                        low_precision=lowp, lookahead_extra=oc.lookahead_extra,
-                                       history=history, history_topk=oc.history_topk or 0)
+                                       history=history, history_topk=oc.history_topk or 0,
+                                       host=host if oc.on_miss == "host" else None,
+                                       host_compute_max_rows=oc.host_compute_max_rows)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
-                        reserve_slabs=cache.capacity + oc.io_threads if cpu else 0,
-                        io_threads=oc.io_threads, history=history,
-                        history_stats=hstats if history is not None else None)
+                        reserve_slabs=reserve, io_threads=oc.io_threads, history=history,
+                        history_stats=hstats if history is not None else None, host=host)
 
 
-def _history_predictor(oc: OffloadConfig, layers: list[int],
-                       num_experts: int) -> HistoryPrefetcher | None:
-    if not oc.history:
-        return None
+def _predictor_trace(oc: OffloadConfig, num_experts: int):
     from sparsa.offload.trace import load_trace
 
     path = Path(oc.predictor_trace)
@@ -210,7 +265,30 @@ def _history_predictor(oc: OffloadConfig, layers: list[int],
         raise FileNotFoundError(f"predictor trace {str(path)!r} not found (record one with "
                                 "`sparsa trace MODEL --out FILE`)")
     try:
-        train = load_trace(path, num_experts=num_experts)
+        return load_trace(path, num_experts=num_experts)
     except ValueError as e:
         raise ValueError(f"predictor trace {str(path)!r}: {e}") from None
-    return HistoryPrefetcher(train, layers, num_experts)
+
+
+def _history_predictor(oc: OffloadConfig, layers: list[int],
+                       num_experts: int) -> HistoryPrefetcher | None:
+    if not oc.history:
+        return None
+    return HistoryPrefetcher(_predictor_trace(oc, num_experts), layers, num_experts)
+
+
+def _activation_policy(oc: OffloadConfig, moe_layers: list[int], num_layers: int,
+                       num_experts: int):
+    """MoE-Infinity's policy over the cache's slots (every layer index x expert), its
+    library the per-prompt activation matrices of `predictor_trace` (whose layer j is the
+    j-th MoE layer)."""
+    from sparsa.offload.policies import ActivationAware, activation_library
+
+    train = _predictor_trace(oc, num_experts)
+    if train.num_layers != len(moe_layers):
+        raise ValueError(f"predictor trace {oc.predictor_trace!r} has {train.num_layers} MoE "
+                         f"layers; the model has {len(moe_layers)}")
+    lib = activation_library(train)
+    full = np.zeros((len(lib), num_layers, num_experts), dtype=lib.dtype)
+    full[:, moe_layers, :] = lib
+    return ActivationAware(full)

@@ -18,6 +18,11 @@ those are scored separately in `HistoryStats` (and together in `LookaheadStats`)
 With a `LowPrecisionExperts` tier (on_miss="low_precision") an expert that is not ready when
 its turn comes is computed with its quantized copy instead of waiting; its load goes on.
 
+With a `HostTier` and on_miss="host" (Fiddler) an expert that is not on the device when its
+turn comes but is in host memory is computed there, on the CPU, for a batch of up to
+`host_compute_max_rows` rows; its copy to the device goes on. On a CPU-only machine the
+host copy computes with the same arithmetic as the native layout's device copy.
+
 With int8/int4 quantization the cache holds one-expert `QuantizedExperts` read from the
 quantized expert store; each is computed with the kernel path the all-resident quantized
 block takes for the whole batch (`QuantizedExperts.moe_path`: the fused native MoE kernel at
@@ -38,6 +43,7 @@ from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.history_prefetch import HistoryPrefetcher
+from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 
 
@@ -80,7 +86,8 @@ class OffloadedExperts(GroupedExperts):
                  low_precision: LowPrecisionExperts | None = None, lookahead_extra: int = 0,
                  history: HistoryPrefetcher | None = None,
                  history_stats: LookaheadStats | None = None, history_topk: int = 0,
-                 gate_lookahead: bool = True):
+                 gate_lookahead: bool = True, host: HostTier | None = None,
+                 host_compute_max_rows: int = 0):
         super().__init__()
         self.layer = layer
         self.num_experts = num_experts
@@ -89,6 +96,8 @@ class OffloadedExperts(GroupedExperts):
         self.cache = cache
         self.lookahead = lookahead
         self.low_precision = low_precision
+        self.host = host  # computes misses it holds (on_miss="host"), when set
+        self.host_compute_max_rows = host_compute_max_rows
         # experts beyond the next router's top-k to prefetch (its next most likely ones)
         self.lookahead_extra = lookahead_extra
         self.gate_lookahead = gate_lookahead and lookahead is not None
@@ -189,6 +198,9 @@ class OffloadedExperts(GroupedExperts):
         # budget holds streams them through the cache instead of deadlocking.
         lowp = self.low_precision
         protect = self._call.protect
+        host = self.host if x.shape[0] <= self.host_compute_max_rows else None
+        if host is not None:
+            return self._forward_or_on_host(host, e, x)
         weights = self.cache.acquire(self.layer, e, protect, wait=lowp is None)
         if weights is None:  # not ready: the low-precision copy, while the load goes on
             protect.discard((self.layer, e))
@@ -198,6 +210,40 @@ class OffloadedExperts(GroupedExperts):
         finally:
             self.cache.release(self.layer, e)
             protect.discard((self.layer, e))
+
+    def _forward_or_on_host(self, host: HostTier, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Fiddler: the device copy if it is ready; else the host tier's, computed on the
+        CPU, if the tier holds it (the device load goes on); else wait for the device copy."""
+        layer = self.layer
+        held: list = []
+
+        def take_host(key: tuple[int, int]) -> bool:
+            raw = host.acquire(*key)
+            if raw is not None:
+                held.append(raw)
+            return raw is not None
+
+        weights = self.cache.acquire(layer, e, self._call.protect, wait=False,
+                                     can_skip=take_host)
+        try:
+            if weights is None:
+                host.count_compute(x.shape[0])
+                return self._on_host(held[0], x)
+            return self._compute(weights, x)
+        finally:
+            if weights is not None:
+                self.cache.release(layer, e)
+            if held:
+                host.release(layer, e)
+            self._call.protect.discard((layer, e))
+
+    def _on_host(self, raw: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """One expert on the CPU from its host tensors ((gate, up, down) [out, in] as on disk)
+        over x's rows, in fp32 unless x is fp32 on the CPU already; back on x's device."""
+        xc = x if x.device.type == "cpu" and x.dtype == torch.float32 else \
+            x.to("cpu", torch.float32)
+        y = self._compute(raw, xc)
+        return y if y.device == x.device and y.dtype == x.dtype else y.to(x.device, x.dtype)
 
     def _compute(self, weights, x: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU over the rows of x, from the weights the cache holds."""
@@ -249,11 +295,14 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
 def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
                        low_precision: LowPrecisionExperts | None = None,
                        lookahead_extra: int = 0, history: HistoryPrefetcher | None = None,
-                       history_topk: int = 0) -> tuple[LookaheadStats, LookaheadStats]:
+                       history_topk: int = 0, host: HostTier | None = None,
+                       host_compute_max_rows: int = 0
+                       ) -> tuple[LookaheadStats, LookaheadStats]:
     """Swap every block's FusedExperts (its parameters may be on the meta device: they are
     never materialized) for OffloadedExperts over `cache` (and `low_precision` for misses).
-    Returns the stats of all prefetch guesses (as "lookahead") and of the history
-    predictor's alone."""
+    With `host`, misses the host tier holds compute on the CPU for batches of up to
+    `host_compute_max_rows` rows. Returns the stats of all prefetch guesses (as
+    "lookahead") and of the history predictor's alone."""
     stats = LookaheadStats() if lookahead or history is not None else None
     hstats = LookaheadStats()
     blocks = moe_blocks(model)
@@ -264,7 +313,8 @@ def install_offloading(model: nn.Module, cache: ExpertCache, lookahead: bool,
                                          old.intermediate_size, cache, stats, low_precision,
                                          lookahead_extra if lookahead else 0, history,
                                          hstats if history is not None else None, history_topk,
-                                         gate_lookahead=lookahead)
+                                         gate_lookahead=lookahead, host=host,
+                                         host_compute_max_rows=host_compute_max_rows)
         new.append(block.experts)
     for i in range(len(blocks) - 1):
         new[i].link(blocks[i + 1][2], new[i + 1])

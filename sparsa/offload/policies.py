@@ -15,6 +15,7 @@ future through :meth:`CachePolicy.begin` on purpose: it is the bound, not a usab
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -265,11 +266,16 @@ class ActivationAware(CachePolicy):
             self._prio = score[self.flat_slot][None, :].repeat(self.G, 0)
         return self._prio + self.last * 1e-9
 
+    def new_request(self) -> None:
+        """A new request begins: its EAM starts empty and is matched at its first request.
+        (The replay marks these in `Stream.prompt_start`; the engine calls this.)"""
+        self.eam[:] = 0.0
+        self._since = self.rematch_every
+
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        if self.stream.prompt_start[t]:
-            self.eam[:] = 0.0
-            self._since = self.rematch_every
+        if t < len(self.stream.prompt_start) and self.stream.prompt_start[t]:
+            self.new_request()
         m = _scatter((self.G, self.S), req) if mask is None else mask
         self.last[m] = t
         flat = self.flat_slot[np.nonzero(m)[1]]
@@ -280,6 +286,14 @@ class ActivationAware(CachePolicy):
             self._rematch()
         else:
             self._prio = None
+
+
+def activation_library(train) -> np.ndarray:
+    """Per-prompt expert activation matrices (P, layers, experts counts) of a `Trace`: the
+    library ActivationAware matches requests against."""
+    starts = np.append(train.prompt_starts(), train.num_tokens)
+    hot = train.multi_hot().astype(np.float32)
+    return np.stack([hot[a:b].sum(0) for a, b in itertools.pairwise(starts)])
 
 
 class Belady(CachePolicy):

@@ -102,7 +102,7 @@ class ExpertStore:
     built: bool = False  # written by this load
     build_seconds: float = 0.0
 
-    def assemble(self, raw: tuple[torch.Tensor, ...], key=None) -> QuantizedExperts:
+    def assemble(self, raw: tuple[torch.Tensor, ...]) -> QuantizedExperts:
         """A one-expert `QuantizedExperts` over the tensors read (views of the read buffer,
         which they keep alive while the cache holds the block)."""
         return QuantizedExperts.from_buffers(

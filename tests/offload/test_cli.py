@@ -31,7 +31,7 @@ def test_cache_sim_smoke(tmp_path, capsys, monkeypatch):
                "--policy", "lru,belady", "--predictor", "combined", "--prefetch", "2"])
     out = capsys.readouterr().out
     assert rc == 0 and "prefetch 2" in out and "lru" in out
-    assert len(list((tmp_path / "cache" / "sparsa" / "offload").glob("*.pkl"))) == 2
+    assert len(list((tmp_path / "cache" / "sparsa" / "offload").glob("*.fit"))) == 2
     # a second run reuses the cached fits and reports the same
     rc = main(["cache-sim", "--trace", str(test), "--train", str(train), "--capacity", "2",
                "--policy", "lru,belady", "--predictor", "combined", "--prefetch", "2"])
@@ -39,6 +39,32 @@ def test_cache_sim_smoke(tmp_path, capsys, monkeypatch):
     assert rc == 0
     assert [ln.split()[:3] for ln in again.splitlines()[2:4]] == \
         [ln.split()[:3] for ln in out.splitlines()[2:4]]
+
+
+def test_fit_cache_loads_only_files_it_signed(tmp_path, monkeypatch):
+    """A cache file without this user's HMAC is never unpickled: the fit runs instead."""
+    import pickle
+
+    from sparsa.offload.cli import _cached
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train = tmp_path / "train.csv"
+    train.write_text("x")
+    assert _cached("k", train, lambda: {"fit": 1}, True) == {"fit": 1}
+    (fit_file,) = (tmp_path / "cache" / "sparsa" / "offload").glob("*.fit")
+    assert _cached("k", train, lambda: 1 / 0, True) == {"fit": 1}  # reused, not refit
+
+    class Planted:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled a planted file')",))
+
+    fit_file.write_bytes(b"\0" * 32 + pickle.dumps(Planted()))
+    assert _cached("k", train, lambda: {"fit": 2}, True) == {"fit": 2}
+    key = tmp_path / "cache" / "sparsa" / "offload" / ".key"
+    assert key.stat().st_mode & 0o077 == 0
+    key.chmod(0o644)  # a key others can read could forge files: nothing is cached then
+    assert _cached("k", train, lambda: {"fit": 3}, True) == {"fit": 3}
+    assert _cached("k", train, lambda: {"fit": 4}, True) == {"fit": 4}
 
 
 def test_cache_sim_bad_policy(tmp_path, capsys):

@@ -104,3 +104,35 @@ def test_tinymoe_history_recall():
     rep = llm.engine.model.offload.report()
     assert rep["history_recall"] > 0.7
     assert rep["lookahead_recall"] > 0.85
+
+
+def test_activation_policy_in_the_engine(traced):
+    """MoE-Infinity's activation-aware eviction, its library the trace's prompts: outputs
+    unchanged, budget kept, and the policy's activation matrix restarts per request."""
+    path, ref, trace = traced
+    llm = LLM(str(path), expert_memory="30%", offload_policy="activation",
+              offload_predictor_trace=str(trace))
+    state = llm.engine.model.offload
+    policy = state.cache.policy
+    assert type(policy).__name__ == "ActivationAware"
+    starts = []
+    real = state.cache.begin_request
+    state.cache.begin_request = lambda: (starts.append(1), real())[1]
+    for p, want in zip(PROMPTS, ref):  # one request at a time: each one starts afresh
+        before = state.cache.stats.requests
+        assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == want
+        # the EAM holds this request's expert uses only
+        assert policy.eam.sum() == state.cache.stats.requests - before > 0
+    assert len(starts) == len(PROMPTS)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    rep = state.report()
+    assert rep["peak_bytes"] <= rep["budget_bytes"] and rep["evictions"] > 0
+
+
+def test_activation_policy_errors(traced, tmp_path):
+    path = traced[0]
+    with pytest.raises(ValueError, match="predictor_trace"):
+        OffloadConfig(expert_memory="25%", policy="activation")
+    with pytest.raises(FileNotFoundError, match="predictor trace"):
+        LLM(str(path), expert_memory="25%", offload_policy="activation",
+            offload_predictor_trace=str(tmp_path / "none.csv"))

@@ -126,7 +126,7 @@ def test_acquire_without_wait_starts_the_load_and_substitutes():
         assert cache.acquire(0, 1, wait=False) is None
         assert cache.acquire(0, 2, wait=False) is None  # no room: both slots in flight
         assert cache.used_bytes == 200 and (0, 2) not in cache._entries
-        assert cache.stats.low_precision_substitutions == 4
+        assert cache.stats.substitutions == 4
         reader.gate.set()
         cache.settle()
         w13, _ = cache.acquire(0, 0, wait=False)  # the background load made it resident
@@ -137,7 +137,7 @@ def test_acquire_without_wait_starts_the_load_and_substitutes():
         assert cache.resident() == {(0, 0), (0, 2)}
         assert float(cache.acquire(0, 2, wait=False)[0][0, 0]) == 2.0
         cache.release(0, 2)
-        assert cache.stats.low_precision_substitutions == 5
+        assert cache.stats.substitutions == 5
         assert cache.stats.peak_bytes <= 200
     finally:
         reader.gate.set()
@@ -185,7 +185,7 @@ def test_wait_is_the_default_and_identical(checkpoint):
     llm = LLM(str(path), expert_memory="25%")
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
     rep = llm.engine.model.offload.report()
-    assert rep["on_miss"] == "wait" and rep["low_precision_substitutions"] == 0
+    assert rep["on_miss"] == "wait" and rep["substitutions"] == 0
     assert "low_precision_bytes" not in rep and llm.engine.model.offload.low_precision is None
 
 
@@ -199,12 +199,12 @@ def test_every_miss_substituted_equals_dequantized_experts(checkpoint, method, m
     llm = _lowp(path, method)
     state = llm.engine.model.offload
     gate = threading.Event()
-    load = state.cache.reader.load
-    state.cache.reader.load = lambda *k: (gate.wait(30), load(*k))[1]
+    load = state.cache.loader
+    state.cache.loader = lambda *k: (gate.wait(30), load(*k))[1]
     try:
         got = [prompt_logits(llm.engine, p).float() for p in PROMPTS]
         rep = state.report()
-        assert rep["hits"] == 0 and rep["low_precision_substitutions"] == rep["requests"] > 0
+        assert rep["hits"] == 0 and rep["substitutions"] == rep["requests"] > 0
     finally:
         gate.set()
     want = _dequantized_reference(path, state.low_precision)
@@ -224,13 +224,13 @@ def test_tight_budget_substitutes_and_stays_close(checkpoint, method):
     path, _, ref_logits = checkpoint
     llm = _lowp(path, method)
     state = llm.engine.model.offload
-    load = state.cache.reader.load
+    load = state.cache.loader
     # slow reads (20 ms per expert) so that loads are still in flight when their layer runs
-    state.cache.reader.load = lambda *k: (time.sleep(0.02), load(*k))[1]
+    state.cache.loader = lambda *k: (time.sleep(0.02), load(*k))[1]
     got = [prompt_logits(llm.engine, p).float() for p in PROMPTS]
     llm.generate(PROMPTS, GREEDY)  # decode steps too (batch 1 and batched paths)
     rep = state.report()
-    assert rep["low_precision_substitutions"] > 0
+    assert rep["substitutions"] > 0
     assert rep["peak_bytes"] <= rep["budget_bytes"] and rep["resident_bytes"] <= rep["budget_bytes"]
     assert rep["budget_bytes"] < rep["total_expert_bytes"]
     # the tier is accounted separately: every expert, compressed, outside the budget
@@ -258,7 +258,7 @@ def test_budget_that_holds_everything_is_identical_once_warm(checkpoint, layout,
         cache.prefetch(layer, range(cache.E))
     cache.settle()
     assert cache.resident() == set(cache.reader.locations)
-    before = cache.stats.low_precision_substitutions
+    before = cache.stats.substitutions
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
     for p, r in zip(PROMPTS, ref_logits):
         got = prompt_logits(llm.engine, p).float()
@@ -266,7 +266,7 @@ def test_budget_that_holds_everything_is_identical_once_warm(checkpoint, layout,
             assert torch.equal(got, r)
         else:
             torch.testing.assert_close(got, r, rtol=1e-5, atol=1e-5)
-    assert cache.stats.low_precision_substitutions == before
+    assert cache.stats.substitutions == before
     assert cache.stats.peak_bytes <= cache.budget_bytes
 
 
