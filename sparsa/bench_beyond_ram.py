@@ -237,6 +237,8 @@ def _run_sparsa(out: str, model: str, budget: str, opts: dict) -> None:
         note = (f"hit {c['hit_rate']:.3f}, recall {c['lookahead_recall']:.3f}, "
                 f"{c['disk_loads']} loads, {c['disk_bytes_read'] / 1e9:.1f} GB at "
                 f"{gbs:.2f} GB/s/thread, waited {c['wait_seconds']:.1f} s")
+        if c.get("compression"):
+            note = f"zstd store, ratio {c['compression_ratio']:.3f}; {note}"
     n = opts["max_tokens"]
     rec.save(load_s=r["load_s"], ttft_s=r["ttft_s"], decode_tok_s=r["decode_tok_s"],
              n_tokens=n, tokens=r["tokens"], cache=c, note=note)
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"])
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
+    ap.add_argument("--compression", default="none", choices=["none", "zstd"],
+                    help="sparsa reads experts from its lossless zstd store (built on first "
+                         "use, see sparsa.offload.compressed_store)")
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                     help="run nothing: print the table and ratios of earlier --json files")
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                    "prefetch_evicts": args.prefetch_evicts,
                    "lookahead_extra": args.lookahead_extra, "io_threads": args.io_threads,
                    "threads": args.threads, "prompt_len": args.prompt_len,
-                   "max_tokens": args.max_tokens}
+                   "max_tokens": args.max_tokens, "compression": args.compression}
     caps = parse_caps(args.llamacpp_caps, budgets)
     for engine in engines:
         runs = budgets

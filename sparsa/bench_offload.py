@@ -40,6 +40,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
               offload_lookahead_extra=args.lookahead_extra,
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
               num_threads=args.threads, quantization=quantization,
+              offload_compression=getattr(args, "compression", "none"),
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
     load_s = time.perf_counter() - t
     vocab = llm.engine.hf_config.vocab_size
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="experts beyond the next router's top-k to prefetch")
     ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"],
                     help="cold: a prefetch never evicts an expert used by the last token")
+    ap.add_argument("--compression", default="none", choices=["none", "zstd"],
+                    help="zstd: read experts from the lossless compressed expert store")
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, int4, int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")

@@ -93,6 +93,9 @@ class OffloadConfig:
     side stream) between the device cache (`expert_memory`) and the disk, with its own hard
     budget and LRU eviction. It is meant for GPU machines; on a CPU-only machine it works
     (the tests run it there) but one larger `expert_memory` serves better.
+    compression: "none" (read the checkpoint) or "zstd": on first load every expert is
+    written, byte planes zstd-compressed, losslessly, to a store in store_dir
+    (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
     """
 
     expert_memory: str | int | None = None
@@ -110,6 +113,7 @@ class OffloadConfig:
     store_dir: str | None = None
     host_memory: str | int | None = None
     host_compute_max_rows: int = 4
+    compression: str = "none"
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None:
@@ -149,6 +153,8 @@ class OffloadConfig:
                              f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
+        if self.compression not in ("none", "zstd"):
+            raise ValueError(f"compression must be 'none' or 'zstd'; got {self.compression!r}")
         if self.on_miss not in ON_MISS_CHOICES:
             raise ValueError(f"on_miss must be one of {', '.join(ON_MISS_CHOICES)}; "
                              f"got {self.on_miss!r}")

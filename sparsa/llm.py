@@ -46,6 +46,7 @@ class LLM:
         offload_store_dir: str | None = None,
         offload_host_memory: str | int | None = None,
         offload_host_compute_max_rows: int = 4,
+        offload_compression: str = "none",
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,
@@ -79,7 +80,8 @@ class LLM:
                                                     store_dir=offload_store_dir,
                                                     host_memory=offload_host_memory,
                                                     host_compute_max_rows=(
-                                                        offload_host_compute_max_rows))),
+                                                        offload_host_compute_max_rows),
+                                                    compression=offload_compression)),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),

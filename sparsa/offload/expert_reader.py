@@ -17,7 +17,8 @@ F.linear; "resident" transposes into FusedExperts' [in, out] layout (w13 [H, 2I]
 bit-identical to the all-resident model's arithmetic, with a ~25% faster GEMV here, but ~50 ms
 of CPU per mixtral-mini expert load (sparsa.offload.loading.expert_layout picks). "packed"
 reads the tensors of a `PackedLocation` (a quantized expert in the store that
-sparsa.offload.quantized_store writes) as they are and hands them to an `assemble` callable.
+sparsa.offload.quantized_store writes, or the compressed byte planes of one that
+sparsa.offload.compressed_store writes) as they are and hands them to an `assemble` callable.
 """
 
 from __future__ import annotations
@@ -184,6 +185,15 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
     return t.sum() if t.dtype == torch.bfloat16 else t.sum(dtype=torch.float32)
 
 
+def all_finite(tensors) -> bool:
+    """No NaN or inf in any floating-point tensor of `tensors`: a NaN or inf anywhere makes
+    the sum non-finite, one streaming pass per tensor instead of isfinite's boolean
+    temporary (3x slower here). (A sum can overflow on huge but finite weights: confirm
+    with isfinite then.) (Integer tensors, quantized weights, have no invalid values.)"""
+    return all(torch.isfinite(_sum(t)) or bool(torch.isfinite(t).all()) for t in tensors
+               if t.dtype.is_floating_point)
+
+
 class ExpertReader:
     """Reads (layer, expert) -> weights in `dtype` and `layout`: "native" gives
     (gate [I, H], up [I, H], down [H, I]); "resident" gives FusedExperts' (w13 [H, 2I],
@@ -192,7 +202,10 @@ class ExpertReader:
     def __init__(self, locations: dict[tuple[int, int], ExpertLocation | PackedLocation],
                  dtype: torch.dtype, direct_io: bool = True,
                  device: torch.device | str = "cpu", layout: str = "native",
-                 pool_bytes: int = 0, assemble: Callable[[tuple], Any] | None = None):
+                 pool_bytes: int = 0, assemble: Callable[[tuple], Any] | None = None,
+                 slab_bytes: int = 0):
+        """slab_bytes: the least size of a pooled slab (an `assemble` that fills slabs of
+        the reader's pool with what it makes needs them as large as that)."""
         if layout not in LAYOUTS:
             raise ValueError(f"expert layout must be one of {LAYOUTS}; got {layout!r}")
         if (layout == "packed") != (assemble is not None):
@@ -211,8 +224,8 @@ class ExpertReader:
         self._plans = {k: plan_reads(v) for k, v in locations.items()}
         # One slab size for every expert (spans differ by a page with their alignment), so
         # any free slab serves any load.
-        self.slab_bytes = self.raw_bytes = max((p.nbytes for p in self._plans.values()),
-                                               default=0)
+        self.raw_bytes = max((p.nbytes for p in self._plans.values()), default=0)
+        self.slab_bytes = max(self.raw_bytes, -(-slab_bytes // _ALIGN) * _ALIGN)
         if layout == "resident":
             elem = {v.gate.dtype.itemsize for v in locations.values()} | {dtype.itemsize}
             numel = max((sum(t.nbytes // t.dtype.itemsize for t in (v.gate, v.up, v.down))
@@ -301,18 +314,17 @@ class ExpertReader:
             if off % t.dtype.itemsize:  # misaligned for a dtype view (no safetensors writer
                 raw = raw.clone()       # does this): copy
             out.append(raw.view(t.dtype).view(t.shape))
-        # A NaN or inf anywhere makes the sum non-finite: one streaming pass per tensor
-        # instead of isfinite's boolean temporary (3x slower here).
-        # (A sum can overflow on huge but finite weights: confirm with isfinite then.)
-        # (Integer tensors, quantized weights, have no invalid values to find.)
-        if not all(torch.isfinite(_sum(t)) or bool(torch.isfinite(t).all()) for t in out
-                   if t.dtype.is_floating_point):
+        if not all_finite(out):
             raise CheckpointError(f"layer {layer} expert {expert}: non-finite weights on disk "
                                   f"(corrupt file {loc.tensors[0].path})")
         return tuple(out)
 
     def load(self, layer: int, expert: int) -> Any:
-        return self.compute_form(self.read_raw(layer, expert))
+        raw = self.read_raw(layer, expert)
+        try:
+            return self.compute_form(raw)
+        except CheckpointError as e:  # (an assemble's: say which expert)
+            raise CheckpointError(f"layer {layer} expert {expert}: {e}") from None
 
     def compute_form(self, raw: tuple[torch.Tensor, ...]) -> Any:
         """What the cache computes with, from `read_raw`'s tensors (a slab's views or a host

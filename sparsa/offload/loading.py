@@ -17,6 +17,7 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from sparsa.offload.compressed_store import CompressedStore, open_compressed_store
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
@@ -36,7 +37,7 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
-    store: ExpertStore | None = None  # where quantized experts are read from
+    store: ExpertStore | CompressedStore | None = None  # where experts are read from
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
@@ -168,7 +169,11 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
     ref = experts[0]
     store = None
-    if quant is not None and quant.method in ("int8", "int4"):
+    quantized = quant is not None and quant.method in ("int8", "int4")
+    if quantized and oc.compression != "none":
+        raise ValueError(f"offload compression={oc.compression!r} is for full-precision "
+                         f"experts; {quant.method} experts have their own (quantized) store")
+    if quantized:
         # The budget counts quantized bytes: "25%" is a quarter of the quantized experts.
         store = open_store(ckpt.files, locations, quant, dtype, ref.hidden_size,
                            ref.intermediate_size, oc.store_dir, oc.direct_io,
@@ -188,16 +193,30 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
         total = len(locations) * expert_bytes
         budget = min(oc.budget_bytes(total), total)
-        reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
-                              layout=expert_layout(budget, total))
-    if oc.on_miss == "low_precision" and store is not None:
+        if oc.compression != "none":
+            # the budget still counts decompressed bytes (what the cache holds)
+            store = open_compressed_store(ckpt.files, locations, oc.compression,
+                                          store_dtype, oc.store_dir, oc.direct_io,
+                                          model_name=Path(model_dir).name)
+            reader = ExpertReader(store.locations, store_dtype, oc.direct_io, device,
+                                  layout="packed", assemble=store.assemble,
+                                  slab_bytes=store.out_bytes)
+            store.attach(reader)
+        else:
+            reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
+                                  layout=expert_layout(budget, total))
+    if oc.on_miss == "low_precision" and quantized:
         raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
                          "full-precision experts; with quantization they are already "
                          "quantized: use on_miss='wait'")
-    if oc.on_miss == "host" and store is not None:
+    if oc.on_miss == "host" and quantized:
         raise ValueError("on_miss='host' computes full-precision experts on the CPU; with "
                          "int8/int4 quantization use on_miss='wait' (host_memory still "
                          "works)")
+    if oc.on_miss == "host" and oc.compression != "none":
+        raise ValueError("on_miss='host' computes on the host tier's tensors as read, and "
+                         "the compressed store's are compressed: use on_miss='wait' "
+                         "(host_memory still works)")
     host = None
     if oc.host_memory is not None:
         # the tier holds experts as read from disk (the checkpoint's or the store's bytes,

@@ -36,10 +36,11 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,15 +72,20 @@ def store_root(store_dir: str | os.PathLike | None = None) -> Path:
 def store_identity(files: list[Path], qc: QuantConfig, dtype: torch.dtype, hidden_size: int,
                    intermediate_size: int) -> dict:
     """What a store's contents depend on (its directory name is a hash of this)."""
-    shards = []
-    for f in sorted(files):
-        st = f.stat()
-        shards.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return {"version": STORE_VERSION, "shards": shards, "method": qc.method,
+    return {"version": STORE_VERSION, "shards": shard_identity(files), "method": qc.method,
             "group_size": qc.group_size if qc.method == "int4" else None,
             "clip_search": qc.clip_search if qc.method == "int4" else None,
             "dtype": str(dtype), "hidden_size": hidden_size,
             "intermediate_size": intermediate_size}
+
+
+def shard_identity(files: list[Path]) -> list:
+    """Every checkpoint shard's path, size and mtime: a changed checkpoint gets a new store."""
+    shards = []
+    for f in sorted(files):
+        st = f.stat()
+        shards.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return shards
 
 
 @dataclass
@@ -132,30 +138,35 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def _stream(reader: ExpertReader, keys: list[tuple[int, int]], qc: QuantConfig,
-            dtype: torch.dtype) -> Iterator[tuple[tuple[int, int], dict]]:
-    """(key, quantized buffers) in key order; the next expert is read on a thread while this
-    one is quantized (two full-precision experts in memory at most)."""
+def stream_experts(reader: ExpertReader, keys: list[tuple[int, int]],
+                   convert: Callable[[tuple[torch.Tensor, ...]], Any]) -> Iterator[tuple]:
+    """(key, convert(the expert's weights)) in key order; the next expert is read on a thread
+    while this one is converted (two full-precision experts in memory at most)."""
     with ThreadPoolExecutor(1, thread_name_prefix="sparsa-store-read") as pool:
         nxt = pool.submit(reader.load, *keys[0]) if keys else None
         for i, key in enumerate(keys):
             w = nxt.result()
             nxt = pool.submit(reader.load, *keys[i + 1]) if i + 1 < len(keys) else None
-            q = quantize_expert(*w, qc, dtype)
+            q = convert(w)
             del w
             yield key, q
 
 
-def _layer_header(layer: int, experts: list[int], spec: list[tuple[str, torch.dtype, tuple]]
-                  ) -> tuple[bytes, int]:
-    """The safetensors header of one layer's file (padded so the data starts 4 KiB-aligned)
-    and each expert's padding."""
-    block = sum(dt.itemsize * _numel(shape) for _, dt, shape in spec)
-    pad = -block % _ALIGN
-    header: dict = {"__metadata__": {"format": "sparsa-quantized-experts",
-                                     "version": str(STORE_VERSION), "layer": str(layer)}}
+def expert_pad(spec: list[tuple[str, torch.dtype, tuple]]) -> int:
+    """Bytes after an expert's tensors that make its span a multiple of 4 KiB."""
+    return -sum(dt.itemsize * _numel(shape) for _, dt, shape in spec) % _ALIGN
+
+
+def layer_header(layer: int, blocks: list[tuple[int, list[tuple[str, torch.dtype, tuple]]]],
+                 fmt: str = "sparsa-quantized-experts", min_size: int = 0) -> bytes:
+    """The safetensors header of one layer's file: each (expert, its tensors) in `blocks`
+    padded (`{e}.pad`) to 4 KiB, the header itself padded so the data starts 4 KiB-aligned
+    and at least `min_size` bytes long."""
+    header: dict = {"__metadata__": {"format": fmt, "version": str(STORE_VERSION),
+                                     "layer": str(layer)}}
     off = 0
-    for e in experts:
+    for e, spec in blocks:
+        pad = expert_pad(spec)
         for name, dt, shape in spec:
             n = dt.itemsize * _numel(shape)
             header[f"{e}.{name}"] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
@@ -165,8 +176,8 @@ def _layer_header(layer: int, experts: list[int], spec: list[tuple[str, torch.dt
             header[f"{e}.pad"] = {"dtype": "U8", "shape": [pad], "data_offsets": [off, off + pad]}
             off += pad
     raw = json.dumps(header, separators=(",", ":")).encode()
-    n = -(-(8 + len(raw)) // _ALIGN) * _ALIGN - 8
-    return struct.pack("<Q", n) + raw + b" " * (n - len(raw)), pad
+    n = max(-(-(8 + len(raw)) // _ALIGN) * _ALIGN, min_size) - 8
+    return struct.pack("<Q", n) + raw + b" " * (n - len(raw))
 
 
 def _numel(shape) -> int:
@@ -186,15 +197,26 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def _write_atomic(path: Path, chunks: Iterator[bytes | memoryview]) -> int:
+def write_atomic(path: Path, chunks: Iterator[bytes | memoryview],
+                 header: Callable[[], bytes] | None = None, header_size: int = 0) -> int:
+    """Write `chunks` to a temporary name, then rename it to `path`; returns the size.
+    `header`: called after the chunks, its result (exactly `header_size` bytes, reserved
+    before them) goes at the start of the file (a header that depends on what follows)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
+            f.seek(header_size)
             for c in chunks:
                 f.write(c)
+            size = f.tell()
+            if header is not None:
+                h = header()
+                if len(h) != header_size:
+                    raise AssertionError(f"header of {len(h)} bytes, {header_size} reserved")
+                f.seek(0)
+                f.write(h)
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
             # what was just written is read back with O_DIRECT: keep it out of the page cache
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
@@ -208,13 +230,8 @@ def _write_atomic(path: Path, chunks: Iterator[bytes | memoryview]) -> int:
 def build_store(path: Path, identity: dict, reader: ExpertReader,
                 keys: list[tuple[int, int]], qc: QuantConfig, dtype: torch.dtype) -> None:
     """Quantize every expert in `keys` (read through `reader`, native layout) into `path`."""
-    path.mkdir(parents=True, exist_ok=True)
-    # No manifest until every file is in place: a build cut short is never taken as valid.
-    (path / _MANIFEST).unlink(missing_ok=True)
-    for tmp in path.glob(".*.tmp"):  # left by builds that died (a live one keeps its own)
-        if not _pid_alive(tmp.name.rsplit(".", 2)[-2]):
-            tmp.unlink(missing_ok=True)
-    stream = _stream(reader, sorted(keys), qc, dtype)
+    prepare_dir(path)
+    stream = stream_experts(reader, sorted(keys), lambda w: quantize_expert(*w, qc, dtype))
     first = next(stream, None)
     if first is None:
         raise ValueError("no experts to store")
@@ -225,8 +242,9 @@ def build_store(path: Path, identity: dict, reader: ExpertReader,
     for layer, e in sorted(keys):
         layers.setdefault(layer, []).append(e)
     files = {}
+    pad = expert_pad(spec)
     for layer, experts in layers.items():
-        header, pad = _layer_header(layer, experts, spec)
+        header = layer_header(layer, [(e, spec) for e in experts])
 
         def chunks(layer=layer, experts=experts, header=header, pad=pad):
             yield header
@@ -244,38 +262,71 @@ def build_store(path: Path, identity: dict, reader: ExpertReader,
                     yield bytes(pad)
 
         name = f"layer_{layer}.safetensors"
-        files[str(layer)] = {"name": name, "size": _write_atomic(path / name, chunks()),
+        files[str(layer)] = {"name": name, "size": write_atomic(path / name, chunks()),
                              "experts": experts}
-    manifest = {"identity": identity, "names": [s[0] for s in spec],
-                "dtypes": [_ST_NAMES[s[1]] for s in spec], "shapes": [list(s[2]) for s in spec],
-                "files": files}
-    _write_atomic(path / _MANIFEST, iter([json.dumps(manifest, indent=1).encode()]))
+    write_manifest(path, {"identity": identity, "names": [s[0] for s in spec],
+                          "dtypes": [_ST_NAMES[s[1]] for s in spec],
+                          "shapes": [list(s[2]) for s in spec], "files": files})
+
+
+def prepare_dir(path: Path) -> None:
+    """Make `path` ready for a build: no manifest until every file is in place (a build cut
+    short is never taken as valid), no temporaries of builds that died."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / _MANIFEST).unlink(missing_ok=True)
+    for tmp in path.glob(".*.tmp"):  # (a live build keeps its own)
+        if not _pid_alive(tmp.name.rsplit(".", 2)[-2]):
+            tmp.unlink(missing_ok=True)
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    write_atomic(path / _MANIFEST, iter([json.dumps(manifest, indent=1).encode()]))
+
+
+def read_manifest(path: Path, identity: dict) -> dict:
+    """The manifest of the store at `path`, if it describes `identity`."""
+    mpath = path / _MANIFEST
+    if not mpath.exists():
+        raise CheckpointError(f"{mpath} is missing (store not built, or its build was cut)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath}: malformed manifest ({e!r})") from None
+    if not isinstance(m, dict) or m.get("identity") != identity:
+        raise CheckpointError(f"{mpath} describes another checkpoint or scheme")
+    return m
+
+
+def layer_files(path: Path, files: dict) -> Iterator[tuple[int, list[int], Path, dict, int]]:
+    """(layer, experts, file, header, data start) of each file a manifest lists, each
+    checked to exist with the size it had when written."""
+    try:
+        for info in files.values():
+            f = path / info["name"]
+            if not f.exists() or f.stat().st_size != info["size"]:
+                raise CheckpointError(f"{f}: missing or truncated (expected {info['size']} "
+                                      f"bytes)")
+            header, data_start = _read_header(f)
+            yield int(Path(info["name"]).stem.split("_")[1]), list(info["experts"]), f, \
+                header, data_start
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / _MANIFEST}: malformed manifest ({e!r})") from None
 
 
 def _open(path: Path, identity: dict, qc: QuantConfig, hidden: int, inter: int,
           keys: set[tuple[int, int]]) -> ExpertStore:
     """The store at `path`, checked against its manifest; CheckpointError says what is
     wrong (missing, truncated, inconsistent)."""
-    mpath = path / _MANIFEST
-    if not mpath.exists():
-        raise CheckpointError(f"{mpath} is missing (store not built, or its build was cut)")
+    m = read_manifest(path, identity)
     try:
-        m = json.loads(mpath.read_text())
         names = tuple(m["names"])
         spec = [(n, _DTYPES[d], tuple(s)) for n, d, s in zip(names, m["dtypes"], m["shapes"])]
         files = m["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{mpath}: malformed manifest ({e!r})") from None
-    if m.get("identity") != identity:
-        raise CheckpointError(f"{mpath} describes another checkpoint or scheme")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / _MANIFEST}: malformed manifest ({e!r})") from None
     store = ExpertStore(path, qc, hidden, inter, names)
-    for info in files.values():
-        f = path / info["name"]
-        if not f.exists() or f.stat().st_size != info["size"]:
-            raise CheckpointError(f"{f}: missing or truncated (expected {info['size']} bytes)")
-        header, data_start = _read_header(f)
-        layer = int(Path(info["name"]).stem.split("_")[1])
-        for e in info["experts"]:
+    for layer, experts, f, header, data_start in layer_files(path, files):
+        for e in experts:
             parts = []
             for n, dt, shape in spec:
                 t = header.get(f"{e}.{n}")
@@ -297,30 +348,46 @@ def open_store(ckpt_files: list[Path], locations: dict[tuple[int, int], ExpertLo
     """The quantized store of these experts: reused when a valid one exists, else built
     (first load, or the old one was incomplete or damaged: rebuilt with a warning)."""
     identity = store_identity(ckpt_files, qc, dtype, hidden, inter)
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     scheme = qc.method + (f"-g{qc.group_size}" if qc.method == "int4" else "")
-    path = store_root(store_dir) / f"{model_name}-{scheme}-{digest}"
+    return open_or_build(
+        store_path(store_dir, model_name, scheme, identity), "quantized", locations, dtype,
+        direct_io, lambda path: _open(path, identity, qc, hidden, inter, set(locations)),
+        lambda path, reader: build_store(path, identity, reader, list(locations), qc, dtype),
+        log)
+
+
+def store_path(store_dir: str | os.PathLike | None, model_name: str, scheme: str,
+               identity: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return store_root(store_dir) / f"{model_name}-{scheme}-{digest}"
+
+
+def open_or_build(path: Path, kind: str, locations: dict[tuple[int, int], ExpertLocation],
+                  dtype: torch.dtype, direct_io: bool, open_fn: Callable[[Path], Any],
+                  build_fn: Callable[[Path, ExpertReader], None], logger: logging.Logger):
+    """open_fn(path) if that succeeds, else build_fn(path, a reader of the checkpoint's
+    experts) and then open_fn(path), marked built."""
     if path.exists():
         try:
-            return _open(path, identity, qc, hidden, inter, set(locations))
+            return open_fn(path)
         except CheckpointError as e:
-            log.warning("quantized expert store unusable, rebuilding it: %s", e)
+            logger.warning("%s expert store unusable, rebuilding it: %s", kind, e)
     t0 = time.perf_counter()
     reader = ExpertReader(locations, dtype, direct_io, "cpu", layout="native")
     reader.set_pool_slabs(3)  # reads into reused buffers (the two in memory, one spare)
     try:
-        build_store(path, identity, reader, list(locations), qc, dtype)
+        build_fn(path, reader)
     except OSError as e:
         # (a full disk, most likely: leave no partial store taking its space)
         shutil.rmtree(path, ignore_errors=True)
-        raise OSError(f"cannot write the quantized expert store {path}: {e} (set "
+        raise OSError(f"cannot write the {kind} expert store {path}: {e} (set "
                       f"{STORE_ENV} or offload_store_dir to a directory with room for "
-                      f"{len(locations)} quantized experts)") from e
+                      f"{len(locations)} {kind} experts)") from e
     finally:
         reader.close()
-    store = _open(path, identity, qc, hidden, inter, set(locations))
+    store = open_fn(path)
     store.built = True
     store.build_seconds = time.perf_counter() - t0
-    log.info("quantized %d experts (%s) into %s in %.1f s", len(locations), scheme, path,
-             store.build_seconds)
+    logger.info("wrote %d %s experts into %s in %.1f s", len(locations), kind, path,
+                store.build_seconds)
     return store

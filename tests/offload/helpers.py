@@ -3,6 +3,7 @@ information-rule scramble, and the tiny MoE checkpoints the offload engine tests
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,22 @@ def moe_checkpoint(name: str, root: Path) -> Path:
            "qwen2_moe": dict(TINY_CONFIGS["qwen2_moe"], mlp_only_layers=[],
                              num_hidden_layers=3)}[name]
     return build_tiny_checkpoint(name, root, config=cfg)[1]
+
+
+def assert_rebuilt_after(damages, logger: str, load, run, ref, caplog):
+    """Each of `damages` to an expert store, then `load()` (an LLM): a warning from `logger`,
+    a rebuilt store, outputs run(llm) == ref, no temporaries left. Returns the last LLM."""
+    for damage in damages:
+        damage()
+        with caplog.at_level(logging.WARNING, logger=logger):
+            caplog.clear()
+            again = load()
+        assert "rebuilding" in caplog.text
+        store = again.engine.model.offload.store
+        assert store.built
+        assert run(again) == ref
+    assert not list(store.path.glob(".*.tmp"))
+    return again
 
 
 def assert_ignores_unknowns(pred, test: Trace, lookahead: int, t: int = 17,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import struct
 
 import pytest
@@ -21,7 +20,7 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.quantization import module_bytes
 from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.offload.quantized_store import STORE_ENV, store_root
-from tests.offload.helpers import moe_checkpoint
+from tests.offload.helpers import assert_rebuilt_after, moe_checkpoint
 from tests.offload.test_offload_engine import GREEDY, PROMPTS
 from tests.tiny_models import build_tiny_checkpoint
 
@@ -113,15 +112,9 @@ def test_damaged_store_is_rebuilt(tmp_path, caplog):
         lambda: (store.path / "store.json").unlink(),  # a build cut short
         lambda: files[1].write_bytes(b"\x00" * 8 + files[1].read_bytes()[8:]),  # bad header
     ]
-    for damage in damages:
-        damage()
-        with caplog.at_level(logging.WARNING, logger="sparsa.offload.quantized_store"):
-            caplog.clear()
-            again = LLM(str(path), quantization="int8", expert_memory="25%")
-        assert "rebuilding" in caplog.text
-        assert again.engine.model.offload.store.built
-        assert _greedy(again, PROMPTS) == ref
-    assert not list(store.path.glob(".*.tmp"))
+    assert_rebuilt_after(damages, "sparsa.offload.quantized_store",
+                         lambda: LLM(str(path), quantization="int8", expert_memory="25%"),
+                         lambda llm: _greedy(llm, PROMPTS), ref, caplog)
 
 
 def test_non_finite_store_scales_are_a_clear_error(tmp_path):
