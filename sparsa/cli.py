@@ -115,7 +115,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("expert offloading (MoE models)")
     o.add_argument("--expert-memory", default=None, metavar="SIZE",
                    help="keep routed experts on disk and at most SIZE of them in memory, e.g. "
-                        "25%% (of all expert bytes) or 4GiB (default: every expert resident)")
+                        "25%% (of all expert bytes), 4GiB, or auto (what the machine has "
+                        "available after the rest of the model; default: every expert "
+                        "resident)")
     o.add_argument("--offload-policy", default="lru", choices=list(ENGINE_POLICIES),
                    help="eviction policy of the expert cache (activation: MoE-Infinity's, "
                         "needs --offload-predictor-trace)")

@@ -62,7 +62,10 @@ class OffloadConfig:
     expert_memory: None (off: every expert resident), bytes, "4GiB", or "25%" of all expert
     weights as stored in the cache (the checkpoint's dtype when narrower than the compute
     dtype, e.g. bf16 experts of a bf16 checkpoint computed in fp32; with int8/int4
-    quantization the quantized experts, so more of them fit).
+    quantization the quantized experts, so more of them fit), or "auto": what the device
+    has available once the rest of the model is loaded, less a reserve for the KV cache and
+    working memory (max(2 GiB, 10%), plus a read buffer per I/O thread), as llama.cpp's page
+    cache or vLLM's gpu_memory_utilization take what is there.
     Offloading works with ModelConfig.quantization "int8" / "int4": on first load every
     expert is quantized, as the all-resident quantized model does it, into a store on disk
     (sparsa.offload.quantized_store) that later loads reuse; experts are read from there.
@@ -116,7 +119,7 @@ class OffloadConfig:
     compression: str = "none"
 
     def __post_init__(self) -> None:
-        if self.expert_memory is not None:
+        if self.expert_memory is not None and self.expert_memory != "auto":
             self.budget_bytes(1)  # validates the form
         if self.host_memory is not None:
             self.host_budget_bytes(1)
@@ -180,7 +183,12 @@ class OffloadConfig:
     def history(self) -> bool:
         return "history" in self.prefetch
 
-    def budget_bytes(self, total_expert_bytes: int) -> int:
+    def budget_bytes(self, total_expert_bytes: int, available: int | None = None) -> int:
+        """The expert budget in bytes; "auto" needs `available` (what it resolves to)."""
+        if self.expert_memory == "auto":
+            if available is None:
+                raise ValueError("expert_memory='auto' is sized when the model loads")
+            return available
         return _budget(self.expert_memory, total_expert_bytes, "expert_memory")
 
     def host_budget_bytes(self, total_expert_bytes: int) -> int:

@@ -180,7 +180,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                            model_name=Path(model_dir).name)
         expert_bytes = store.expert_bytes
         total = len(locations) * expert_bytes
-        budget = min(oc.budget_bytes(total), total)
+        budget = _expert_budget(oc, total, expert_bytes, device)
         reader = ExpertReader(store.locations, dtype, oc.direct_io, device, layout="packed",
                               assemble=store.assemble)
     else:
@@ -192,7 +192,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
             disk_dtype.itemsize < dtype.itemsize else dtype
         expert_bytes = 3 * ref.hidden_size * ref.intermediate_size * store_dtype.itemsize
         total = len(locations) * expert_bytes
-        budget = min(oc.budget_bytes(total), total)
+        budget = _expert_budget(oc, total, expert_bytes, device)
         if oc.compression != "none":
             # the budget still counts decompressed bytes (what the cache holds)
             store = open_compressed_store(ckpt.files, locations, oc.compression,
@@ -255,6 +255,28 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
                         reserve_slabs=reserve, io_threads=oc.io_threads, history=history,
                         history_stats=hstats if history is not None else None, host=host)
+
+
+def _available_bytes(device: torch.device) -> int:
+    from sparsa.engine.model_runner import total_memory_bytes
+
+    return total_memory_bytes(device)
+
+
+def _expert_budget(oc: OffloadConfig, total: int, expert_bytes: int,
+                   device: torch.device) -> int:
+    """The budget in bytes, at most every expert's; "auto" measures what is available now
+    (the non-expert weights are loaded) and keeps a reserve for the KV cache and working
+    memory (max(2 GiB, 10%)) and one read buffer per I/O thread."""
+    if oc.expert_memory != "auto":
+        return min(oc.budget_bytes(total), total)
+    avail = _available_bytes(device)
+    free = avail - max(2 << 30, avail // 10) - oc.io_threads * expert_bytes
+    if free < expert_bytes:
+        raise ValueError(f"expert_memory='auto': {avail / 2**30:.2f} GiB available, which "
+                         f"leaves no room for one expert ({expert_bytes / 2**20:.1f} MiB) "
+                         "after the reserve; set expert_memory to a size")
+    return min(oc.budget_bytes(total, available=free), total)
 
 
 def _predictor_trace(oc: OffloadConfig, num_experts: int):

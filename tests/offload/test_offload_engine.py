@@ -148,3 +148,25 @@ def test_lookahead_extra_and_cold_prefetch_keep_outputs(checkpoint):
     assert recall[(3, "any")] >= recall[(0, "any")]
     with pytest.raises(ValueError, match="lookahead_extra"):
         OffloadConfig(expert_memory="30%", lookahead_extra=-1)
+
+
+def test_auto_budget_takes_what_is_available(checkpoint, monkeypatch):
+    """expert_memory='auto': available memory less max(2 GiB, 10%) and a buffer per I/O
+    thread, at most every expert; outputs unchanged; too little memory is a clear error."""
+    from sparsa.offload import loading
+
+    path, ref = checkpoint
+    llm = LLM(str(path), expert_memory="auto")  # this box has GiBs: every tiny expert fits
+    rep = llm.engine.model.offload.report()
+    assert rep["budget_bytes"] == rep["total_expert_bytes"]
+    each = rep["total_expert_bytes"] // rep["capacity_experts"]
+    monkeypatch.setattr(loading, "_available_bytes", lambda device: (2 << 30) + 5 * each)
+    llm = LLM(str(path), expert_memory="auto", offload_io_threads=2)
+    rep = llm.engine.model.offload.report()
+    assert rep["capacity_experts"] == 3  # 5 experts' room less 2 read buffers
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    assert rep["evictions"] == 0 and llm.engine.model.offload.report()["evictions"] > 0
+    monkeypatch.setattr(loading, "_available_bytes", lambda device: 1 << 30)
+    with pytest.raises(ValueError, match="expert_memory='auto'"):
+        LLM(str(path), expert_memory="auto")
+    assert OffloadConfig(expert_memory="auto").enabled
