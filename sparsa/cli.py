@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from sparsa.offload.cli_options import add_offload_options, offload_fields, positive_int
 from sparsa.sampling_params import SamplingParams
 
 __all__ = ["build_parser", "main"]
@@ -64,16 +65,6 @@ def _token_ids(text: str) -> list[int]:
             f"expected comma-separated integer token ids, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     # SUPPRESS, so a subcommand does not overwrite `sparsa --debug CMD` with its default
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -88,7 +79,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "bfloat16, float16")
     p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy = random weights of the right shapes")
-    p.add_argument("--max-model-len", type=_positive_int, default=None,
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context window (default: the model's max_position_embeddings)")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV cache budget, e.g. 512MiB or 4GiB (default: 25%% of free memory)")
@@ -98,7 +89,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weight form applied at load: int8/int4 weight-only quantization, "
                         "bf16 weights with fp32 math (default: none; bf16 checkpoints on "
                         "CPU keep bf16 weights)")
-    p.add_argument("--group-size", type=_positive_int, default=64,
+    p.add_argument("--group-size", type=positive_int, default=64,
                    help="int4 group size: input channels per scale (16..256, default 64)")
     p.add_argument("--int8-activations", default="dynamic", choices=["dynamic", "none"],
                    help="int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
@@ -110,44 +101,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
-    from sparsa.config import ENGINE_POLICIES, PREFETCH_CHOICES
-
-    o = p.add_argument_group("expert offloading (MoE models)")
-    o.add_argument("--expert-memory", default=None, metavar="SIZE",
-                   help="keep routed experts on disk and at most SIZE of them in memory, e.g. "
-                        "25%% (of all expert bytes), 4GiB, or auto (what the machine has "
-                        "available after the rest of the model; default: every expert "
-                        "resident)")
-    o.add_argument("--offload-policy", default="lru", choices=list(ENGINE_POLICIES),
-                   help="eviction policy of the expert cache (activation: MoE-Infinity's, "
-                        "needs --offload-predictor-trace)")
-    o.add_argument("--offload-prefetch", default="lookahead", choices=list(PREFETCH_CHOICES),
-                   help="lookahead: the next layer's router on this layer's input; history: "
-                        "predictors fit on --offload-predictor-trace; or both")
-    o.add_argument("--offload-predictor-trace", default=None, metavar="TRACE",
-                   help="a routing trace of this model (sparsa trace) for history prefetch")
-    o.add_argument("--offload-history-topk", type=_positive_int, default=None, metavar="K",
-                   help="experts per token history prefetch loads (default: the router's k)")
-    o.add_argument("--offload-on-miss", default="wait", choices=["wait", "int4", "int8", "host"],
-                   help="wait for a missing expert's load (exact), compute it with an "
-                        "int4/int8 copy kept in RAM (HOBBIT; lossy), or, with "
-                        "--offload-host-memory, on the CPU from its host copy (Fiddler)")
-    o.add_argument("--offload-host-memory", default=None, metavar="SIZE",
-                   help="a host-memory tier of experts between the device cache and the disk "
-                        "(pinned on CUDA), e.g. 16GiB or 50%% of the expert bytes")
-    o.add_argument("--offload-host-compute-rows", type=_positive_int, default=4, metavar="N",
-                   help="with --offload-on-miss host: the most rows a miss computes on the CPU")
-    o.add_argument("--offload-io-threads", type=_positive_int, default=2,
-                   help="background threads reading experts")
-    o.add_argument("--offload-store-dir", default=None, metavar="DIR",
-                   help="with -q int8/int4: where the quantized expert store is built on "
-                        "first use and reused (default: $SPARSA_EXPERT_STORE, else "
-                        "~/.cache/sparsa/experts)")
-    o.add_argument("--offload-compression", default="none", choices=["none", "zstd"],
-                   help="zstd: read experts from a lossless store of zstd-compressed byte "
-                        "planes, written on first use to --offload-store-dir (~0.68x the "
-                        "bytes of a bf16 checkpoint; not with -q int8/int4)")
-
+    add_offload_options(p)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsa", description="Sparsa: inference for MoE and dense LLMs.")
@@ -189,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="also return the top-N log-probabilities of each generated token")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: physical cores)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON document with token ids, finish reasons and logprobs")
@@ -215,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tinymoe-stories (MoE) in $SPARSA_SHARED or ../shared; "
                                    "a random-weight mixtral-mini when those are absent.")
     _add_common(d)
-    d.add_argument("--max-tokens", type=_positive_int, default=120)
+    d.add_argument("--max-tokens", type=positive_int, default=120)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--temperature", type=float, default=0.8)
-    d.add_argument("--threads", type=_positive_int, default=None)
+    d.add_argument("--threads", type=positive_int, default=None)
 
     # Subcommands kept in their own modules: each module's add_parser(sub) registers one
     # parser with `set_defaults(func=...)`.
@@ -276,23 +230,6 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
         max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
     )
-
-
-def offload_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """OffloadConfig fields from the --expert-memory / --offload-* options ({} when off)."""
-    if getattr(args, "expert_memory", None) is None:
-        return {}
-    miss = args.offload_on_miss
-    return dict(expert_memory=args.expert_memory, policy=args.offload_policy,
-                prefetch=args.offload_prefetch, predictor_trace=args.offload_predictor_trace,
-                history_topk=args.offload_history_topk,
-                on_miss=miss if miss in ("wait", "host") else "low_precision",
-                low_precision=miss if miss in ("int4", "int8") else "int4",
-                io_threads=args.offload_io_threads,
-                store_dir=getattr(args, "offload_store_dir", None),
-                host_memory=args.offload_host_memory,
-                host_compute_max_rows=args.offload_host_compute_rows,
-                compression=getattr(args, "offload_compression", "none"))
 
 
 def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:

@@ -84,7 +84,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if getattr(args, "quantization", None) not in (None, "none"):
         mkw["quantization"] = args.quantization
         mkw["quantization_group_size"] = args.group_size
-    from sparsa.cli import offload_fields
+    from sparsa.offload.cli_options import offload_fields
 
     mkw["int8_activations"] = getattr(args, "int8_activations", "dynamic")
     mkw["bf16_prefill"] = BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")]

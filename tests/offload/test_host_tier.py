@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sparsa import LLM, SamplingParams
-from sparsa.cli import build_parser, offload_fields
+from sparsa.cli import build_parser
 from sparsa.config import OffloadConfig
+from sparsa.offload.cli_options import offload_fields
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.host_tier import HostTier
 
