@@ -52,6 +52,7 @@ def parse_size(size: str | float) -> int:
 
 PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
 ON_MISS_CHOICES = ("wait", "low_precision", "host")
+PREFETCH_EVICTS = ("cold", "any")
 ENGINE_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation")
 
 
@@ -82,7 +83,9 @@ class OffloadConfig:
     prefetch_evicts: "cold" (default: a guessed prefetch evicts only experts unused in this
     forward pass and the previous one) or "any" (whatever the policy ranks lowest). "cold"
     read fewer experts and decoded as fast or faster on tinymoe-stories and mixtral-mini at
-    25% and 50% budgets (BENCHMARKS.md).
+    25% and 50% budgets (BENCHMARKS.md); but where one pass's experts fill the budget, no
+    expert is cold and no guess loads at all. Under both rules a guess never evicts another
+    expert guessed for the same layer.
     lookahead_extra: experts beyond the next router's top-k that lookahead also prefetches.
     on_miss: what a layer does when an expert it needs is not resident: "wait" for the load
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
@@ -151,8 +154,8 @@ class OffloadConfig:
                 or self.lookahead_extra < 0:
             raise ValueError("lookahead_extra must be an integer >= 0; "
                              f"got {self.lookahead_extra!r}")
-        if self.prefetch_evicts not in ("cold", "any"):
-            raise ValueError("prefetch_evicts must be 'cold' or 'any'; "
+        if self.prefetch_evicts not in PREFETCH_EVICTS:
+            raise ValueError(f"prefetch_evicts must be one of {', '.join(PREFETCH_EVICTS)}; "
                              f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")

@@ -32,6 +32,9 @@ __all__ = ["CacheStats", "ExpertCache", "ExpertLocation", "ExpertReader"]
 class CacheStats:
     requests: int = 0
     hits: int = 0  # resident (or already loaded) when its layer asked for it
+    # resident when its layer began, before the layer started loads of its own misses (the
+    # trace lab's hit; `hits` also counts such a load that finished before the expert's turn)
+    layer_start_hits: int = 0
     inflight_hits: int = 0  # started but not finished: the layer waited (or substituted)
     misses: int = 0  # nothing resident or in flight: demand load
     prefetches: int = 0
@@ -49,9 +52,14 @@ class CacheStats:
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
 
+    @property
+    def layer_start_hit_rate(self) -> float:
+        return self.layer_start_hits / self.requests if self.requests else 0.0
+
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "per_layer"}
         d["hit_rate"] = self.hit_rate
+        d["layer_start_hit_rate"] = self.layer_start_hit_rate
         return d
 
 
@@ -80,7 +88,7 @@ class ExpertCache:
         prefetch_evicts: "cold" (default) lets a guessed prefetch evict only experts not used
         in this forward pass or the previous one (a guess never pushes out what the last
         token needed, which the next token often needs again); "any" lets the policy pick
-        any victim.
+        any victim. Neither lets a guess evict another guess for the same layer.
         loader: what a load calls, (layer, expert) -> weights (default `reader.load`; a
         `HostTier`'s load puts host memory in between)."""
         if prefetch_evicts not in ("cold", "any"):
@@ -216,9 +224,16 @@ class ExpertCache:
         started = 0
         experts = list(experts)
         with self._lock:
+            if not guess:
+                self.stats.layer_start_hits += sum(
+                    1 for e in experts
+                    if (entry := self._entries.get((layer, int(e)))) is not None
+                    and self._ready(entry))
             if all((layer, int(e)) in self._entries for e in experts):
                 return 0  # the common case at a full budget: the loop below starts nothing
             protect = set(protect or ())
+            if guess:  # never push out one guess for another
+                protect |= {(layer, int(e)) for e in experts}
             if guess and self.prefetch_evicts == "cold":
                 protect |= {k for k, p in self._last_use.items() if p >= self._pass - 1}
             for e in experts:

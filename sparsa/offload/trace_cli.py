@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
         r = state.report()
         hist = f", history recall {r['history_recall']:.3f} precision " \
             f"{r['history_precision']:.3f}" if "history_recall" in r else ""
-        print(f"[sparsa] offloaded experts: hit rate {r['hit_rate']:.3f} (resident or in "
-              f"flight {(r['hits'] + r['inflight_hits']) / max(1, r['requests']):.3f}), "
+        print(f"[sparsa] offloaded experts: hit rate {r['hit_rate']:.3f} (resident at the "
+              f"layer's start {r['layer_start_hit_rate']:.3f}; resident or in flight "
+              f"{(r['hits'] + r['inflight_hits']) / max(1, r['requests']):.3f}), "
               f"prefetch recall {r['lookahead_recall']:.3f} precision "
               f"{r['lookahead_precision']:.3f}{hist}, {r['disk_loads']} loads", file=sys.stderr)
     return 0

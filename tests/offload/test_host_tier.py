@@ -213,3 +213,23 @@ def test_cache_can_skip_decides_wait():
     finally:
         cache.close = lambda: cache._pool.shutdown(wait=True)
         cache.close()
+
+
+@pytest.mark.parametrize("rule", ["cold", "any"])
+def test_a_guess_never_evicts_another_guess(rule):
+    """Prefetching guesses [0, 2] for a layer whose cache holds 0 (least recently used) and
+    1: the load of 2 evicts 1, never the guessed 0."""
+    reader = _Reader()
+    reader.load = lambda layer, expert: reader.compute_form(reader.read_raw(layer, expert))
+    cache = ExpertCache(reader, num_layers=1, num_experts=4, expert_bytes=64,
+                        budget_bytes=2 * 64, prefetch_evicts=rule)
+    try:
+        for e in (0, 1):
+            cache.acquire(0, e)
+            cache.release(0, e)
+        cache._pass += 2  # two forward passes later: nothing is warm for the "cold" rule
+        assert cache.prefetch(0, [0, 2]) == 1
+        cache.settle()
+        assert cache.resident() == {(0, 0), (0, 2)}
+    finally:
+        cache._pool.shutdown(wait=True)

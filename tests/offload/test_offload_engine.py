@@ -43,6 +43,9 @@ def test_offloaded_greedy_is_identical(checkpoint, memory, policy, prefetch):
     assert rep["disk_bytes_read"] > 0  # experts came from disk through the reader
     if prefetch == "lookahead":
         assert rep["prefetches"] > 0 and 0 < rep["lookahead_recall"] <= 1
+    assert 0 <= rep["layer_start_hit_rate"] <= 1  # the trace lab's hit: resident at start
+    if prefetch == "none":  # every request not resident at its layer's start was read
+        assert rep["disk_loads"] >= rep["requests"] - rep["layer_start_hits"] > 0
     # one request at a time too (batch 1 decode path)
     single = llm.generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
     assert single == ref[0]
