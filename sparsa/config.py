@@ -67,7 +67,8 @@ class OffloadConfig:
     has available once the rest of the model is loaded, less a reserve for the KV cache and
     working memory (max(2 GiB, 10%), plus a read buffer per I/O thread), as llama.cpp's page
     cache or vLLM's gpu_memory_utilization take what is there.
-    Offloading works with ModelConfig.quantization "int8" / "int4": on first load every
+    Offloading works with ModelConfig.quantization "int8" / "int4" (and "bf16" for an fp32 or
+    fp16 checkpoint; a bf16 checkpoint's experts are read as they are): on first load every
     expert is quantized, as the all-resident quantized model does it, into a store on disk
     (sparsa.offload.quantized_store) that later loads reuse; experts are read from there.
     store_dir: where those stores live (None: $SPARSA_EXPERT_STORE, else
@@ -246,9 +247,6 @@ class ModelConfig:
             raise ValueError("model must be a non-empty path or built-in model name")
         parse_dtype(self.dtype)
         self.quant_config()  # validates method and group size
-        if self.offload.enabled and self.quant_config().method == "bf16":
-            raise ValueError("expert offloading supports quantization int8 or int4 (a bf16 "
-                             "checkpoint's experts are offloaded in bf16 without it)")
         if self.offload.enabled and self.quant_config().enabled and \
                 self.offload.on_miss == "low_precision":
             raise ValueError("offload_on_miss='low_precision' needs full-precision experts; "

@@ -271,11 +271,16 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
         with parameters_on_meta():  # experts are never materialized; the rest is, there
             model = build_model(resolved.hf_config, dtype, device)
         # The weight form applies to what stays resident (the automatic one too: a bf16
-        # checkpoint's non-expert weights stay bf16, as in the all-resident model); int8 and
-        # int4 also apply to the offloaded experts, through the quantized expert store.
-        qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
+        # checkpoint's non-expert weights stay bf16, as in the all-resident model); int8,
+        # int4 and bf16 also apply to the offloaded experts, through the quantized store.
+        # bf16 too when asked for on a wider checkpoint (its experts are written to the store
+        # in bf16); a bf16 checkpoint's experts are read as they are, bf16 already.
+        ckpt_dtype = checkpoint_dtype(resolved.hf_config)
+        qc = mc.quant_config(ckpt_dtype, device)
+        to_store = qc.method in ("int8", "int4") or \
+            (mc.quantization == "bf16" and ckpt_dtype != torch.bfloat16)
         model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device,
-                                       quant=qc if qc.method in ("int8", "int4") else None)
+                                       quant=qc if to_store else None)
         if qc.enabled:
             from sparsa.layers.quantization import quantize_model
 

@@ -144,7 +144,7 @@ def expert_layout(budget_bytes: int, total_bytes: int) -> str:
 
 def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: torch.dtype,
                    device: torch.device, quant: QuantConfig | None = None) -> OffloadState:
-    """`quant` (method int8 or int4): the experts are cached, read and computed quantized,
+    """`quant` (method int8, int4 or bf16): the experts are cached, read and computed quantized,
     exactly as `quantize_model` quantizes the all-resident model's experts."""
     from sparsa.loader.model_loader import load_weights
 
@@ -169,7 +169,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         locations[key] = ExpertLocation(p["gate"], p["up"], p["down"])
     ref = experts[0]
     store = None
-    quantized = quant is not None and quant.method in ("int8", "int4")
+    quantized = quant is not None and quant.method in ("int8", "int4", "bf16")  # a store
     if quantized and oc.compression != "none":
         raise ValueError(f"offload compression={oc.compression!r} is for full-precision "
                          f"experts; {quant.method} experts have their own (quantized) store")

@@ -94,3 +94,24 @@ def synthetic(n_prompts: int = 6, length: int = 12, layers: int = 4, experts: in
     tr.token_ids = np.asarray([int(t[1:]) for t in tokens])  # one vocabulary for all seeds
     tr.vocab = {f"t{i}": i for i in range(vocab)}
     return tr
+
+
+def bf16_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint at `src` with every floating tensor rounded to bf16."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                       for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
+        elif f.name == "config.json":
+            cfg = json.loads(f.read_text())
+            cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+            (dst / f.name).write_text(json.dumps(cfg))
+        elif f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst

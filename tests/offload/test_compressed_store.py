@@ -27,7 +27,7 @@ from sparsa.offload.compressed_store import (
     split_planes,
 )
 from sparsa.offload.quantized_store import STORE_ENV
-from tests.offload.helpers import assert_rebuilt_after, moe_checkpoint
+from tests.offload.helpers import assert_rebuilt_after, bf16_copy, moe_checkpoint
 from tests.offload.test_offload_engine import PROMPTS
 
 SAMPLING = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
@@ -41,22 +41,6 @@ def _store_dir(tmp_path_factory, monkeypatch):
     return root
 
 
-def _bf16_copy(src, dst):
-    """The checkpoint at `src` with every floating tensor rounded to bf16."""
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix == ".safetensors":
-            save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                       for k, v in load_file(f).items()}, dst / f.name, metadata={"format": "pt"})
-        elif f.name == "config.json":
-            cfg = json.loads(f.read_text())
-            cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
-            (dst / f.name).write_text(json.dumps(cfg))
-        elif f.is_file():
-            (dst / f.name).write_bytes(f.read_bytes())
-    return dst
 
 
 @pytest.fixture(scope="module", params=["mixtral-fp32", "deepseek_v2-fp32", "mixtral-bf16",
@@ -65,7 +49,7 @@ def checkpoint(request, tmp_path_factory):
     arch, dtype = request.param.split("-")
     root = tmp_path_factory.mktemp(request.param)
     path = moe_checkpoint(arch, root / "fp32")
-    return _bf16_copy(path, root / "bf16") if dtype == "bf16" else path
+    return bf16_copy(path, root / "bf16") if dtype == "bf16" else path
 
 
 def _run(llm: LLM, prompts=PROMPTS):

@@ -20,7 +20,7 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.quantization import module_bytes
 from sparsa.loader.safetensors_reader import CheckpointError
 from sparsa.offload.quantized_store import STORE_ENV, store_root
-from tests.offload.helpers import assert_rebuilt_after, moe_checkpoint
+from tests.offload.helpers import assert_rebuilt_after, bf16_copy, moe_checkpoint
 from tests.offload.test_offload_engine import GREEDY, PROMPTS
 from tests.tiny_models import build_tiny_checkpoint
 
@@ -51,7 +51,7 @@ def _store_files(llm: LLM):
     return sorted(store.path.glob("*.safetensors")), store
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "bf16"])
 def test_offloaded_quantized_greedy_is_identical(checkpoint, method):
     ref_llm = LLM(str(checkpoint), quantization=method)
     ref = _greedy(ref_llm)
@@ -75,6 +75,17 @@ def test_offloaded_quantized_greedy_is_identical(checkpoint, method):
         block = next(m for m in ref_llm.engine.model.modules()
                      if type(m).__name__ == "QuantizedExperts")
         assert state.store.expert_bytes * block.num_experts == module_bytes(block)
+
+
+def test_bf16_checkpoint_with_bf16_reads_its_experts_directly(tmp_path):
+    """-q bf16 on a bf16 checkpoint needs no store: the experts are bf16 on disk already
+    (outputs as with the automatic bf16 form)."""
+    path = bf16_copy(moe_checkpoint("mixtral", tmp_path / "m"), tmp_path / "bf16")
+    llm = LLM(str(path), quantization="bf16", expert_memory="25%")
+    state = llm.engine.model.offload
+    assert state.store is None and state.cache.reader.layout == "native"
+    auto = LLM(str(path), expert_memory="25%")
+    assert _greedy(llm, PROMPTS) == _greedy(auto, PROMPTS)
 
 
 def test_store_is_built_once_and_reused(checkpoint, _store_dir):
@@ -133,8 +144,6 @@ def test_non_finite_store_scales_are_a_clear_error(tmp_path):
 
 def test_options_and_store_root(tmp_path, monkeypatch):
     _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
-    with pytest.raises(ValueError, match="int8 or int4"):
-        LLM(str(path), quantization="bf16", expert_memory="25%")
     with pytest.raises(ValueError, match="low_precision"):
         LLM(str(path), quantization="int8", expert_memory="25%",
             offload_on_miss="low_precision")
