@@ -234,7 +234,8 @@ def _run_sparsa(out: str, model: str, budget: str, opts: dict) -> None:
     if c:
         gbs = c["disk_bytes_read"] / c["disk_read_seconds"] / 1e9 \
             if c.get("disk_read_seconds") else 0.0
-        note = (f"hit {c['hit_rate']:.3f}, recall {c['lookahead_recall']:.3f}, "
+        note = (f"hit {c['hit_rate']:.3f} (layer start {c['layer_start_hit_rate']:.3f}), "
+                f"recall {c['lookahead_recall']:.3f}, "
                 f"{c['disk_loads']} loads, {c['disk_bytes_read'] / 1e9:.1f} GB at "
                 f"{gbs:.2f} GB/s/thread, waited {c['wait_seconds']:.1f} s")
         if c.get("compression"):

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
               f"TTFT {r['ttft_s']:.2f} s, "
               f"decode "
               f"{r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
-              + (f", hit rate {c['hit_rate']:.3f}, lookahead recall "
+              + (f", hit rate {c['hit_rate']:.3f} (at the layer's start "
+                 f"{c['layer_start_hit_rate']:.3f}), lookahead recall "
                  f"{c['lookahead_recall']:.3f}, disk read {c['disk_bytes_read'] / 1e9:.1f} GB, "
                  f"budget {c['budget_bytes'] / 2**30:.2f} GiB of "
                  f"{c['total_expert_bytes'] / 2**30:.2f} GiB" + lowp + io if c else ""),
