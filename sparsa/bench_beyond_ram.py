@@ -418,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--prefetch", default="lookahead")
     ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"])
+    ap.add_argument("--prefetch-when-idle", action="store_true")
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
     ap.add_argument("--compression", default="none", choices=["none", "zstd"],
@@ -464,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sparsa_opts = {"policy": args.policy, "prefetch": args.prefetch,
                    "prefetch_evicts": args.prefetch_evicts,
+                   "prefetch_when_idle": args.prefetch_when_idle,
                    "lookahead_extra": args.lookahead_extra, "io_threads": args.io_threads,
                    "threads": args.threads, "prompt_len": args.prompt_len,
                    "max_tokens": args.max_tokens, "compression": args.compression}

@@ -37,6 +37,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
               offload_prefetch=args.prefetch, offload_on_miss=on_miss[0],
               offload_prefetch_evicts=args.prefetch_evicts,
+              offload_prefetch_when_idle=getattr(args, "prefetch_when_idle", False),
               offload_lookahead_extra=args.lookahead_extra,
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
               num_threads=args.threads, quantization=quantization,
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", default="lookahead")
     ap.add_argument("--lookahead-extra", type=int, default=0,
                     help="experts beyond the next router's top-k to prefetch")
+    ap.add_argument("--prefetch-when-idle", action="store_true",
+                    help="guesses load only while an I/O thread is idle")
     ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"],
                     help="cold: a prefetch never evicts an expert used by the last token")
     ap.add_argument("--compression", default="none", choices=["none", "zstd"],

@@ -88,6 +88,8 @@ class OffloadConfig:
     expert is cold and no guess loads at all. Under both rules a guess never evicts another
     expert guessed for the same layer.
     lookahead_extra: experts beyond the next router's top-k that lookahead also prefetches.
+    prefetch_when_idle: a guess (lookahead or history) starts loading only while an I/O
+    thread is idle, so when the disk is the bottleneck guesses never delay known needs.
     on_miss: what a layer does when an expert it needs is not resident: "wait" for the load
     (outputs identical to the all-resident model), or "low_precision" (HOBBIT): every expert
     is also kept, quantized to `low_precision` ("int8" | "int4", groups of
@@ -110,6 +112,7 @@ class OffloadConfig:
     prefetch: str = "lookahead"
     prefetch_evicts: str = "cold"
     lookahead_extra: int = 0
+    prefetch_when_idle: bool = False
     io_threads: int = 2
     direct_io: bool = True
     on_miss: str = "wait"

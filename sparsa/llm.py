@@ -37,6 +37,7 @@ class LLM:
         offload_policy: str = "lru",
         offload_prefetch: str = "lookahead",
         offload_prefetch_evicts: str = "cold",
+        offload_prefetch_when_idle: bool = False,
         offload_lookahead_extra: int = 0,
         offload_on_miss: str = "wait",
         offload_low_precision: str = "int4",
@@ -71,6 +72,8 @@ class LLM:
                                                     policy=offload_policy,
                                                     prefetch=offload_prefetch,
                                                     prefetch_evicts=offload_prefetch_evicts,
+                                                    prefetch_when_idle=(
+                                                        offload_prefetch_when_idle),
                                                     lookahead_extra=offload_lookahead_extra,
                                                     on_miss=offload_on_miss,
                                                     low_precision=offload_low_precision,

@@ -81,7 +81,8 @@ class ExpertCache:
                  expert_bytes: int, budget_bytes: int, policy: str | CachePolicy = "lru",
                  io_threads: int = 2, clock: Callable[[], float] | None = None,
                  max_inflight: int | None = None, prefetch_evicts: str = "cold",
-                 loader: Callable[[int, int], object] | None = None):
+                 loader: Callable[[int, int], object] | None = None,
+                 guess_when_idle: bool = False):
         """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
         that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
         queued behind busy I/O threads would only hold budget and arrive too late).
@@ -89,6 +90,9 @@ class ExpertCache:
         in this forward pass or the previous one (a guess never pushes out what the last
         token needed, which the next token often needs again); "any" lets the policy pick
         any victim. Neither lets a guess evict another guess for the same layer.
+        guess_when_idle: a guessed prefetch starts only while an I/O thread is idle (fewer
+        loads in flight than `io_threads`), so guesses use spare disk time and never queue
+        ahead of the next layer's known needs when the disk is the bottleneck.
         loader: what a load calls, (layer, expert) -> weights (default `reader.load`; a
         `HostTier`'s load puts host memory in between)."""
         if prefetch_evicts not in ("cold", "any"):
@@ -120,6 +124,8 @@ class ExpertCache:
         self.stats = CacheStats()
         self._S = S
         self.max_inflight = max_inflight
+        self.io_threads = io_threads
+        self.guess_when_idle = guess_when_idle
         self.prefetch_evicts = prefetch_evicts
         # forward passes, counted by acquires going back to a lower layer or repeating a
         # key; the last pass that used each resident key
@@ -160,13 +166,18 @@ class ExpertCache:
             entry.weights = entry.future.result()
         return entry.weights is not None
 
-    def _io_busy(self) -> bool:
-        """max_inflight loads are in flight (lock held)."""
-        if self.max_inflight is None:
-            return False
-        n = sum(1 for e in self._entries.values()
-                if e.weights is None and e.future is not None and not e.future.done())
-        return n >= self.max_inflight
+    def _inflight(self) -> int:
+        """Loads started and not finished (lock held)."""
+        return sum(1 for e in self._entries.values()
+                   if e.weights is None and e.future is not None and not e.future.done())
+
+    def _io_busy(self, guess: bool = False) -> bool:
+        """max_inflight loads are in flight; for a guess with `guess_when_idle`, as many as
+        there are I/O threads (lock held)."""
+        limit = self.max_inflight
+        if guess and self.guess_when_idle:
+            limit = self.io_threads if limit is None else min(limit, self.io_threads)
+        return limit is not None and self._inflight() >= limit
 
     def _make_room(self, protect: set[tuple[int, int]]) -> bool:
         """Evict until one more expert fits; False if everything left is pinned/protected
@@ -240,7 +251,7 @@ class ExpertCache:
                 key = (layer, int(e))
                 if key in self._entries:
                     continue
-                if self._io_busy() or not self._make_room(protect):
+                if self._io_busy(guess) or not self._make_room(protect):
                     break
                 self._start_load(key, prefetched=True)
                 self.stats.prefetches += 1

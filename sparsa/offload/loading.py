@@ -233,7 +233,8 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                         policy=policy, io_threads=oc.io_threads,
                         max_inflight=oc.io_threads if substitutes else None,
                         prefetch_evicts=oc.prefetch_evicts,
-                        loader=host.load if host is not None else None)
+                        loader=host.load if host is not None else None,
+                        guess_when_idle=oc.prefetch_when_idle)
     # Slabs for every cached expert (loads in flight included) plus the resident layout's
     # read buffers, one per I/O thread: after warm-up no load maps fresh memory. With a
     # host tier the cached experts are copies (or, on the CPU, views of the tier's buffers).

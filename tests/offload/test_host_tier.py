@@ -233,3 +233,25 @@ def test_a_guess_never_evicts_another_guess(rule):
         assert cache.resident() == {(0, 0), (0, 2)}
     finally:
         cache._pool.shutdown(wait=True)
+
+
+def test_guesses_wait_for_an_idle_io_thread():
+    """guess_when_idle: with every I/O thread busy a guess starts nothing; known needs still
+    start, and guesses start again once a thread is free."""
+    reader = _Reader()
+    reader.load = lambda layer, expert: reader.compute_form(reader.read_raw(layer, expert))
+    reader.gate = threading.Event()
+    cache = ExpertCache(reader, num_layers=1, num_experts=8, expert_bytes=64,
+                        budget_bytes=8 * 64, io_threads=1, guess_when_idle=True)
+    try:
+        assert cache.prefetch(0, [0], guess=False) == 1  # occupies the only I/O thread
+        assert cache.prefetch(0, [1, 2]) == 0  # a guess waits
+        assert cache.prefetch(0, [3], guess=False) == 1  # a known need does not
+        reader.gate.set()
+        cache.settle()
+        assert cache.prefetch(0, [1]) == 1
+        cache.settle()
+        assert cache.resident() == {(0, 0), (0, 1), (0, 3)}
+    finally:
+        reader.gate.set()
+        cache._pool.shutdown(wait=True)
