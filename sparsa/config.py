@@ -130,6 +130,10 @@ class OffloadConfig:
             self.budget_bytes(1)  # validates the form
         if self.host_memory is not None:
             self.host_budget_bytes(1)
+        if self.on_miss == "host" and self.compression != "none":
+            raise ValueError("on_miss='host' computes on the host tier's tensors as read, and "
+                             "the compressed store's are compressed: use on_miss='wait' "
+                             "(host_memory still works)")
         if self.on_miss == "host" and self.host_memory is None:
             raise ValueError("on_miss='host' computes misses with the host tier's copy: set "
                              "host_memory")

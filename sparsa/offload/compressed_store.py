@@ -29,6 +29,7 @@ like one in the checkpoint, only where it makes a weight non-finite.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -148,10 +149,6 @@ def decode_plane(data: np.ndarray, n: int, dst: np.ndarray) -> np.ndarray:
     return dst
 
 
-def _numel(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
-
-
 @dataclass
 class CompressedStore:
     """An opened store: where each expert's planes are, and how to rebuild its tensors."""
@@ -175,7 +172,7 @@ class CompressedStore:
     @property
     def tensor_bytes(self) -> int:
         """One expert's decompressed tensors."""
-        return sum(_numel(s) for s in self.shapes) * self.dtype.itemsize
+        return sum(math.prod(s) for s in self.shapes) * self.dtype.itemsize
 
     @property
     def out_bytes(self) -> int:
@@ -197,12 +194,12 @@ class CompressedStore:
         if device.type != "cpu":
             raw = tuple(t.cpu() for t in raw)
         k = self.dtype.itemsize
-        scratch = _DECODER.buffer(max(_numel(s) for s in self.shapes) * k)
+        scratch = _DECODER.buffer(max(math.prod(s) for s in self.shapes) * k)
         pool = self.pool if self.pool is not None else SlabPool()
         slab = pool.lease(max(self.slab_bytes, self.out_bytes))
         out, off, spent, phases = [], 0, [0.0, 0.0, 0.0], raw[-1].tolist()
         for i, shape in enumerate(self.shapes):
-            n = _numel(shape)
+            n = math.prod(shape)
             off += (phases[i] - off) % _PHASE
             t0 = time.perf_counter()
             planes = [decode_plane(raw[i * k + j].numpy(), n, scratch[j * n:])
@@ -259,7 +256,7 @@ def build_compressed(path: Path, identity: dict, reader: ExpertReader,
     `path`."""
     prepare_dir(path)
     k, keys = reader.dtype.itemsize, list(locations)
-    raw_spec = [(name, torch.uint8, (_numel(shapes[i // k]),))
+    raw_spec = [(name, torch.uint8, (math.prod(shapes[i // k]),))
                 for i, name in enumerate(_plane_names(k))] + [("phase", torch.uint8, (3,))]
     layers: dict[int, list[int]] = {}
     for layer, e in sorted(keys):
@@ -309,7 +306,7 @@ def _open(path: Path, identity: dict, locations: dict, dtype: torch.dtype, shape
             parts = []
             for i, name in enumerate(names):
                 t = header.get(f"{e}.{name}")
-                lo, n = (3, 3) if name == "phase" else (1, _numel(shapes[i // k]))
+                lo, n = (3, 3) if name == "phase" else (1, math.prod(shapes[i // k]))
                 if t is None or t["dtype"] != "U8" or len(t["shape"]) != 1 or \
                         not lo <= t["shape"][0] <= n:
                     raise CheckpointError(f"{f}: tensor {e}.{name} missing or not a plane of "

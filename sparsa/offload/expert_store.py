@@ -124,6 +124,8 @@ class ExpertCache:
         self.stats = CacheStats()
         self._S = S
         self.max_inflight = max_inflight
+        self._loading = 0  # loads in flight
+        self._loading_lock = threading.Lock()
         self.io_threads = io_threads
         self.guess_when_idle = guess_when_idle
         self.prefetch_evicts = prefetch_evicts
@@ -167,9 +169,15 @@ class ExpertCache:
         return entry.weights is not None
 
     def _inflight(self) -> int:
-        """Loads started and not finished (lock held)."""
-        return sum(1 for e in self._entries.values()
-                   if e.weights is None and e.future is not None and not e.future.done())
+        """Loads started and not finished (a count kept by the loads' done callbacks, not a
+        scan of every entry: guesses ask for each expert they would start). The count has
+        its own lock: a callback never waits for the cache's, which a caller may hold while
+        it waits for a load."""
+        return self._loading
+
+    def _load_done(self, _future: Future) -> None:
+        with self._loading_lock:
+            self._loading -= 1
 
     def _io_busy(self, guess: bool = False) -> bool:
         """max_inflight loads are in flight; for a guess with `guess_when_idle`, as many as
@@ -220,6 +228,9 @@ class ExpertCache:
         self._entries[key] = entry
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
         entry.future = self._pool.submit(self.loader, *key)
+        with self._loading_lock:
+            self._loading += 1
+        entry.future.add_done_callback(self._load_done)
         self.stats.bytes_loaded += self.expert_bytes
         self.policy.inserted(self._t, self._mask([key]), prefetched)
         return entry
@@ -235,12 +246,11 @@ class ExpertCache:
         started = 0
         experts = list(experts)
         with self._lock:
+            entries = [self._entries.get((layer, int(e))) for e in experts]
             if not guess:
-                self.stats.layer_start_hits += sum(
-                    1 for e in experts
-                    if (entry := self._entries.get((layer, int(e)))) is not None
-                    and self._ready(entry))
-            if all((layer, int(e)) in self._entries for e in experts):
+                self.stats.layer_start_hits += sum(1 for entry in entries
+                                                   if entry is not None and self._ready(entry))
+            if all(entry is not None for entry in entries):
                 return 0  # the common case at a full budget: the loop below starts nothing
             protect = set(protect or ())
             if guess:  # never push out one guess for another

@@ -205,18 +205,10 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         else:
             reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
                                   layout=expert_layout(budget, total))
-    if oc.on_miss == "low_precision" and quantized:
-        raise ValueError("on_miss='low_precision' keeps a second, quantized copy of "
-                         "full-precision experts; with quantization they are already "
-                         "quantized: use on_miss='wait'")
-    if oc.on_miss == "host" and quantized:
-        raise ValueError("on_miss='host' computes full-precision experts on the CPU; with "
-                         "int8/int4 quantization use on_miss='wait' (host_memory still "
-                         "works)")
-    if oc.on_miss == "host" and oc.compression != "none":
-        raise ValueError("on_miss='host' computes on the host tier's tensors as read, and "
-                         "the compressed store's are compressed: use on_miss='wait' "
-                         "(host_memory still works)")
+    if quantized and oc.on_miss in ("low_precision", "host"):
+        raise ValueError(f"on_miss={oc.on_miss!r} computes with full-precision copies of the "
+                         f"experts; with {quant.method} they come from the quantized store: "
+                         "use on_miss='wait' (host_memory still works)")
     host = None
     if oc.host_memory is not None:
         # the tier holds experts as read from disk (the checkpoint's or the store's bytes,
@@ -226,7 +218,10 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                         reader.raw_bytes)
     num_layers = max(k[0] for k in locations) + 1
     moe_layers = sorted({k[0] for k in locations})
-    policy = _activation_policy(oc, moe_layers, num_layers, ref.num_experts) \
+    # one routing trace serves history prefetch and the activation policy's library
+    train = _predictor_trace(oc, ref.num_experts) \
+        if oc.history or oc.policy == "activation" else None
+    policy = _activation_policy(train, oc, moe_layers, num_layers) \
         if oc.policy == "activation" else oc.policy
     substitutes = oc.on_miss in ("low_precision", "host")
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
@@ -247,7 +242,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         lowp = LowPrecisionExperts.build(reader, locations, oc.low_precision,
                                          ref.intermediate_size, oc.low_precision_group_size,
                                          io_threads=oc.io_threads)
-    history = _history_predictor(oc, moe_layers, ref.num_experts)
+    history = HistoryPrefetcher(train, moe_layers, ref.num_experts) if oc.history else None
     stats, hstats = install_offloading(model, cache, lookahead=oc.lookahead,
                                        low_precision=lowp, lookahead_extra=oc.lookahead_extra,
                                        history=history, history_topk=oc.history_topk or 0,
@@ -293,25 +288,16 @@ def _predictor_trace(oc: OffloadConfig, num_experts: int):
         raise ValueError(f"predictor trace {str(path)!r}: {e}") from None
 
 
-def _history_predictor(oc: OffloadConfig, layers: list[int],
-                       num_experts: int) -> HistoryPrefetcher | None:
-    if not oc.history:
-        return None
-    return HistoryPrefetcher(_predictor_trace(oc, num_experts), layers, num_experts)
-
-
-def _activation_policy(oc: OffloadConfig, moe_layers: list[int], num_layers: int,
-                       num_experts: int):
+def _activation_policy(train, oc: OffloadConfig, moe_layers: list[int], num_layers: int):
     """MoE-Infinity's policy over the cache's slots (every layer index x expert), its
     library the per-prompt activation matrices of `predictor_trace` (whose layer j is the
     j-th MoE layer)."""
     from sparsa.offload.policies import ActivationAware, activation_library
 
-    train = _predictor_trace(oc, num_experts)
     if train.num_layers != len(moe_layers):
         raise ValueError(f"predictor trace {oc.predictor_trace!r} has {train.num_layers} MoE "
                          f"layers; the model has {len(moe_layers)}")
     lib = activation_library(train)
-    full = np.zeros((len(lib), num_layers, num_experts), dtype=lib.dtype)
+    full = np.zeros((len(lib), num_layers, lib.shape[2]), dtype=lib.dtype)
     full[:, moe_layers, :] = lib
     return ActivationAware(full)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -154,7 +155,7 @@ def stream_experts(reader: ExpertReader, keys: list[tuple[int, int]],
 
 def expert_pad(spec: list[tuple[str, torch.dtype, tuple]]) -> int:
     """Bytes after an expert's tensors that make its span a multiple of 4 KiB."""
-    return -sum(dt.itemsize * _numel(shape) for _, dt, shape in spec) % _ALIGN
+    return -sum(dt.itemsize * math.prod(shape) for _, dt, shape in spec) % _ALIGN
 
 
 def layer_header(layer: int, blocks: list[tuple[int, list[tuple[str, torch.dtype, tuple]]]],
@@ -168,7 +169,7 @@ def layer_header(layer: int, blocks: list[tuple[int, list[tuple[str, torch.dtype
     for e, spec in blocks:
         pad = expert_pad(spec)
         for name, dt, shape in spec:
-            n = dt.itemsize * _numel(shape)
+            n = dt.itemsize * math.prod(shape)
             header[f"{e}.{name}"] = {"dtype": _ST_NAMES[dt], "shape": list(shape),
                                      "data_offsets": [off, off + n]}
             off += n
@@ -178,13 +179,6 @@ def layer_header(layer: int, blocks: list[tuple[int, list[tuple[str, torch.dtype
     raw = json.dumps(header, separators=(",", ":")).encode()
     n = max(-(-(8 + len(raw)) // _ALIGN) * _ALIGN, min_size) - 8
     return struct.pack("<Q", n) + raw + b" " * (n - len(raw))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _pid_alive(pid: str) -> bool:
@@ -337,7 +331,7 @@ def _open(path: Path, identity: dict, qc: QuantConfig, hidden: int, inter: int,
             store.locations[(layer, e)] = PackedLocation(names, tuple(parts))
     if set(store.locations) != keys:
         raise CheckpointError(f"{path}: holds other experts than the checkpoint's")
-    store.expert_bytes = sum(dt.itemsize * _numel(s) for _, dt, s in spec)
+    store.expert_bytes = sum(dt.itemsize * math.prod(s) for _, dt, s in spec)
     return store
 
 
