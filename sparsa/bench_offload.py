@@ -35,12 +35,15 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
 
     t = time.perf_counter()
     llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
-              offload_prefetch=args.prefetch, offload_on_miss=on_miss[0],
+              offload_prefetch=args.prefetch,
+              offload_on_miss=on_miss[0] if budget is not None else "wait",
               offload_prefetch_evicts=args.prefetch_evicts,
               offload_prefetch_when_idle=getattr(args, "prefetch_when_idle", False),
               offload_lookahead_extra=args.lookahead_extra,
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
               num_threads=args.threads, quantization=quantization,
+              device=getattr(args, "device", "auto"),
+              offload_host_memory=None if budget is None else getattr(args, "host_memory", None),
               offload_compression=getattr(args, "compression", "none"),
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
     load_s = time.perf_counter() - t
@@ -53,10 +56,14 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
     ttft = m["first_token_time"] - m["arrival_time"]
     decode = (len(out.outputs[0].token_ids) - 1) / (m["finished_time"] - m["first_token_time"])
     res = {"budget": budget or "all", "load_s": load_s, "ttft_s": ttft,
-           "on_miss": "wait" if on_miss[0] == "wait" or budget is None else on_miss[1],
+           "on_miss": on_miss[0] if on_miss[0] in ("wait", "host") or budget is None
+           else on_miss[1],
+           "device": str(llm.engine.device),
            "decode_tok_s": decode, "peak_rss_bytes": _peak_rss(),
            "tokens": out.outputs[0].token_ids[:16], "layout": "-",
            "quantization": quantization or "none"}
+    if llm.engine.device.type == "cuda":
+        res["peak_device_bytes"] = torch.cuda.max_memory_allocated(llm.engine.device)
     state = getattr(llm.engine.model, "offload", None)
     if state is not None:
         res["cache"] = state.report()
@@ -82,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compression", default="none", choices=["none", "zstd"],
                     help="zstd: read experts from the lossless compressed expert store")
     ap.add_argument("--on-miss", default="wait",
-                    help="comma-separated miss handlings to compare: wait, int4, int8 "
+                    help="comma-separated miss handlings to compare: wait, host (compute it "
+                         "on the CPU from the host tier; needs --host-memory), int4, int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")
+    ap.add_argument("--host-memory", default=None,
+                    help="host tier between the device cache and the disk (e.g. 100%%, 8GiB)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--layouts", default="auto",
                     help="comma-separated expert layouts to compare: native (the checkpoint's "
                          "[out, in], F.linear), resident (transposed per load, bit-identical "
@@ -116,16 +127,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['low_precision_bytes'] / 2**20:.1f} MiB low-precision tier" \
             if c.get("low_precision") else ""
         io = ""
+        if c.get("host_budget_bytes"):
+            io += (f", host tier {c['host_budget_bytes'] / 2**30:.2f} GiB "
+                   f"(pinned: {c['host_pinned']}), host hit rate {c['host_hit_rate']:.3f}, "
+                   f"{c['host_computes']} misses computed on the host")
         if c.get("disk_read_seconds"):
             gbs = c["disk_bytes_read"] / c["disk_read_seconds"] / 1e9
-            io = (f", {c['disk_loads']} loads read at {gbs:.2f} GB/s per I/O thread, "
-                  f"compute waited {c['wait_seconds']:.1f} s for loads")
+            io += (f", {c['disk_loads']} loads read at {gbs:.2f} GB/s per I/O thread, "
+                   f"compute waited {c['wait_seconds']:.1f} s for loads")
+        dev = (f", peak {r['device']} memory {r['peak_device_bytes'] / 2**30:.2f} GiB"
+               if "peak_device_bytes" in r else "")
         print(f"{r['quantization']}, budget {r['budget']:>6}, load {r['load_s']:.1f} s, "
               f"on miss {r['on_miss']:>4}, layout {r['layout']}: "
               f"TTFT {r['ttft_s']:.2f} s, "
               f"decode "
               f"{r['decode_tok_s']:.2f} tok/s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
-              + (f", hit rate {c['hit_rate']:.3f} (at the layer's start "
+              + dev + (f", hit rate {c['hit_rate']:.3f} (at the layer's start "
                  f"{c['layer_start_hit_rate']:.3f}), lookahead recall "
                  f"{c['lookahead_recall']:.3f}, disk read {c['disk_bytes_read'] / 1e9:.1f} GB, "
                  f"budget {c['budget_bytes'] / 2**30:.2f} GiB of "

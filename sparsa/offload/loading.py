@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,6 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
-from sparsa.offload.compressed_store import CompressedStore, open_compressed_store
 from sparsa.offload.expert_reader import LAYOUTS
 from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
@@ -25,6 +25,9 @@ from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
 from sparsa.offload.quantized_store import ExpertStore, open_store
+
+if TYPE_CHECKING:
+    from sparsa.offload.compressed_store import CompressedStore
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -195,6 +198,9 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         budget = _expert_budget(oc, total, expert_bytes, device)
         if oc.compression != "none":
             # the budget still counts decompressed bytes (what the cache holds)
+            # zstandard is needed only here (a GPU image without it still offloads)
+            from sparsa.offload.compressed_store import open_compressed_store
+
             store = open_compressed_store(ckpt.files, locations, oc.compression,
                                           store_dtype, oc.store_dir, oc.direct_io,
                                           model_name=Path(model_dir).name)

@@ -155,18 +155,19 @@ class LowPrecisionExperts:
 def parse_on_miss(spec: str) -> list[tuple[str, str]]:
     """Command-line lists of miss handlings to compare: "wait,int4,int8" ->
     [("wait", "int4"), ("low_precision", "int4"), ("low_precision", "int8")] as
-    (on_miss, low_precision) pairs; "low_precision" alone means int4."""
+    (on_miss, low_precision) pairs; "low_precision" alone means int4, "host" is Fiddler's
+    compute-where-it-lives (needs a host tier)."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
-        if item == "wait":
-            out.append(("wait", "int4"))
+        if item in ("wait", "host"):
+            out.append((item, "int4"))
         elif item in METHODS:
             out.append(("low_precision", item))
         elif item == "low_precision":
             out.append(("low_precision", "int4"))
         else:
-            raise ValueError(f"--on-miss takes a comma-separated list of wait, int4, int8 "
-                             f"(low precision on a miss); got {item!r}")
+            raise ValueError(f"--on-miss takes a comma-separated list of wait, host, int4, "
+                             f"int8 (low precision on a miss); got {item!r}")
     if not out:
         raise ValueError("--on-miss is empty")
     return out

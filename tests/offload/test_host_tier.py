@@ -44,8 +44,12 @@ def test_host_tier_keeps_outputs_and_budgets(checkpoint, on_miss):
               offload_on_miss=on_miss)
     outs = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == ref
-    # the same arithmetic on the device copy and the host copy: exact
-    assert [_logprobs(o) for o in outs] == ref_lp
+    if on_miss == "wait" or llm.engine.device.type == "cpu":
+        # the same arithmetic on the device copy and the host copy: exact
+        assert [_logprobs(o) for o in outs] == ref_lp
+    else:  # misses computed on the CPU, the rest on the GPU: other kernels
+        for got, want in zip([_logprobs(o) for o in outs], ref_lp, strict=True):
+            assert got == pytest.approx(want, abs=1e-4)
     rep = llm.engine.model.offload.report()
     assert rep["peak_bytes"] <= rep["budget_bytes"] and rep["evictions"] > 0
     assert rep["host_peak_bytes"] <= rep["host_budget_bytes"]

@@ -285,6 +285,7 @@ def test_bad_values_raise():
         LowPrecisionExperts("int2", 8)
     assert parse_on_miss("wait, int4,int8") == [("wait", "int4"), ("low_precision", "int4"),
                                                ("low_precision", "int8")]
+    assert parse_on_miss("host") == [("host", "int4")]
     for bad in ("", "wait,int3", "fiddler"):
         with pytest.raises(ValueError, match="on-miss"):
             parse_on_miss(bad)
