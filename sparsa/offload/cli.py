@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsa.offload.activation_policy import ActivationAware, activation_library
 from sparsa.offload.cache_sim import DSV2_LITE_EXPERT_BYTES, BandwidthModel, simulate
 from sparsa.offload.learned_eviction import (
     NextUseModel,
@@ -36,13 +37,7 @@ from sparsa.offload.learned_eviction import (
     oracle_next_scores,
 )
 from sparsa.offload.neural_predictor import NeuralPredictor
-from sparsa.offload.policies import (
-    ActivationAware,
-    CachePolicy,
-    LearnedRF,
-    activation_library,
-    make_policy,
-)
+from sparsa.offload.policies import CachePolicy, LearnedRF, make_policy
 from sparsa.offload.predictors import (
     CombinedPredictor,
     CooccurrencePredictor,

@@ -298,7 +298,7 @@ def _activation_policy(train, oc: OffloadConfig, moe_layers: list[int], num_laye
     """MoE-Infinity's policy over the cache's slots (every layer index x expert), its
     library the per-prompt activation matrices of `predictor_trace` (whose layer j is the
     j-th MoE layer)."""
-    from sparsa.offload.policies import ActivationAware, activation_library
+    from sparsa.offload.activation_policy import ActivationAware, activation_library
 
     if train.num_layers != len(moe_layers):
         raise ValueError(f"predictor trace {oc.predictor_trace!r} has {train.num_layers} MoE "
