@@ -232,6 +232,7 @@ class ExpertReader:
                          for v in locations.values()), default=0)
             self.slab_bytes = max(self.slab_bytes, -(-numel * max(elem) // _ALIGN) * _ALIGN)
         self.pool = SlabPool(pool_bytes)
+        self._streams = threading.local()  # each I/O thread's CUDA side stream
 
     def raw_offsets(self, layer: int, expert: int) -> tuple[int, ...]:
         """Where `read_raw`'s tensors start in its slab (a copy that keeps these offsets in a
@@ -322,9 +323,28 @@ class ExpertReader:
     def load(self, layer: int, expert: int) -> Any:
         raw = self.read_raw(layer, expert)
         try:
-            return self.compute_form(raw)
+            return self.device_form(raw)
         except CheckpointError as e:  # (an assemble's: say which expert)
             raise CheckpointError(f"layer {layer} expert {expert}: {e}") from None
+
+    def device_form(self, raw: tuple[torch.Tensor, ...]) -> Any:
+        """`compute_form`, made on the calling I/O thread's own CUDA stream when the device
+        is a GPU: on the default stream an I/O thread's copies and conversions would queue
+        behind the compute stream's kernels (and hold them up), instead of overlapping."""
+        if self.device.type != "cuda":
+            return self.compute_form(raw)
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            weights = self.compute_form(raw)
+        stream.synchronize()
+        # The copies were allocated on the side stream; the compute stream uses and frees
+        # them, so the allocator must wait for its work before reusing their memory.
+        compute = torch.cuda.default_stream(self.device)
+        for t in _tensors(weights):
+            t.record_stream(compute)
+        return weights
 
     def compute_form(self, raw: tuple[torch.Tensor, ...]) -> Any:
         """What the cache computes with, from `read_raw`'s tensors (a slab's views or a host
@@ -358,3 +378,10 @@ class ExpertReader:
                 os.close(fd)
             self._fds.clear()
         self.pool.clear()
+
+
+def _tensors(weights) -> list[torch.Tensor]:
+    """The device tensors of a compute form: a tuple of tensors or a module's buffers."""
+    if isinstance(weights, tuple):
+        return [t for t in weights if isinstance(t, torch.Tensor)]
+    return list(weights.buffers()) if hasattr(weights, "buffers") else []

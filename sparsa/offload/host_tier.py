@@ -5,7 +5,8 @@ experts in GPU memory; the host tier holds up to `host_memory` bytes of experts 
 disk (`ExpertReader.read_raw`'s tensors) in pinned host memory, so a device miss that the
 host tier holds costs one asynchronous host-to-device copy instead of a disk read. Loads run
 on the cache's I/O threads: the tier is the cache's loader (`load`), and each thread copies
-on its own CUDA side stream, synchronizing that stream before the load counts as done.
+on its own CUDA side stream (`ExpertReader.device_form`), synchronizing that stream before
+the load counts as done.
 
 The tier also serves Fiddler's option (on_miss="host"): when an expert is not on the device
 when its layer runs but is in host memory, the layer computes it there, on the CPU, with
@@ -75,7 +76,6 @@ class HostTier:
         # multi-MB mallocs fragment glibc's heap); pinned ones from torch's caching host
         # allocator, which reuses freed blocks itself.
         self._slabs = SlabPool(0 if self.pinned else (self.capacity + 1) * reader.raw_bytes)
-        self._streams = threading.local()
 
     @property
     def used_bytes(self) -> int:
@@ -124,7 +124,7 @@ class HostTier:
         if raw is None:
             raw, pinned = self._read(key)
         try:
-            return self._to_device(raw)
+            return self.reader.device_form(raw)
         finally:
             if pinned:
                 self.release(layer, expert)
@@ -182,22 +182,6 @@ class HostTier:
             out.append(dst)
         return tuple(out)
 
-    def _to_device(self, raw: tuple[torch.Tensor, ...]):
-        if self.device.type != "cuda":
-            return self.reader.compute_form(raw)
-        stream = getattr(self._streams, "stream", None)
-        if stream is None:
-            stream = self._streams.stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            weights = self.reader.compute_form(raw)
-        stream.synchronize()
-        # The copies were allocated on the side stream; the compute stream uses and frees
-        # them, so the allocator must wait for its work before reusing their memory.
-        compute = torch.cuda.default_stream(self.device)
-        for t in _tensors(weights):
-            t.record_stream(compute)
-        return weights
-
     def report(self) -> dict:
         s = self.stats
         return {"host_budget_bytes": self.budget_bytes, "host_capacity_experts": self.capacity,
@@ -206,10 +190,3 @@ class HostTier:
                 "host_evictions": s.evictions, "host_peak_bytes": s.peak_bytes,
                 "host_pinned": self.pinned, "host_computes": s.host_computes,
                 "host_compute_rows": s.host_compute_rows}
-
-
-def _tensors(weights) -> list[torch.Tensor]:
-    """The device tensors of a compute form: a tuple of tensors or a module's buffers."""
-    if isinstance(weights, tuple):
-        return [t for t in weights if isinstance(t, torch.Tensor)]
-    return list(weights.buffers()) if hasattr(weights, "buffers") else []

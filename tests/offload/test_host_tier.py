@@ -142,6 +142,8 @@ class _Reader:
     def compute_form(self, raw):
         return tuple(t.clone() for t in raw)
 
+    device_form = compute_form
+
 
 def test_tier_lru_budget_and_pins():
     reader = _Reader()
