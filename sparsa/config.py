@@ -130,10 +130,6 @@ class OffloadConfig:
             self.budget_bytes(1)  # validates the form
         if self.host_memory is not None:
             self.host_budget_bytes(1)
-        if self.on_miss == "host" and self.compression != "none":
-            raise ValueError("on_miss='host' computes on the host tier's tensors as read, and "
-                             "the compressed store's are compressed: use on_miss='wait' "
-                             "(host_memory still works)")
         if self.on_miss == "host" and self.host_memory is None:
             raise ValueError("on_miss='host' computes misses with the host tier's copy: set "
                              "host_memory")
@@ -257,7 +253,8 @@ class ModelConfig:
         if self.offload.enabled and self.quant_config().enabled and \
                 self.offload.on_miss == "low_precision":
             raise ValueError("offload_on_miss='low_precision' needs full-precision experts; "
-                             "with int8/int4 quantization they are quantized already")
+                             "with int8/int4/bf16 quantization they are quantized already "
+                             "(on_miss='wait' or 'host' work)")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(
                 f"load_format must be 'auto', 'safetensors' or 'dummy'; got {self.load_format!r}"

@@ -211,10 +211,10 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         else:
             reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
                                   layout=expert_layout(budget, total))
-    if quantized and oc.on_miss in ("low_precision", "host"):
-        raise ValueError(f"on_miss={oc.on_miss!r} computes with full-precision copies of the "
-                         f"experts; with {quant.method} they come from the quantized store: "
-                         "use on_miss='wait' (host_memory still works)")
+    if quantized and oc.on_miss == "low_precision":  # (a bf16 form chosen at load too)
+        raise ValueError(f"on_miss='low_precision' computes misses with int4/int8 copies of "
+                         f"full-precision experts; {quant.method} experts come from the "
+                         "quantized store already: use on_miss='wait' or 'host'")
     host = None
     if oc.host_memory is not None:
         # the tier holds experts as read from disk (the checkpoint's or the store's bytes,

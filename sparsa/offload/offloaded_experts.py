@@ -237,17 +237,26 @@ class OffloadedExperts(GroupedExperts):
             self._call.protect.discard((layer, e))
 
     def _on_host(self, raw: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        """One expert on the CPU from its host tensors ((gate, up, down) [out, in] as on disk)
-        over x's rows, in fp32 unless x is fp32 on the CPU already; back on x's device."""
-        xc = x if x.device.type == "cpu" and x.dtype == torch.float32 else \
-            x.to("cpu", torch.float32)
-        y = self._compute(raw, xc)
+        """One expert on the CPU from its host tensors over x's rows, in fp32 unless x is
+        fp32 on the CPU already; back on x's device. The tensors are as read: (gate, up,
+        down) [out, in] from the checkpoint, or a store's packed bytes, which `assemble`
+        turns into CPU weights (quantized views of the host copy; decompressed ones)."""
+        on_cpu = x.device.type == "cpu"
+        xc = x if on_cpu and x.dtype == torch.float32 else x.to("cpu", torch.float32)
+        reader = self.cache.reader
+        weights = reader.assemble(raw) if reader.layout == "packed" else raw
+        batch = None
+        if not on_cpu:  # the kernel path the CPU would take for this batch
+            batch = (xc, self._call.batch[1].cpu())
+        y = self._compute(weights, xc, batch)
         return y if y.device == x.device and y.dtype == x.dtype else y.to(x.device, x.dtype)
 
-    def _compute(self, weights, x: torch.Tensor) -> torch.Tensor:
-        """One expert's SwiGLU over the rows of x, from the weights the cache holds."""
+    def _compute(self, weights, x: torch.Tensor, batch: tuple | None = None) -> torch.Tensor:
+        """One expert's SwiGLU over the rows of x, from the weights the cache holds (or the
+        host tier's; `batch`: the (x, topk_ids) that pick a quantized kernel path, when not
+        the layer's own)."""
         if isinstance(weights, QuantizedExperts):  # one expert from the quantized store
-            path = weights.moe_path(*self._call.batch, num_experts=self.num_experts)
+            path = weights.moe_path(*(batch or self._call.batch), num_experts=self.num_experts)
             return weights.expert_rows(path, 0, x)
         if len(weights) == 3 and weights[0].dtype == torch.bfloat16 \
                 and x.dtype == torch.float32 and x.device.type == "cpu":

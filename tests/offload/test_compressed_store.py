@@ -193,14 +193,16 @@ def test_options(tmp_path):
         OffloadConfig(expert_memory="25%", compression="lz4")
     with pytest.raises(ValueError, match="int8 experts have their own"):
         LLM(str(path), quantization="int8", expert_memory="25%", offload_compression="zstd")
-    with pytest.raises(ValueError, match="on_miss='host'"):
-        LLM(str(path), expert_memory="25%", offload_compression="zstd", offload_on_miss="host",
-            offload_host_memory="50%")
     # a host tier holds the compressed bytes and decompresses on the way to the cache
     plain = _run(LLM(str(path), expert_memory="25%"), PROMPTS[:2])
     tiered = LLM(str(path), expert_memory="25%", offload_compression="zstd",
                  offload_host_memory="50%")
     assert _run(tiered, PROMPTS[:2]) == plain
+    # ... and, with on_miss='host', decompresses a miss it holds to compute it on the CPU
+    fiddler = LLM(str(path), expert_memory="25%", offload_compression="zstd",
+                  offload_on_miss="host", offload_host_memory="100%")
+    assert _run(fiddler, PROMPTS[:2]) == plain
+    assert fiddler.engine.model.offload.report()["host_computes"] > 0
     # the low-precision miss tier reads the experts through the compressed store too
     llm = LLM(str(path), expert_memory="25%", offload_compression="zstd",
               offload_on_miss="low_precision")

@@ -76,18 +76,28 @@ def test_host_compute_row_limit(checkpoint):
     assert rep["host_compute_rows"] == rep["host_computes"] > 0  # one row each
 
 
-def test_host_tier_with_int8(tmp_path):
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_host_tier_and_fiddler_with_quantized_experts(tmp_path, method):
+    """Quantized experts: the tier holds the store's packed bytes; on_miss='host' computes a
+    miss on the CPU from one-expert weights over those bytes, with the same kernels."""
     path = moe_checkpoint("mixtral", tmp_path / "m")
-    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    ref = [o.outputs[0].token_ids for o in
-           LLM(str(path), quantization="int8").generate(PROMPTS, greedy)]
-    llm = LLM(str(path), quantization="int8", expert_memory="25%",
-              offload_host_memory="100%", offload_store_dir=str(tmp_path / "store"))
-    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy)] == ref
-    assert llm.engine.model.offload.report()["host_hits"] > 0
-    with pytest.raises(ValueError, match="on_miss='host'"):
-        LLM(str(path), quantization="int8", expert_memory="25%", offload_host_memory="50%",
-            offload_on_miss="host", offload_store_dir=str(tmp_path / "store"))
+    ref = LLM(str(path), quantization=method).generate(PROMPTS, GREEDY)
+    store = str(tmp_path / "store")
+    waited = LLM(str(path), quantization=method, expert_memory="25%",
+                 offload_host_memory="100%", offload_store_dir=store).generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in waited] == [o.outputs[0].token_ids for o in ref]
+    llm = LLM(str(path), quantization=method, expert_memory="25%", offload_host_memory="100%",
+              offload_on_miss="host", offload_store_dir=store)
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
+    if llm.engine.device.type == "cpu":  # one arithmetic for device and host copies
+        assert [_logprobs(o) for o in outs] == [_logprobs(o) for o in waited]
+    rep = llm.engine.model.offload.report()
+    assert rep["host_hits"] > 0 and rep["host_computes"] > 0
+    assert rep["peak_bytes"] <= rep["budget_bytes"]
+    with pytest.raises(ValueError, match="quantized already"):
+        LLM(str(path), quantization=method, expert_memory="25%",
+            offload_on_miss="low_precision", offload_store_dir=store)
 
 
 @pytest.mark.parametrize("fields, message", [
