@@ -305,6 +305,8 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate(),
             "prefix_cache_query_tokens": self.block_manager.prefix_query_tokens,
             "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
+            **({"offload": offload.report()}
+               if (offload := getattr(self.model, "offload", None)) is not None else {}),
         }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -40,6 +40,46 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("sparsa_tokens_in_flight",
                                 "Admitted tokens (n * (prompt + max_tokens)) not yet finished",
                                 value=s.get("tokens_in_flight", 0))
+        if "offload" in s:
+            yield from _offload_metrics(s["offload"])
+
+
+# (name, report key, help) of the expert cache's metrics, when experts are offloaded
+_OFFLOAD_GAUGES = (
+    ("sparsa_expert_cache_hit_rate", "hit_rate",
+     "Expert requests served from the expert cache (or a load already done) / requests"),
+    ("sparsa_expert_cache_layer_start_hit_rate", "layer_start_hit_rate",
+     "Expert requests resident when their layer began / requests"),
+    ("sparsa_expert_cache_resident_bytes", "resident_bytes",
+     "Bytes of experts held or being loaded in the expert cache"),
+    ("sparsa_expert_cache_budget_bytes", "budget_bytes", "The expert cache's budget"),
+    ("sparsa_expert_cache_peak_bytes", "peak_bytes", "Most expert bytes ever held at once"),
+    ("sparsa_expert_prefetch_recall", "lookahead_recall",
+     "Needed experts that prefetch guessed / needed experts"),
+    ("sparsa_expert_host_tier_hit_rate", "host_hit_rate",
+     "Device loads served from the host tier / device loads through it"),
+)
+_OFFLOAD_COUNTERS = (
+    ("sparsa_expert_cache_requests", "requests", "Expert requests of MoE layers"),
+    ("sparsa_expert_cache_hits", "hits", "Expert requests served without waiting for a load"),
+    ("sparsa_expert_cache_evictions", "evictions", "Experts evicted from the expert cache"),
+    ("sparsa_expert_prefetches", "prefetches", "Expert loads started by a prefetch guess"),
+    ("sparsa_expert_disk_loads", "disk_loads", "Experts read from disk"),
+    ("sparsa_expert_disk_read_bytes", "disk_bytes_read", "Bytes of experts read from disk"),
+    ("sparsa_expert_load_wait_seconds", "wait_seconds",
+     "Time MoE layers waited for expert loads"),
+    ("sparsa_expert_substitutions", "substitutions",
+     "Misses computed with another copy (low precision, or the host tier's) instead"),
+)
+
+
+def _offload_metrics(rep: dict) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    for name, key, doc in _OFFLOAD_GAUGES:
+        if key in rep:
+            yield GaugeMetricFamily(name, doc, value=rep[key])
+    for name, key, doc in _OFFLOAD_COUNTERS:
+        if key in rep:
+            yield CounterMetricFamily(name, doc, value=rep[key])
 
 
 class ServerMetrics:

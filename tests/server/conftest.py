@@ -41,11 +41,11 @@ def build_char_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def build_tiny_chat_model(out_dir: Path) -> Path:
-    cfg = dict(TINY_CONFIGS["llama"])
+def build_tiny_chat_model(out_dir: Path, arch: str = "llama") -> Path:
+    cfg = dict(TINY_CONFIGS[arch])
     cfg.update(vocab_size=VOCAB, max_position_embeddings=512)
     assert TINY_COMMON["eos_token_id"] == 2
-    build_tiny_checkpoint("llama", out_dir, config=cfg, std=0.1)
+    build_tiny_checkpoint(arch, out_dir, config=cfg, std=0.1)
     build_char_tokenizer(out_dir)
     return out_dir
 
@@ -111,8 +111,9 @@ def make_server(model_dir: Path, **overrides) -> LiveServer:
     from sparsa.server.app import ServerSettings, build_app
 
     cache = overrides.pop("cache", {})
+    model = overrides.pop("model", {})  # more ModelConfig fields (e.g. offload=...)
     engine = LLMEngine(EngineConfig(
-        model=ModelConfig(str(model_dir), dtype="float32", max_model_len=256),
+        model=ModelConfig(str(model_dir), dtype="float32", max_model_len=256, **model),
         cache=CacheConfig(**{"block_size": 16, "num_blocks": 256,
                              "enable_prefix_caching": True, **cache}),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
