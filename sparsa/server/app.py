@@ -172,6 +172,7 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             yield
         finally:
             async_engine.shutdown()
+            engine.shutdown()  # after the loop thread: writes --trace-experts
 
     app = FastAPI(title="Sparsa OpenAI-compatible server", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine

@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest request body (413 beyond)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--trace-experts", default=None, metavar="PATH",
+                   help="record every served token's routed experts at every MoE layer to "
+                        "this trace, written at shutdown (.csv or .csv.gz; replay it with "
+                        "`sparsa cache-sim --trace`)")
 
 
 def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> None:
@@ -100,6 +104,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                                   enable_chunked_prefill=not args.no_chunked_prefill),
         device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads,
                             native_decode=getattr(args, "native_decode", True)),
+        trace_experts=getattr(args, "trace_experts", None),
     )
 
 

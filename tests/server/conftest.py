@@ -112,12 +112,13 @@ def make_server(model_dir: Path, **overrides) -> LiveServer:
 
     cache = overrides.pop("cache", {})
     model = overrides.pop("model", {})  # more ModelConfig fields (e.g. offload=...)
+    extra = overrides.pop("engine", {})  # more EngineConfig fields (e.g. trace_experts=...)
     engine = LLMEngine(EngineConfig(
         model=ModelConfig(str(model_dir), dtype="float32", max_model_len=256, **model),
         cache=CacheConfig(**{"block_size": 16, "num_blocks": 256,
                              "enable_prefix_caching": True, **cache}),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
-        device=DeviceConfig(device="cpu", num_threads=1),
+        device=DeviceConfig(device="cpu", num_threads=1), **extra,
     ))
     # LLMEngine flushes denormals on the thread that builds it (the engine thread sets its
     # own); hypothesis refuses to run in a thread with that set, so undo it here.

@@ -66,11 +66,13 @@ def test_serve_takes_the_model_options():
     args = build_parser().parse_args(
         ["serve", "m", "--expert-memory", "25%", "--offload-policy", "lfu",
          "--offload-on-miss", "int8", "--bf16-prefill", "off", "--no-native-decode",
-         "--int8-activations", "none"])
+         "--int8-activations", "none", "--trace-experts", "t.csv.gz"])
     cfg = engine_config(args)
+    assert cfg.trace_experts == "t.csv.gz"
     off = cfg.model.offload
     assert (off.expert_memory, off.policy, off.on_miss, off.low_precision) == \
         ("25%", "lfu", "low_precision", "int8")
     assert cfg.model.bf16_prefill is False and cfg.model.int8_activations == "none"
     assert cfg.device.native_decode is False
-    assert not engine_config(build_parser().parse_args(["serve", "m"])).model.offload.enabled
+    plain = engine_config(build_parser().parse_args(["serve", "m"]))
+    assert not plain.model.offload.enabled and plain.trace_experts is None
