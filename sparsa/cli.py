@@ -101,6 +101,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
                    help="run decode steps through the model's modules instead of the native "
                         "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
+    p.add_argument("--when-too-large", default="offload", choices=["offload", "error", "ignore"],
+                   help="when the weights would not fit the device's available memory: "
+                        "offload (an MoE checkpoint keeps its experts on disk, "
+                        "--expert-memory auto; others: an error), error, ignore (load anyway)")
     add_offload_options(p)
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +252,7 @@ def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
         "int8_activations": getattr(args, "int8_activations", "dynamic"),
         "native_decode": getattr(args, "native_decode", True),
         "bf16_prefill": BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
+        "when_too_large": getattr(args, "when_too_large", "offload"),
     }
     for name, value in offload_fields(args).items():  # LLM's names for OffloadConfig's
         kwargs[name if name == "expert_memory" else f"offload_{name}"] = value

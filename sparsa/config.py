@@ -222,6 +222,9 @@ def _budget(m: str | int, total: int, name: str) -> int:
 BF16_PREFILL_CHOICES = {"auto": None, "on": True, "off": False}
 
 
+WHEN_TOO_LARGE = ("offload", "error", "ignore")
+
+
 @dataclass
 class ModelConfig:
     """What to load: an HF directory, a llama2.c .bin, or a built-in name (dummy weights)."""
@@ -244,12 +247,19 @@ class ModelConfig:
     # the CPU has them, False keeps fp32 math (lossless for bf16 checkpoints)
     bf16_prefill: bool | None = None
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    # When the all-resident weights would not fit the device's available memory: "offload"
+    # (an MoE checkpoint keeps its experts on disk with expert_memory="auto"; anything else
+    # gets a clear error), "error" (always the error), "ignore" (load anyway)
+    when_too_large: str = "offload"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a non-empty path or built-in model name")
         parse_dtype(self.dtype)
         self.quant_config()  # validates method and group size
+        if self.when_too_large not in WHEN_TOO_LARGE:
+            raise ValueError(f"when_too_large must be one of {', '.join(WHEN_TOO_LARGE)}; "
+                             f"got {self.when_too_large!r}")
         if self.offload.enabled and self.quant_config().enabled and \
                 self.offload.on_miss == "low_precision":
             raise ValueError("offload_on_miss='low_precision' needs full-precision experts; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -257,10 +258,47 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
 
 
 @torch.no_grad()
+def _available_bytes(device: torch.device) -> int:
+    from sparsa.engine.model_runner import total_memory_bytes
+
+    return total_memory_bytes(device)
+
+
+def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
+               device: torch.device) -> ModelConfig:
+    """Refuse (or, for an MoE checkpoint on disk, offload the experts of) a model whose
+    weights in the compute dtype exceed the device's available memory, before allocating
+    them: loading it would end in the kernel's OOM killer (or a CUDA OOM) half-way. The
+    weights are materialized in the compute dtype first (quantized forms are made after),
+    so that is the peak the check counts."""
+    from sparsa.info import _build_meta_model, count_parameters
+
+    counts = count_parameters(_build_meta_model(resolved.hf_config, dtype))
+    need = counts["weight_bytes"] + counts["buffer_bytes"]
+    avail = _available_bytes(device)
+    if need <= avail:
+        return mc
+    gib = 2 ** 30
+    what = (f"{resolved.name}: its weights take {need / gib:.2f} GiB in {dtype} and "
+            f"{device} has {avail / gib:.2f} GiB available")
+    can_offload = (counts["routed_expert_params"] > 0 and resolved.model_dir is not None
+                   and mc.load_format != "dummy")
+    if mc.when_too_large == "offload" and can_offload:
+        log.warning("%s: keeping the routed experts on disk with expert_memory='auto' (pass "
+                    "expert_memory=... to choose the budget, or when_too_large='error')", what)
+        return dataclasses.replace(mc, offload=dataclasses.replace(mc.offload,
+                                                                   expert_memory="auto"))
+    hint = ("pass expert_memory=... to keep the routed experts on disk" if can_offload
+            else "use a smaller model, a narrower dtype, or a device with more memory")
+    raise MemoryError(f"{what}: {hint} (when_too_large='ignore' loads it anyway)")
+
+
 def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, ResolvedModel,
                                                                 torch.dtype]:
     resolved = resolve_model(mc)
     dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
+    if not mc.offload.enabled and mc.when_too_large != "ignore":
+        mc = _check_fit(mc, resolved, dtype, device)
     if mc.offload.enabled:
         if resolved.model_dir is None or mc.load_format == "dummy":
             raise ValueError("expert offloading reads experts from a safetensors checkpoint; "

@@ -93,6 +93,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     mkw["int8_activations"] = getattr(args, "int8_activations", "dynamic")
     mkw["bf16_prefill"] = BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")]
     mkw["offload"] = OffloadConfig(**offload_fields(args))
+    mkw["when_too_large"] = getattr(args, "when_too_large", "offload")
     return EngineConfig(
         model=ModelConfig(args.model, **mkw),
         cache=CacheConfig(block_size=args.block_size,
