@@ -54,6 +54,7 @@ PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
 ON_MISS_CHOICES = ("wait", "low_precision", "host")
 PREFETCH_EVICTS = ("cold", "any")
 ENGINE_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation")
+CAPACITY_MODES = ("global", "per_layer")
 
 
 @dataclass
@@ -102,6 +103,9 @@ class OffloadConfig:
     side stream) between the device cache (`expert_memory`) and the disk, with its own hard
     budget and LRU eviction. It is meant for GPU machines; on a CPU-only machine it works
     (the tests run it there) but one larger `expert_memory` serves better.
+    capacity: "global" (one pool: a layer whose routing is concentrated keeps more of its
+    experts) or "per_layer" (each MoE layer holds an equal share of the budget and evicts
+    within itself, as the trace lab's per-layer mode).
     compression: "none" (read the checkpoint) or "zstd": on first load every expert is
     written, byte planes zstd-compressed, losslessly, to a store in store_dir
     (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
@@ -124,6 +128,7 @@ class OffloadConfig:
     host_memory: str | int | None = None
     host_compute_max_rows: int = 4
     compression: str = "none"
+    capacity: str = "global"
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None and self.expert_memory != "auto":
@@ -163,6 +168,9 @@ class OffloadConfig:
                              f"got {self.prefetch_evicts!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1; got {self.io_threads}")
+        if self.capacity not in CAPACITY_MODES:
+            raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}; "
+                             f"got {self.capacity!r}")
         if self.compression not in ("none", "zstd"):
             raise ValueError(f"compression must be 'none' or 'zstd'; got {self.compression!r}")
         if self.on_miss not in ON_MISS_CHOICES:

@@ -49,6 +49,7 @@ class LLM:
         offload_host_memory: str | int | None = None,
         offload_host_compute_max_rows: int = 4,
         offload_compression: str = "none",
+        offload_capacity: str = "global",
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,
@@ -85,7 +86,8 @@ class LLM:
                                                     host_memory=offload_host_memory,
                                                     host_compute_max_rows=(
                                                         offload_host_compute_max_rows),
-                                                    compression=offload_compression)),
+                                                    compression=offload_compression,
+                                                    capacity=offload_capacity)),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                               num_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),

@@ -5,7 +5,9 @@ checkpoint with O_DIRECT, bypassing the OS page cache.
 
 `ExpertCache` holds at most `budget_bytes` of expert weights in the compute dtype, accounted
 per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
-`sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). Loads run
+`sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). With
+`per_layer_capacity` each MoE layer holds at most its share of the budget instead, and a
+load evicts within its own layer (the trace lab's per-layer mode). Loads run
 on background I/O threads; `acquire` waits for a load in flight or demand-loads a miss, or,
 with `wait=False` (on_miss="low_precision" or "host"), starts the load and returns None at
 once. With a `HostTier` (sparsa.offload.host_tier) loads go through it: from host memory
@@ -82,7 +84,7 @@ class ExpertCache:
                  io_threads: int = 2, clock: Callable[[], float] | None = None,
                  max_inflight: int | None = None, prefetch_evicts: str = "cold",
                  loader: Callable[[int, int], object] | None = None,
-                 guess_when_idle: bool = False):
+                 guess_when_idle: bool = False, per_layer_capacity: int = 0):
         """max_inflight: when set, `prefetch` and `acquire(wait=False)` start no load while
         that many are in flight (on_miss="low_precision" sets it to `io_threads`: a load
         queued behind busy I/O threads would only hold budget and arrive too late).
@@ -94,7 +96,9 @@ class ExpertCache:
         loads in flight than `io_threads`), so guesses use spare disk time and never queue
         ahead of the next layer's known needs when the disk is the bottleneck.
         loader: what a load calls, (layer, expert) -> weights (default `reader.load`; a
-        `HostTier`'s load puts host memory in between)."""
+        `HostTier`'s load puts host memory in between).
+        per_layer_capacity: 0 (one pool for every layer) or the experts each layer may hold
+        (at most `budget_bytes` together)."""
         if prefetch_evicts not in ("cold", "any"):
             raise ValueError(f"prefetch_evicts must be 'cold' or 'any'; got {prefetch_evicts!r}")
         if budget_bytes < expert_bytes:
@@ -108,6 +112,11 @@ class ExpertCache:
         self.expert_bytes = expert_bytes
         self.budget_bytes = budget_bytes
         self.capacity = budget_bytes // expert_bytes
+        if per_layer_capacity < 0 or per_layer_capacity > self.capacity:
+            raise ValueError(f"per-layer capacity {per_layer_capacity} outside 0.."
+                             f"{self.capacity} (the budget's experts)")
+        self.per_layer_capacity = per_layer_capacity
+        self._layer_peak: dict[int, int] = {}  # per-layer mode: most entries a layer held
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         S = num_layers * num_experts
         self.policy.begin(Stream(
@@ -140,6 +149,11 @@ class ExpertCache:
     @property
     def used_bytes(self) -> int:
         return len(self._entries) * self.expert_bytes
+
+    @property
+    def layer_peak(self) -> int:
+        """Per-layer mode: the most experts any one layer has held (0 in global mode)."""
+        return max(self._layer_peak.values(), default=0)
 
     def resident(self) -> set[tuple[int, int]]:
         with self._lock:
@@ -187,13 +201,25 @@ class ExpertCache:
             limit = self.io_threads if limit is None else min(limit, self.io_threads)
         return limit is not None and self._inflight() >= limit
 
-    def _make_room(self, protect: set[tuple[int, int]]) -> bool:
-        """Evict until one more expert fits; False if everything left is pinned/protected
-        or still loading (bytes in flight count against the budget)."""
-        while len(self._entries) + 1 > self.capacity:
+    def _layer_count(self, layer: int) -> int:
+        return sum(1 for k in self._entries if k[0] == layer)
+
+    def _full(self, layer: int) -> bool:
+        """One more expert of `layer` would not fit (lock held)."""
+        if self.per_layer_capacity:
+            return self._layer_count(layer) + 1 > self.per_layer_capacity
+        return len(self._entries) + 1 > self.capacity
+
+    def _make_room(self, protect: set[tuple[int, int]], layer: int) -> bool:
+        """Evict until one more expert of `layer` fits (from that layer, in per-layer mode);
+        False if everything left is pinned/protected or still loading (bytes in flight count
+        against the budget)."""
+        per_layer = self.per_layer_capacity > 0
+        while self._full(layer):
             prio = self.policy.priority(self._t)[0]
             victims = [(prio[self._slot(k)], k) for k, e in self._entries.items()
-                       if e.pins == 0 and k not in protect and self._ready(e)]
+                       if e.pins == 0 and k not in protect and self._ready(e)
+                       and (not per_layer or k[0] == layer)]
             if not victims:
                 return False
             _, key = min(victims)
@@ -203,14 +229,15 @@ class ExpertCache:
             self.policy.evicted(self._t, self._mask([key]))
         return True
 
-    def _make_room_waiting(self, protect: set[tuple[int, int]]) -> None:
+    def _make_room_waiting(self, protect: set[tuple[int, int]], layer: int) -> None:
         """Make room for a demand load (lock held). If only loads in flight or protected
         experts stand in the way, wait for a load to finish, then give up protection (a
         protected expert is re-read later) rather than fail; pinned experts (being computed
         with) are never evicted."""
-        while not self._make_room(protect):
-            pending = [e.future for e in self._entries.values()
-                       if e.weights is None and e.future is not None and not e.future.done()]
+        while not self._make_room(protect, layer):
+            pending = [e.future for k, e in self._entries.items()
+                       if e.weights is None and e.future is not None and not e.future.done()
+                       and (not self.per_layer_capacity or k[0] == layer)]
             if pending:
                 self._lock.release()
                 try:
@@ -227,6 +254,9 @@ class ExpertCache:
         entry = _Entry(None, prefetched)
         self._entries[key] = entry
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
+        if self.per_layer_capacity:
+            self._layer_peak[key[0]] = max(self._layer_peak.get(key[0], 0),
+                                           self._layer_count(key[0]))
         entry.future = self._pool.submit(self.loader, *key)
         with self._loading_lock:
             self._loading += 1
@@ -261,7 +291,7 @@ class ExpertCache:
                 key = (layer, int(e))
                 if key in self._entries:
                     continue
-                if self._io_busy(guess) or not self._make_room(protect):
+                if self._io_busy(guess) or not self._make_room(protect, layer):
                     break
                 self._start_load(key, prefetched=True)
                 self.stats.prefetches += 1
@@ -305,9 +335,9 @@ class ExpertCache:
             if entry is None:
                 self.stats.misses += 1
                 if wait:
-                    self._make_room_waiting(protect or set())
+                    self._make_room_waiting(protect or set(), layer)
                     entry = self._start_load(key, prefetched=False)
-                elif not self._io_busy() and self._make_room(protect or set()):
+                elif not self._io_busy() and self._make_room(protect or set(), layer):
                     entry = self._start_load(key, prefetched=False)
             elif self._ready(entry):
                 self.stats.hits += 1

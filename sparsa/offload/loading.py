@@ -72,7 +72,9 @@ class OffloadState:
                  lookahead_recall=self.lookahead.recall,
                  lookahead_precision=self.lookahead.precision,
                  prefetch_evicts=self.cache.prefetch_evicts,
-                 disk_bytes_read=self.cache.reader.bytes_read, on_miss=self.on_miss)
+                 disk_bytes_read=self.cache.reader.bytes_read, on_miss=self.on_miss,
+                 per_layer_capacity=self.cache.per_layer_capacity,
+                 layer_peak_experts=self.cache.layer_peak)
         reader = self.cache.reader
         d.update(expert_layout=reader.layout, disk_read_seconds=reader.read_seconds,
                  disk_loads=reader.loads, slabs_mapped=reader.pool.allocated)
@@ -230,12 +232,19 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
     policy = _activation_policy(train, oc, moe_layers, num_layers) \
         if oc.policy == "activation" else oc.policy
     substitutes = oc.on_miss in ("low_precision", "host")
+    per_layer = 0
+    if oc.capacity == "per_layer":
+        per_layer = budget // expert_bytes // len(moe_layers)
+        if per_layer < 1:
+            raise ValueError(f"capacity='per_layer': the budget holds "
+                             f"{budget // expert_bytes} experts, fewer than one for each of "
+                             f"the {len(moe_layers)} MoE layers; raise expert_memory")
     cache = ExpertCache(reader, num_layers, ref.num_experts, expert_bytes, budget,
                         policy=policy, io_threads=oc.io_threads,
                         max_inflight=oc.io_threads if substitutes else None,
                         prefetch_evicts=oc.prefetch_evicts,
                         loader=host.load if host is not None else None,
-                        guess_when_idle=oc.prefetch_when_idle)
+                        guess_when_idle=oc.prefetch_when_idle, per_layer_capacity=per_layer)
     # Slabs for every cached expert (loads in flight included) plus the resident layout's
     # read buffers, one per I/O thread: after warm-up no load maps fresh memory. With a
     # host tier the cached experts are copies (or, on the CPU, views of the tier's buffers).

@@ -115,9 +115,11 @@ def test_config_errors(fields, message):
 def test_cli_options():
     args = build_parser().parse_args(
         ["generate", "m", "--expert-memory", "25%", "--offload-host-memory", "8GiB",
-         "--offload-on-miss", "host", "--offload-host-compute-rows", "2"])
+         "--offload-on-miss", "host", "--offload-host-compute-rows", "2",
+         "--offload-capacity", "per_layer"])
     f = offload_fields(args)
     assert (f["host_memory"], f["on_miss"], f["host_compute_max_rows"]) == ("8GiB", "host", 2)
+    assert f["capacity"] == "per_layer"
     OffloadConfig(**f)
     args = build_parser().parse_args(["generate", "m", "--expert-memory", "25%",
                                       "--offload-on-miss", "int8"])

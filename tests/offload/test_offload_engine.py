@@ -51,6 +51,24 @@ def test_offloaded_greedy_is_identical(checkpoint, memory, policy, prefetch):
     assert single == ref[0]
 
 
+def test_per_layer_capacity(checkpoint):
+    """capacity='per_layer': each MoE layer holds its share and evicts within itself."""
+    path, ref = checkpoint
+    llm = LLM(str(path), expert_memory="50%", offload_capacity="per_layer")
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    rep = llm.engine.model.offload.report()
+    moe_layers = len({k[0] for k in llm.engine.model.offload.cache.reader.locations})
+    assert rep["per_layer_capacity"] == rep["capacity_experts"] // moe_layers >= 1
+    assert 0 < rep["layer_peak_experts"] <= rep["per_layer_capacity"]
+    assert rep["evictions"] > 0 and rep["peak_bytes"] <= rep["budget_bytes"]
+    assert LLM(str(path), expert_memory="50%").engine.model.offload.report()[
+        "per_layer_capacity"] == 0  # global by default
+    with pytest.raises(ValueError, match="fewer than one for each"):
+        LLM(str(path), expert_memory=1, offload_capacity="per_layer")
+    with pytest.raises(ValueError, match="capacity must be one of"):
+        OffloadConfig(expert_memory="25%", capacity="per_expert")
+
+
 def test_resident_layout_is_identical(checkpoint, monkeypatch):
     """SPARSA_OFFLOAD_LAYOUT=resident: loads transposed into FusedExperts' layout."""
     path, ref = checkpoint
