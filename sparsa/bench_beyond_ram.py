@@ -421,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch-when-idle", action="store_true")
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
+    ap.add_argument("--capacity", default="auto", choices=["auto", "per_layer", "global"],
+                    help="the expert cache's capacity: per MoE layer or one global pool")
     ap.add_argument("--compression", default="none", choices=["none", "zstd"],
                     help="sparsa reads experts from its lossless zstd store (built on first "
                          "use, see sparsa.offload.compressed_store)")
@@ -468,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                    "prefetch_when_idle": args.prefetch_when_idle,
                    "lookahead_extra": args.lookahead_extra, "io_threads": args.io_threads,
                    "threads": args.threads, "prompt_len": args.prompt_len,
-                   "max_tokens": args.max_tokens, "compression": args.compression}
+                   "max_tokens": args.max_tokens, "compression": args.compression,
+                   "capacity": args.capacity}
     caps = parse_caps(args.llamacpp_caps, budgets)
     for engine in engines:
         runs = budgets

@@ -61,8 +61,14 @@ def test_per_layer_capacity(checkpoint):
     assert rep["per_layer_capacity"] == rep["capacity_experts"] // moe_layers >= 1
     assert 0 < rep["layer_peak_experts"] <= rep["per_layer_capacity"]
     assert rep["evictions"] > 0 and rep["peak_bytes"] <= rep["budget_bytes"]
+    # auto (the default): per layer when each layer's share holds a token's k experts
     assert LLM(str(path), expert_memory="50%").engine.model.offload.report()[
-        "per_layer_capacity"] == 0  # global by default
+        "per_layer_capacity"] == rep["per_layer_capacity"]
+    assert LLM(str(path), expert_memory="50%", offload_capacity="global").engine.model \
+        .offload.report()["per_layer_capacity"] == 0
+    each = rep["total_expert_bytes"] // len(llm.engine.model.offload.cache.reader.locations)
+    small = LLM(str(path), expert_memory=(2 * moe_layers - 1) * each)  # < k=2 per layer
+    assert small.engine.model.offload.report()["per_layer_capacity"] == 0
     with pytest.raises(ValueError, match="fewer than one for each"):
         LLM(str(path), expert_memory=1, offload_capacity="per_layer")
     with pytest.raises(ValueError, match="capacity must be one of"):
@@ -145,13 +151,33 @@ def test_tinymoe_lookahead_recall_and_hit_rate():
     sp = SamplingParams(temperature=0, max_tokens=64)
     prompts = ["Once upon a time", "The dog", "Tom and Sue went to"]
     ref = [o.outputs[0].token_ids for o in LLM(str(model)).generate(prompts, sp)]
-    llm = LLM(str(model), expert_memory="25%")
+    # one pool: its room beyond the token's experts lets the guesses load (per layer, 2 of
+    # 8 slots hold exactly the last token's pair, which the cold rule keeps)
+    llm = LLM(str(model), expert_memory="25%", offload_capacity="global")
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp)] == ref
     rep = llm.engine.model.offload.report()
     # Recall depends only on the routers; whether a prefetch has finished when its layer
     # runs depends on timing, so count experts resident or in flight (the cache covered them).
     assert rep["lookahead_recall"] > 0.6
     assert (rep["hits"] + rep["inflight_hits"]) / rep["requests"] > 0.6
+
+
+def test_tinymoe_per_layer_capacity_reads_fewer_experts():
+    """Layers run in a cycle: one global LRU evicts the next layers' experts (used longest
+    ago, needed soonest); per layer it evicts the same layer's. Demand loads only, so the
+    counts are deterministic."""
+    model = shared_dir() / "models" / "tinymoe-stories"
+    if not model.exists():
+        pytest.skip(f"{model} not found (set SPARSA_SHARED)")
+    sp = SamplingParams(temperature=0, max_tokens=64)
+    loads = {}
+    for cap in ("global", "per_layer"):
+        llm = LLM(str(model), expert_memory="50%", offload_capacity=cap,
+                  offload_prefetch="none", max_num_seqs=1)
+        for p in ["Once upon a time", "The dog", "Tom and Sue went to"]:
+            llm.generate([p], sp)
+        loads[cap] = llm.engine.model.offload.report()["disk_loads"]
+    assert loads["per_layer"] < 0.95 * loads["global"], loads
 
 
 def test_lookahead_extra_and_cold_prefetch_keep_outputs(checkpoint):
