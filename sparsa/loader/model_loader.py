@@ -270,19 +270,27 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
     weights in the compute dtype exceed the device's available memory, before allocating
     them: loading it would end in the kernel's OOM killer (or a CUDA OOM) half-way. The
     weights are materialized in the compute dtype first (quantized forms are made after),
-    so that is the peak the check counts."""
-    from sparsa.info import _build_meta_model, count_parameters
+    so that is the peak the check counts: from the checkpoint's headers, or, with no
+    checkpoint (dummy weights), from the model built on the meta device."""
+    cfg = resolved.hf_config
+    on_disk = resolved.model_dir is not None and mc.load_format != "dummy"
+    if on_disk:
+        need = SafetensorsCheckpoint(resolved.model_dir).bytes_as(dtype)
+        routed = any(getattr(cfg, k, None) for k in ("num_local_experts", "n_routed_experts",
+                                                     "num_experts"))
+    else:
+        from sparsa.info import _build_meta_model, count_parameters
 
-    counts = count_parameters(_build_meta_model(resolved.hf_config, dtype))
-    need = counts["weight_bytes"] + counts["buffer_bytes"]
+        counts = count_parameters(_build_meta_model(cfg, dtype))
+        need = counts["weight_bytes"] + counts["buffer_bytes"]
+        routed = counts["routed_expert_params"] > 0
     avail = _available_bytes(device)
     if need <= avail:
         return mc
     gib = 2 ** 30
     what = (f"{resolved.name}: its weights take {need / gib:.2f} GiB in {dtype} and "
             f"{device} has {avail / gib:.2f} GiB available")
-    can_offload = (counts["routed_expert_params"] > 0 and resolved.model_dir is not None
-                   and mc.load_format != "dummy")
+    can_offload = routed and on_disk
     if mc.when_too_large == "offload" and can_offload:
         log.warning("%s: keeping the routed experts on disk with expert_memory='auto' (pass "
                     "expert_memory=... to choose the budget, or when_too_large='error')", what)

@@ -106,6 +106,19 @@ class SafetensorsCheckpoint:
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files)
 
+    def bytes_as(self, dtype: torch.dtype) -> int:
+        """The tensors' size with floating-point ones in `dtype` (what loading them into a
+        model of that dtype allocates), from the headers alone."""
+        total = 0
+        for header, _ in self._headers.values():
+            for info in header.values():
+                dt = _DTYPES[info["dtype"]]
+                numel = 1
+                for d in info["shape"]:
+                    numel *= int(d)
+                total += numel * (dtype.itemsize if dt.is_floating_point else dt.itemsize)
+        return total
+
     def dtypes(self) -> set[torch.dtype]:
         return {_DTYPES[i["dtype"]] for h, _ in self._headers.values() for i in h.values()}
 
