@@ -102,7 +102,10 @@ class OffloadConfig:
     experts in host memory (pinned on CUDA, so copies to the device run asynchronously on a
     side stream) between the device cache (`expert_memory`) and the disk, with its own hard
     budget and LRU eviction. It is meant for GPU machines; on a CPU-only machine it works
-    (the tests run it there) but one larger `expert_memory` serves better.
+    (the tests run it there) but one larger `expert_memory` serves better. "auto": the host
+    memory available at load, less max(2 GiB, 10%) (and, when the device is the CPU, less
+    the device cache's budget); a model too large for a GPU gets it with expert_memory="auto"
+    (ModelConfig.when_too_large).
     capacity: "per_layer" (each MoE layer holds an equal share of the budget and evicts
     within itself, as the trace lab's per-layer mode), "global" (one pool for all layers), or
     "auto" (default): per_layer when each MoE layer's share holds a token's experts (the
@@ -137,7 +140,7 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         if self.expert_memory is not None and self.expert_memory != "auto":
             self.budget_bytes(1)  # validates the form
-        if self.host_memory is not None:
+        if self.host_memory is not None and self.host_memory != "auto":
             self.host_budget_bytes(1)
         if self.on_miss == "host" and self.host_memory is None:
             raise ValueError("on_miss='host' computes misses with the host tier's copy: set "
@@ -210,7 +213,12 @@ class OffloadConfig:
             return available
         return _budget(self.expert_memory, total_expert_bytes, "expert_memory")
 
-    def host_budget_bytes(self, total_expert_bytes: int) -> int:
+    def host_budget_bytes(self, total_expert_bytes: int, available: int | None = None) -> int:
+        """The host tier's budget in bytes; "auto" needs `available` (what it resolves to)."""
+        if self.host_memory == "auto":
+            if available is None:
+                raise ValueError("host_memory='auto' is sized when the model loads")
+            return available
         return _budget(self.host_memory, total_expert_bytes, "host_memory")
 
 

@@ -292,10 +292,13 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
             f"{device} has {avail / gib:.2f} GiB available")
     can_offload = routed and on_disk
     if mc.when_too_large == "offload" and can_offload:
-        log.warning("%s: keeping the routed experts on disk with expert_memory='auto' (pass "
-                    "expert_memory=... to choose the budget, or when_too_large='error')", what)
-        return dataclasses.replace(mc, offload=dataclasses.replace(mc.offload,
-                                                                   expert_memory="auto"))
+        # on a GPU the experts that do not fit its memory wait in host memory, not on disk
+        host = mc.offload.host_memory or ("auto" if device.type == "cuda" else None)
+        log.warning("%s: keeping the routed experts on disk with expert_memory='auto'%s "
+                    "(pass expert_memory=... to choose the budget, or when_too_large='error')",
+                    what, " and a host tier (host_memory='auto')" if host == "auto" else "")
+        return dataclasses.replace(mc, offload=dataclasses.replace(
+            mc.offload, expert_memory="auto", host_memory=host))
     hint = ("pass expert_memory=... to keep the routed experts on disk" if can_offload
             else "use a smaller model, a narrower dtype, or a device with more memory")
     raise MemoryError(f"{what}: {hint} (when_too_large='ignore' loads it anyway)")

@@ -42,7 +42,8 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
                         "--offload-host-memory, on the CPU from its host copy (Fiddler)")
     o.add_argument("--offload-host-memory", default=None, metavar="SIZE",
                    help="a host-memory tier of experts between the device cache and the disk "
-                        "(pinned on CUDA), e.g. 16GiB or 50%% of the expert bytes")
+                        "(pinned on CUDA), e.g. 16GiB, 50%% of the expert bytes, or auto "
+                        "(the host memory available at load, less a reserve)")
     o.add_argument("--offload-host-compute-rows", type=positive_int, default=4, metavar="N",
                    help="with --offload-on-miss host: the most rows a miss computes on the CPU")
     o.add_argument("--offload-capacity", default="auto", choices=["auto", "per_layer", "global"],

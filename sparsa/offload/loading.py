@@ -222,7 +222,14 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         # the tier holds experts as read from disk (the checkpoint's or the store's bytes,
         # laid out as in the reader's buffer)
         host_total = len(locations) * reader.raw_bytes
-        host = HostTier(reader, min(oc.host_budget_bytes(host_total), host_total),
+        free = None
+        if oc.host_memory == "auto":
+            free = _host_free_bytes(budget if device.type == "cpu" else 0)
+            if free < reader.raw_bytes:
+                raise ValueError(f"host_memory='auto': {free / 2**30:.2f} GiB of host memory "
+                                 "left after the reserve holds no expert; set host_memory "
+                                 "to a size")
+        host = HostTier(reader, min(oc.host_budget_bytes(host_total, free), host_total),
                         reader.raw_bytes)
     num_layers = max(k[0] for k in locations) + 1
     moe_layers = sorted({k[0] for k in locations})
@@ -277,6 +284,13 @@ def _available_bytes(device: torch.device) -> int:
     from sparsa.engine.model_runner import total_memory_bytes
 
     return total_memory_bytes(device)
+
+
+def _host_free_bytes(claimed: int) -> int:
+    """Host memory for host_memory='auto': what is available now, less max(2 GiB, 10%) and
+    `claimed` (the device cache's budget when the device is the CPU: not yet allocated)."""
+    avail = _available_bytes(torch.device("cpu"))
+    return avail - max(2 << 30, avail // 10) - claimed
 
 
 def _expert_budget(oc: OffloadConfig, total: int, expert_bytes: int,

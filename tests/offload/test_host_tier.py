@@ -100,6 +100,27 @@ def test_host_tier_and_fiddler_with_quantized_experts(tmp_path, method):
             offload_on_miss="low_precision", offload_store_dir=store)
 
 
+def test_host_memory_auto(checkpoint, monkeypatch):
+    """host_memory='auto': host memory available at load less the reserve and, with the CPU
+    as the device, the device cache's budget (not allocated yet, so not yet gone)."""
+    from sparsa.offload import loading
+
+    path, ref, _ = checkpoint
+    probe = LLM(str(path), expert_memory="25%", offload_host_memory="100%")
+    rep = probe.engine.model.offload.report()
+    raw = rep["host_budget_bytes"] // rep["host_capacity_experts"]  # one expert as read
+    spare = 3 * raw + raw // 2
+    monkeypatch.setattr(loading, "_available_bytes",
+                        lambda device: (2 << 30) + rep["budget_bytes"] + spare)
+    llm = LLM(str(path), expert_memory="25%", offload_host_memory="auto")
+    got = llm.engine.model.offload.report()
+    assert got["host_budget_bytes"] == spare and got["host_capacity_experts"] == 3
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
+    monkeypatch.setattr(loading, "_available_bytes", lambda device: 2 << 30)
+    with pytest.raises(ValueError, match="host_memory='auto'"):
+        LLM(str(path), expert_memory="25%", offload_host_memory="auto")
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(on_miss="host"), "set host_memory"),
     (dict(host_memory="150%"), "host_memory percentage"),
