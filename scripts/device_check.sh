@@ -32,7 +32,8 @@ nproc | sed 's/^/cpus /' | tee -a "$OUT/env.log"
 echo "== tests" | tee "$OUT/tests.log"
 timeout 300 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs --durations=5 \
   tests/offload/test_device_offload.py tests/offload/test_host_tier.py \
-  tests/offload/test_offload_engine.py tests/models/test_parity.py 2>&1 \
+  tests/offload/test_offload_engine.py tests/loader/test_fit_check.py \
+  tests/models/test_parity.py 2>&1 \
   | tee -a "$OUT/tests.log" || rc=1
 
 echo "== bench" | tee "$OUT/bench.log"
