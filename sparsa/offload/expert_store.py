@@ -116,6 +116,7 @@ class ExpertCache:
             raise ValueError(f"per-layer capacity {per_layer_capacity} outside 0.."
                              f"{self.capacity} (the budget's experts)")
         self.per_layer_capacity = per_layer_capacity
+        self._layer_n: dict[int, int] = {}  # entries per layer (held or loading)
         self._layer_peak: dict[int, int] = {}  # per-layer mode: most entries a layer held
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
         S = num_layers * num_experts
@@ -201,13 +202,20 @@ class ExpertCache:
             limit = self.io_threads if limit is None else min(limit, self.io_threads)
         return limit is not None and self._inflight() >= limit
 
-    def _layer_count(self, layer: int) -> int:
-        return sum(1 for k in self._entries if k[0] == layer)
+    def _add(self, key: tuple[int, int], entry: _Entry) -> None:
+        self._entries[key] = entry
+        n = self._layer_n[key[0]] = self._layer_n.get(key[0], 0) + 1
+        if self.per_layer_capacity and n > self._layer_peak.get(key[0], 0):
+            self._layer_peak[key[0]] = n
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        if self._entries.pop(key, None) is not None:
+            self._layer_n[key[0]] -= 1
 
     def _full(self, layer: int) -> bool:
         """One more expert of `layer` would not fit (lock held)."""
         if self.per_layer_capacity:
-            return self._layer_count(layer) + 1 > self.per_layer_capacity
+            return self._layer_n.get(layer, 0) + 1 > self.per_layer_capacity
         return len(self._entries) + 1 > self.capacity
 
     def _make_room(self, protect: set[tuple[int, int]], layer: int) -> bool:
@@ -223,7 +231,7 @@ class ExpertCache:
             if not victims:
                 return False
             _, key = min(victims)
-            del self._entries[key]
+            self._drop(key)
             self._last_use.pop(key, None)
             self.stats.evictions += 1
             self.policy.evicted(self._t, self._mask([key]))
@@ -252,11 +260,8 @@ class ExpertCache:
 
     def _start_load(self, key: tuple[int, int], prefetched: bool) -> _Entry:
         entry = _Entry(None, prefetched)
-        self._entries[key] = entry
+        self._add(key, entry)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes)
-        if self.per_layer_capacity:
-            self._layer_peak[key[0]] = max(self._layer_peak.get(key[0], 0),
-                                           self._layer_count(key[0]))
         entry.future = self._pool.submit(self.loader, *key)
         with self._loading_lock:
             self._loading += 1
@@ -358,7 +363,7 @@ class ExpertCache:
             except Exception:
                 with self._lock:
                     entry.pins -= 1
-                    self._entries.pop(key, None)
+                    self._drop(key)
                 raise
             self.stats.wait_seconds += self._clock() - t0
             with self._lock:
@@ -411,7 +416,7 @@ class ExpertCache:
                 w = e.future.result()
             except Exception:
                 with self._lock:
-                    self._entries.pop(k, None)
+                    self._drop(k)
                 continue
             with self._lock:
                 e.weights = w
