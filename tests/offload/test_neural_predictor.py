@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from sparsa.offload.neural_predictor import NeuralPredictor, prompt_neighbours
+from sparsa.offload.neural_predictor import NEAR_WINDOWS, NeuralPredictor, prompt_neighbours
 from sparsa.offload.predictors import History, predict_trace
 from sparsa.offload.trace import make_trace
 
@@ -74,13 +74,15 @@ def test_prompt_neighbours_follow_the_matching_earlier_token():
     hist = History(trace, 2, 1)
     near = prompt_neighbours(trace.experts.astype(np.int64), hist.prev, hist.first, 8, [2],
                              lambda layer: layer)[:, 0].astype(np.float32)
-    assert not near[0].any()  # no earlier token
-    best = near[3, 8:]
-    np.testing.assert_allclose(best, np.isin(np.arange(8), [2, 3]) * 1.0)  # 4 of 4 shared
-    att = near[3, :8]  # softmax(0.5 * [0, 4, 0]) over tokens 0-2
-    w1 = np.exp(2.0) / (np.exp(2.0) + 2.0)
-    np.testing.assert_allclose(att[[2, 3]], [w1, w1], atol=2e-3)
-    assert att.sum() == pytest.approx(2.0, abs=1e-2)
+    assert near.shape == (4, 16 * len(NEAR_WINDOWS)) and not near[0].any()  # no earlier token
+    for i, window in enumerate(NEAR_WINDOWS):
+        att, best = near[3, 16 * i:16 * i + 8], near[3, 16 * i + 8:16 * i + 16]
+        shared = 2 * min(window, 2)  # token 1 shares both experts at each compared layer
+        # the best match is token 1 (all shared: 1), its layer-2 experts are 2 and 3
+        np.testing.assert_allclose(best, np.isin(np.arange(8), [2, 3]) * 1.0)
+        w1 = np.exp(0.5 * shared) / (np.exp(0.5 * shared) + 2.0)  # softmax over tokens 0-2
+        np.testing.assert_allclose(att[[2, 3]], [w1, w1], atol=2e-3)
+        assert att.sum() == pytest.approx(2.0, abs=1e-2)
     # token 3's own layer 2 (what is predicted) is not read: changing it changes nothing
     ex2 = ex.copy()
     ex2[3, 2] = [0, 4]
