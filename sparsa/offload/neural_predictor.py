@@ -22,7 +22,7 @@ Inputs for target layer l of token n (only what the information rule allows; see
 - what the earlier tokens of the prompt whose routing matches this token's known layers
   used at layer l (:func:`prompt_neighbours`, an attention keyed by expert overlap: the
   context-specific "tokens like this one, here, went to ..." that weights fit over all
-  prompts cannot hold; weighted features, ``neighbours=True``);
+  prompts cannot hold; weighted features, ``near_windows``);
 - the token id (ids seen fewer than ``min_count`` times in training share one embedding).
 
 Training is BCE on the 64 multi-hot targets of every (token, layer) pair of the training
@@ -97,8 +97,9 @@ def _prompt_stats(prev: np.ndarray, first: np.ndarray, e: int,
 
 
 def prompt_neighbours(own: np.ndarray, prev: np.ndarray, first: np.ndarray, e: int,
-                      layers: list[int], known: Callable[[int], int]) -> np.ndarray:
-    """(N, len(layers), 2E * len(NEAR_WINDOWS)) float16: what EARLIER tokens of the prompt
+                      layers: list[int], known: Callable[[int], int],
+                      windows: tuple[int, ...] = NEAR_WINDOWS) -> np.ndarray:
+    """(N, len(layers), 2E * len(windows)) float16: what EARLIER tokens of the prompt
     whose routing resembles this token's used at the target layer l.
 
     Why: tokens that agreed with this one on its last known layers tend to agree at layer l,
@@ -116,9 +117,9 @@ def prompt_neighbours(own: np.ndarray, prev: np.ndarray, first: np.ndarray, e: i
     n, _, top_k = prev.shape
     starts = np.flatnonzero(first)
     ends = np.append(starts[1:], n)
-    out = np.zeros((n, len(layers), 2 * e * len(NEAR_WINDOWS)), np.float16)
+    out = np.zeros((n, len(layers), 2 * e * len(windows)), np.float16)
     ks = [int(known(lay)) for lay in layers]
-    deepest = max(NEAR_WINDOWS)
+    deepest = max(windows)
     need = sorted({j for k in ks for j in range(max(0, k - deepest), k)} | set(layers))
     cur = {j: _multi_hot(own[:, j], e) for j in need if j < max(ks, default=0)}
     ear = {j: _multi_hot(prev[:, j], e) for j in need}
@@ -136,7 +137,7 @@ def prompt_neighbours(own: np.ndarray, prev: np.ndarray, first: np.ndarray, e: i
                     sims[j] = cur[j][s:t].astype(np.float32) @ ear[j][s + 1:t].T.astype(
                         np.float32)
             y = ear[lay][s + 1:t].astype(np.float32)
-            for i, window in enumerate(NEAR_WINDOWS):
+            for i, window in enumerate(windows):
                 sim = np.zeros(seen.shape, np.float32)
                 for j in range(max(0, k - window), k):
                     sim += sims[j]
@@ -152,10 +153,12 @@ def prompt_neighbours(own: np.ndarray, prev: np.ndarray, first: np.ndarray, e: i
 
 
 def token_inputs(hist: History, own: np.ndarray, layers: list[int] | None = None,
-                 known: Callable[[int], int] | None = None) -> TokenInputs:
+                 known: Callable[[int], int] | None = None,
+                 windows: tuple[int, ...] = NEAR_WINDOWS) -> TokenInputs:
     """The inputs of every token from a History (``own``: (N, known, k) known layers, padded
     here to all layers); ``layers``: the target layers whose prompt statistics are needed;
-    ``known``: target layer -> this token's known layers, to add the neighbour features."""
+    ``known``: target layer -> this token's known layers, to add the neighbour features of
+    ``windows`` (none when ``known`` is None or ``windows`` empty)."""
     n, nl, e = hist.num_tokens, hist.num_layers, hist.num_experts
     layers = list(range(nl)) if layers is None else layers
     k = hist.prev.shape[2]
@@ -168,9 +171,10 @@ def token_inputs(hist: History, own: np.ndarray, layers: list[int] | None = None
     rec = np.zeros((n, nl, e), np.float16)
     freq[:, layers], rec[:, layers] = freq_l, rec_l
     near = None
-    if known is not None:
-        near = np.zeros((n, nl, 2 * e * len(NEAR_WINDOWS)), np.float16)
-        near[:, layers] = prompt_neighbours(own_full, hist.prev, hist.first, e, layers, known)
+    if known is not None and windows:
+        near = np.zeros((n, nl, 2 * e * len(windows)), np.float16)
+        near[:, layers] = prompt_neighbours(own_full, hist.prev, hist.first, e, layers, known,
+                                            windows)
     return TokenInputs(own_full, np.asarray(hist.prev), prev2, same, freq, rec,
                        hist.token_ids.astype(np.int64), near)
 
@@ -179,14 +183,14 @@ class NeuralPredictor(Predictor):
     """Learned predictor; see the module docstring. ``fit`` trains, ``scores`` predicts."""
 
     name = "neural"
-    neighbours = False  # the class default for fits pickled before the neighbour features
+    near_windows: tuple[int, ...] = ()  # the default of fits pickled before the neighbours
 
     def __init__(self, lookahead: int = 1, dim: int = 128, hidden: int = 256,
                  epochs: int = 2, batch: int = 256, lr: float = 3e-3, min_count: int = 2,
                  seed: int = 0, max_pairs: int | None = None, threads: int = 1,
-                 neighbours: bool = True) -> None:
+                 near_windows: tuple[int, ...] = NEAR_WINDOWS) -> None:
         self.lookahead = int(lookahead)
-        self.neighbours = bool(neighbours)  # the prompt_neighbours features
+        self.near_windows = tuple(near_windows)  # prompt_neighbours windows; () = none
         self.dim, self.hidden, self.epochs = int(dim), int(hidden), int(epochs)
         self.batch, self.lr, self.min_count = int(batch), float(lr), int(min_count)
         self.seed = int(seed)
@@ -220,7 +224,7 @@ class NeuralPredictor(Predictor):
             np.put_along_axis(feats, ids, 1.0, axis=1)
         feats[:, GROUPS * le:GROUPS * le + e] = x.freq[n, layer]
         feats[:, GROUPS * le + e:GROUPS * le + 2 * e] = x.rec[n, layer]
-        if self.neighbours:
+        if self.near_windows:
             feats[:, GROUPS * le + 2 * e:f] = x.near[n, layer]
         tok = np.where(x.tok < len(self.tok_map), self.tok_map[np.minimum(
             x.tok, len(self.tok_map) - 1)], 0)[n]
@@ -256,12 +260,14 @@ class NeuralPredictor(Predictor):
         return Net()
 
     # --- training -----------------------------------------------------------------------
-    def _near_known(self) -> Callable[[int], int] | None:
-        return (lambda layer: int(self._known(layer))) if self.neighbours else None
+    def _inputs(self, hist: History, own: np.ndarray, layers: list[int] | None = None
+                ) -> TokenInputs:
+        known = (lambda layer: int(self._known(layer))) if self.near_windows else None
+        return token_inputs(hist, own, layers, known, self.near_windows)
 
     def _train_inputs(self, train: Trace) -> TokenInputs:
-        return token_inputs(History(train, train.num_layers - 1, 1),
-                            train.experts.astype(np.int64), known=self._near_known())
+        return self._inputs(History(train, train.num_layers - 1, 1),
+                            train.experts.astype(np.int64))
 
     def _targets(self, train: Trace) -> np.ndarray:
         """(N, L, E) float targets: the token's own routing at each layer."""
@@ -284,7 +290,7 @@ class NeuralPredictor(Predictor):
         rng = np.random.default_rng(self.seed)
         self.num_layers, self.num_experts = train.num_layers, train.num_experts
         # id groups, freq + rec, and two neighbour blocks per window
-        near = 2 * len(NEAR_WINDOWS) * self.neighbours
+        near = 2 * len(self.near_windows)
         self.num_features = (GROUPS * self.num_layers + 2 + near) * self.num_experts
         counts = np.bincount(train.token_ids)
         keep = counts >= self.min_count
@@ -343,7 +349,7 @@ class NeuralPredictor(Predictor):
     def scores(self, hist: History) -> np.ndarray:
         if self.net is None:
             raise RuntimeError("NeuralPredictor.scores before fit")
-        x = token_inputs(hist, hist.own, [hist.layer], self._near_known())
+        x = self._inputs(hist, hist.own, [hist.layer])
         return self._logits(x, hist.layer)
 
     def __getstate__(self) -> dict:

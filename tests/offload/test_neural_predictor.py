@@ -95,6 +95,6 @@ def test_prompt_neighbours_follow_the_matching_earlier_token():
 
 def test_neural_without_neighbours_still_fits():
     train = synthetic(n_prompts=4, seed=1)
-    pred = _small(epochs=1, neighbours=False).fit(train)
+    pred = _small(epochs=1, near_windows=()).fit(train)
     assert pred.scores(History(train, 2, 1)).shape == (train.num_tokens, train.num_experts)
     assert pred.num_features == (4 * train.num_layers + 2) * train.num_experts
