@@ -8,8 +8,8 @@ embedding PER TARGET LAYER (a dense (F, D) input matrix per layer: batches hold 
 layer each), summed with a token-id embedding and a layer embedding, and an MLP mixes them,
 so interactions between signals can be learned. A "wide" (F, E) term per layer adds a direct
 logistic weight per feature (what the naive-Bayes predictors capture), so the deep part only
-has to learn the rest. On DeepSeek-V2-Lite: precision@6 0.687 on heldout against the
-combined predictor's 0.625 (sparsa/offload/README.md).
+has to learn the rest. On DeepSeek-V2-Lite: precision@6 0.697 on heldout (0.687 without the
+prompt-neighbour features) against the combined predictor's 0.625 (sparsa/offload/README.md).
 
 Inputs for target layer l of token n (only what the information rule allows; see
 :class:`~sparsa.offload.predictors.History`):
@@ -26,9 +26,9 @@ Inputs for target layer l of token n (only what the information rule allows; see
 - the token id (ids seen fewer than ``min_count`` times in training share one embedding).
 
 Training is BCE on the 64 multi-hot targets of every (token, layer) pair of the training
-trace, one thread, two epochs (about 8 minutes on the full train split). The same inputs,
-with ``own`` extended to the running layer and a future target, drive the learned eviction
-policy (:mod:`sparsa.offload.learned_eviction`).
+trace, one thread, two epochs (6-8 minutes on the full train split). The same inputs (less
+the neighbour features), with ``own`` extended to the running layer and a future target,
+drive the learned eviction policy (:mod:`sparsa.offload.learned_eviction`).
 """
 
 from __future__ import annotations
