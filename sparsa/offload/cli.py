@@ -235,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
                 p.lookahead = args.lookahead
             return p.fit(train)  # type: ignore[arg-type]
 
-        version = "v1" if args.predictor == "neural" else "v2"
+        # neural v2: the prompt_neighbours features (2026-12-01)
+        version = "v2"
         pred = _cached(f"{args.predictor}-{version}-la{args.lookahead}", train_path, fit,
                        not args.no_cache)
         m = args.prefetch or trace.top_k

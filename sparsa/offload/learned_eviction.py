@@ -56,7 +56,7 @@ class NextUseModel(NeuralPredictor):
     name = "nextuse"
 
     def __init__(self, horizon: int = 8, gamma: float = 0.6, **kw: object) -> None:
-        super().__init__(lookahead=0, **kw)  # type: ignore[arg-type]
+        super().__init__(lookahead=0, near_windows=(), **kw)  # type: ignore[arg-type]
         self.horizon, self.gamma = int(horizon), float(gamma)
 
     def _known(self, layer: np.ndarray | int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from sparsa.offload.neural_predictor import NeuralPredictor
+from sparsa.offload.neural_predictor import NEAR_WINDOWS, NeuralPredictor, prompt_neighbours
 from sparsa.offload.predictors import History, predict_trace
 from sparsa.offload.trace import make_trace
 
@@ -61,3 +61,40 @@ def test_neural_pickles_with_its_weights():
     again = pickle.loads(pickle.dumps(pred))
     h = History(train, 2, 1)
     np.testing.assert_allclose(again.scores(h), pred.scores(h), rtol=1e-6)
+
+
+def test_prompt_neighbours_follow_the_matching_earlier_token():
+    # prompt of 4 tokens, 3 layers, top-2 of 8: token 3 repeats token 1 at layers 0-1, so
+    # for layer 2 its best match is token 1 and the attention leans to token 1's layer 2
+    ex = np.array([[[0, 1], [2, 3], [4, 5]],
+                   [[6, 7], [0, 1], [2, 3]],
+                   [[1, 2], [3, 4], [6, 7]],
+                   [[6, 7], [0, 1], [5, 6]]])
+    trace = make_trace(ex, num_experts=8)
+    hist = History(trace, 2, 1)
+    near = prompt_neighbours(trace.experts.astype(np.int64), hist.prev, hist.first, 8, [2],
+                             lambda layer: layer)[:, 0].astype(np.float32)
+    assert near.shape == (4, 16 * len(NEAR_WINDOWS)) and not near[0].any()  # no earlier token
+    for i, window in enumerate(NEAR_WINDOWS):
+        att, best = near[3, 16 * i:16 * i + 8], near[3, 16 * i + 8:16 * i + 16]
+        shared = 2 * min(window, 2)  # token 1 shares both experts at each compared layer
+        # the best match is token 1 (all shared: 1), its layer-2 experts are 2 and 3
+        np.testing.assert_allclose(best, np.isin(np.arange(8), [2, 3]) * 1.0)
+        w1 = np.exp(0.5 * shared) / (np.exp(0.5 * shared) + 2.0)  # softmax over tokens 0-2
+        np.testing.assert_allclose(att[[2, 3]], [w1, w1], atol=2e-3)
+        assert att.sum() == pytest.approx(2.0, abs=1e-2)
+    # token 3's own layer 2 (what is predicted) is not read: changing it changes nothing
+    ex2 = ex.copy()
+    ex2[3, 2] = [0, 4]
+    t2 = make_trace(ex2, num_experts=8)
+    h2 = History(t2, 2, 1)
+    again = prompt_neighbours(t2.experts.astype(np.int64), h2.prev, h2.first, 8, [2],
+                              lambda layer: layer)[:, 0].astype(np.float32)
+    np.testing.assert_array_equal(again, near)
+
+
+def test_neural_without_neighbours_still_fits():
+    train = synthetic(n_prompts=4, seed=1)
+    pred = _small(epochs=1, near_windows=()).fit(train)
+    assert pred.scores(History(train, 2, 1)).shape == (train.num_tokens, train.num_experts)
+    assert pred.num_features == (4 * train.num_layers + 2) * train.num_experts
