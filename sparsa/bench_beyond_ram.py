@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch-when-idle", action="store_true")
     ap.add_argument("--lookahead-extra", type=int, default=0)
     ap.add_argument("--io-threads", type=int, default=2)
-    ap.add_argument("--capacity", default="auto", choices=["auto", "per_layer", "global"],
+    ap.add_argument("--capacity", default="global", choices=["global", "per_layer"],
                     help="the expert cache's capacity: per MoE layer or one global pool")
     ap.add_argument("--compression", default="none", choices=["none", "zstd"],
                     help="sparsa reads experts from its lossless zstd store (built on first "

@@ -43,7 +43,7 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
               offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
               num_threads=args.threads, quantization=quantization,
               device=getattr(args, "device", "auto"),
-              offload_capacity=getattr(args, "capacity", "auto"),
+              offload_capacity=getattr(args, "capacity", "global"),
               offload_host_memory=None if budget is None else getattr(args, "host_memory", None),
               offload_compression=getattr(args, "compression", "none"),
               kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-memory", default=None,
                     help="host tier between the device cache and the disk (e.g. 100%%, 8GiB)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--capacity", default="auto", choices=["auto", "per_layer", "global"],
+    ap.add_argument("--capacity", default="global", choices=["global", "per_layer"],
                     help="the expert cache's capacity: per MoE layer or one global pool")
     ap.add_argument("--layouts", default="auto",
                     help="comma-separated expert layouts to compare: native (the checkpoint's "

@@ -54,7 +54,7 @@ PREFETCH_CHOICES = ("none", "lookahead", "history", "lookahead+history")
 ON_MISS_CHOICES = ("wait", "low_precision", "host")
 PREFETCH_EVICTS = ("cold", "any")
 ENGINE_POLICIES = ("lru", "lfu", "lrfu", "arc", "activation")
-CAPACITY_MODES = ("auto", "per_layer", "global")
+CAPACITY_MODES = ("global", "per_layer")
 
 
 @dataclass
@@ -106,13 +106,14 @@ class OffloadConfig:
     memory available at load, less max(2 GiB, 10%) (and, when the device is the CPU, less
     the device cache's budget); a model too large for a GPU gets it with expert_memory="auto"
     (ModelConfig.when_too_large).
-    capacity: "per_layer" (each MoE layer holds an equal share of the budget and evicts
-    within itself, as the trace lab's per-layer mode), "global" (one pool for all layers), or
-    "auto" (default): per_layer when each MoE layer's share holds a token's experts (the
-    router's k), else global. Layers run in a cycle, so one global LRU evicts the experts
-    used longest ago: the next layers', needed soonest; per layer it evicts the same
-    layer's, needed a whole token later (tinymoe-stories, demand loads at 50%: 4,865 per
-    layer against 5,547).
+    capacity: "global" (default: one pool for all layers) or "per_layer" (each MoE layer
+    holds an equal share of the budget and evicts within itself, as the trace lab's
+    per-layer mode). Layers run in a cycle, so one global LRU evicts the experts used
+    longest ago, the next layers', needed soonest; per layer it evicts the layer's own,
+    needed a token later: tinymoe-stories reads 12% fewer experts at 50% (demand loads).
+    But a prefill batch, whose layer needs more experts than its share, cannot borrow other
+    layers' slots: DeepSeek-V2-Lite beyond RAM at 25% had a 2-4 s longer TTFT per layer, so
+    the pool stays the default.
     compression: "none" (read the checkpoint) or "zstd": on first load every expert is
     written, byte planes zstd-compressed, losslessly, to a store in store_dir
     (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
@@ -135,7 +136,7 @@ class OffloadConfig:
     host_memory: str | int | None = None
     host_compute_max_rows: int = 4
     compression: str = "none"
-    capacity: str = "auto"
+    capacity: str = "global"
 
     def __post_init__(self) -> None:
         if self.expert_memory is not None and self.expert_memory != "auto":

@@ -49,7 +49,7 @@ class LLM:
         offload_host_memory: str | int | None = None,
         offload_host_compute_max_rows: int = 4,
         offload_compression: str = "none",
-        offload_capacity: str = "auto",
+        offload_capacity: str = "global",
         block_size: int = 16,
         kv_cache_memory: str | int | None = None,
         num_kv_blocks: int | None = None,

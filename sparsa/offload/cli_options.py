@@ -46,9 +46,8 @@ def add_offload_options(p: argparse.ArgumentParser) -> None:
                         "(the host memory available at load, less a reserve)")
     o.add_argument("--offload-host-compute-rows", type=positive_int, default=4, metavar="N",
                    help="with --offload-on-miss host: the most rows a miss computes on the CPU")
-    o.add_argument("--offload-capacity", default="auto", choices=["auto", "per_layer", "global"],
-                   help="an equal share of the budget per MoE layer, or one pool for all "
-                        "layers (auto: per layer when each layer's share holds a token's experts)")
+    o.add_argument("--offload-capacity", default="global", choices=["global", "per_layer"],
+                   help="one pool of experts for all layers, or an equal share per MoE layer")
     o.add_argument("--offload-io-threads", type=positive_int, default=2,
                    help="background threads reading experts")
     o.add_argument("--offload-store-dir", default=None, metavar="DIR",
@@ -77,4 +76,4 @@ def offload_fields(args: argparse.Namespace) -> dict[str, Any]:
                 host_memory=args.offload_host_memory,
                 host_compute_max_rows=args.offload_host_compute_rows,
                 compression=getattr(args, "offload_compression", "none"),
-                capacity=getattr(args, "offload_capacity", "auto"))
+                capacity=getattr(args, "offload_capacity", "global"))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparsa.config import OffloadConfig
-from sparsa.layers.moe import FusedExperts, moe_blocks
+from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 from sparsa.offload.expert_reader import LAYOUTS
@@ -240,14 +240,9 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
         if oc.policy == "activation" else oc.policy
     substitutes = oc.on_miss in ("low_precision", "host")
     per_layer = 0
-    if oc.capacity != "global":
+    if oc.capacity == "per_layer":
         per_layer = budget // expert_bytes // len(moe_layers)
-        # auto: per layer only if a token's experts fit in its layer's share (else that
-        # layer thrashes while the pool as a whole has room)
-        top_k = max((getattr(b, "top_k", 1) for _, _, b in moe_blocks(model)), default=1)
-        if oc.capacity == "auto" and per_layer < top_k:
-            per_layer = 0
-        elif per_layer < 1:
+        if per_layer < 1:
             raise ValueError(f"capacity='per_layer': the budget holds "
                              f"{budget // expert_bytes} experts, fewer than one for each of "
                              f"the {len(moe_layers)} MoE layers; raise expert_memory")
