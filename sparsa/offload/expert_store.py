@@ -6,8 +6,9 @@ checkpoint with O_DIRECT, bypassing the OS page cache.
 `ExpertCache` holds at most `budget_bytes` of expert weights in the compute dtype, accounted
 per expert (bytes in flight count as soon as a load starts), with eviction ranked by any
 `sparsa.offload.policies.CachePolicy` (one global group of layers x experts slots). With
-`per_layer_capacity` each MoE layer holds at most its share of the budget instead, and a
-load evicts within its own layer (the trace lab's per-layer mode). Loads run
+`per_layer_capacity` each MoE layer has a share of the budget: a layer holding its share
+evicts its own experts (the trace lab's per-layer mode), and one whose experts are all in use
+(a prefill batch) borrows from layers over their share. Loads run
 on background I/O threads; `acquire` waits for a load in flight or demand-loads a miss, or,
 with `wait=False` (on_miss="low_precision" or "host"), starts the load and returns None at
 once. With a `HostTier` (sparsa.offload.host_tier) loads go through it: from host memory
@@ -97,8 +98,8 @@ class ExpertCache:
         ahead of the next layer's known needs when the disk is the bottleneck.
         loader: what a load calls, (layer, expert) -> weights (default `reader.load`; a
         `HostTier`'s load puts host memory in between).
-        per_layer_capacity: 0 (one pool for every layer) or the experts each layer may hold
-        (at most `budget_bytes` together)."""
+        per_layer_capacity: 0 (one pool for every layer) or each layer's share of experts
+        (at most `budget_bytes` together; see `_victims`)."""
         if prefetch_evicts not in ("cold", "any"):
             raise ValueError(f"prefetch_evicts must be 'cold' or 'any'; got {prefetch_evicts!r}")
         if budget_bytes < expert_bytes:
@@ -153,7 +154,8 @@ class ExpertCache:
 
     @property
     def layer_peak(self) -> int:
-        """Per-layer mode: the most experts any one layer has held (0 in global mode)."""
+        """Per-layer mode: the most experts any one layer has held, borrowed slots included
+        (0 in global mode)."""
         return max(self._layer_peak.values(), default=0)
 
     def resident(self) -> set[tuple[int, int]]:
@@ -212,22 +214,27 @@ class ExpertCache:
         if self._entries.pop(key, None) is not None:
             self._layer_n[key[0]] -= 1
 
-    def _full(self, layer: int) -> bool:
-        """One more expert of `layer` would not fit (lock held)."""
-        if self.per_layer_capacity:
-            return self._layer_n.get(layer, 0) + 1 > self.per_layer_capacity
-        return len(self._entries) + 1 > self.capacity
+    def _victims(self, victims: list, layer: int) -> list:
+        """Per-layer shares: a layer holding its share evicts its own; one below it (a
+        prefill batch needs more experts than the share, all in use) borrows, from layers
+        over their share first, so the shares come back once the batch has passed."""
+        share = self.per_layer_capacity
+        n = self._layer_n
+        own = [v for v in victims if v[1][0] == layer]
+        if own and n.get(layer, 0) >= share:
+            return own
+        over = [v for v in victims if n.get(v[1][0], 0) > share]
+        return over or own or victims
 
     def _make_room(self, protect: set[tuple[int, int]], layer: int) -> bool:
-        """Evict until one more expert of `layer` fits (from that layer, in per-layer mode);
-        False if everything left is pinned/protected or still loading (bytes in flight count
-        against the budget)."""
-        per_layer = self.per_layer_capacity > 0
-        while self._full(layer):
+        """Evict until one more expert (of `layer`) fits; False if everything left is
+        pinned/protected or still loading (bytes in flight count against the budget)."""
+        while len(self._entries) + 1 > self.capacity:
             prio = self.policy.priority(self._t)[0]
             victims = [(prio[self._slot(k)], k) for k, e in self._entries.items()
-                       if e.pins == 0 and k not in protect and self._ready(e)
-                       and (not per_layer or k[0] == layer)]
+                       if e.pins == 0 and k not in protect and self._ready(e)]
+            if victims and self.per_layer_capacity:
+                victims = self._victims(victims, layer)
             if not victims:
                 return False
             _, key = min(victims)
@@ -243,9 +250,8 @@ class ExpertCache:
         protected expert is re-read later) rather than fail; pinned experts (being computed
         with) are never evicted."""
         while not self._make_room(protect, layer):
-            pending = [e.future for k, e in self._entries.items()
-                       if e.weights is None and e.future is not None and not e.future.done()
-                       and (not self.per_layer_capacity or k[0] == layer)]
+            pending = [e.future for e in self._entries.values()
+                       if e.weights is None and e.future is not None and not e.future.done()]
             if pending:
                 self._lock.release()
                 try:

@@ -52,14 +52,16 @@ def test_offloaded_greedy_is_identical(checkpoint, memory, policy, prefetch):
 
 
 def test_per_layer_capacity(checkpoint):
-    """capacity='per_layer': each MoE layer holds its share and evicts within itself."""
+    """capacity='per_layer': a layer holding its share evicts its own experts; a batch whose
+    layer needs more borrows other layers' slots."""
     path, ref = checkpoint
     llm = LLM(str(path), expert_memory="50%", offload_capacity="per_layer")
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)] == ref
     rep = llm.engine.model.offload.report()
     moe_layers = len({k[0] for k in llm.engine.model.offload.cache.reader.locations})
     assert rep["per_layer_capacity"] == rep["capacity_experts"] // moe_layers >= 1
-    assert 0 < rep["layer_peak_experts"] <= rep["per_layer_capacity"]
+    # a prefill batch borrows beyond its layer's share; the budget holds regardless
+    assert rep["layer_peak_experts"] > 0
     assert rep["evictions"] > 0 and rep["peak_bytes"] <= rep["budget_bytes"]
     assert LLM(str(path), expert_memory="50%").engine.model.offload.report()[
         "per_layer_capacity"] == 0  # one pool by default
