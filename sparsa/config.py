@@ -107,13 +107,12 @@ class OffloadConfig:
     the device cache's budget); a model too large for a GPU gets it with expert_memory="auto"
     (ModelConfig.when_too_large).
     capacity: "global" (default: one pool for all layers) or "per_layer" (each MoE layer
-    holds an equal share of the budget and evicts within itself, as the trace lab's
-    per-layer mode). Layers run in a cycle, so one global LRU evicts the experts used
-    longest ago, the next layers', needed soonest; per layer it evicts the layer's own,
-    needed a token later: tinymoe-stories reads 12% fewer experts at 50% (demand loads).
-    But a prefill batch, whose layer needs more experts than its share, cannot borrow other
-    layers' slots: DeepSeek-V2-Lite beyond RAM at 25% had a 2-4 s longer TTFT per layer, so
-    the pool stays the default.
+    has an equal share of the budget: a layer holding its share evicts its own experts, as
+    the trace lab's per-layer mode; a prefill batch whose layer needs more borrows from
+    layers over their share). Layers run in a cycle, so one global LRU evicts the experts
+    used longest ago, the next layers', needed soonest; per layer it evicts the layer's own,
+    needed a token later: tinymoe-stories reads 10% fewer experts at 50% (demand loads), but
+    DeepSeek-V2-Lite beyond RAM at 25% decodes within noise of the pool (BENCHMARKS.md).
     compression: "none" (read the checkpoint) or "zstd": on first load every expert is
     written, byte planes zstd-compressed, losslessly, to a store in store_dir
     (sparsa.offload.compressed_store) that loads read fewer bytes from; not with int8/int4.
