@@ -257,7 +257,6 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
             flat[s : s + chunk.numel()].copy_(chunk)
 
 
-@torch.no_grad()
 def _available_bytes(device: torch.device) -> int:
     from sparsa.engine.model_runner import total_memory_bytes
 
@@ -304,6 +303,7 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
     raise MemoryError(f"{what}: {hint} (when_too_large='ignore' loads it anyway)")
 
 
+@torch.no_grad()
 def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, ResolvedModel,
                                                                 torch.dtype]:
     resolved = resolve_model(mc)
