@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one prepared run for the `device` tool (a bare CUDA machine
 # with torch and transformers but no package index and no ../shared):
-#   run(command="scripts/device_check.sh", timeout_s=540)
+#   run(command="scripts/device_check.sh", timeout_s=480)   (~400 s of limits inside)
 # 1. the CUDA tests: offloading's device cache, the pinned host tier and Fiddler's compute on
 #    a miss (tests/offload/test_device_offload.py), and the engine's parity and offloading
 #    suites with the device left at "auto" (= cuda there);
@@ -30,7 +30,7 @@ EOF
 nproc | sed 's/^/cpus /' | tee -a "$OUT/env.log"
 
 echo "== tests" | tee "$OUT/tests.log"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs --durations=5 \
+timeout 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs --durations=5 \
   tests/offload/test_device_offload.py tests/offload/test_host_tier.py \
   tests/offload/test_offload_engine.py tests/loader/test_fit_check.py \
   tests/models/test_parity.py 2>&1 \
@@ -41,9 +41,9 @@ M=/tmp/mixtral-mini-bf16
 [ -f "$M/config.json" ] || $PY -m sparsa.cli write-dummy mixtral-mini "$M" --dtype bfloat16 \
   >>"$OUT/bench.log" 2>&1 || rc=1
 B="$PY -m sparsa.bench_offload $M --device cuda --prompt-len 64 --max-tokens 64"
-timeout 120 $B --budgets 25%,all --json "$OUT/bench_disk.json" 2>&1 | tee -a "$OUT/bench.log" \
+timeout 90 $B --budgets 25%,all --json "$OUT/bench_disk.json" 2>&1 | tee -a "$OUT/bench.log" \
   || rc=1
-timeout 120 $B --budgets 25% --host-memory 100% --on-miss wait,host \
+timeout 90 $B --budgets 25% --host-memory 100% --on-miss wait,host \
   --json "$OUT/bench_host.json" 2>&1 | tee -a "$OUT/bench.log" || rc=1
 echo "device_check exit $rc" | tee -a "$OUT/bench.log"
 exit $rc
