@@ -271,15 +271,14 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
     weights are materialized in the compute dtype first (quantized forms are made after),
     so that is the peak the check counts: from the checkpoint's headers, or, with no
     checkpoint (dummy weights), from the model built on the meta device."""
+    from sparsa.info import _build_meta_model, _cfg, count_parameters
+
     cfg = resolved.hf_config
     on_disk = resolved.model_dir is not None and mc.load_format != "dummy"
     if on_disk:
         need = SafetensorsCheckpoint(resolved.model_dir).bytes_as(dtype)
-        routed = any(getattr(cfg, k, None) for k in ("num_local_experts", "n_routed_experts",
-                                                     "num_experts"))
+        routed = bool(_cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts"))
     else:
-        from sparsa.info import _build_meta_model, count_parameters
-
         counts = count_parameters(_build_meta_model(cfg, dtype))
         need = counts["weight_bytes"] + counts["buffer_bytes"]
         routed = counts["routed_expert_params"] > 0

@@ -9,6 +9,7 @@ a single-shard checkpoint; streaming keeps the peak at the weights plus one tens
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Container, Iterator
@@ -113,10 +114,8 @@ class SafetensorsCheckpoint:
         for header, _ in self._headers.values():
             for info in header.values():
                 dt = _DTYPES[info["dtype"]]
-                numel = 1
-                for d in info["shape"]:
-                    numel *= int(d)
-                total += numel * (dtype.itemsize if dt.is_floating_point else dt.itemsize)
+                total += math.prod(info["shape"]) * (dtype.itemsize if dt.is_floating_point
+                                                     else dt.itemsize)
         return total
 
     def dtypes(self) -> set[torch.dtype]:

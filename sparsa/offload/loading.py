@@ -284,8 +284,13 @@ def _available_bytes(device: torch.device) -> int:
 def _host_free_bytes(claimed: int) -> int:
     """Host memory for host_memory='auto': what is available now, less max(2 GiB, 10%) and
     `claimed` (the device cache's budget when the device is the CPU: not yet allocated)."""
-    avail = _available_bytes(torch.device("cpu"))
-    return avail - max(2 << 30, avail // 10) - claimed
+    return _after_reserve(_available_bytes(torch.device("cpu"))) - claimed
+
+
+def _after_reserve(avail: int) -> int:
+    """What an "auto" budget may take of `avail` bytes: all but max(2 GiB, 10%), kept for
+    the KV cache and working memory."""
+    return avail - max(2 << 30, avail // 10)
 
 
 def _expert_budget(oc: OffloadConfig, total: int, expert_bytes: int,
@@ -296,7 +301,7 @@ def _expert_budget(oc: OffloadConfig, total: int, expert_bytes: int,
     if oc.expert_memory != "auto":
         return min(oc.budget_bytes(total), total)
     avail = _available_bytes(device)
-    free = avail - max(2 << 30, avail // 10) - oc.io_threads * expert_bytes
+    free = _after_reserve(avail) - oc.io_threads * expert_bytes
     if free < expert_bytes:
         raise ValueError(f"expert_memory='auto': {avail / 2**30:.2f} GiB available, which "
                          f"leaves no room for one expert ({expert_bytes / 2**20:.1f} MiB) "
