@@ -9,6 +9,8 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	$(PIP) -e ".[test]"
 	$(PY) -m sparsa.kernels build || true
+	@# rows per tile / prefetch measured on this machine and cached (speed only; ~10 s)
+	$(PY) -m sparsa.kernels tune >/dev/null 2>&1 || true
 
 demo: install
 	$(PY) -m sparsa.cli demo

@@ -77,6 +77,10 @@ def load(verbose: bool = False, force: bool = False) -> ModuleType | None:
                 _module = None
         if _module is None:
             logger.info("sparsa native kernels unavailable (%s); using PyTorch paths", _reason)
+        else:
+            from sparsa.kernels import tuning
+
+            tuning.apply(_module)  # this machine's cached choice (rows per tile, prefetch)
         _tried = True
     return _module
 

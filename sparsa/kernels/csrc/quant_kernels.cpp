@@ -84,8 +84,6 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t block, int8_t* 
 // activation rows go in chunks of 4 over the same row block, whose weights are then still in
 // L1/L2, so batched decode reads each weight from memory once.
 
-enum class Kind { I8Q8, I8F32, I4, BF16 };
-
 struct Mat {
   Kind kind;
   const void* w;       // int8 [N, Kp], uint8 [N, Kp/2] or bf16 [N, Kp]
@@ -133,11 +131,10 @@ inline void store(const Mat& m, int64_t n, const float* res, float* const* out) 
       out[t][n + r] = m.scale ? res[t * R + r] * m.scale[n + r] : res[t * R + r];
 }
 
-template <int TT>
-void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
+template <int TT, int RB>
+void rows_rb(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
              float* const* out) {
-  constexpr int RB = TT == 1 ? 4 : TT == 2 ? 2 : 1;  // 2 * RB * TT accumulators <= 8
-  float res[TT * 4];
+  float res[TT * RB];
   int64_t n = n0;
   for (; n + RB <= n1; n += RB) {
     tile<RB, TT>(m, n, a, xf, res);
@@ -147,6 +144,17 @@ void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* c
     tile<1, TT>(m, n, a, xf, res);
     store<1, TT>(m, n, res, out);
   }
+}
+
+// Rows per tile: the tuned row block of the weight form, capped so 2 * RB * TT accumulators <= 8 (16 ymm).
+template <int TT>
+void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
+             float* const* out) {
+  g_pf_rows = g_pf_rows_by_kind[static_cast<int>(m.kind)];
+  const int rb = std::min(g_row_block_by_kind[static_cast<int>(m.kind)], 4 / TT);
+  if (rb >= 4) rows_rb<TT, TT == 1 ? 4 : 1>(m, n0, n1, a, xf, out);
+  else if (rb >= 2) rows_rb<TT, TT <= 2 ? 2 : 1>(m, n0, n1, a, xf, out);
+  else rows_rb<TT, 1>(m, n0, n1, a, xf, out);
 }
 
 // Rows [n0, n1) for T activation rows; out[t] points at token t's output row (indexed by n).
@@ -429,6 +437,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "VNNI mode ", mode, " is not available on this CPU");
           g_vnni = static_cast<Vnni>(mode);
         }, "0 AVX2, 1 AVX-512 VNNI, 2 AVX-VNNI (256-bit)");
+  m.def("set_tuning", [](int64_t kind, int64_t row_block, int64_t pf_rows) {
+          TORCH_CHECK(kind >= 0 && kind < 4, "kind must be 0 int8, 1 int8-exact, 2 int4, 3 bf16");
+          TORCH_CHECK(row_block == 1 || row_block == 2 || row_block == 4,
+                      "row_block must be 1, 2 or 4, got ", row_block);
+          TORCH_CHECK(pf_rows >= 0 && pf_rows <= 64, "pf_rows must be in [0, 64], got ", pf_rows);
+          g_row_block_by_kind[kind] = static_cast<int>(row_block);
+          g_pf_rows_by_kind[kind] = pf_rows;
+        }, "weight rows per tile at one activation row and software prefetch distance (rows) "
+           "of one weight form: 0 int8, 1 int8 exact, 2 int4, 3 bf16");
+  m.def("tuning", [](int64_t kind) {
+          TORCH_CHECK(kind >= 0 && kind < 4, "kind must be 0..3");
+          return std::make_tuple(static_cast<int64_t>(g_row_block_by_kind[kind]),
+                                 g_pf_rows_by_kind[kind]);
+        }, "(row_block, pf_rows) of one weight form");
   m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
   m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
   m.def("bf16_gemm", &bf16_gemm, "x [T,K] f32 @ (w [N,Kp] bf16)^T, fp32 math");

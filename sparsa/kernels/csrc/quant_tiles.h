@@ -4,18 +4,29 @@
 // hsum from there).
 #pragma once
 
-// Software prefetch, kPfTiles row blocks ahead of the block being read (the same offset in
-// the rows R * kPfTiles further on). A tile reads R short rows (0.5-3 KB each) side by side,
-// too many short streams for the hardware prefetchers: with this the int4 MoE kernel streams
-// 1.8x faster from DRAM on one core (18.9 -> 34.3 GB/s on the mixtral-mini experts). Reads
-// past a matrix's end are harmless (a prefetch never faults). The 512-bit int8 tile: 25 -> 35
-// GB/s on the Qwen3-MoE-mini experts (matrices of 384-1024 rows), unchanged on mixtral-mini's.
-constexpr int64_t kPfTiles = 4;
+// Tuning knobs, set per machine (`set_tuning`, chosen by `python -m sparsa.kernels tune` and
+// cached per CPU; see sparsa/kernels/tuning.py):
+//
+// g_pf_rows: software prefetch this many rows ahead of the row being read (same column), 0 =
+//   none. It mattered for tiles that read R rows side by side (too many short streams for the
+//   hardware prefetchers of an AVX2 Zen); a tile reading one row at a time is one sequential
+//   stream, which the hardware prefetchers follow by themselves on the machines measured.
+// g_row_block: weight rows per tile at one activation row (1, 2 or 4). More rows share each
+//   activation load, but R rows side by side are R interleaved streams 1-3 KB apart, and on
+//   an AVX-512 Zen 5 a core then streams at ~70% of its plain-read rate (one row at a time:
+//   ~100%). Results are identical for every choice: each row sums in the same order.
+// Both are per weight form (indexed by `Kind`: int8 q8, int8 f32, int4, bf16) and read once
+// per tile call.
+enum class Kind { I8Q8 = 0, I8F32 = 1, I4 = 2, BF16 = 3 };
+int64_t g_pf_rows_by_kind[4] = {0, 0, 0, 0};
+int g_row_block_by_kind[4] = {1, 1, 1, 1};
+thread_local int64_t g_pf_rows = 0;  // the current tile's (set by `tile` from the table)
 
 // ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
 
 template <int R, int TT>
 inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
+  const int64_t pfo = g_pf_rows * ldw;
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -28,9 +39,8 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
       for (int t = 0; t < TT; ++t)
         xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));
       for (int r = 0; r < R; ++r) {
-        if ((bb & 1) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),
-                       _MM_HINT_T0);
+        if (pfo && (bb & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + off + pfo), _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off));
         // maddubs wants unsigned x signed: move w's sign onto x (llama.cpp's trick)
         const __m256i aw = _mm256_sign_epi8(wv, wv);
@@ -61,6 +71,7 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
   template <int R, int TT>                                                                     \
   __attribute__((target(TARGET), noinline)) void NAME(const int8_t* w, int64_t ldw,           \
                                                       int64_t nb, const QAct* a, float* res) { \
+    const int64_t pfo = g_pf_rows * ldw;                                                       \
     __m256 acc[TT][R];                                                                         \
     for (int t = 0; t < TT; ++t)                                                               \
       for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();                             \
@@ -75,9 +86,8 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
         for (int t = 0; t < TT; ++t)                                                           \
           xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + off));          \
         for (int r = 0; r < R; ++r) {                                                          \
-          if ((bb & 1) == 0)                                                                   \
-            _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),    \
-                         _MM_HINT_T0);                                                         \
+          if (pfo && (bb & 1) == 0)                                                            \
+            _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + off + pfo), _MM_HINT_T0); \
           const __m256i wu = _mm256_xor_si256(                                                 \
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + off)), flip);  \
           for (int t = 0; t < TT; ++t) ia[t][r] = DPBUSD(ia[t][r], wu, xv[t]);                 \
@@ -105,6 +115,7 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
 template <int R, int TT>
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni"), noinline)) void
 i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
+  const int64_t pfo = g_pf_rows * ldw;
   __m512 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -118,8 +129,7 @@ i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, fl
       __m512i xv[TT];
       for (int t = 0; t < TT; ++t) xv[t] = _mm512_loadu_si512(a[t].q + off);
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + off),
-                     _MM_HINT_T0);
+        if (pfo) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + off + pfo), _MM_HINT_T0);
         const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + r * ldw + off), flip);
         for (int t = 0; t < TT; ++t) ia[t][r] = _mm512_dpbusd_epi32(ia[t][r], wu, xv[t]);
       }
@@ -166,6 +176,7 @@ inline __m256 bf16x8(const uint16_t* p) {
 template <int R, int TT, int CPG>
 inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, const float* sd,
                     __m256 (&acc)[TT][R]) {
+  const int64_t pfo = g_pf_rows * ldw;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   constexpr int64_t GPC = CPG == 0 ? 2 : 1;  // groups per step
@@ -181,9 +192,8 @@ inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, co
         xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32));
       }
       for (int r = 0; r < R; ++r) {
-        if ((c & 1) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + c * 32),
-                       _MM_HINT_T0);
+        if (pfo && (c & 1) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + c * 32 + pfo), _MM_HINT_T0);
         const __m256i v =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));
         const __m256i lo = _mm256_and_si256(v, m4);
@@ -222,6 +232,7 @@ inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, co
   __attribute__((target(TARGET), noinline)) void NAME(const uint8_t* w, int64_t ldw,          \
                                                       int64_t ng, const QAct* a,              \
                                                       const float* sd, __m256 (&acc)[TT][R]) { \
+    const int64_t pfo = g_pf_rows * ldw;                                                       \
     const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
     const __m256i zero = _mm256_setzero_si256();                                               \
     constexpr int64_t GPC = CPG == 0 ? 2 : 1;                                                  \
@@ -239,8 +250,8 @@ inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, co
           xhi[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + c * 64 + 32)); \
         }                                                                                      \
         for (int r = 0; r < R; ++r) {                                                          \
-          if ((c & 1) == 0)                                                                    \
-            _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + c * 32),   \
+          if (pfo && (c & 1) == 0)                                                             \
+            _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + c * 32 + pfo),           \
                          _MM_HINT_T0);                                                         \
           const __m256i v =                                                                    \
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + c * 32));      \
@@ -326,6 +337,7 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
 template <int R, int TT, typename Wt, typename Widen>
 inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const* x,
                          float* res, Widen widen) {
+  const int64_t pfo = g_pf_rows * ldw;
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -335,9 +347,8 @@ inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const
     __m256 xv[TT];
     for (int t = 0; t < TT; ++t) xv[t] = _mm256_loadu_ps(x[t] + k);
     for (int r = 0; r < R; ++r) {
-      if ((k / 8) % kLine == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPfTiles * R) * ldw + k),
-                     _MM_HINT_T0);
+      if (pfo && (k / 8) % kLine == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k + pfo), _MM_HINT_T0);
       const __m256 wf = widen(w + r * ldw + k);
       for (int t = 0; t < TT; ++t) acc[t][r] = _mm256_fmadd_ps(wf, xv[t], acc[t][r]);
     }
