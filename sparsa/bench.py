@@ -220,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "
                          "(f32, Q8_0, Q4_K_M, bf16)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    ap.add_argument("--parts", default="pp,tg,batched,offline",
-                    help="suite parts to run with --vs (pp, tg, batched, offline)")
+    ap.add_argument("--parts", default=None,
+                    help="suite parts to run with --vs (pp, tg, batched, offline; default all "
+                         "of them, pp,tg with --suite)")
     ap.add_argument("--pairs", type=int, default=5,
                     help="with --vs: rounds of alternating single tg runs (Sparsa, then each "
                          "llama.cpp type); medians, min-max and per-round ratios are reported")
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                          "olmoe-1b-7b, deepseek-v2-lite, qwen3-30b-a3b where disk and RAM "
                          "allow; see sparsa/bench_real.py); --json names a directory then")
     args = ap.parse_args(argv)
+    if args.parts is None:
+        args.parts = "pp,tg" if args.suite else "pp,tg,batched,offline"
     torch.set_num_threads(args.threads or physical_cores())
     if args.suite:
         from sparsa.bench_real import run_suite

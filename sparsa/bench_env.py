@@ -121,9 +121,12 @@ class ReadProbe:
                  reader: Callable[[torch.Tensor, int], float] | None = None,
                  use_native: bool = True):
         self.threads, self.nbytes, self.readings = threads, nbytes, readings
-        self.reader = reader or (_native_reader() if use_native else None)
-        self.kind = "native read_bandwidth" if self.reader is not None else "torch int64 sum"
-        self.reader = self.reader or _torch_read
+        if reader is not None:
+            self.kind = getattr(reader, "__name__", "custom reader")
+        else:
+            reader = _native_reader() if use_native else None
+            self.kind = "torch int64 sum" if reader is None else "native read_bandwidth"
+        self.reader = reader or _torch_read
         self.points: list[tuple[str, list[float]]] = []
 
     def point(self, label: str) -> dict:

@@ -20,8 +20,13 @@ import torch
 
 from sparsa.bench_env import ReadProbe, environment, roofline_share
 from sparsa.bench_pairs import alternate_tg, sequential_tg
-from sparsa.bench_suite import (Workload, offline_requests, run_sparsa, run_transformers,
-                                sparsa_tg_once)
+from sparsa.bench_suite import (
+    Workload,
+    offline_requests,
+    run_sparsa,
+    run_transformers,
+    sparsa_tg_once,
+)
 from sparsa.bench_vs_report import format_results
 from sparsa.config import BF16_PREFILL_CHOICES
 
