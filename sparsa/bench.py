@@ -51,17 +51,17 @@ def bytes_per_token(model) -> int:
         top_k = getattr(mod, "top_k", None)
         experts = getattr(mod, "experts", None)
         n_exp = getattr(experts, "num_experts", None)
-        if top_k and n_exp:
-            ts = _tensors(experts)
-            for t in ts:
+        # offloaded experts live on disk / in the expert cache, not as tensors (their
+        # module's tensors are the next block's, counted with it): a step still reads
+        # top_k of them, at the cache's bytes per expert
+        per_expert = getattr(getattr(experts, "cache", None), "expert_bytes", None)
+        if top_k and per_expert:
+            total += per_expert * top_k
+        elif top_k and n_exp:
+            for t in _tensors(experts):
                 if id(t) not in counted:
                     counted.add(id(t))
                     total += t.numel() * t.element_size() * top_k // n_exp
-            # offloaded experts live on disk / in the expert cache, not as tensors: a step
-            # still reads top_k of them, at the cache's bytes per expert
-            per_expert = getattr(getattr(experts, "cache", None), "expert_bytes", None)
-            if not ts and per_expert:
-                total += per_expert * top_k
     embed = model.model.embed_tokens.weight
     tied = getattr(model, "tie_word_embeddings", False)
     for t in _tensors(model):
