@@ -193,7 +193,8 @@ def bench_transformers(path: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sparsa bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mixtral-mini", help="built-in config name (dummy weights)")
+    ap.add_argument("--model", default="mixtral-mini",
+                    help="built-in config name (dummy weights) or an HF model directory")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-requests", type=int, default=64)
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         from sparsa.bench_real import run_suite
 
         return run_suite(args)
-    path = ensure_checkpoint(args.model, Path(args.cache_dir))
+    path = Path(args.model) if Path(args.model).is_dir() else \
+        ensure_checkpoint(args.model, Path(args.cache_dir))
     results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
                "workload": vars(args)}
