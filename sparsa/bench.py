@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", "-q", default="none",
                     choices=["none", "int8", "int4", "bf16"],
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "
-                         "(f32, Q8_0, Q4_K_M, bf16)")
+                         "(f32, Q8_0, Q4_K_M and Q4_0, bf16; see --vs-types)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
     ap.add_argument("--parts", default=None,
                     help="suite parts to run with --vs (pp, tg, batched, offline; default all "

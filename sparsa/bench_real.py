@@ -5,7 +5,8 @@ llama.cpp types of equal bits (int8: Q8_0; int4: Q4_K_M and Q4_0).
 Before each entry the disk (dummy checkpoint, GGUFs, the unquantized GGUF llama-quantize
 starts from) and the RAM (Sparsa's weights, the largest GGUF) it needs are estimated from the
 config; an entry that does not fit is skipped with the reason printed. Sparsa's model is freed
-before the peer's runs (sparsa/bench_vs.py) and between entries.
+before the peer's runs (sparsa/bench_vs.py) and between entries. The unquantized GGUF that an
+entry wrote only to feed llama-quantize is deleted after it (it is the largest file).
 """
 
 from __future__ import annotations
@@ -62,13 +63,22 @@ def entry_needs(entry: SuiteEntry, checkpoint: Path, gguf_dir: Path,
     from sparsa.peers.llamacpp import CONVERTER_TYPES
 
     if any(t not in CONVERTER_TYPES for t in missing):
-        mid = "bf16" if CHECKPOINT_BYTES_PER_PARAM == 2 else "f32"
+        mid = _intermediate(checkpoint)
         if not (gguf_dir / f"{checkpoint.name}-{mid}.gguf").exists():
             gguf += params * GGUF_BYTES_PER_PARAM[mid]
     biggest = max(params * GGUF_BYTES_PER_PARAM.get(t, 4.0) for t in entry.vs_types)
     sparsa = info["weight_bytes"] + info.get("buffer_bytes", 0)
     return {"disk_checkpoint": int(ckpt), "disk_gguf": int(gguf), "ram": int(max(sparsa,
                                                                                   biggest))}
+
+
+def _intermediate(checkpoint: Path) -> str:
+    """The GGUF type llama-quantize starts from for `checkpoint` (written or to be)."""
+    from sparsa.peers.llamacpp import intermediate_type
+
+    if (checkpoint / "config.json").exists():
+        return intermediate_type(checkpoint)
+    return "bf16" if CHECKPOINT_BYTES_PER_PARAM == 2 else "f32"
 
 
 def skip_reason(needs: dict, free_checkpoint: int, free_gguf: int, same_disk: bool,
@@ -126,7 +136,9 @@ def run_suite(args: argparse.Namespace) -> int:
         sub.model, sub.quantization, sub.vs_types = e.model, e.quantization, ",".join(e.vs_types)
         sub.vs = args.vs or "llama.cpp"
         sub.json_out = str(out_dir / f"{e.model}-{e.quantization}.json") if out_dir else None
-        results: dict = {"model": e.model, "workload": {k: v for k, v in vars(sub).items()}}
+        results: dict = {"model": e.model, "workload": dict(vars(sub))}
+        mid = gguf_dir / f"{ckpt.name}-{_intermediate(ckpt)}.gguf"
+        had_mid = mid.exists()
         try:
             run_vs(sub, ensure_checkpoint(e.model, cache), results)
         except Exception as exc:  # one entry's failure does not end the suite
@@ -135,6 +147,9 @@ def run_suite(args: argparse.Namespace) -> int:
             continue
         finally:
             gc.collect()
+            if not had_mid and mid.name.removeprefix(f"{ckpt.name}-").removesuffix(".gguf") \
+                    not in e.vs_types:
+                mid.unlink(missing_ok=True)  # the unquantized GGUF only fed llama-quantize
         summary.append({**row, **suite_row(results)})
         if out_dir:
             (out_dir / "suite.json").write_text(json.dumps(summary, indent=2, default=str))

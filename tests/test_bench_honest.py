@@ -218,3 +218,43 @@ def test_format_suite():
     out = format_suite(rows)
     assert "| m | int8 | skipped: needs disk |" in out
     assert "| n | int4 | 30.0 | lc | 20.0 | 1.50x | 60% / 50% |" in out
+
+
+def test_run_suite_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import sparsa.bench
+    import sparsa.bench_real as br
+    import sparsa.bench_vs
+
+    gib = 1 << 30
+    monkeypatch.setattr(br, "SUITES", {"t": [SuiteEntry("small", "int4", ("q4_k_m", "q4_0")),
+                                             SuiteEntry("huge", "int4", ("q4_k_m",))]})
+    monkeypatch.setattr(br, "entry_needs", lambda e, ck, gd: {
+        "disk_checkpoint": 0, "disk_gguf": 0, "ram": (1 if e.model == "small" else 1000) * gib})
+    monkeypatch.setattr(br, "mem_available", lambda: 20 * gib)
+    monkeypatch.setenv("SPARSA_LLAMACPP_DIR", str(tmp_path / "lc"))
+    monkeypatch.setattr(sparsa.bench, "ensure_checkpoint", lambda name, cache: tmp_path / name)
+    calls = []
+
+    def fake_run_vs(sub, path, results, probe=None):
+        calls.append((sub.model, sub.quantization, sub.vs_types, sub.vs, path.name))
+        results["tg"] = {"mode": "alternating",
+                         "tok_s": {"sparsa": {"median": 30.0}, "llama.cpp:q4_0": {"median": 20.0}},
+                         "ratio": {"llama.cpp:q4_0": {"median": 1.5}}}
+        results["sparsa"] = {"roofline_share": 0.5}
+        return 0
+
+    monkeypatch.setattr(sparsa.bench_vs, "run_vs", fake_run_vs)
+    args = argparse.Namespace(suite="t", vs=None, cache_dir=str(tmp_path / "c"),
+                              json_out=str(tmp_path / "out"), model="x", quantization="none",
+                              vs_types=None)
+    assert br.run_suite(args) == 0
+    assert calls == [("small", "int4", "q4_k_m,q4_0", "llama.cpp", "small")]
+    out = capsys.readouterr().out
+    assert "=== huge int4: skipped: needs 1000.0 GiB of RAM" in out
+    assert "| small | int4 | 30.0 | llama.cpp:q4_0 | 20.0 | 1.50x | 50% / 0% |" in out
+    import json
+
+    summary = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert [r.get("skipped", "ran")[:5] for r in summary] == ["ran", "needs"]
