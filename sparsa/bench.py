@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sparsa.bench_env import ReadProbe, environment
 from sparsa.bench_suite import random_prompts
 from sparsa.config import physical_cores
 
@@ -41,15 +42,22 @@ def _tensors(module) -> list:
 def bytes_per_token(model) -> int:
     """Weights read to decode one token: every parameter and buffer except the embedding
     table, with routed experts counted at their top_k / num_experts share (full precision or
-    quantized alike). Tensors only kept for other devices (e.g. fp32 copies of tables) are
-    counted too, which errs on the side of a higher roofline."""
+    quantized alike; offloaded experts, streamed from disk or held in the expert cache, at
+    top_k times the cache's bytes per expert). Tensors only kept for other devices (e.g.
+    fp32 copies of tables) are counted too, which errs on the side of a higher roofline."""
     total = 0
     counted: set[int] = set()
     for mod in model.modules():
         top_k = getattr(mod, "top_k", None)
         experts = getattr(mod, "experts", None)
         n_exp = getattr(experts, "num_experts", None)
-        if top_k and n_exp:
+        # offloaded experts live on disk / in the expert cache, not as tensors (their
+        # module's tensors are the next block's, counted with it): a step still reads
+        # top_k of them, at the cache's bytes per expert
+        per_expert = getattr(getattr(experts, "cache", None), "expert_bytes", None)
+        if top_k and per_expert:
+            total += per_expert * top_k
+        elif top_k and n_exp:
             for t in _tensors(experts):
                 if id(t) not in counted:
                     counted.add(id(t))
@@ -185,7 +193,8 @@ def bench_transformers(path: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sparsa bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="mixtral-mini", help="built-in config name (dummy weights)")
+    ap.add_argument("--model", default="mixtral-mini",
+                    help="built-in config name (dummy weights) or an HF model directory")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-requests", type=int, default=64)
@@ -210,21 +219,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", "-q", default="none",
                     choices=["none", "int8", "int4", "bf16"],
                     help="Sparsa weight format; llama.cpp gets the type of equal bits "
-                         "(f32, Q8_0, Q4_K_M, bf16)")
+                         "(f32, Q8_0, Q4_K_M and Q4_0, bf16; see --vs-types)")
     ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    ap.add_argument("--parts", default="pp,tg,batched,offline",
-                    help="suite parts to run with --vs (pp, tg, batched, offline)")
+    ap.add_argument("--parts", default=None,
+                    help="suite parts to run with --vs (pp, tg, batched, offline; default all "
+                         "of them, pp,tg with --suite)")
+    ap.add_argument("--pairs", type=int, default=5,
+                    help="with --vs: rounds of alternating single tg runs (Sparsa, then each "
+                         "llama.cpp type); medians, min-max and per-round ratios are reported")
+    ap.add_argument("--vs-types", default=None,
+                    help="with --vs llama.cpp: comma-separated GGUF types (default: those of "
+                         "equal bits: int8 q8_0; int4 q4_k_m,q4_0; bf16 bf16; none f32)")
+    ap.add_argument("--n-prompt", type=int, default=512, help="with --vs: ppN's N")
+    ap.add_argument("--n-gen", type=int, default=128, help="with --vs: tgN's N")
+    ap.add_argument("--probe-readings", type=int, default=5,
+                    help="read-bandwidth readings per probe point (before, between the tg "
+                         "rounds, after)")
+    ap.add_argument("--suite", default=None, choices=["real", "minis"],
+                    help="with --vs: run a list of models and weight formats (real: the minis, "
+                         "olmoe-1b-7b, deepseek-v2-lite, qwen3-30b-a3b where disk and RAM "
+                         "allow; see sparsa/bench_real.py); --json names a directory then")
     args = ap.parse_args(argv)
+    if args.parts is None:
+        args.parts = "pp,tg" if args.suite else "pp,tg,batched,offline"
     torch.set_num_threads(args.threads or physical_cores())
-    path = ensure_checkpoint(args.model, Path(args.cache_dir))
-    bw = measure_read_bandwidth()
+    if args.suite:
+        from sparsa.bench_real import run_suite
+
+        return run_suite(args)
+    path = Path(args.model) if Path(args.model).is_dir() else \
+        ensure_checkpoint(args.model, Path(args.cache_dir))
     results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
-               "read_bandwidth_gb_s": bw / 1e9, "workload": vars(args)}
+               "workload": vars(args)}
     if args.vs:
         from sparsa.bench_vs import run_vs
 
-        return run_vs(args, path, bw, results)
+        return run_vs(args, path, results)
+    probe = ReadProbe(torch.get_num_threads(), readings=args.probe_readings)
+    probe.point("before")
+    bw = probe.summary()["median"]
+    results["read_bandwidth_gb_s"] = bw / 1e9
+    results["env"] = environment(torch.get_num_threads())
     results["sparsa"] = bench_sparsa(str(path), args)
     bpt = results["sparsa"]["bytes_per_token"]
     roof = bw / bpt

@@ -1,9 +1,9 @@
 """The workloads of `sparsa bench --vs llama.cpp`, measured the way llama.cpp's tools do.
 
 * ppN: prompt tokens / time of one N-token prefill (llama-bench -p N), mean of 3 runs.
-* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N), mean of 3 runs;
-  with --vs llama.cpp its runs alternate with llama-bench's, one each (the box's memory
-  bandwidth drifts over minutes).
+* tgN: N tokens decoded at batch 1 after a 1-token prompt (llama-bench -n N). `sparsa bench
+  --vs` runs it as alternating single runs of each engine (sparsa/bench_pairs.py: the box's
+  memory bandwidth drifts over minutes); `run_sparsa` alone reports the mean of 3 runs.
 * batched decode at batch B: B requests of 128 prompt tokens, 128 new tokens each, all prompts
   prefilled in one step; generated tokens after the first / decode time (llama-batched-bench
   S_TG).
@@ -69,10 +69,7 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
     if "tg" in parts:
         rates = []
         for _ in range(3):  # mean of 3, as llama-bench -r 3 reports
-            out = llm.generate([[1]], SamplingParams(temperature=0, max_tokens=w.tg + 1,
-                                                     ignore_eos=True))[0]
-            m = out.metrics
-            rates.append(w.tg / (m["finished_time"] - m["first_token_time"]))
+            rates.append(sparsa_tg_once(llm, w.tg))
             if after_each_tg is not None:
                 after_each_tg()
         res[f"tg{w.tg}"] = sum(rates) / len(rates)
@@ -96,6 +93,17 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
         res["offline_total_tok_s"] = (n_out + n_in) / wall
         res["offline_wall_s"] = wall
     return res
+
+
+def sparsa_tg_once(llm, n: int) -> float:
+    """One tgN run (llama-bench -n N -r 1): N tokens decoded after a 1-token prompt, tok/s
+    over the decode time (first token to last)."""
+    from sparsa import SamplingParams
+
+    out = llm.generate([[1]], SamplingParams(temperature=0, max_tokens=n + 1,
+                                             ignore_eos=True))[0]
+    m = out.metrics
+    return n / (m["finished_time"] - m["first_token_time"])
 
 
 def run_transformers(path: str, w: Workload, threads: int, parts: set[str],

@@ -30,8 +30,13 @@ CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF
               "-DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "
               "-DLLAVA_BUILD=OFF")
 TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-server")
-# Our weight formats and the llama.cpp type of equal bits.
+# Our weight formats and the llama.cpp type of equal bits (the first of EQUAL_BITS).
 GGUF_TYPES = {"none": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_k_m"}
+# Every llama.cpp type a Sparsa weight format is compared with by default.
+EQUAL_BITS = {"none": ("f32",), "bf16": ("bf16",), "int8": ("q8_0",),
+              "int4": ("q4_k_m", "q4_0")}
+# Types the HF converter writes itself; the others come from llama-quantize.
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def default_cache() -> Path:
@@ -42,6 +47,7 @@ def default_cache() -> Path:
 @dataclass
 class LlamaCpp:
     cache: Path
+    build_info: str | None = None  # "build N (commit)", from the last llama-bench run
 
     @property
     def src(self) -> Path:
@@ -97,16 +103,23 @@ class LlamaCpp:
         gtype = GGUF_TYPES.get(quantization)
         if gtype is None:
             raise ValueError(f"no llama.cpp type for {quantization!r}; one of {list(GGUF_TYPES)}")
+        return self.convert_type(model_dir, gtype)
+
+    def convert_type(self, model_dir: Path, gtype: str) -> Path:
+        """GGUF of `model_dir` in llama.cpp type `gtype` (f32, bf16, q8_0, q4_k_m, q4_0, ...):
+        converted directly, or quantized with llama-quantize from an f32 GGUF (bf16 when
+        the checkpoint is stored in bf16: the same values, half the disk)."""
+        gtype = gtype.lower()
         out = self.cache / "models" / f"{model_dir.name}-{gtype}.gguf"
         if out.exists():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        if gtype in ("f32", "bf16", "q8_0"):
+        if gtype in CONVERTER_TYPES:
             _run([sys.executable, "-m", "sparsa.peers.gguf_convert", str(self.vendor),
                   str(model_dir), "--outfile", str(tmp), "--outtype", gtype])
         else:
-            src = self.convert(model_dir, "none")
+            src = self.convert_type(model_dir, intermediate_type(model_dir))
             _run([str(self.tool("llama-quantize")), str(src), str(tmp), gtype.upper()])
         tmp.rename(out)
         return out
@@ -123,7 +136,14 @@ class LlamaCpp:
         for row in json.loads(out):
             key = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
             res[key] = row["avg_ts"]
+            if row.get("build_commit"):
+                self.build_info = f"build {row.get('build_number')} ({row['build_commit']})"
         return res
+
+    def version(self) -> str:
+        """llama-cpp-python's version and, once llama-bench ran, its llama.cpp build."""
+        return f"{VERSION} (llama-cpp-python)" + (f", {self.build_info}"
+                                                  if self.build_info else "")
 
     def batched_bench(self, gguf: Path, threads: int, batches: list[int], n_prompt: int = 128,
                       n_gen: int = 128) -> dict[int, float]:
@@ -184,6 +204,16 @@ class LlamaCpp:
         n_in = sum(len(p) for p in prompts)
         return {"output_tok_s": n_out / wall, "total_tok_s": (n_out + n_in) / wall,
                 "wall_s": wall, "output_tokens": n_out}
+
+
+def intermediate_type(model_dir: Path) -> str:
+    """The unquantized GGUF type llama-quantize starts from: bf16 for a bf16 checkpoint."""
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "f32"
+    dt = cfg.get("torch_dtype") or cfg.get("dtype")
+    return "bf16" if dt == "bfloat16" else "f32"
 
 
 def _run(cmd: list[str], env: dict | None = None, capture: bool = False) -> str:
