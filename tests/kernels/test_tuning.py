@@ -112,3 +112,20 @@ def test_tune_caches_per_machine_and_apply_reads_it(tmp_path, monkeypatch):
         assert tuning.apply(ext)["int4"] == tuning.DEFAULT  # a broken cache is ignored
     finally:
         tuning.set_choices(ext, before)
+
+
+@needs_kernels
+def test_native_read_probe_reads_the_buffer():
+    ext = kernels.load()
+    buf = torch.ones(1 << 20, dtype=torch.uint8)
+    for threads in (1, 2):
+        assert 0 < ext.read_bandwidth(buf, threads) < 10
+    with pytest.raises(RuntimeError, match="uint8"):
+        ext.read_bandwidth(torch.ones(64), 1)
+    with pytest.raises(RuntimeError, match="threads"):
+        ext.read_bandwidth(buf, 0)
+    from sparsa.bench_env import ReadProbe
+
+    probe = ReadProbe(threads=1, nbytes=1 << 20, readings=2)
+    assert probe.kind == "native read_bandwidth"
+    assert probe.point("t")["median"] > 0
