@@ -69,6 +69,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
         self._last: tuple | None = None
+        self._last_2d: tuple | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -90,6 +91,17 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].unsqueeze(1).to(dtype)
         sin = self.sin[positions].unsqueeze(1).to(dtype)
         self._last = (positions, dtype, cos, sin)
+        return cos, sin
+
+    def tables_2d(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin [T, rotary_dim] of the step's positions (the native decode step's
+        form), gathered once per step like `tables`."""
+        cached = self._last_2d
+        if cached is not None and cached[0] is positions:
+            return cached[1], cached[2]
+        cos, sin = self.tables(positions, torch.float32)
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
+        self._last_2d = (positions, cos, sin)
         return cos, sin
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -122,12 +122,23 @@ class Attention(nn.Module):
         """Rotary + KV write + paged attention of an all-decode batch in one native call,
         unchecked: the cache pools, tables and norms are the engine's own (their shapes are
         fixed at load; block ids are checked in C++). Returns [T, Hq * D] before o_proj."""
-        cos, sin = self.rotary.tables(positions, torch.float32)
-        return ext.decode_attention_step(
-            qkv, cos.squeeze(1), sin.squeeze(1), self.rotary.rotary_dim,
-            self.kv_cache.k, self.kv_cache.v, meta.slot_mapping, meta.decode_block_tables,
-            meta.decode_context_lens, self.scale, self.sliding_window or 0,
-            self.num_heads, *self._head_norms())
+        return self.fused_decode_call()(ext, qkv, positions, meta)
+
+    def fused_decode_call(self):
+        """`fused_decode_step` with this layer's tensors and settings bound now, for the
+        native decode plan (no nn.Module attribute lookups per step)."""
+        rotary, rd = self.rotary, self.rotary.rotary_dim
+        k_pool, v_pool = self.kv_cache.k, self.kv_cache.v
+        scale, window, heads = self.scale, self.sliding_window or 0, self.num_heads
+        norms = self._head_norms()
+
+        def step(ext, qkv, positions, meta: AttentionMetadata):
+            cos, sin = rotary.tables_2d(positions)
+            return ext.decode_attention_step(
+                qkv, cos, sin, rd, k_pool, v_pool, meta.slot_mapping, meta.decode_block_tables,
+                meta.decode_context_lens, scale, window, heads, *norms)
+
+        return step
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

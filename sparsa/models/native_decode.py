@@ -51,7 +51,7 @@ def _linear(m: nn.Module) -> tuple[Step, int]:
     """The decode call of one linear layer and the most rows it takes natively."""
     bias = getattr(m, "bias", None)
     if isinstance(m, (Int8Linear, Int4Linear, Bf16Linear)):
-        step, rows = m.native_gemm, m.native_rows()
+        step, rows = m.native_call(), m.native_rows()
     elif type(m) is Linear and m.weight.dtype == torch.float32:
         w, rows = m.weight, 1 << 30
         if m.transposed:
@@ -86,7 +86,7 @@ def _attention(attn: nn.Module) -> tuple[Callable, int]:
         raise Unsupported("KV cache not fp32 on the CPU")
     qkv, qkv_rows = _linear(attn.qkv_proj)
     o_proj, o_rows = _linear(attn.o_proj)
-    fused = attn.fused_decode_step
+    fused = attn.fused_decode_call()
 
     def step(ext, h, positions, meta: AttentionMetadata):
         return o_proj(ext, fused(ext, qkv(ext, h), positions, meta))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import ModuleType
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -84,6 +87,11 @@ class _QuantizedLinearBase(nn.Module):
     def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
         """x (2-D contiguous fp32 CPU, at most native_rows() rows) @ W^T by the native
         kernel module `ext`, without the bias and without checks."""
+        return self.native_call()(ext, x)
+
+    def native_call(self) -> Callable[[ModuleType, torch.Tensor], torch.Tensor]:
+        """`native_gemm` with the weight tensors bound now: the native decode plan calls it
+        each step without nn.Module attribute lookups (~1 us each, 4 per layer)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -114,8 +122,9 @@ class Int8Linear(_QuantizedLinearBase):
     def native_rows(self) -> int:
         return native_max_rows("int8", self.w8a8)
 
-    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
-        return ext.int8_gemm(x, self.qweight, self.scale, False)
+    def native_call(self) -> Callable[[ModuleType, torch.Tensor], torch.Tensor]:
+        q, s = self.qweight, self.scale
+        return lambda ext, x: ext.int8_gemm(x, q, s, False)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return int8_matmul(x, self.qweight, self.scale, self.w8a8)
@@ -147,8 +156,9 @@ class Bf16Linear(_QuantizedLinearBase):
     def native_rows(self) -> int:
         return native_max_rows("bf16")
 
-    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
-        return ext.bf16_gemm(x, self.weight_bf16)
+    def native_call(self) -> Callable[[ModuleType, torch.Tensor], torch.Tensor]:
+        w = self.weight_bf16
+        return lambda ext, x: ext.bf16_gemm(x, w)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_bf16[:, : self.in_features].float()
@@ -184,8 +194,9 @@ class Int4Linear(_QuantizedLinearBase):
     def native_rows(self) -> int:
         return native_max_rows("int4")
 
-    def native_gemm(self, ext, x: torch.Tensor) -> torch.Tensor:
-        return ext.int4_gemm(x, self.qweight, self.scale_min, self.group_size)
+    def native_call(self) -> Callable[[ModuleType, torch.Tensor], torch.Tensor]:
+        q, sm, g = self.qweight, self.scale_min, self.group_size
+        return lambda ext, x: ext.int4_gemm(x, q, sm, g)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = int4_matmul(x, self.qweight, self.scale_min, self.group_size, self.scale_min_f32)
