@@ -114,33 +114,41 @@ struct Mat {
   int64_t ng, G;       // int4 groups per row, group size
 };
 
+// Per row range: the prefetch offset (in units of the weight pointer) and the int4 prologue's
+// scratch (a caller's buffer: a thread_local one costs a TLS lookup per tile in a shared
+// library, as much as a row's work at one row per tile).
+struct TileCtx {
+  int64_t pfo;
+  float* sd;
+};
+
 template <int R, int TT>
-inline void tile(const Mat& m, int64_t n, const QAct* a, const float* const* xf, float* res) {
+inline void tile(const Mat& m, int64_t n, const QAct* a, const float* const* xf, float* res,
+                 const TileCtx& c) {
   switch (m.kind) {
     case Kind::I8Q8:
       if (g_vnni == Vnni::Avx512)
         i8q8_tile_avx512vnni<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw,
-                                    m.Kp / kQB, a, res);
+                                    m.Kp / kQB, a, res, c.pfo);
       else if (g_vnni == Vnni::Avx)
         i8q8_tile_avxvnni<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw,
-                                 m.Kp / kQB, a, res);
+                                 m.Kp / kQB, a, res, c.pfo);
       else
         i8q8_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp / kQB, a,
-                         res);
+                         res, c.pfo);
       break;
     case Kind::I8F32:
-      i8f32_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res);
+      i8f32_tile<R, TT>(static_cast<const int8_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res,
+                        c.pfo);
       break;
     case Kind::BF16:
-      bf16_tile<R, TT>(static_cast<const uint16_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res);
+      bf16_tile<R, TT>(static_cast<const uint16_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res,
+                       c.pfo);
       break;
-    case Kind::I4: {
-      static thread_local std::vector<float> sd;  // per-thread scratch of the int4 prologue
-      if (sd.size() < static_cast<size_t>(TT * R * m.ng)) sd.resize(TT * R * m.ng);
+    case Kind::I4:
       i4_tile<R, TT>(static_cast<const uint8_t*>(m.w) + n * m.ldw, m.ldw, m.sm + n * m.ng * 2,
-                     m.ng, m.G, a, res, sd.data());
+                     m.ng, m.G, a, res, c.sd, c.pfo);
       break;
-    }
   }
 }
 
@@ -153,28 +161,38 @@ inline void store(const Mat& m, int64_t n, const float* res, float* const* out) 
 
 template <int TT, int RB>
 void rows_rb(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
-             float* const* out) {
+             float* const* out, const TileCtx& c) {
   float res[TT * RB];
   int64_t n = n0;
   for (; n + RB <= n1; n += RB) {
-    tile<RB, TT>(m, n, a, xf, res);
+    tile<RB, TT>(m, n, a, xf, res, c);
     store<RB, TT>(m, n, res, out);
   }
   for (; n < n1; ++n) {
-    tile<1, TT>(m, n, a, xf, res);
+    tile<1, TT>(m, n, a, xf, res, c);
     store<1, TT>(m, n, res, out);
   }
 }
 
-// Rows per tile: the tuned row block of the weight form, capped so 2 * RB * TT accumulators <= 8 (16 ymm).
+// Rows per tile: the tuned row block of the weight form, capped so that 2 * RB * TT
+// accumulators <= 8 (16 ymm registers).
 template <int TT>
 void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
              float* const* out) {
-  g_pf_rows = g_pf_rows_by_kind[static_cast<int>(m.kind)];
-  const int rb = std::min(g_row_block_by_kind[static_cast<int>(m.kind)], 4 / TT);
-  if (rb >= 4) rows_rb<TT, TT == 1 ? 4 : 1>(m, n0, n1, a, xf, out);
-  else if (rb >= 2) rows_rb<TT, TT <= 2 ? 2 : 1>(m, n0, n1, a, xf, out);
-  else rows_rb<TT, 1>(m, n0, n1, a, xf, out);
+  const int kind = static_cast<int>(m.kind);
+  const int rb = std::min(g_row_block_by_kind[kind], 4 / TT);
+  constexpr int64_t kStack = 2048;  // int4 prologue floats on the stack (ng <= 128 at 4x4)
+  float sd_stack[kStack];
+  std::vector<float> sd_heap;
+  float* sd = sd_stack;
+  if (m.kind == Kind::I4 && 16 * m.ng > kStack) {
+    sd_heap.resize(16 * m.ng);
+    sd = sd_heap.data();
+  }
+  const TileCtx c{g_pf_rows_by_kind[kind] * m.ldw, sd};
+  if (rb >= 4) rows_rb<TT, TT == 1 ? 4 : 1>(m, n0, n1, a, xf, out, c);
+  else if (rb >= 2) rows_rb<TT, TT <= 2 ? 2 : 1>(m, n0, n1, a, xf, out, c);
+  else rows_rb<TT, 1>(m, n0, n1, a, xf, out, c);
 }
 
 // Rows [n0, n1) for T activation rows; out[t] points at token t's output row (indexed by n).

@@ -7,26 +7,26 @@
 // Tuning knobs, set per machine (`set_tuning`, chosen by `python -m sparsa.kernels tune` and
 // cached per CPU; see sparsa/kernels/tuning.py):
 //
-// g_pf_rows: software prefetch this many rows ahead of the row being read (same column), 0 =
+// g_pf_rows_by_kind: software prefetch this many rows ahead of the row being read (same column), 0 =
 //   none. It mattered for tiles that read R rows side by side (too many short streams for the
 //   hardware prefetchers of an AVX2 Zen); a tile reading one row at a time is one sequential
 //   stream, which the hardware prefetchers follow by themselves on the machines measured.
-// g_row_block: weight rows per tile at one activation row (1, 2 or 4). More rows share each
+// g_row_block_by_kind: weight rows per tile at one activation row (1, 2 or 4). More rows share each
 //   activation load, but R rows side by side are R interleaved streams 1-3 KB apart, and on
 //   an AVX-512 Zen 5 a core then streams at ~70% of its plain-read rate (one row at a time:
 //   ~100%). Results are identical for every choice: each row sums in the same order.
-// Both are per weight form (indexed by `Kind`: int8 q8, int8 f32, int4, bf16) and read once
-// per tile call.
+// Both are per weight form (indexed by `Kind`: int8 q8, int8 f32, int4, bf16), read once per
+// row range (`rows_tt`); the tiles get the prefetch offset `pfo` (rows x row stride) as an
+// argument.
 enum class Kind { I8Q8 = 0, I8F32 = 1, I4 = 2, BF16 = 3 };
 int64_t g_pf_rows_by_kind[4] = {0, 0, 0, 0};
 int g_row_block_by_kind[4] = {1, 1, 1, 1};
-thread_local int64_t g_pf_rows = 0;  // the current tile's (set by `tile` from the table)
 
 // ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
 
 template <int R, int TT>
-inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
-  const int64_t pfo = g_pf_rows * ldw;
+inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res,
+                      int64_t pfo) {
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -70,8 +70,8 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
 #define SPARSA_I8Q8_VNNI_TILE(NAME, TARGET, DPBUSD)                                            \
   template <int R, int TT>                                                                     \
   __attribute__((target(TARGET), noinline)) void NAME(const int8_t* w, int64_t ldw,           \
-                                                      int64_t nb, const QAct* a, float* res) { \
-    const int64_t pfo = g_pf_rows * ldw;                                                       \
+                                                      int64_t nb, const QAct* a, float* res,   \
+                                                      int64_t pfo) {                          \
     __m256 acc[TT][R];                                                                         \
     for (int t = 0; t < TT; ++t)                                                               \
       for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();                             \
@@ -114,8 +114,8 @@ inline void i8q8_tile(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, f
 // The AVX-512 form: 64 weights per instruction, half the instructions of the 256-bit tile.
 template <int R, int TT>
 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni"), noinline)) void
-i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res) {
-  const int64_t pfo = g_pf_rows * ldw;
+i8q8_tile_avx512vnni(const int8_t* w, int64_t ldw, int64_t nb, const QAct* a, float* res,
+                     int64_t pfo) {
   __m512 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -175,8 +175,7 @@ inline __m256 bf16x8(const uint16_t* p) {
 // group add up before one madd/convert/FMA (<= 8 * 2*15*127 = 30480: no int16 overflow).
 template <int R, int TT, int CPG>
 inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, const float* sd,
-                    __m256 (&acc)[TT][R]) {
-  const int64_t pfo = g_pf_rows * ldw;
+                    __m256 (&acc)[TT][R], int64_t pfo) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   constexpr int64_t GPC = CPG == 0 ? 2 : 1;  // groups per step
@@ -231,8 +230,8 @@ inline void i4_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, co
   template <int R, int TT, int CPG>                                                            \
   __attribute__((target(TARGET), noinline)) void NAME(const uint8_t* w, int64_t ldw,          \
                                                       int64_t ng, const QAct* a,              \
-                                                      const float* sd, __m256 (&acc)[TT][R]) { \
-    const int64_t pfo = g_pf_rows * ldw;                                                       \
+                                                      const float* sd, __m256 (&acc)[TT][R],  \
+                                                      int64_t pfo) {                          \
     const __m256i m4 = _mm256_set1_epi8(0x0F);                                                 \
     const __m256i zero = _mm256_setzero_si256();                                               \
     constexpr int64_t GPC = CPG == 0 ? 2 : 1;                                                  \
@@ -288,7 +287,7 @@ SPARSA_I4_VNNI_BODY(i4_body_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32
 // the whole `min * sum(x)` term, so the inner loop has no scalar work.
 template <int R, int TT>
 inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t ng, int64_t G,
-                    const QAct* a, float* res, float* sd) {
+                    const QAct* a, float* res, float* sd, int64_t pfo) {
   __m256 acc[TT][R];
   float bias[TT][R];
   for (int r = 0; r < R; ++r) {
@@ -313,10 +312,10 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
   }
 #define SPARSA_I4_GROUPS(BODY)                               \
   switch (G) {                                               \
-    case 32: BODY<R, TT, 0>(w, ldw, ng, a, sd, acc); break;  \
-    case 64: BODY<R, TT, 1>(w, ldw, ng, a, sd, acc); break;  \
-    case 128: BODY<R, TT, 2>(w, ldw, ng, a, sd, acc); break; \
-    default: BODY<R, TT, 4>(w, ldw, ng, a, sd, acc); break;  \
+    case 32: BODY<R, TT, 0>(w, ldw, ng, a, sd, acc, pfo); break;  \
+    case 64: BODY<R, TT, 1>(w, ldw, ng, a, sd, acc, pfo); break;  \
+    case 128: BODY<R, TT, 2>(w, ldw, ng, a, sd, acc, pfo); break; \
+    default: BODY<R, TT, 4>(w, ldw, ng, a, sd, acc, pfo); break;  \
   }
   // compile-time group shapes keep every accumulator in a register
   if (g_vnni == Vnni::Avx512) {
@@ -336,8 +335,7 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
 
 template <int R, int TT, typename Wt, typename Widen>
 inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const* x,
-                         float* res, Widen widen) {
-  const int64_t pfo = g_pf_rows * ldw;
+                         float* res, int64_t pfo, Widen widen) {
   __m256 acc[TT][R];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -359,8 +357,8 @@ inline void widened_tile(const Wt* w, int64_t ldw, int64_t K, const float* const
 
 template <int R, int TT>
 inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* const* x,
-                       float* res) {
-  widened_tile<R, TT>(w, ldw, K, x, res, [](const int8_t* p) {
+                       float* res, int64_t pfo) {
+  widened_tile<R, TT>(w, ldw, K, x, res, pfo, [](const int8_t* p) {
     return _mm256_cvtepi32_ps(
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   });
@@ -368,6 +366,6 @@ inline void i8f32_tile(const int8_t* w, int64_t ldw, int64_t K, const float* con
 
 template <int R, int TT>
 inline void bf16_tile(const uint16_t* w, int64_t ldw, int64_t K, const float* const* x,
-                      float* res) {
-  widened_tile<R, TT>(w, ldw, K, x, res, [](const uint16_t* p) { return bf16x8(p); });
+                      float* res, int64_t pfo) {
+  widened_tile<R, TT>(w, ldw, K, x, res, pfo, [](const uint16_t* p) { return bf16x8(p); });
 }
