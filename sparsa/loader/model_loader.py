@@ -273,12 +273,19 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
     end in the kernel's OOM killer (or a CUDA OOM) half-way. The weights are sized in the
     form they run in, which is the form they are loaded into (a quantized model streams
     into its quantized form, `quantized_load`): quantized layers at their quantized size,
-    the rest in the compute dtype, from the model built on the meta device (the shapes
-    the checkpoint's headers must match)."""
+    the rest in the compute dtype, from the model built with its parameters on the meta
+    device (the shapes the checkpoint's headers must match)."""
+    from sparsa.info import _cfg
     from sparsa.loader.quantized_load import final_form_bytes
 
     on_disk = resolved.model_dir is not None and mc.load_format != "dummy"
-    need, routed = final_form_bytes(resolved.hf_config, dtype, qc)
+    if on_disk and not qc.enabled:
+        # the headers alone: a meta model would first import torch's meta kernels (~80 MB)
+        need = SafetensorsCheckpoint(resolved.model_dir).bytes_as(dtype)
+        routed = bool(_cfg(resolved.hf_config, "num_local_experts", "num_experts",
+                           "n_routed_experts"))
+    else:
+        need, routed = final_form_bytes(resolved.hf_config, dtype, qc)
     avail = _available_bytes(device)
     if need <= avail:
         return mc

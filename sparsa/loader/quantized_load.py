@@ -206,11 +206,14 @@ def init_dummy_streamed(sm: StreamedModel, seed: int = 0, std: float = 0.02) -> 
 def final_form_bytes(hf_config, dtype: torch.dtype, config: QuantConfig) -> tuple[int, bool]:
     """(bytes of the parameters and buffers of the model as it will run: quantized modules
     at their quantized size, the rest in `dtype`; whether it has routed experts), from a
-    model built on the meta device (its shapes are those the checkpoint's headers hold,
-    or loading it fails)."""
-    from sparsa.info import _build_meta_model
+    model built with its parameters on the meta device (its shapes are those the
+    checkpoint's headers hold, or loading it fails)."""
+    from sparsa.loader.meta import parameters_on_meta
+    from sparsa.loader.model_loader import build_model
 
-    model = _build_meta_model(hf_config, dtype)
+    # only the parameters on meta: the meta device's buffers would fail YaRN's tables
+    with parameters_on_meta():
+        model = build_model(hf_config, dtype, torch.device("cpu"))
     routed = any(isinstance(m, FusedExperts) for m in model.modules())
     params = {id(p): p for p in model.parameters()}
     total = _param_bytes(model.buffers())

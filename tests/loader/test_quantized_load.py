@@ -97,7 +97,7 @@ def test_streamed_load_checks_the_checkpoint(checkpoints, tmp_path):
     name = next(n for n in tensors if "experts.1.w2" in n)
     del tensors[name]
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="missing tensors: .*experts.w2.down.1|down.1"):
+    with pytest.raises(CheckpointError, match=r"missing tensors: .*experts\.down\.1"):
         load_model(ModelConfig(str(bad), quantization="int8"), CPU)
     q = next(n for n in tensors if n.endswith("q_proj.weight"))
     tensors[q] = tensors[q][:, :-1].contiguous()

@@ -30,7 +30,7 @@ from sparsa.layers.quantization.schemes import (
 
 # Weights widened to the compute dtype and quantized at a time: bounds the working memory
 # of one tensor (an LM head is vocab x hidden) to ~16 MiB of fp32 plus its temporaries.
-_ROW_BLOCK_ELEMS = 1 << 22
+_ROW_BLOCK_ELEMS = 1 << 20
 _LINEAR_CLASSES = {"int8": Int8Linear, "int4": Int4Linear, "bf16": Bf16Linear}
 _SUFFIXES = {"int8": ("q", "s"), "int4": ("q", "sm"), "bf16": ("w",)}
 
