@@ -274,7 +274,8 @@ def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
     form they run in, which is the form they are loaded into (a quantized model streams
     into its quantized form, `quantized_load`): quantized layers at their quantized size,
     the rest in the compute dtype, from the model built with its parameters on the meta
-    device (the shapes the checkpoint's headers must match)."""
+    device (the shapes the checkpoint's headers must match); unquantized, from the
+    checkpoint's headers alone."""
     from sparsa.info import _cfg
     from sparsa.loader.quantized_load import final_form_bytes
 
