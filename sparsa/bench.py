@@ -72,26 +72,15 @@ def bytes_per_token(model) -> int:
     return total
 
 
-def ensure_checkpoint(name: str, cache: Path, seed: int = 0) -> Path:
-    """A dummy-weight HF checkpoint of a built-in config, written once with transformers so
-    both engines load exactly the same weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sparsa.models.builtin_configs import builtin_config
+def ensure_checkpoint(name: str, cache: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """A dummy-weight HF checkpoint of a built-in config, written once (streamed, tensor by
+    tensor: `write_dummy_checkpoint`) so both engines load exactly the same weights; fp32 by
+    default, the weights the bench compares (a bf16 one would give Sparsa its bf16 form)."""
+    from sparsa.loader.dummy_writer import write_dummy_checkpoint
 
     out = cache / f"{name}-seed{seed}"
-    if (out / "config.json").exists():
-        _add_tokenizer(out)
-        return out
-    d = builtin_config(name)
-    mt = d.pop("model_type")
-    config = AutoConfig.for_model(mt, **d)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = out.with_suffix(".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(out)
-    del model
+    if not (out / "config.json").exists():
+        write_dummy_checkpoint(name, out, dtype=dtype, seed=seed)
     _add_tokenizer(out)
     return out
 

@@ -1,20 +1,28 @@
-"""Write a dummy-weight checkpoint of any size to disk as real sharded safetensors.
+"""Write a dummy-weight checkpoint of any size to disk as real sharded safetensors, with
+little memory: no model is built, and each tensor goes to its shard file as it is drawn.
 
-For benchmarks of models larger than RAM (expert offloading): transformers cannot even
-build such a model in memory here, so the tensor names and shapes come from a template
-that transformers saves itself: the same config cut to the first MoE layer (plus the dense
-layers before it), written with `save_pretrained` so the names are exactly the hub's. The
-full checkpoint repeats the template's last layer for every later layer. Values are drawn
-once into a pool of random numbers and tensors take windows of it at random offsets:
+Tensor names and shapes are the hub's: transformers saves a template itself, the same
+config cut to the first MoE layer (plus the dense layers before it), with the vocabulary
+and the expert count shrunk to stand-in values so the template stays small; two templates
+with different stand-ins tell which dimensions are the vocabulary's and the experts'. The
+full checkpoint repeats the template's last layer for every later layer and expert 0 for
+every expert. Values are windows of a pool of random numbers drawn once from the seed, at
+offsets drawn from (seed, tensor name): deterministic per tensor whatever the shard layout,
 random enough for routing to spread over experts, and written at disk speed instead of
-random-number-generator speed.
+random-number-generator speed. Norm weights are ones.
+
+Each shard is a safetensors file written by hand (8-byte header length, JSON header,
+data): safetensors' own writers take every tensor of a file in memory at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -23,10 +31,17 @@ import torch
 from sparsa.config import parse_dtype, parse_size
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..*)$")
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk")
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_POOL = 1 << 24  # random values drawn once per checkpoint (32 MiB in bf16)
 
 
-def _template(hf_dict: dict) -> tuple[dict[str, tuple[list[int], str]], int]:
-    """(name -> (shape, dtype name)) of a cut-down save, and how many layers it has."""
+def _save_template(hf_dict: dict, vocab: int, experts: int
+                   ) -> tuple[dict[str, tuple[int, ...]], int]:
+    """(name -> shape) of a cut-down save with `vocab` tokens and `experts` experts, and how
+    many layers it has."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -38,31 +53,130 @@ def _template(hf_dict: dict) -> tuple[dict[str, tuple[list[int], str]], int]:
     d["num_hidden_layers"] = n_layers
     if "mlp_only_layers" in d:
         d["mlp_only_layers"] = [i for i in d["mlp_only_layers"] if i < n_layers]
+    d["vocab_size"] = vocab
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids past the stand-in
+        d[k] = None
+    for k in _EXPERT_KEYS:
+        if d.get(k):
+            d[k] = experts
     config = AutoConfig.for_model(mt, **d)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         del model
-        out: dict[str, tuple[list[int], str]] = {}
+        out: dict[str, tuple[int, ...]] = {}
         for f in sorted(Path(tmp).glob("*.safetensors")):
             with safe_open(str(f), "pt") as sf:
                 for name in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    sl = sf.get_slice(name)
-                    out[name] = (list(sl.get_shape()), sl.get_dtype())
+                    out[name] = tuple(sf.get_slice(name).get_shape())
     return out, n_layers
+
+
+def tensor_shapes(hf: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor of a checkpoint of config `hf`, as the hub names them."""
+    hf = dict(hf)
+    vocab = int(hf["vocab_size"])
+    n_exp = next((int(hf[k]) for k in _EXPERT_KEYS if hf.get(k)), 0)
+    top_k = max([int(hf[k]) for k in _TOPK_KEYS if hf.get(k)] or [1])
+    # stand-ins no real dimension is likely to equal; the two templates must agree on
+    # every other dimension, and where one does collide the comparison still tells
+    stand_in = [(509, top_k + 3), (521, top_k + 5)]
+    (t1, layers), (t2, _) = (_save_template(hf, v, e) for v, e in stand_in)
+    if t1.keys() != t2.keys() and n_exp:  # per-expert names: compare expert 0's
+        t1 = {n: s for n, s in t1.items() if not _is_extra_expert(n)}
+        t2 = {n: s for n, s in t2.items() if not _is_extra_expert(n)}
+    if t1.keys() != t2.keys():
+        raise RuntimeError("templates of the same config disagree on tensor names")
+    names: list[tuple[str, tuple[int, ...]]] = []
+    L = int(hf["num_hidden_layers"])
+    for name, s1 in t1.items():
+        shape = []
+        for a, b in zip(s1, t2[name]):
+            if a == b:
+                shape.append(a)
+            elif (a, b) == (stand_in[0][0], stand_in[1][0]):
+                shape.append(vocab)
+            elif (a, b) == (stand_in[0][1], stand_in[1][1]):
+                shape.append(n_exp)
+            else:
+                raise RuntimeError(f"cannot tell the dimensions of {name}: {s1} vs {t2[name]}")
+        m = _LAYER.match(name)
+        layers_of = [None] if m is None else \
+            [int(m.group(2))] if int(m.group(2)) < layers - 1 else range(layers - 1, L)
+        for j in layers_of:
+            full = name if j is None else f"{m.group(1)}{j}{m.group(3)}"
+            e = _EXPERT.match(full)
+            if e is None:
+                names.append((full, tuple(shape)))
+            else:  # expert 0 stands for every expert
+                names.extend((f"{e.group(1)}{k}{e.group(3)}", tuple(shape))
+                             for k in range(n_exp))
+    return names
+
+
+def _is_extra_expert(name: str) -> bool:
+    e = _EXPERT.match(name)
+    return e is not None and int(e.group(2)) != 0
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _write_tensor(f, name: str, numel: int, pool: torch.Tensor, seed: int) -> None:
+    """The tensor's bytes, window by window (never the whole tensor in memory)."""
+    if name.endswith("norm.weight") or "layernorm" in name:
+        ones = torch.ones(min(numel, pool.numel() // 2), dtype=pool.dtype)
+        for pos in range(0, numel, ones.numel()):
+            f.write(ones[: min(ones.numel(), numel - pos)].view(torch.uint8).numpy())
+        return
+    g = torch.Generator().manual_seed(_name_seed(seed, name))
+    pos = 0
+    while pos < numel:
+        n = min(numel - pos, pool.numel() // 2)
+        off = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=g))
+        f.write(pool[off : off + n].view(torch.uint8).numpy())
+        pos += n
+
+
+def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 pool: torch.Tensor, seed: int) -> int:
+    """One safetensors file of `tensors` in file order; returns its data bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in tensors:
+            _write_tensor(f, name, math.prod(shape), pool, seed)
+    return offset
 
 
 def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
                            dtype: str = "bfloat16", shard_size: str | int = "4GB",
                            seed: int = 0, std: float = 0.02) -> Path:
-    """Write `out_dir` with config.json, sharded *.safetensors and the index; returns it."""
-    from safetensors.torch import save_file
-
+    """Write `out_dir` with config.json, sharded *.safetensors (each at most `shard_size`
+    unless one tensor is larger) and the index; returns it. An existing complete
+    checkpoint there is kept. Memory: the templates and the pool, whatever the size."""
     from sparsa.models.builtin_configs import builtin_config
 
     hf = builtin_config(name_or_config) if isinstance(name_or_config, str) \
         else dict(name_or_config)
     torch_dtype = parse_dtype(dtype)
+    if torch_dtype not in _ST_DTYPES:
+        raise ValueError(f"dummy checkpoints are written in bfloat16, float16 or float32; "
+                         f"got dtype {dtype!r}")
+    limit = parse_size(shard_size)
+    if limit <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size!r}")
     out = Path(out_dir)
     if (out / "model.safetensors.index.json").exists():
         add_tokenizer(out, int(hf["vocab_size"]))
@@ -70,67 +184,25 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    template, t_layers = _template(hf)
-    L = int(hf["num_hidden_layers"])
-    names: list[tuple[str, list[int]]] = []
-    for name, (shape, _) in template.items():
-        m = _LAYER.match(name)
-        if m is None:
-            names.append((name, shape))
-            continue
-        i = int(m.group(2))
-        # template layers below t_layers-1 are the dense prefix; the last one repeats
-        targets = [i] if i < t_layers - 1 else range(t_layers - 1, L)
-        names.extend((f"{m.group(1)}{j}{m.group(3)}", shape) for j in targets)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensor_shapes(hf):
+        nbytes = math.prod(shape) * torch_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
     g = torch.Generator().manual_seed(seed)
-    pool = (torch.randn(1 << 24, generator=g) * std).to(torch_dtype)
-    limit = parse_size(shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-
-    def flush() -> None:
-        idx = len(shards)
-        save_file(shards[-1], str(tmp / f"part-{idx:05d}.safetensors"),
-                  metadata={"format": "pt"})
-        shards[-1] = {}
-
+    pool = (torch.randn(_POOL, generator=g) * std).to(torch_dtype)
     weight_map: dict[str, str] = {}
-    for name, shape in names:
-        numel = 1
-        for s in shape:
-            numel *= s
-        if name.endswith("norm.weight") or "layernorm" in name:
-            t = torch.ones(shape, dtype=torch_dtype)
-        else:
-            t = torch.empty(numel, dtype=torch_dtype)
-            pos = 0
-            while pos < numel:
-                n = min(numel - pos, pool.numel() // 2)
-                off = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=g))
-                t[pos : pos + n] = pool[off : off + n]
-                pos += n
-            t = t.view(shape)
-        nbytes = t.numel() * t.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > limit:
-            flush()
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = t
-        sizes[-1] += nbytes
-        weight_map[name] = f"part-{len(shards):05d}.safetensors"
-    flush()
-    n_shards = len(shards)
-    final_map = {}
-    for name, fname in weight_map.items():
-        idx = int(fname[5:10])
-        new = f"model-{idx:05d}-of-{n_shards:05d}.safetensors"
-        final_map[name] = new
-    for idx in range(1, n_shards + 1):
-        (tmp / f"part-{idx:05d}.safetensors").rename(
-            tmp / f"model-{idx:05d}-of-{n_shards:05d}.safetensors")
-    total = sum(sizes)
+    total = 0
+    for i, tensors in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += _write_shard(tmp / fname, tensors, torch_dtype, pool, seed)
+        weight_map.update(dict.fromkeys((n for n, _ in tensors), fname))
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": final_map}, indent=1))
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     cfg = dict(hf)
     cfg["torch_dtype"] = str(torch_dtype).replace("torch.", "")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsa.config import ModelConfig, parse_dtype
+from sparsa.layers.quantization.schemes import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
 from sparsa.models.builtin_configs import BUILTIN_CONFIGS, builtin_config
 from sparsa.models.registry import resolve_architecture
@@ -146,8 +147,10 @@ def _apply_rule(name: str, rules) -> tuple[str, int | str | None, int | None]:
 
 
 def load_weights(model: nn.Module, weights, extra_rules=None,
-                 expert_sink: dict | None = None) -> None:
-    """Copy checkpoint tensors into the model; every parameter must be covered.
+                 expert_sink: dict | None = None, expected: set[str] | None = None) -> None:
+    """Copy checkpoint tensors into the model; every parameter must be covered (`expected`:
+    the entries to cover, when the model's modules no longer say it: `_expected_entries`
+    of the model before its layers were swapped for quantized ones).
 
     With `expert_sink` (a dict; `weights` must then be a SafetensorsCheckpoint) routed-expert
     tensors are not read: their names go to expert_sink[(module name, expert, which)] for
@@ -206,7 +209,7 @@ def load_weights(model: nn.Module, weights, extra_rules=None,
             )
         param.data.copy_(tensor)
         filled.add(target)
-    _check_complete(model, filled)
+    _check_complete(filled, _expected_entries(model) if expected is None else expected)
 
 
 def _expected_entries(model: nn.Module) -> set[str]:
@@ -233,8 +236,8 @@ def _expected_entries(model: nn.Module) -> set[str]:
     return expected
 
 
-def _check_complete(model: nn.Module, filled: set[str]) -> None:
-    missing = sorted(_expected_entries(model) - filled)
+def _check_complete(filled: set[str], expected: set[str]) -> None:
+    missing = sorted(expected - filled)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8
                                           else "")
@@ -264,51 +267,63 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def _check_fit(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
-               device: torch.device) -> ModelConfig:
+               device: torch.device, qc: QuantConfig) -> ModelConfig:
     """Refuse (or, for an MoE checkpoint on disk, offload the experts of) a model whose
-    weights in the compute dtype exceed the device's available memory, before allocating
-    them: loading it would end in the kernel's OOM killer (or a CUDA OOM) half-way. The
-    weights are materialized in the compute dtype first (quantized forms are made after),
-    so that is the peak the check counts: from the checkpoint's headers, or, with no
-    checkpoint (dummy weights), from the model built on the meta device."""
-    from sparsa.info import _build_meta_model, _cfg, count_parameters
+    weights exceed the device's available memory, before allocating them: loading it would
+    end in the kernel's OOM killer (or a CUDA OOM) half-way. The weights are sized in the
+    form they run in, which is the form they are loaded into (a quantized model streams
+    into its quantized form, `quantized_load`): quantized layers at their quantized size,
+    the rest in the compute dtype, from the model built with its parameters on the meta
+    device (the shapes the checkpoint's headers must match); unquantized, from the
+    checkpoint's headers alone."""
+    from sparsa.info import _cfg
+    from sparsa.loader.quantized_load import final_form_bytes
 
-    cfg = resolved.hf_config
     on_disk = resolved.model_dir is not None and mc.load_format != "dummy"
-    if on_disk:
+    if on_disk and not qc.enabled:
+        # the headers alone: a meta model would first import torch's meta kernels (~80 MB)
         need = SafetensorsCheckpoint(resolved.model_dir).bytes_as(dtype)
-        routed = bool(_cfg(cfg, "num_local_experts", "num_experts", "n_routed_experts"))
+        routed = bool(_cfg(resolved.hf_config, "num_local_experts", "num_experts",
+                           "n_routed_experts"))
     else:
-        counts = count_parameters(_build_meta_model(cfg, dtype))
-        need = counts["weight_bytes"] + counts["buffer_bytes"]
-        routed = counts["routed_expert_params"] > 0
+        need, routed = final_form_bytes(resolved.hf_config, dtype, qc)
     avail = _available_bytes(device)
     if need <= avail:
         return mc
     gib = 2 ** 30
-    what = (f"{resolved.name}: its weights take {need / gib:.2f} GiB in {dtype} and "
+    form = f"in {dtype}" if not qc.enabled else f"in {qc.method} form (the rest in {dtype})"
+    what = (f"{resolved.name}: its weights take {need / gib:.2f} GiB {form} and "
             f"{device} has {avail / gib:.2f} GiB available")
     can_offload = routed and on_disk
     if mc.when_too_large == "offload" and can_offload:
         # on a GPU the experts that do not fit its memory wait in host memory, not on disk
         host = mc.offload.host_memory or ("auto" if device.type == "cuda" else None)
-        log.warning("%s: keeping the routed experts on disk with expert_memory='auto'%s "
-                    "(pass expert_memory=... to choose the budget, or when_too_large='error')",
-                    what, " and a host tier (host_memory='auto')" if host == "auto" else "")
+        msg = (f"{what}: keeping the routed experts on disk with expert_memory='auto'"
+               + (" and a host tier (host_memory='auto')" if host == "auto" else "")
+               + " (pass expert_memory=... to choose the budget, or when_too_large='error')")
+        log.warning("%s", msg)
+        print(f"sparsa: OFFLOADING: {msg}", flush=True)  # a change of speed users must see
         return dataclasses.replace(mc, offload=dataclasses.replace(
             mc.offload, expert_memory="auto", host_memory=host))
     hint = ("pass expert_memory=... to keep the routed experts on disk" if can_offload
-            else "use a smaller model, a narrower dtype, or a device with more memory")
+            else "use a smaller model, a narrower dtype or weight form (quantization=...), "
+                 "or a device with more memory")
     raise MemoryError(f"{what}: {hint} (when_too_large='ignore' loads it anyway)")
 
 
 @torch.no_grad()
-def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, ResolvedModel,
-                                                                torch.dtype]:
+def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
+               ) -> tuple[nn.Module, ResolvedModel, torch.dtype]:
+    """Build the model `mc` names on `device` and fill its weights. A quantized weight form
+    (int8, int4, bf16) is loaded tensor by tensor straight into that form (`quantized_load`);
+    `streamed=False` builds the full-precision model and quantizes it after instead (the
+    reference the streamed load is tested bit-identical against; it needs the memory of
+    the full-precision model)."""
     resolved = resolve_model(mc)
     dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
     if not mc.offload.enabled and mc.when_too_large != "ignore":
-        mc = _check_fit(mc, resolved, dtype, device)
+        mc = _check_fit(mc, resolved, dtype, device,
+                        mc.quant_config(checkpoint_dtype(resolved.hf_config), device))
     if mc.offload.enabled:
         if resolved.model_dir is None or mc.load_format == "dummy":
             raise ValueError("expert offloading reads experts from a safetensors checkpoint; "
@@ -335,12 +350,24 @@ def load_model(mc: ModelConfig, device: torch.device) -> tuple[nn.Module, Resolv
             model.quant_stats = quantize_model(model, qc)
         model.offload.reserve_buffers()
         return model, resolved, dtype
+    dummy = mc.load_format == "dummy" or resolved.model_dir is None
+    qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
+    if qc.enabled and streamed:
+        from sparsa.loader.quantized_load import build_streamed, finish, init_dummy_streamed
+
+        sm = build_streamed(resolved.hf_config, dtype, device, qc)
+        if dummy:
+            init_dummy_streamed(sm, mc.seed)
+        else:
+            load_weights(sm.model, SafetensorsCheckpoint(resolved.model_dir),
+                         expected=sm.expected)
+        sm.model.quant_stats = finish(sm)
+        return sm.model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
-    if mc.load_format == "dummy" or resolved.model_dir is None:
+    if dummy:
         init_dummy_weights(model, mc.seed)
     else:
         load_weights(model, SafetensorsCheckpoint(resolved.model_dir))
-    qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
     if qc.enabled:
         from sparsa.layers.quantization import quantize_model
 

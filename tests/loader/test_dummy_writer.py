@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sparsa import LLM, SamplingParams
 from sparsa.cli import main
@@ -86,3 +87,62 @@ def test_offloaded_bf16_checkpoint_keeps_resident_weights_bf16(tmp_path):
     assert cache.reader.pool.allocated == cache.capacity + off.engine.model.offload.io_threads
     assert full.generate([[1, 2, 3]], sp)[0].outputs[0].token_ids == \
         off.generate([[1, 2, 3]], sp)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("name,dtype", [("mixtral", "bfloat16"), ("llama", "float32"),
+                                        ("deepseek_v2", "bfloat16")])
+def test_streamed_dummy_matches_transformers(tmp_path, name, dtype):
+    """transformers loads a written dummy as its own checkpoint (every tensor, the right
+    shapes) and Sparsa's fp32 logits on it match transformers' within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.engine.llm_engine import prompt_logits
+
+    cfg = DEEPSEEK_V2 if name == "deepseek_v2" else dict(TINY_CONFIGS[name],
+                                                        num_hidden_layers=3)
+    # std 0.3: peaked logits, so the comparison is not of near-uniform noise
+    path = write_dummy_checkpoint(cfg, tmp_path / "m", dtype=dtype, shard_size="40KB",
+                                  std=0.3)
+    hf, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert not any(info.values()), info  # nothing missing, unexpected or mismatched
+    llm = LLM(str(path), dtype="float32", quantization="none")
+    ids = torch.randint(3, cfg["vocab_size"], (24,),
+                        generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    assert ref.std() > 0.1
+    assert (prompt_logits(llm.engine, ids) - ref).abs().max().item() <= 1e-4
+
+
+def test_values_depend_on_seed_and_name_only(tmp_path):
+    from safetensors import safe_open
+
+    cfg = dict(TINY_CONFIGS["mixtral"], num_hidden_layers=2)
+
+    def tensors(path):
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as sf:
+                out.update({n: sf.get_tensor(n) for n in sf.keys()})  # noqa: SIM118
+        return out
+
+    a = tensors(write_dummy_checkpoint(cfg, tmp_path / "a", shard_size="30KB"))
+    b = tensors(write_dummy_checkpoint(cfg, tmp_path / "b", shard_size="1GB"))
+    c = tensors(write_dummy_checkpoint(cfg, tmp_path / "c", shard_size="1GB", seed=1))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(a[n].dtype == torch.bfloat16 and a[n].equal(b[n]) for n in a)
+    experts = [n for n in a if ".experts.3." in n]
+    assert experts and not any(a[n].equal(c[n]) for n in experts)
+    norms = [n for n in a if n.endswith("norm.weight")]
+    assert norms and all((a[n] == 1).all() for n in norms)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        write_dummy_checkpoint("mixtral-mini", tmp_path / "x", dtype="auto")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        write_dummy_checkpoint("mixtral-mini", tmp_path / "x", dtype="int8")
+    with pytest.raises(ValueError, match="shard_size must be positive"):
+        write_dummy_checkpoint("mixtral-mini", tmp_path / "x", shard_size=0)
+    assert not (tmp_path / "x").exists()

@@ -65,3 +65,30 @@ def test_fitting_models_are_untouched(moe):
 def test_bad_value():
     with pytest.raises(ValueError, match="when_too_large must be one of"):
         ModelConfig("m", when_too_large="swap")
+
+
+def test_quantized_model_is_sized_in_its_quantized_form(moe, monkeypatch, capsys):
+    """The check counts the bytes the model runs in: with -q int8 the tiny MoE fits a
+    device that its fp32 weights do not (the load streams into int8, never holding the
+    fp32 model); when offloading is chosen, stdout says so, not only the log."""
+    import torch
+
+    from sparsa.loader.quantized_load import final_form_bytes
+
+    hf = model_loader.resolve_model(ModelConfig(str(moe))).hf_config
+    int8 = ModelConfig(str(moe), quantization="int8").quant_config()
+    fp32_bytes, routed = final_form_bytes(hf, torch.float32, ModelConfig(str(moe)).quant_config())
+    int8_bytes, _ = final_form_bytes(hf, torch.float32, int8)
+    assert routed and int8_bytes < 0.6 * fp32_bytes  # embedding and RoPE tables stay fp32
+    avail = (int8_bytes + fp32_bytes) // 2
+    monkeypatch.setattr(model_loader, "_available_bytes", lambda device: avail)
+    llm = LLM(str(moe), quantization="int8")
+    assert not hasattr(llm.engine.model, "offload")
+    from sparsa.layers.quantization import module_bytes
+
+    assert module_bytes(llm.engine.model) == int8_bytes  # the estimate is exact
+    assert "OFFLOADING" not in capsys.readouterr().out
+    off = LLM(str(moe), quantization="none")
+    assert hasattr(off.engine.model, "offload")
+    out = capsys.readouterr().out
+    assert "OFFLOADING" in out and "keeping the routed experts on disk" in out

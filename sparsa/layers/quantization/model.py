@@ -44,6 +44,26 @@ def is_router(name: str, parent: nn.Module | None) -> bool:
     return attr == "gate" and parent is not None and hasattr(parent, "experts")
 
 
+def quantization_targets(model: nn.Module, config: QuantConfig
+                         ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """(name, module) of every `Linear` and `FusedExperts` that `config` quantizes, in
+    module order, and the names of the Linears it skips (routers, LM head)."""
+    targets: list[tuple[str, nn.Module]] = []
+    skipped: list[str] = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (Linear, FusedExperts)):
+            continue
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        skip = (config.skip_router and is_router(name, parent)) or \
+            (config.skip_lm_head and name == "lm_head")
+        if isinstance(mod, Linear) and skip:
+            skipped.append(name)
+            continue
+        targets.append((name, mod))
+    return targets, skipped
+
+
 def quantize_linear(linear: Linear, config: QuantConfig) -> nn.Module:
     if config.method == "int8":
         return Int8Linear.from_linear(linear, config.int8_activations == "dynamic")
@@ -73,18 +93,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> dict:
     if not config.enabled:
         stats["model_bytes_after"] = stats["model_bytes_before"]
         return stats
-    targets: list[tuple[str, nn.Module]] = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (Linear, FusedExperts)):
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        skip = (config.skip_router and is_router(name, parent)) or \
-            (config.skip_lm_head and name == "lm_head")
-        if isinstance(mod, Linear) and skip:
-            stats["skipped"].append(name)
-            continue
-        targets.append((name, mod))
+    targets, stats["skipped"] = quantization_targets(model, config)
     targets.reverse()
     while targets:  # pop as we go, so each full-precision weight is freed once replaced
         name, mod = targets.pop()

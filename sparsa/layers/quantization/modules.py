@@ -77,6 +77,12 @@ class _QuantizedLinearBase(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, y.shape[-1])
 
+    def load_shard(self, name: str, loaded: torch.Tensor, shard: int | None) -> None:
+        """Quantize a checkpoint tensor into place (streamed loading: `streaming`)."""
+        from sparsa.layers.quantization.streaming import load_linear_shard
+
+        load_linear_shard(self, name, loaded, shard)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -258,6 +264,12 @@ class QuantizedExperts(GroupedExperts):
                 self.register_buffer(f"{name}_q", q)
                 self.register_buffer(f"{name}_sm", sm)
                 self.register_buffer(f"{name}_sm_f32", None)
+
+    def load_expert(self, expert: int, which: str, loaded: torch.Tensor) -> None:
+        """Quantize one expert's checkpoint projection into place (`streaming`)."""
+        from sparsa.layers.quantization.streaming import load_expert_rows
+
+        load_expert_rows(self, expert, which, loaded)
 
     def _init_fields(self, config: QuantConfig, num_experts: int, hidden_size: int,
                      intermediate_size: int) -> None:
