@@ -11,7 +11,8 @@ so tuning only changes speed.
 The cache is one JSON file (``~/.cache/sparsa/kernel_tuning.json`` or
 ``$SPARSA_KERNEL_TUNING_FILE``) keyed by CPU model, instruction-set flags, thread count and
 the kernels' source hash, so a new machine kind or a kernel change gets its own entry.
-``SPARSA_KERNEL_TUNING="int8=1:0,int4=4:16"`` overrides it (form=rows:prefetch_rows).
+``SPARSA_KERNEL_TUNING="int8=1:0,int4_short=4:16"`` overrides it (slot=rows:prefetch_rows,
+a slot being a weight form, with ``_short`` for rows of at most 512 bytes).
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# weight form -> index of the kernels' per-form tables (`Kind` in quant_tiles.h)
-KINDS = {"int8": 0, "int8_exact": 1, "int4": 2, "bf16": 3}
+# weight form -> `Kind` in quant_tiles.h; each form has two tuning slots, rows longer than
+# 512 bytes and short rows (`tuning_slot` there: 2 * kind + short). Fine-grained MoEs have
+# short expert rows (Qwen3-MoE's down projections: 768 int8 inputs, 384 bytes as int4),
+# where four rows side by side lie within 1-2 KB and stream like one.
+FORMS = {"int8": 0, "int8_exact": 1, "int4": 2, "bf16": 3}
+KINDS = {**{f: 2 * i for f, i in FORMS.items()},
+         **{f"{f}_short": 2 * i + 1 for f, i in FORMS.items()}}
+SHORT_ROW_BYTES = 512
 # (rows per tile, prefetch distance in rows); the first is the default where nothing is tuned
 CHOICES: tuple[tuple[int, int], ...] = ((1, 0), (1, 4), (4, 16), (4, 0), (2, 8))
 DEFAULT = CHOICES[0]
@@ -85,8 +92,8 @@ def parse_override(text: str) -> dict[str, tuple[int, int]]:
         kind, sep, val = part.partition("=")
         rows, sep2, pf = val.partition(":")
         if not sep or not sep2 or kind not in KINDS:
-            raise ValueError(f"SPARSA_KERNEL_TUNING entry {part!r}: want FORM=ROWS:PREFETCH with "
-                             f"FORM one of {list(KINDS)}")
+            raise ValueError(f"SPARSA_KERNEL_TUNING entry {part!r}: want SLOT=ROWS:PREFETCH with "
+                             f"SLOT one of {list(KINDS)}")
         try:
             choice = (int(rows), int(pf))
         except ValueError:
@@ -142,6 +149,7 @@ def apply(ext: ModuleType) -> dict[str, tuple[int, int]]:
 # ---- measuring ------------------------------------------------------------------------------
 
 def _operands(kind: str, nbytes: int, n: int, k: int, gen: torch.Generator) -> list:
+    kind = kind.removesuffix("_short")
     """Enough [n, k] weights of one form to hold `nbytes` (more than the last-level cache, so
     every pass streams from DRAM). Random bits: the speed does not depend on the values."""
     from sparsa.kernels.layout import int4_padded_k, pad_to
@@ -166,6 +174,7 @@ def _operands(kind: str, nbytes: int, n: int, k: int, gen: torch.Generator) -> l
 def _call(kind: str, x: torch.Tensor, op: tuple) -> None:
     from sparsa.kernels import ops
 
+    kind = kind.removesuffix("_short")
     if kind == "int8":
         ops.int8_gemm(x, *op)
     elif kind == "int8_exact":
@@ -176,18 +185,35 @@ def _call(kind: str, x: torch.Tensor, op: tuple) -> None:
         ops.bf16_gemm(x, op[0])
 
 
-def measure(ext: ModuleType, kinds: tuple[str, ...] = ("int8", "int4", "bf16"),
-            choices: tuple[tuple[int, int], ...] = CHOICES, shapes=((4096, 1024), (2048, 4096)),
+# GEMV shapes (rows, inputs) each slot is measured on: attention / dense-expert rows, and
+# fine-grained expert rows (384 inputs: 384 bytes in int8, 192 in int4, 768 in bf16 (a long row
+# there: bf16's short slot gets 192 inputs))
+SHAPES = {"long": ((4096, 1024), (2048, 4096)), "short": ((16384, 384),),
+          "bf16_short": ((16384, 192),)}
+
+
+def _shapes(slot: str, shapes) -> tuple:
+    if shapes is not None:
+        return shapes
+    if slot == "bf16_short":
+        return SHAPES["bf16_short"]
+    return SHAPES["short" if slot.endswith("_short") else "long"]
+
+
+def measure(ext: ModuleType,
+            kinds: tuple[str, ...] = ("int8", "int8_short", "int4", "int4_short", "bf16",
+                                      "bf16_short"),
+            choices: tuple[tuple[int, int], ...] = CHOICES, shapes=None,
             nbytes: int = 96 << 20, rounds: int = 5) -> dict[str, dict[tuple[int, int], float]]:
-    """Median GB/s of batch-1 GEMVs per form and choice, choices interleaved round by round
-    (so a slow phase of the machine hits them all)."""
+    """Median GB/s of batch-1 GEMVs per tuning slot and choice, choices interleaved round by
+    round (so a slow phase of the machine hits them all)."""
     gen = torch.Generator().manual_seed(0)
     rates: dict[str, dict[tuple[int, int], list[float]]] = {}
     before = current(ext)
     try:
         for kind in kinds:
             sets = [(_operands(kind, nbytes, n, k, gen), torch.randn(1, k, generator=gen))
-                    for n, k in shapes]
+                    for n, k in _shapes(kind, shapes)]
             total = sum(sum(t.numel() * t.element_size() for t in op) for ops_, _ in sets
                         for op in ops_)
             per = rates.setdefault(kind, {})

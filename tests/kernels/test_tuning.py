@@ -31,7 +31,14 @@ def _all_forms(T: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, E, (T, 2), generator=g)
     tw = torch.rand(T, 2, generator=g)
     xm = torch.randn(T, H, generator=g)
+    wl = torch.randn(40, 1100, generator=g)  # rows longer than 512 bytes: the other slots
+    q8l, s8l = quantize_int8_padded(wl)
+    q4l, sml = quantize_int4_packed(wl, 64)
+    xl = torch.randn(T, 1100, generator=g)
     return {
+        "int8_long": ops.int8_gemm(xl, q8l, s8l),
+        "int4_long": ops.int4_gemm(xl, q4l, sml, 64),
+        "bf16_long": ops.bf16_gemm(xl, torch.nn.functional.pad(wl, (0, 4)).to(torch.bfloat16)),
         "int8": ops.int8_gemm(x, q8, s8),
         "int8_exact": ops.int8_gemm(x, q8, s8, exact=True),
         "int4": ops.int4_gemm(x, q4, sm, 64),
@@ -67,12 +74,13 @@ def test_set_tuning_rejects_bad_values():
         ext.set_tuning(0, 3, 0)
     with pytest.raises(RuntimeError, match="pf_rows"):
         ext.set_tuning(0, 1, 1000)
-    with pytest.raises(RuntimeError, match="kind"):
-        ext.set_tuning(7, 1, 0)
+    with pytest.raises(RuntimeError, match="slot"):
+        ext.set_tuning(8, 1, 0)
 
 
 def test_parse_override():
-    assert tuning.parse_override("int8=1:0, int4=4:16") == {"int8": (1, 0), "int4": (4, 16)}
+    assert tuning.parse_override("int8=1:0, int4_short=4:16") == {"int8": (1, 0),
+                                                                  "int4_short": (4, 16)}
     assert tuning.parse_override("") == {}
     for bad in ("int9=1:0", "int8=1", "int8=3:0", "int8=1:x", "int8=1:99"):
         with pytest.raises(ValueError, match="SPARSA_KERNEL_TUNING"):

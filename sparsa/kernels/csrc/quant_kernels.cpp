@@ -179,8 +179,8 @@ void rows_rb(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* c
 template <int TT>
 void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* const* xf,
              float* const* out) {
-  const int kind = static_cast<int>(m.kind);
-  const int rb = std::min(g_row_block_by_kind[kind], 4 / TT);
+  const int slot = tuning_slot(m.kind, m.kind == Kind::BF16 ? 2 * m.ldw : m.ldw);
+  const int rb = std::min(g_row_block_by_kind[slot], 4 / TT);
   constexpr int64_t kStack = 2048;  // int4 prologue floats on the stack (ng <= 128 at 4x4)
   float sd_stack[kStack];
   std::vector<float> sd_heap;
@@ -189,7 +189,7 @@ void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* c
     sd_heap.resize(16 * m.ng);
     sd = sd_heap.data();
   }
-  const TileCtx c{g_pf_rows_by_kind[kind] * m.ldw, sd};
+  const TileCtx c{g_pf_rows_by_kind[slot] * m.ldw, sd};
   if (rb >= 4) rows_rb<TT, TT == 1 ? 4 : 1>(m, n0, n1, a, xf, out, c);
   else if (rb >= 2) rows_rb<TT, TT <= 2 ? 2 : 1>(m, n0, n1, a, xf, out, c);
   else rows_rb<TT, 1>(m, n0, n1, a, xf, out, c);
@@ -475,20 +475,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "VNNI mode ", mode, " is not available on this CPU");
           g_vnni = static_cast<Vnni>(mode);
         }, "0 AVX2, 1 AVX-512 VNNI, 2 AVX-VNNI (256-bit)");
-  m.def("set_tuning", [](int64_t kind, int64_t row_block, int64_t pf_rows) {
-          TORCH_CHECK(kind >= 0 && kind < 4, "kind must be 0 int8, 1 int8-exact, 2 int4, 3 bf16");
+  m.def("set_tuning", [](int64_t slot, int64_t row_block, int64_t pf_rows) {
+          TORCH_CHECK(slot >= 0 && slot < kTuningSlots,
+                      "tuning slot must be in [0, 8): 2 * kind + short rows");
           TORCH_CHECK(row_block == 1 || row_block == 2 || row_block == 4,
                       "row_block must be 1, 2 or 4, got ", row_block);
           TORCH_CHECK(pf_rows >= 0 && pf_rows <= 64, "pf_rows must be in [0, 64], got ", pf_rows);
-          g_row_block_by_kind[kind] = static_cast<int>(row_block);
-          g_pf_rows_by_kind[kind] = pf_rows;
+          g_row_block_by_kind[slot] = static_cast<int>(row_block);
+          g_pf_rows_by_kind[slot] = pf_rows;
         }, "weight rows per tile at one activation row and software prefetch distance (rows) "
-           "of one weight form: 0 int8, 1 int8 exact, 2 int4, 3 bf16");
-  m.def("tuning", [](int64_t kind) {
-          TORCH_CHECK(kind >= 0 && kind < 4, "kind must be 0..3");
-          return std::make_tuple(static_cast<int64_t>(g_row_block_by_kind[kind]),
-                                 g_pf_rows_by_kind[kind]);
-        }, "(row_block, pf_rows) of one weight form");
+           "of one tuning slot: 2 * kind (0 int8, 1 int8 exact, 2 int4, 3 bf16) + 1 for rows "
+           "of at most 512 bytes");
+  m.def("tuning", [](int64_t slot) {
+          TORCH_CHECK(slot >= 0 && slot < kTuningSlots, "tuning slot must be in [0, 8)");
+          return std::make_tuple(static_cast<int64_t>(g_row_block_by_kind[slot]),
+                                 g_pf_rows_by_kind[slot]);
+        }, "(row_block, pf_rows) of one tuning slot");
   m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
   m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
   m.def("bf16_gemm", &bf16_gemm, "x [T,K] f32 @ (w [N,Kp] bf16)^T, fp32 math");

@@ -15,12 +15,19 @@
 //   activation load, but R rows side by side are R interleaved streams 1-3 KB apart, and on
 //   an AVX-512 Zen 5 a core then streams at ~70% of its plain-read rate (one row at a time:
 //   ~100%). Results are identical for every choice: each row sums in the same order.
-// Both are per weight form (indexed by `Kind`: int8 q8, int8 f32, int4, bf16), read once per
-// row range (`rows_tt`); the tiles get the prefetch offset `pfo` (rows x row stride) as an
-// argument.
+// Both are per weight form (`Kind`: int8 q8, int8 f32, int4, bf16) and per row length (short
+// rows, <= kShortRowBytes, or longer: four short rows side by side lie in one or two KB and
+// stream like one), indexed by `tuning_slot`, read once per row range (`rows_tt`); the tiles
+// get the prefetch offset `pfo` (rows x row stride) as an argument.
 enum class Kind { I8Q8 = 0, I8F32 = 1, I4 = 2, BF16 = 3 };
-int64_t g_pf_rows_by_kind[4] = {0, 0, 0, 0};
-int g_row_block_by_kind[4] = {1, 1, 1, 1};
+constexpr int64_t kShortRowBytes = 512;
+constexpr int kTuningSlots = 8;
+int64_t g_pf_rows_by_kind[kTuningSlots] = {};
+int g_row_block_by_kind[kTuningSlots] = {1, 1, 1, 1, 1, 1, 1, 1};
+
+inline int tuning_slot(Kind kind, int64_t row_bytes) {
+  return 2 * static_cast<int>(kind) + (row_bytes <= kShortRowBytes ? 1 : 0);
+}
 
 // ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
 
