@@ -124,6 +124,60 @@ def bench_moe_dram(hidden: int, inter: int, experts: int, top_k: int, group: int
               f"of active expert bytes from DRAM ({layers} layers in turn)")
 
 
+def bench_roofline(threads: list[int], rounds: int = 5) -> None:
+    """Batch-1 GEMV weight bandwidth of each tile instruction set this CPU runs (AVX2,
+    AVX-VNNI, AVX-512 VNNI) as a share of the native read probe at the same thread count,
+    interleaved round by round (the box's bandwidth drifts); weights from DRAM."""
+    import statistics
+
+    from sparsa.kernels import load, tuning
+
+    ext = load()
+    start = ext.vnni()
+    isas = [(0, "AVX2")]
+    for mode, name in ((1, "AVX-512 VNNI"), (2, "AVX-VNNI")):
+        try:
+            ext.set_vnni_mode(mode)
+            isas.append((mode, name))
+        except RuntimeError:  # not on this CPU
+            pass
+    ext.set_vnni_mode(start)
+    gen = torch.Generator().manual_seed(0)
+    slots = ("int8", "int8_short", "int4", "int4_short")
+    sets = {s: [(tuning._operands(s, 96 << 20, n, k, gen), torch.randn(1, k, generator=gen))
+                for n, k in tuning._shapes(s, None)] for s in slots}
+    buf = torch.ones(1 << 30, dtype=torch.uint8)
+    print(f"GEMV weight GB/s (median of {rounds}) and share of the native read probe at the "
+          f"same threads; tuning {tuning.current(ext)}")
+    try:
+        for th in threads:
+            torch.set_num_threads(th)
+            read, rates = [], {}
+            ext.read_bandwidth(buf, th)
+            for _ in range(rounds):
+                read.append(buf.numel() / ext.read_bandwidth(buf, th) / 1e9)
+                for mode, name in isas:
+                    ext.set_vnni_mode(mode)
+                    for s in slots:
+                        total = sum(sum(t.numel() * t.element_size() for t in op)
+                                    for ops_, _ in sets[s] for op in ops_)
+                        t0 = time.perf_counter()
+                        for ops_, x in sets[s]:
+                            for op in ops_:
+                                tuning._call(s, x, op)
+                        rates.setdefault((name, s), []).append(
+                            total / (time.perf_counter() - t0) / 1e9)
+            rd = statistics.median(read)
+            print(f"threads {th}: read probe {rd:.1f} GB/s ({min(read):.1f}-{max(read):.1f})")
+            for _, name in isas:
+                cells = "  ".join(f"{s} {statistics.median(rates[(name, s)]):5.1f} "
+                                  f"({statistics.median(rates[(name, s)]) / rd:4.0%})"
+                                  for s in slots)
+                print(f"  {name:<13} {cells}")
+    finally:
+        ext.set_vnni_mode(start)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=8192)
@@ -135,11 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--moe-dram-layers", type=int, default=0,
                    help="also time batch-1 MoE over this many expert sets in turn (weights "
                         "from DRAM), on the mixtral-mini and Qwen3-MoE-mini shapes")
+    p.add_argument("--roofline", action="store_true",
+                   help="only this: batch-1 GEMV bandwidth of each tile instruction set as a "
+                        "share of the native read probe, at 1 and --threads threads")
     args = p.parse_args(argv)
     if not available():
         raise SystemExit("native kernels unavailable (see sparsa.kernels.unavailable_reason)")
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
+    if args.roofline:
+        bench_roofline(sorted({1, args.threads}))
+        return
     print(f"threads {args.threads}, torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     bench_gemv(args.n, args.k, rows, args.group)
