@@ -63,7 +63,10 @@ def bytes_per_token(model) -> int:
                     counted.add(id(t))
                     total += t.numel() * t.element_size() * top_k // n_exp
     embed = model.model.embed_tokens.weight
-    tied = getattr(model, "tie_word_embeddings", False)
+    # the table is read per token only when it is the output projection itself; a quantized
+    # head of a tied model is its own tensor (counted below), the fp32 table then a lookup
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    tied = head is embed
     for t in _tensors(model):
         if id(t) in counted or (t is embed and not tied):
             continue

@@ -258,3 +258,24 @@ def test_run_suite_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypat
 
     summary = json.loads((tmp_path / "out" / "suite.json").read_text())
     assert [r.get("skipped", "ran")[:5] for r in summary] == ["ran", "needs"]
+
+
+def test_bytes_per_token_tied_head(tmp_path):
+    """A tied model reads its embedding table as the output projection; once the head is
+    quantized, the step reads the quantized head and the table is only a lookup."""
+    from sparsa import LLM
+    from sparsa.bench import bytes_per_token
+    from tests.tiny_models import build_tiny_checkpoint
+
+    _, path = build_tiny_checkpoint("llama-tied-rope-llama3", tmp_path / "m")
+    full = LLM(str(path), kv_cache_memory="16MiB").engine.model
+    q8 = LLM(str(path), kv_cache_memory="16MiB", quantization="int8").engine.model
+    table = q8.model.embed_tokens.weight
+    assert full.lm_head.weight is full.model.embed_tokens.weight
+    everything = sum(t.numel() * t.element_size()
+                     for t in list(full.parameters()) + list(full.buffers()))
+    assert bytes_per_token(full) == everything  # the table counted once, as the head
+    assert type(q8.lm_head).__name__ == "Int8Linear"  # the tied head quantized on its own
+    q8_all = {id(t): t for t in list(q8.parameters()) + list(q8.buffers()) if t is not None}
+    q8_total = sum(t.numel() * t.element_size() for t in q8_all.values())
+    assert bytes_per_token(q8) == q8_total - table.numel() * table.element_size()
