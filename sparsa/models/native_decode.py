@@ -31,12 +31,12 @@ from sparsa.layers.attention import AttentionMetadata
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.norm import RMSNorm
+from sparsa.layers.quantization.experts import QuantizedExperts
 from sparsa.layers.quantization.matmul import native_max_rows
 from sparsa.layers.quantization.modules import (
     Bf16Linear,
     Int4Linear,
     Int8Linear,
-    QuantizedExperts,
 )
 
 # (ext, x [T, K]) -> y [T, N]

@@ -1,10 +1,12 @@
 """Weight-only quantization of Linear layers and MoE experts, applied after loading.
 
 Schemes and config in `schemes`, matmul dispatch (native kernel / dequantize + GEMM) in
-`matmul`, the drop-in modules in `modules`, whole-model conversion in `model`. Activations,
+`matmul`, the drop-in modules in `modules` (linears) and `experts`, whole-model conversion
+in `model`. Activations,
 norms, embeddings and the KV cache stay as they are.
 """
 
+from sparsa.layers.quantization.experts import QuantizedExperts
 from sparsa.layers.quantization.matmul import (
     bf16_matmul,
     int4_matmul,
@@ -18,7 +20,6 @@ from sparsa.layers.quantization.modules import (
     Bf16Linear,
     Int4Linear,
     Int8Linear,
-    QuantizedExperts,
 )
 from sparsa.layers.quantization.schemes import (
     INT4_GROUP_SIZES,

@@ -9,11 +9,11 @@ from torch import nn
 
 from sparsa.layers.linear import Linear
 from sparsa.layers.moe import FusedExperts
+from sparsa.layers.quantization.experts import QuantizedExperts
 from sparsa.layers.quantization.modules import (
     Bf16Linear,
     Int4Linear,
     Int8Linear,
-    QuantizedExperts,
 )
 from sparsa.layers.quantization.schemes import QuantConfig
 
