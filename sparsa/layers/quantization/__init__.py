@@ -2,8 +2,7 @@
 
 Schemes and config in `schemes`, matmul dispatch (native kernel / dequantize + GEMM) in
 `matmul`, the drop-in modules in `modules` (linears) and `experts`, whole-model conversion
-in `model`. Activations,
-norms, embeddings and the KV cache stay as they are.
+in `model`. Activations, norms, embeddings and the KV cache stay as they are.
 """
 
 from sparsa.layers.quantization.experts import QuantizedExperts
