@@ -357,6 +357,26 @@ def test_batched_int8_moe_with_few_rows_per_expert_uses_the_fused_kernel():
     assert torch.equal(qe(xl, wl, idl), w8a8)  # 40 rows per expert
 
 
+def test_batched_int4_moe_with_few_rows_per_expert_uses_the_fused_kernel():
+    """int4 past the decode threshold: few rows per expert run the fused kernel (batched
+    decode, batch invariant with batch 1); many rows per expert the grouped matmuls."""
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    from sparsa.kernels import ops
+
+    qe = QuantizedExperts(_experts(E=8, H=128, inter=96), QuantConfig("int4", group_size=32))
+    x = torch.randn(24, 128)
+    w = torch.rand(24, 2).softmax(-1)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(24)])
+    assert qe.moe_path(x, ids) == "fused"  # 48 rows over 8 experts: 6 per expert
+    fused = ops.moe_int4(x, qe.w13_q, qe.w13_sm, qe.w2_q, qe.w2_sm, 32, ids, w)
+    out = qe(x, w, ids)
+    assert torch.equal(out, fused)
+    assert torch.equal(out[3:4], qe(x[3:4], w[3:4], ids[3:4]))  # as at batch 1
+    idl = torch.stack([torch.randperm(8)[:2] for _ in range(160)])
+    assert qe.moe_path(torch.randn(160, 128), idl) == "grouped"  # 40 rows per expert
+
+
 def test_bf16_prefill_is_an_opt_in_bf16_gemm(monkeypatch):
     """bf16 weights keep fp32 math unless bf16_prefill asks for bf16 GEMMs on prefill-sized
     batches; decode-sized ones never change."""

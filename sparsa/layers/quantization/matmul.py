@@ -54,8 +54,10 @@ def kernel_policy() -> dict[str, int]:
         # GEMMs rather than the fused kernel (mixtral-mini shapes: equal at 16, the GEMMs
         # 1.35x faster at 32, the fused kernel 1.7x faster at 4)
         # bf16_gemm: rows above which bf16 weights with bf16_prefill run torch's bf16 GEMM
+        # moe_int4_fused_rows: mean rows per expert up to which a batch past `moe` still
+        # runs an int4 MoE as the fused kernel (batched decode), not per-expert matmuls
         policy = {"int8": 32, "int4": 32, "bf16": 32, "moe": 16, "w8a8": 8, "int4_bf16": 16,
-                  "moe_w8a8_rows": 16, "bf16_gemm": 16}
+                  "moe_w8a8_rows": 16, "bf16_gemm": 16, "moe_int4_fused_rows": 16}
         env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
         if env:
             policy = dict.fromkeys(policy, int(env))
