@@ -39,7 +39,11 @@ FORMS = {"int8": 0, "int8_exact": 1, "int4": 2, "bf16": 3}
 KINDS = {**{f: 2 * i for f, i in FORMS.items()},
          **{f"{f}_short": 2 * i + 1 for f, i in FORMS.items()}}
 SHORT_ROW_BYTES = 512
-# (rows per tile, prefetch distance in rows); the first is the default where nothing is tuned
+# Where nothing is tuned for this machine: what the AVX-512 Zen 5 development box measured at
+# 2 threads (BENCHMARKS.md, issue 15); `tune` keeps these unless another beats them by 3%.
+DEFAULTS = {k: (1, 0) for k in KINDS} | {"int8": (1, 4), "int4": (1, 4), "int4_short": (4, 16),
+                                         "bf16": (4, 16)}
+# (rows per tile, prefetch distance in rows)
 CHOICES: tuple[tuple[int, int], ...] = ((1, 0), (1, 4), (4, 16), (4, 0), (2, 8))
 DEFAULT = CHOICES[0]
 _FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
@@ -137,7 +141,7 @@ def current(ext: ModuleType) -> dict[str, tuple[int, int]]:
 def apply(ext: ModuleType) -> dict[str, tuple[int, int]]:
     """Set the kernels' tuning: the environment override, else this machine's cached
     choice, else the defaults. Returns what is in use."""
-    choices = {k: DEFAULT for k in KINDS}
+    choices = dict(DEFAULTS)
     choices.update(cached() or {})
     env = os.environ.get("SPARSA_KERNEL_TUNING", "").strip()
     if env:
@@ -231,13 +235,14 @@ def measure(ext: ModuleType,
 
 
 def tune(ext: ModuleType, save: bool = True, **kw) -> tuple[dict, dict]:
-    """Measure, keep the fastest choice per form (the default unless another beats it by
+    """Measure, keep the fastest choice per slot (the default unless another beats it by
     more than 3%, so noise does not flip it), cache it for this machine and apply it."""
     rates = measure(ext, **kw)
     choice = {}
     for kind, per in rates.items():
         best = max(per, key=per.get)
-        choice[kind] = best if per[best] > 1.03 * per.get(DEFAULT, 0.0) else DEFAULT
+        base = DEFAULTS[kind]
+        choice[kind] = best if per[best] > 1.03 * per.get(base, 0.0) else base
     if save:
         data = _read_cache()
         data[machine_key()] = {"choice": {k: list(v) for k, v in choice.items()},

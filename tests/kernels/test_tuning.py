@@ -117,7 +117,7 @@ def test_tune_caches_per_machine_and_apply_reads_it(tmp_path, monkeypatch):
         assert tuning.apply(ext)["int4"] == (2, 8)
         (tmp_path / "t.json").write_text("not json")
         monkeypatch.delenv("SPARSA_KERNEL_TUNING")
-        assert tuning.apply(ext)["int4"] == tuning.DEFAULT  # a broken cache is ignored
+        assert tuning.apply(ext)["int4"] == tuning.DEFAULTS["int4"]  # a broken cache is ignored
     finally:
         tuning.set_choices(ext, before)
 

@@ -65,7 +65,8 @@ void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t block, int8_t* 
     const int64_t b1 = std::max(b0, std::min(b0 + block, K));
     __m256 m = _mm256_setzero_ps();
     int64_t k = b0;
-    for (; k + 8 <= b1; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    for (; k + 8 <= b1; k += 8)
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
     float amax = sparsa_simd::hmax8(m);
     for (; k < b1; ++k) amax = std::max(amax, std::fabs(x[k]));
     const float dd = amax / 127.f;

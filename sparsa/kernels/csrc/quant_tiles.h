@@ -7,14 +7,14 @@
 // Tuning knobs, set per machine (`set_tuning`, chosen by `python -m sparsa.kernels tune` and
 // cached per CPU; see sparsa/kernels/tuning.py):
 //
-// g_pf_rows_by_kind: software prefetch this many rows ahead of the row being read (same column), 0 =
-//   none. It mattered for tiles that read R rows side by side (too many short streams for the
-//   hardware prefetchers of an AVX2 Zen); a tile reading one row at a time is one sequential
-//   stream, which the hardware prefetchers follow by themselves on the machines measured.
-// g_row_block_by_kind: weight rows per tile at one activation row (1, 2 or 4). More rows share each
-//   activation load, but R rows side by side are R interleaved streams 1-3 KB apart, and on
-//   an AVX-512 Zen 5 a core then streams at ~70% of its plain-read rate (one row at a time:
-//   ~100%). Results are identical for every choice: each row sums in the same order.
+// g_pf_rows_by_kind: software prefetch this many rows ahead of the row being read (same
+//   column), 0 = none. It mattered for tiles that read R rows side by side (too many short
+//   streams for the hardware prefetchers of an AVX2 Zen); one row at a time is a single
+//   sequential stream, which the hardware prefetchers mostly follow by themselves.
+// g_row_block_by_kind: weight rows per tile at one activation row (1, 2 or 4). More rows share
+//   each activation load, but R rows side by side are R interleaved streams 1-3 KB apart,
+//   and on an AVX-512 Zen 5 a core then streams at ~70% of its plain-read rate (one row at
+//   a time: ~100%). Results are identical for every choice: each row sums in the same order.
 // Both are per weight form (`Kind`: int8 q8, int8 f32, int4, bf16) and per row length (short
 // rows, <= kShortRowBytes, or longer: four short rows side by side lie in one or two KB and
 // stream like one), indexed by `tuning_slot`, read once per row range (`rows_tt`); the tiles
