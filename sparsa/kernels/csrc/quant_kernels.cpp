@@ -53,50 +53,7 @@ struct QAct {
   const int32_t* qs;  // [Kp/block] integer sums of q per block (the VNNI path's offset term)
 };
 
-// x [K] fp32 -> q [Kp] int8 (zero padded), d/s [Kp/block]. Symmetric, round to nearest even,
-// values in [-127, 127] (never -128: keeps maddubs pair sums inside int16). Vectorized (it runs
-// once per GEMV call, ~3 us per 1.5K floats as scalar code); the same arithmetic as the
-// scalar tail, so results do not depend on where a block ends.
-void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t block, int8_t* q, float* d,
-                  float* s, int32_t* qs) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-  for (int64_t b0 = 0, bi = 0; b0 < Kp; b0 += block, ++bi) {
-    const int64_t b1 = std::max(b0, std::min(b0 + block, K));
-    __m256 m = _mm256_setzero_ps();
-    int64_t k = b0;
-    for (; k + 8 <= b1; k += 8)
-      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
-    float amax = sparsa_simd::hmax8(m);
-    for (; k < b1; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float dd = amax / 127.f;
-    const float id = dd > 0.f ? 1.f / dd : 0.f;
-    const __m256 iv = _mm256_set1_ps(id);
-    __m256i acc = _mm256_setzero_si256();
-    k = b0;
-    for (; k + 8 <= b1; k += 8) {
-      __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), iv));  // nearest even
-      v = _mm256_max_epi32(_mm256_min_epi32(v, hi), lo);
-      acc = _mm256_add_epi32(acc, v);
-      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
-    }
-    alignas(32) int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
-    int32_t qsum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] +
-                   lanes[7];
-    for (; k < b1; ++k) {
-      q[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * id))));
-      qsum += q[k];
-    }
-    std::fill(q + b1, q + b0 + block, int8_t(0));
-    d[bi] = dd;
-    if (qs) qs[bi] = qsum;
-    // The sum of the *quantized* block: then `q * scale + min` sees one consistent x, and the
-    // activation error scales with w rather than with w - min (3x smaller for int4).
-    if (s) s[bi] = dd * static_cast<float>(qsum);
-  }
-}
+using sparsa_simd::quantize_blocks;
 
 #include "quant_tiles.h"
 
@@ -237,7 +194,7 @@ struct QActs {
   }
   void quantize(int64_t t, const float* x, int64_t K) {
     const int64_t nb = Kp / block;
-    quantize_row(x, K, Kp, block, q.data() + t * Kp, d.data() + t * nb, s.data() + t * nb,
+    quantize_blocks(x, K, Kp, block, q.data() + t * Kp, d.data() + t * nb, s.data() + t * nb,
                  qs.data() + t * nb);
   }
 };
