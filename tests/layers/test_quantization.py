@@ -311,7 +311,7 @@ def test_native_moe_w8a8_matches_grouped_w8a8(E, k, T, policy):
     w = torch.rand(T, k).softmax(-1)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     policy(0, w8a8=0)  # every batch: the native W8A8 call; every expert GEMM: W8A8
-    qz.matmul._policy["moe_w8a8_rows"] = 0
+    qz.matmul._policy["moe_fused_rows"] = 0
     native = qe(x, w, ids)
     grouped = super(QuantizedExperts, qe).forward(x, w, ids)  # per-expert int8_matmul (W8A8)
     assert _rel(native, grouped) < 1e-3

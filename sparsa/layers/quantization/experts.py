@@ -148,16 +148,14 @@ class QuantizedExperts(GroupedExperts):
             return "grouped"
         if use_native(x, x.shape[0], "moe"):
             return "fused"
+        # few rows per expert (batched decode): the fused kernel reads each expert's weights
+        # once for all of its rows, which neither int8 GEMMs this thin nor a loop of
+        # per-expert int4 matmuls beats
         E = num_experts or self.num_experts
+        few = topk_ids.numel() <= kernel_policy().get("moe_fused_rows", 0) * E
         if self.method == "int8" and self.w8a8 and use_w8a8(x) and kernels.available():
-            # few rows per expert (batched decode): the fused kernel reads each expert's
-            # weights once for all of its rows, which int8 GEMMs this thin do not beat
-            return "w8a8" if topk_ids.numel() > kernel_policy().get("moe_w8a8_rows", 16) * E \
-                else "fused"
-        if (self.method == "int4" and x.device.type == "cpu" and kernels.available()
-                and topk_ids.numel() <= kernel_policy().get("moe_int4_fused_rows", 0) * E):
-            # batched decode: a Python loop of per-expert int4 matmuls over a few rows each
-            # costs more than the fused kernel's integer dot products
+            return "fused" if few else "w8a8"
+        if self.method == "int4" and few and x.device.type == "cpu" and kernels.available():
             return "fused"
         return "grouped"
 

@@ -50,14 +50,14 @@ def kernel_policy() -> dict[str, int]:
         # int4_bf16: rows above which int4 runs a bf16 GEMM on CPUs with bf16 dot-product
         # instructions (4.4x the fp32 GEMM at 512 rows; Qwen3-MoE prefill gives each of its
         # 64 experts ~64 rows, and 16 rather than 64 took its pp512 from 797 to 1533 tok/s)
-        # moe_w8a8_rows: mean rows per expert above which a batched int8 MoE runs as W8A8
-        # GEMMs rather than the fused kernel (mixtral-mini shapes: equal at 16, the GEMMs
-        # 1.35x faster at 32, the fused kernel 1.7x faster at 4)
+        # moe_fused_rows: mean rows per expert up to which a batch past `moe` still runs
+        # the fused kernel (batched decode) rather than W8A8 GEMMs (int8; mixtral-mini
+        # shapes: equal at 16, the GEMMs 1.35x faster at 32, the fused kernel 1.7x faster
+        # at 4) or per-expert matmuls (int4; Qwen3-MoE-mini batch 32, ~4 rows per expert:
+        # 605-662 vs 427-433 tok/s)
         # bf16_gemm: rows above which bf16 weights with bf16_prefill run torch's bf16 GEMM
-        # moe_int4_fused_rows: mean rows per expert up to which a batch past `moe` still
-        # runs an int4 MoE as the fused kernel (batched decode), not per-expert matmuls
         policy = {"int8": 32, "int4": 32, "bf16": 32, "moe": 16, "w8a8": 8, "int4_bf16": 16,
-                  "moe_w8a8_rows": 16, "bf16_gemm": 16, "moe_int4_fused_rows": 16}
+                  "moe_fused_rows": 16, "bf16_gemm": 16}
         env = os.environ.get("SPARSA_QUANT_NATIVE_MAX_ROWS")
         if env:
             policy = dict.fromkeys(policy, int(env))
