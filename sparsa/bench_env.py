@@ -13,11 +13,12 @@ so the roofline it reports is the box's during the run, not a best case from bef
 from __future__ import annotations
 
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
 import torch
+
+from sparsa.kernels import cpu
 
 # The CPU flags (as lscpu / /proc/cpuinfo spell them) that select kernels here and in llama.cpp.
 KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx")
@@ -34,35 +35,12 @@ double read_bandwidth(torch::Tensor buf, int64_t threads)
 def parse_cpu(lscpu: str = "", cpuinfo: str = "") -> dict:
     """{"model": CPU model name, "flags": the KEY_FLAGS present} from `lscpu` output or, when
     that lacks them, /proc/cpuinfo text. "amx" stands for any amx_* flag."""
-    model = flags = None
-    for text, mkey, fkey in ((lscpu, "model name", "flags"), (cpuinfo, "model name", "flags")):
-        for line in text.splitlines():
-            k, sep, v = line.partition(":")
-            if not sep:
-                continue
-            k = k.strip().lower()
-            if model is None and k == mkey and v.strip():
-                model = v.strip()
-            elif flags is None and k == fkey:
-                flags = set(v.split())
-    flags = flags or set()
-    present = [f for f in KEY_FLAGS
-               if f in flags or (f == "amx" and any(x.startswith("amx") for x in flags))]
-    return {"model": model or "unknown", "flags": present}
+    return cpu.parse_cpu(lscpu, cpuinfo, KEY_FLAGS)
 
 
 def cpu_info() -> dict:
     """parse_cpu of this machine (lscpu, falling back to /proc/cpuinfo)."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        lscpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read(200_000)
-    except OSError:
-        cpuinfo = ""
-    return parse_cpu(lscpu, cpuinfo)
+    return cpu.cpu_info(KEY_FLAGS)
 
 
 def environment(threads: int, llamacpp: str | None = None) -> dict:

@@ -21,13 +21,14 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from sparsa.kernels import cpu
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ DEFAULTS = {k: (1, 0) for k in KINDS} | {"int8": (1, 4), "int4": (1, 4), "int4_s
 # (rows per tile, prefetch distance in rows)
 CHOICES: tuple[tuple[int, int], ...] = ((1, 0), (1, 4), (4, 16), (4, 0), (2, 8))
 DEFAULT = CHOICES[0]
-_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-          "amx_tile", "amx_int8")
+_FLAGS = cpu.KEY_FLAGS
 
 
 def cache_file() -> Path:
@@ -56,20 +56,9 @@ def cache_file() -> Path:
 
 
 def cpu_info() -> dict:
-    """CPU model and the instruction-set flags that matter to the kernels (Linux
-    /proc/cpuinfo; the platform's processor string elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = val.strip()
-            elif key == "flags" and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in _FLAGS if f in flags]}
+    """CPU model and the instruction-set flags that matter to the kernels (/proc/cpuinfo: no
+    subprocess at every kernel load)."""
+    return cpu.cpu_info(_FLAGS, lscpu=False)
 
 
 def _source_hash() -> str:
