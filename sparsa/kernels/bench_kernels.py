@@ -144,8 +144,7 @@ def bench_roofline(threads: list[int], rounds: int = 5) -> None:
     ext.set_vnni_mode(start)
     gen = torch.Generator().manual_seed(0)
     slots = ("int8", "int8_short", "int4", "int4_short")
-    sets = {s: [(tuning._operands(s, 96 << 20, n, k, gen), torch.randn(1, k, generator=gen))
-                for n, k in tuning._shapes(s, None)] for s in slots}
+    sets = {s: tuning.gemv_sets(s, gen) for s in slots}
     buf = torch.ones(1 << 30, dtype=torch.uint8)
     print(f"GEMV weight GB/s (median of {rounds}) and share of the native read probe at the "
           f"same threads; tuning {tuning.current(ext)}")
@@ -159,14 +158,7 @@ def bench_roofline(threads: list[int], rounds: int = 5) -> None:
                 for mode, name in isas:
                     ext.set_vnni_mode(mode)
                     for s in slots:
-                        total = sum(sum(t.numel() * t.element_size() for t in op)
-                                    for ops_, _ in sets[s] for op in ops_)
-                        t0 = time.perf_counter()
-                        for ops_, x in sets[s]:
-                            for op in ops_:
-                                tuning._call(s, x, op)
-                        rates.setdefault((name, s), []).append(
-                            total / (time.perf_counter() - t0) / 1e9)
+                        rates.setdefault((name, s), []).append(tuning.gemv_pass(s, sets[s]))
             rd = statistics.median(read)
             print(f"threads {th}: read probe {rd:.1f} GB/s ({min(read):.1f}-{max(read):.1f})")
             for _, name in isas:

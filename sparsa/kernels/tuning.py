@@ -193,6 +193,23 @@ def _shapes(slot: str, shapes) -> tuple:
     return SHAPES["short" if slot.endswith("_short") else "long"]
 
 
+def gemv_sets(kind: str, gen: torch.Generator, shapes=None, nbytes: int = 96 << 20) -> list:
+    """[(weights of one shape, x [1, K])] for a tuning slot: more bytes than the last-level
+    cache, so a pass streams from DRAM."""
+    return [(_operands(kind, nbytes, n, k, gen), torch.randn(1, k, generator=gen))
+            for n, k in _shapes(kind, shapes)]
+
+
+def gemv_pass(kind: str, sets: list) -> float:
+    """GB/s of weights of one batch-1 GEMV pass over `sets` (`gemv_sets`)."""
+    total = sum(t.numel() * t.element_size() for ops_, _ in sets for op in ops_ for t in op)
+    t0 = time.perf_counter()
+    for ops_, x in sets:
+        for op in ops_:
+            _call(kind, x, op)
+    return total / (time.perf_counter() - t0) / 1e9
+
+
 def measure(ext: ModuleType,
             kinds: tuple[str, ...] = ("int8", "int8_short", "int4", "int4_short", "bf16",
                                       "bf16_short"),
@@ -205,19 +222,12 @@ def measure(ext: ModuleType,
     before = current(ext)
     try:
         for kind in kinds:
-            sets = [(_operands(kind, nbytes, n, k, gen), torch.randn(1, k, generator=gen))
-                    for n, k in _shapes(kind, shapes)]
-            total = sum(sum(t.numel() * t.element_size() for t in op) for ops_, _ in sets
-                        for op in ops_)
+            sets = gemv_sets(kind, gen, shapes, nbytes)
             per = rates.setdefault(kind, {})
             for _ in range(rounds):
                 for choice in choices:
                     ext.set_tuning(KINDS[kind], *choice)
-                    t0 = time.perf_counter()
-                    for ops_, x in sets:
-                        for op in ops_:
-                            _call(kind, x, op)
-                    per.setdefault(choice, []).append(total / (time.perf_counter() - t0) / 1e9)
+                    per.setdefault(choice, []).append(gemv_pass(kind, sets))
     finally:
         set_choices(ext, before)
     return {k: {c: statistics.median(v) for c, v in per.items()} for k, per in rates.items()}
