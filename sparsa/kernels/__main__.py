@@ -13,7 +13,9 @@ from sparsa.kernels import _build_dir, load, unavailable_reason
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsa.kernels")
-    p.add_argument("command", choices=("build", "tune"))
+    p.add_argument("command", choices=("build", "tune"),
+                   help="build: compile the kernels now; tune: measure rows per tile and "
+                        "prefetch distance on this machine and cache the fastest")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="tune at this thread count "
                    "(default: torch's, i.e. the cores)")
