@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 import weakref
@@ -41,6 +42,22 @@ class _Request:
         self.generators: dict[int, torch.Generator | None] = {}
 
 
+_thread_modes = threading.local()
+
+
+def compute_thread_modes(device: torch.device) -> None:
+    """Numeric modes for the thread that computes, set once per thread and only there.
+
+    Denormal floats take a microcode slow path on x86: one checkpoint ran decode 2.5x
+    slower because of them; flushing them to zero changes results by < 1e-38. The flag is
+    per thread and also changes plain Python float compares on that thread (5e-324 > 0 is
+    False), so it must never be set on a thread that validates requests (the server's
+    event loop): hence here, on the first step, not where the engine is built."""
+    if device.type == "cpu" and not getattr(_thread_modes, "set", False):
+        torch.set_flush_denormal(True)
+        _thread_modes.set = True
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -48,12 +65,10 @@ class LLMEngine:
         self.device = dc.torch_device
         if self.device.type == "cpu":
             torch.set_num_threads(dc.num_threads or physical_cores())
-            # Denormal floats take a microcode slow path on x86: one checkpoint ran decode
-            # 2.5x slower because of them. Flushing them to zero changes results by < 1e-38.
-            torch.set_flush_denormal(True)
         t0 = time.perf_counter()
         self.model, self.resolved, self.dtype = load_model(config.model, self.device)
         self.load_seconds = time.perf_counter() - t0
+        self.num_preemptions = 0  # sequences preempted (blocks freed, recomputed later)
         decoder = getattr(self.model, "model", None)
         if hasattr(decoder, "native_decode"):
             decoder.native_decode = dc.native_decode
@@ -181,7 +196,9 @@ class LLMEngine:
 
     # ---- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        compute_thread_modes(self.device)
         sched = self.scheduler.schedule()
+        self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
         logits, sampled = self.runner.execute(sched)
@@ -305,6 +322,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.block_manager.prefix_hit_rate(),
             "prefix_cache_query_tokens": self.block_manager.prefix_query_tokens,
             "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
+            "num_preemptions": self.num_preemptions,
             **({"offload": offload.report()}
                if (offload := getattr(self.model, "offload", None)) is not None else {}),
         }
@@ -319,6 +337,7 @@ def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
         raise RuntimeError("prompt_logits needs an idle engine")
     if len(token_ids) > engine.max_model_len:
         raise ValueError(f"{len(token_ids)} tokens exceed the context of {engine.max_model_len}")
+    compute_thread_modes(engine.device)
     seq = Sequence("__score__", list(token_ids))
     engine.block_manager.allocate(seq, len(token_ids))
     try:

@@ -7,14 +7,14 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -22,11 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sparsa.engine.llm_engine import LLMEngine
-from sparsa.server.async_engine import AdmissionConfig, AsyncEngine, EngineFailed
+from sparsa.server.async_engine import AsyncEngine, EngineFailed
 from sparsa.server.errors import APIError
 from sparsa.server.metrics import ServerMetrics
 from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
 from sparsa.server.serving import ClientGone, OpenAIServing
+from sparsa.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -34,13 +35,7 @@ _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"
               "/"}
 
 
-@dataclass
-class ServerSettings:
-    model_name: str
-    api_key: str | None = None
-    max_body_bytes: int = 4 << 20
-    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
-    extra_model_names: list[str] = field(default_factory=list)
+_GENERATE = ("/v1/completions", "/v1/chat/completions")
 
 
 class ErrorDetail(BaseModel):
@@ -55,8 +50,27 @@ class ErrorResponse(BaseModel):
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503, 504)
 }
+
+
+# 200 is JSON, or with "stream": true server-sent events
+_GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, 200: {"description": "The completion (JSON), or its chunks as server-sent "
+                                    "events when stream is true",
+                     "content": {"application/json": {"schema": {"type": "object"}},
+                                 "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_part(part: Any) -> bool:
+    """Whether a part of a pydantic error location names a field or an index (and not
+    the union member tried, such as "list[str]" or "function-after[...]")."""
+    if isinstance(part, int):
+        return True
+    return (part != "body" and part.isidentifier() and part not in _TYPE_TAGS)
 
 
 def _error(status: int, message: str, **kw: Any) -> APIError:
@@ -73,13 +87,17 @@ async def _send_error(send: Send, err: APIError) -> None:
 
 
 class GuardMiddleware:
-    """Plain ASGI, outermost: counts requests by status, checks the API key, and reads the
-    body up to the size limit before anything parses it (413 beyond)."""
+    """Plain ASGI, outermost: counts requests by status, checks the Host header and the API
+    key, turns generation requests away at once when the server is overloaded (before
+    their body is read or parsed), and reads the body up to the size limit (413 beyond)
+    and the time limit (408 beyond) before anything parses it."""
 
-    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics):
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: ServerMetrics,
+                 overloaded: Callable[[], APIError | None]):
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.overloaded = overloaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,13 +111,27 @@ class GuardMiddleware:
                 status["code"] = msg["status"]
             await send(msg)
 
+        started = {"yes": False}
+
+        async def tracking_send(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                started["yes"] = True
+            await counting_send(msg)
+
         try:
             err, receive = await self._check(scope, receive, path)
             if err is not None:
                 status["code"] = err.status
                 await _send_error(send, err)
                 return
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            # Starlette re-raises after its 500 answer, and uvicorn then drops the
+            # keep-alive connection, failing the client's next request too: stop it here.
+            log.exception("unhandled error in %s", path)
+            if not started["yes"]:
+                status["code"] = 500
+                await _send_error(send, APIError(500, "internal error"))
         finally:
             endpoint = path if path in _ENDPOINTS else "other"
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
@@ -107,6 +139,9 @@ class GuardMiddleware:
     async def _check(self, scope: Scope, receive: Receive, path: str):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
+        if not self.settings.host_allowed(headers.get("host", "")):
+            return _error(400, "Host header not allowed (--allowed-hosts)",
+                          code="host_not_allowed"), receive
         key = self.settings.api_key
         if key and path.startswith("/v1"):
             auth = headers.get("authorization", "")
@@ -116,6 +151,10 @@ class GuardMiddleware:
                                    "Bearer <key>'", code="invalid_api_key"), receive
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return None, receive
+        if path in _GENERATE:
+            busy = self.overloaded()
+            if busy is not None:
+                return busy, receive
         limit = self.settings.max_body_bytes
         too_big = _error(413, f"request body larger than {limit} bytes",
                          code="request_too_large")
@@ -125,8 +164,16 @@ class GuardMiddleware:
         except ValueError:
             return _error(400, "bad Content-Length header"), receive
         chunks, size = [], 0
+        timeout = self.settings.body_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(
+                    receive(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                return _error(408, f"request body not received within {timeout:g} s "
+                                   "(--body-timeout)", code="body_timeout",
+                              headers={"Connection": "close"}), receive
             if msg["type"] == "http.disconnect":
                 return None, _replay([], msg, receive)
             body = msg.get("body", b"")
@@ -187,8 +234,10 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # a value that matches no member of a union gets one error per member; ours (a
+        # ValueError from a validator) says what is wrong, "should be a string" does not
+        first = min(errs, key=lambda x: x.get("type") != "value_error") if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if _field_part(x)]
         msg = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         if len(errs) > 1:
             msg += f" (and {len(errs) - 1} more errors)"
@@ -218,7 +267,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
             return APIError(503, "engine thread is not running").response()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+        "description": "Prometheus text exposition format"}})
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -230,11 +281,11 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
              "root": settings.model_name, "max_model_len": engine.max_model_len}
             for n in names]})
 
-    @app.post("/v1/completions", responses=_ERRORS)
+    @app.post("/v1/completions", responses=_GENERATE_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         return await serving.completions(body, request)
 
-    @app.post("/v1/chat/completions", responses=_ERRORS)
+    @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         return await serving.chat(body, request)
 
@@ -244,5 +295,6 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # middleware wraps the whole app, including its error handling, as the outermost layer
-    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics,
+                       overloaded=async_engine.overloaded)
     return app

@@ -17,8 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
-
 from sparsa.engine.llm_engine import LLMEngine
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
@@ -29,9 +27,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AdmissionConfig:
-    max_waiting: int = 256  # requests admitted but not yet running in the engine
+    """Every limit counts sequences (a request makes prompts x n of them), since each one
+    is queued, scheduled and holds KV blocks on its own."""
+
+    max_waiting: int = 256  # sequences admitted but not yet running in the engine
     max_tokens_in_flight: int | None = None  # sum of n*(prompt + max_tokens); None = auto
     request_timeout: float | None = 600.0  # seconds from arrival to the last token
+    max_seqs_per_request: int = 256  # prompts x n of one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_waiting", "max_seqs_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class EngineFailed(RuntimeError):
@@ -107,6 +114,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests: dict[str, RequestHandle] = {}
         self._tokens_in_flight = 0
+        self._queued_seqs = 0  # sequences in "add" commands the engine thread has not taken
         self._commands: list[tuple[str, str, object]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -143,22 +151,53 @@ class AsyncEngine:
         return self._tokens_in_flight
 
     def num_waiting(self) -> int:
-        with self._lock:
-            queued = sum(1 for c in self._commands if c[0] == "add")
-        return queued + len(self.engine.scheduler.waiting)
+        """Sequences queued for the engine or waiting in its scheduler."""
+        return self._queued_seqs + len(self.engine.scheduler.waiting)
 
-    def admit(self, cost: int) -> None:
-        """Raise OverloadedError when a request costing `cost` tokens must be refused."""
+    def check_size(self, num_seqs: int) -> None:
+        """Refuse a request that makes too many sequences, before any work on it (400: it
+        would never be admitted)."""
+        cfg = self.admission
+        limit = min(cfg.max_seqs_per_request, cfg.max_waiting)
+        if num_seqs > limit:
+            flag = ("--max-seqs-per-request" if limit == cfg.max_seqs_per_request
+                    else "--max-waiting")
+            raise APIError(400, f"this request makes {num_seqs} sequences (prompts x n); "
+                                f"the server takes at most {limit} per request ({flag})",
+                           code="too_many_sequences")
+
+    def overloaded(self, num_seqs: int = 1, cost: int = 1) -> APIError | None:
+        """Why a request of `num_seqs` sequences costing `cost` tokens must wait, or None.
+        Cheap, so it can also turn requests away before their body is read."""
         if not self.is_alive:
-            raise APIError(503, "the engine is not running", code="engine_dead")
-        if self.num_waiting() >= self.admission.max_waiting:
-            raise OverloadedError(503, f"server overloaded: {self.admission.max_waiting} "
-                                       "requests already waiting; retry later")
-        cap = self.admission.max_tokens_in_flight or 0
-        # An idle server takes any request, so no request is refused forever.
+            return APIError(503, "the engine is not running", code="engine_dead")
+        cfg = self.admission
+        waiting = self.num_waiting()
+        if waiting + num_seqs > cfg.max_waiting:
+            return OverloadedError(503, f"server overloaded: {waiting} sequences waiting, "
+                                        f"limit {cfg.max_waiting} (--max-waiting); retry later")
+        cap = cfg.max_tokens_in_flight or 0
+        # An idle server takes any request that fits the cap, so none is refused forever.
         if self._requests and self._tokens_in_flight + cost > cap:
-            raise OverloadedError(429, f"too many tokens in flight ({self._tokens_in_flight} "
-                                       f"+ {cost} > {cap}); retry later")
+            return OverloadedError(429, f"too many tokens in flight ({self._tokens_in_flight} "
+                                        f"+ {cost} > {cap}, --max-tokens-in-flight); "
+                                        "retry later")
+        return None
+
+    def admit(self, cost: int, num_seqs: int = 1) -> None:
+        """Raise an APIError when a request of `num_seqs` sequences that can hold `cost`
+        tokens must be refused: 400 when it could never fit, 503/429 when the server is
+        busy."""
+        self.check_size(num_seqs)
+        cap = self.admission.max_tokens_in_flight or 0
+        if cost > cap and num_seqs > 1:
+            raise APIError(400, f"this request's {num_seqs} sequences can hold {cost} tokens, "
+                                f"more than the server's {cap} (--max-tokens-in-flight); "
+                                "lower n, the number of prompts or max_tokens",
+                           code="request_too_large")
+        err = self.overloaded(num_seqs, cost)
+        if err is not None:
+            raise err
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                priority: int = 0, cost: int | None = None, check: bool = True
@@ -168,10 +207,12 @@ class AsyncEngine:
         if cost is None:
             cost = request_cost(len(prompt_ids), params)
         if check:
-            self.admit(cost)
+            self.admit(cost, params.n)
         handle = RequestHandle(self, request_id, cost)
         self._requests[request_id] = handle
         self._tokens_in_flight += cost
+        with self._lock:
+            self._queued_seqs += params.n
         self._send("add", request_id, (prompt_ids, params, priority))
         return handle
 
@@ -212,12 +253,12 @@ class AsyncEngine:
             except Exception as e:  # a bad request fails alone
                 self._post(rid, APIError(400, str(e)) if isinstance(e, (ValueError, TypeError))
                            else EngineFailed(f"{type(e).__name__}: {e}"))
+            finally:
+                with self._lock:  # now in the scheduler's queue (or failed)
+                    self._queued_seqs -= params.n
 
     def _run(self) -> None:
-        eng = self.engine
-        if eng.device.type == "cpu":
-            # per-thread CPU state: LLMEngine set it on the thread that built it, not here
-            torch.set_flush_denormal(True)
+        eng = self.engine  # its step() sets this thread's numeric modes (not the loop's)
         while not self._stop:
             try:
                 self._apply_commands()

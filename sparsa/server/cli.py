@@ -19,6 +19,7 @@ from sparsa.config import (
     SchedulerConfig,
 )
 from sparsa.server.async_engine import AdmissionConfig
+from sparsa.server.settings import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: "
                         "$SPARSA_API_KEY, else no auth)")
     p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: the MODEL argument)")
+                   help="model id clients send (default: MODEL's name: the directory or "
+                        "file name of a local path, else MODEL as given; MODEL itself is "
+                        "also accepted)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's)")
     p.add_argument("--chat-template", default=None,
                    help="Jinja chat template, or a file holding one, for models without one")
@@ -51,8 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="turn automatic prefix caching off")
     p.add_argument("--threads", type=_pos_int, default=None, help="CPU threads for the engine")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: arrival order (a request's `priority` is refused); priority: "
+                        "lower `priority` first, ties by arrival")
     p.add_argument("--max-waiting", type=_pos_int, default=256,
-                   help="requests allowed to wait for the engine; beyond: 503")
+                   help="sequences (prompts x n) allowed to wait for the engine; beyond: 503")
+    p.add_argument("--max-seqs-per-request", type=_pos_int, default=256,
+                   help="most sequences (prompts x n) one request may make; beyond: 400")
     p.add_argument("--max-tokens-in-flight", type=_pos_int, default=None,
                    help="cap on admitted n*(prompt+max_tokens); beyond: 429 "
                         "(default: 4x the KV cache capacity)")
@@ -60,6 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may take in all (0 = no limit)")
     p.add_argument("--max-body-bytes", type=_pos_int, default=4 << 20,
                    help="largest request body (413 beyond)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request body (408 beyond; "
+                        "0 = no limit)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection is held open")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values accepted ('*' any, '*.example.org' "
+                        "a domain; default: loopback names when bound to loopback, else any)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--trace-experts", default=None, metavar="PATH",
@@ -102,7 +118,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
-                                  enable_chunked_prefill=not args.no_chunked_prefill),
+                                  enable_chunked_prefill=not args.no_chunked_prefill,
+                                  policy=getattr(args, "scheduling_policy", "fcfs")),
         device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads,
                             native_decode=getattr(args, "native_decode", True)),
         trace_experts=getattr(args, "trace_experts", None),
@@ -112,7 +129,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def build_from_args(args: argparse.Namespace):
     """(FastAPI app, LLMEngine) for parsed `serve` arguments."""
     from sparsa.engine.llm_engine import LLMEngine
-    from sparsa.server.app import ServerSettings, build_app
+    from sparsa.server.app import build_app
+    from sparsa.server.settings import ServerSettings
 
     engine = LLMEngine(engine_config(args))
     if args.chat_template:
@@ -120,28 +138,52 @@ def build_from_args(args: argparse.Namespace):
             raise ValueError("--chat-template needs a model with a tokenizer")
         t = Path(args.chat_template)
         engine.tokenizer.chat_template = t.read_text() if t.is_file() else args.chat_template
-    name = args.served_model_name or args.model
+    name = args.served_model_name or default_model_name(args.model)
     settings = ServerSettings(
         model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
         admission=AdmissionConfig(max_waiting=args.max_waiting,
                                   max_tokens_in_flight=args.max_tokens_in_flight,
-                                  request_timeout=args.request_timeout or None),
+                                  request_timeout=args.request_timeout or None,
+                                  max_seqs_per_request=args.max_seqs_per_request),
         extra_model_names=[args.model] if name != args.model else [],
+        body_timeout=args.body_timeout or None,
+        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
     )
     return build_app(engine, settings), engine
+
+
+def default_model_name(model: str) -> str:
+    """vLLM's served name is the model id; for a local path that would be the absolute
+    path, so a local model is named by its directory (or file stem) instead."""
+    p = Path(model)
+    if p.exists():
+        p = p.resolve()
+        return p.stem if p.is_file() else p.name
+    return model
+
+
+def allowed_hosts(flag: str | None, bind: str) -> list[str]:
+    if flag:
+        hosts = [h.strip() for h in flag.split(",") if h.strip()]
+        if not hosts:
+            raise ValueError("--allowed-hosts names no host")
+        return hosts
+    if bind in LOOPBACK_HOSTS:
+        return list(LOOPBACK_HOSTS)
+    return ["*"]
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     app, engine = build_from_args(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK_HOSTS and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it",
                     args.host)
-    print(f"sparsa: serving {args.served_model_name or args.model} "
+    print(f"sparsa: serving {app.state.settings.model_name} "
           f"(context {engine.max_model_len}, {engine.block_manager.num_blocks} KV blocks, "
           f"prefix caching {'off' if args.no_prefix_caching else 'on'}) "
           f"on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=args.keep_alive_timeout)
     return 0

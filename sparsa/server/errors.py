@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 _TYPES = {
     400: "invalid_request_error",
@@ -38,8 +39,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        return Response(self.render(), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
+
+    def render(self) -> bytes:
+        # ASCII-escaped: a message that quotes client text can never fail to encode
+        return json.dumps(self.body()).encode()
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:

@@ -19,7 +19,7 @@ class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], dict]):
         self._stats = stats
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         s = self._stats()
         yield GaugeMetricFamily("sparsa_num_requests_running",
                                 "Sequences in the running batch", value=s["running"])
@@ -40,6 +40,9 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("sparsa_tokens_in_flight",
                                 "Admitted tokens (n * (prompt + max_tokens)) not yet finished",
                                 value=s.get("tokens_in_flight", 0))
+        yield CounterMetricFamily("sparsa_num_preemptions",
+                                  "Sequences preempted (KV blocks freed, recomputed later)",
+                                  value=s.get("num_preemptions", 0))
         if "offload" in s:
             yield from _offload_metrics(s["offload"])
 

@@ -1,11 +1,16 @@
 """Request bodies of the OpenAI API (plus vLLM's extra sampling fields), and their mapping
-to SamplingParams. Unknown fields are ignored, as OpenAI clients send some we don't use."""
+to SamplingParams. Unknown fields are ignored, as OpenAI clients send some we don't use.
+
+Types are strict, as OpenAI's are: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not
+coerced (an int is still a valid float). Text that cannot be UTF-8 encoded (a lone UTF-16
+surrogate such as "\\ud800", which JSON allows) is refused here, where it enters, so no later
+encoder meets it."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sparsa.sampling_params import SamplingParams
 from sparsa.server.errors import bad_request
@@ -13,43 +18,61 @@ from sparsa.server.errors import bad_request
 # Bounds that keep a request from asking for absurd work; the engine re-checks its own.
 MAX_N = 16
 MAX_STOP = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_K = 1 << 20  # above the vocabulary it is the same as off; the sampler clamps it
+INT32 = (-(2**31), 2**31 - 1)
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at character "
+                         f"{e.start}); send UTF-8 text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+_STRICT = ConfigDict(extra="ignore", strict=True)
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
 
-    model: str
+    model: Text
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM's extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Prob | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT32[1])]],
+                              Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
+    # lower runs first under --scheduling-policy priority; refused under fcfs
+    priority: Annotated[int, Field(ge=INT32[0], le=INT32[1])] = 0
 
     def params_stop(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -82,12 +105,12 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -109,16 +132,16 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:

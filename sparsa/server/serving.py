@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from jinja2 import TemplateError
 
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
@@ -63,6 +64,19 @@ class OpenAIServing:
         self.max_model_len = self.llm.max_model_len
         self.vocab_size = self.llm.hf_config.vocab_size
         self.token_text = TokenText(self.tokenizer)
+        self.fcfs = self.llm.config.scheduler.policy == "fcfs"
+        self._max_prompt_chars: int | None = None
+
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text prompt cannot fit the context whatever its
+        tokens: every token covers at most the longest token string's characters. Lets a
+        huge prompt be refused before it is tokenized (seconds for megabytes)."""
+        if self._max_prompt_chars is None:
+            tok = self._need_tokenizer()
+            pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+            longest = max((len(p) for p in pieces if isinstance(p, str)), default=1)
+            self._max_prompt_chars = self.max_model_len * max(longest, 1)
+        return self._max_prompt_chars
 
     # ---- validation ------------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -75,10 +89,32 @@ class OpenAIServing:
             raise bad_request("this model has no tokenizer: send prompts as token ids")
         return self.tokenizer
 
-    async def _encode(self, text: str) -> list[int]:
+    async def _encode(self, text: str, param: str = "prompt") -> list[int]:
         self._need_tokenizer()
+        if len(text) > self.max_prompt_chars():
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens. However, your prompt has {len(text)} characters, "
+                              "more than fit in it. Please reduce the length of the prompt.",
+                              param)
         # off the event loop: a long prompt takes a while to tokenize
         return await asyncio.to_thread(self.llm.encode, text)
+
+    def _check_request(self, req: CompletionRequest | ChatCompletionRequest,
+                       num_prompts: int) -> None:
+        """Checks that need no tokenizing, so a refusal costs next to nothing."""
+        self.check_model(req.model)
+        req.check_unsupported()
+        if req.priority and self.fcfs:
+            raise bad_request("priority needs the server started with --scheduling-policy "
+                              "priority (it is fcfs)", "priority")
+        if req.stop_token_ids and max(req.stop_token_ids) >= self.vocab_size:
+            raise bad_request(f"stop_token_ids must be in [0, {self.vocab_size})",
+                              "stop_token_ids")
+        num_seqs = num_prompts * req.n
+        self.engine.check_size(num_seqs)
+        busy = self.engine.overloaded(num_seqs)
+        if busy is not None:
+            raise busy
 
     def _resolve_max_tokens(self, ids: list[int], max_tokens: int | None, param: str) -> int:
         if not ids:
@@ -103,7 +139,8 @@ class OpenAIServing:
     def _submit(self, prompts: list[tuple[list[int], str | None]], params: list[SamplingParams],
                 priority: int, base_id: str) -> list[_Job]:
         costs = [request_cost(len(ids), p) for (ids, _), p in zip(prompts, params)]
-        self.engine.admit(sum(costs))  # all prompts of a request or none
+        # all prompts of a request or none
+        self.engine.admit(sum(costs), sum(p.n for p in params))
         return [_Job(i, ids, text, self.engine.submit(ids, p, f"{base_id}-{i}", priority,
                                                       cost, check=False))
                 for i, ((ids, text), p, cost) in enumerate(zip(prompts, params, costs))]
@@ -184,12 +221,12 @@ class OpenAIServing:
 
     # ---- /v1/completions -------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Any:
-        self.check_model(req.model)
-        req.check_unsupported()
+        raw_prompts = req.prompts()
+        self._check_request(req, len(raw_prompts))
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported", "echo")
         prompts: list[tuple[list[int], str | None]] = []
-        for p in req.prompts():
+        for p in raw_prompts:
             if isinstance(p, str):
                 prompts.append((await self._encode(p), p))
             else:
@@ -265,12 +302,17 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions --------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
-        self.check_model(req.model)
-        req.check_unsupported()
+        self._check_request(req, 1)
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions")
         conv = req.conversation()
+        chars = sum(len(m["content"]) for m in conv)
+        if chars > self.max_prompt_chars():
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens. However, your messages have {chars} characters, "
+                              "more than fit in it. Please reduce the length of the messages.",
+                              "messages")
 
         def render() -> list[int]:
             ids = tok.apply_chat_template(conv, tokenize=True,
@@ -281,8 +323,13 @@ class OpenAIServing:
 
         try:
             ids = await asyncio.to_thread(render)
-        except Exception as e:  # a template that rejects this conversation
-            raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+        except TemplateError as e:  # the template refuses it (raise_exception(...))
+            raise bad_request(f"the chat template refused these messages: {e}",
+                              "messages") from None
+        except Exception as e:  # anything else is ours: say what, not its internals
+            log.warning("chat template failed: %s: %s", type(e).__name__, e)
+            raise bad_request("cannot apply the chat template to these messages",
+                              "messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = req.sampling_params(self._resolve_max_tokens(ids, max_tokens, "messages"),
                                      req.engine_logprobs())

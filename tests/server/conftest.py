@@ -120,11 +120,6 @@ def make_server(model_dir: Path, **overrides) -> LiveServer:
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
         device=DeviceConfig(device="cpu", num_threads=1), **extra,
     ))
-    # LLMEngine flushes denormals on the thread that builds it (the engine thread sets its
-    # own); hypothesis refuses to run in a thread with that set, so undo it here.
-    import torch
-
-    torch.set_flush_denormal(False)
     settings = ServerSettings(model_name=MODEL, **{"api_key": API_KEY, **overrides})
     return LiveServer(build_app(engine, settings), free_port())
 

@@ -27,7 +27,7 @@ def test_serve_process(model_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparsa.cli", "serve", str(model_dir), "--port", str(port),
          "--max-model-len", "128", "--threads", "1", "--api-key", "k", "--num-kv-blocks", "32",
-         "--served-model-name", "tiny", "--log-level", "warning"],
+         "--log-level", "warning", "--keep-alive-timeout", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -43,11 +43,23 @@ def test_serve_process(model_dir):
             time.sleep(0.3)
         h = {"Authorization": "Bearer k"}
         models = httpx.get(url + "/v1/models", headers=h).json()["data"]
-        assert [m["id"] for m in models] == ["tiny", str(model_dir)]
+        # named like vLLM names it, not by the absolute path (which is still accepted)
+        assert [m["id"] for m in models] == [model_dir.name, str(model_dir)]
         r = httpx.post(url + "/v1/completions", headers=h, timeout=60,
-                       json={"model": "tiny", "prompt": "Hi", "max_tokens": 4})
+                       json={"model": model_dir.name, "prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         assert httpx.get(url + "/v1/models").status_code == 401
+        # The engine was built on the thread that runs the event loop: its flushing of
+        # denormals must not reach request validation (5e-324 > 0 would be False there).
+        r = httpx.post(url + "/v1/completions", headers=h, timeout=60,
+                       json={"model": model_dir.name, "prompt": "Hi", "max_tokens": 2,
+                             "top_p": 5e-324})
+        assert r.status_code == 200, r.text
+        # bound to loopback: other Host headers (DNS rebinding) are refused
+        r = httpx.get(url + "/v1/models", headers={**h, "Host": "evil.example"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "host_not_allowed"
+        assert httpx.get(url + "/v1/models", headers={**h, "Host": f"localhost:{port}"}
+                         ).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -55,7 +67,7 @@ def test_serve_process(model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-    assert "serving tiny" in out and "prefix caching on" in out
+    assert f"serving {model_dir.name}" in out and "prefix caching on" in out
 
 
 def test_serve_takes_the_model_options():

@@ -201,15 +201,16 @@ def test_body_too_large_and_malformed_json(server):
     assert r.status_code == 400 and "error" in r.json()
 
 
-def test_overload_answers_429_and_503(server, client):
-    adm = server.app.state.async_engine.admission
+def test_overload_answers_429_and_503(server, client, monkeypatch):
+    ae = server.app.state.async_engine
+    adm = ae.admission
     old = (adm.max_waiting, adm.max_tokens_in_flight)
     try:
-        adm.max_waiting = 0
-        with pytest.raises(openai.InternalServerError) as e:  # openai maps 503 here
-            client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        with monkeypatch.context() as m:
+            m.setattr(ae, "num_waiting", lambda: adm.max_waiting)  # a full queue
+            with pytest.raises(openai.InternalServerError) as e:  # openai maps 503 here
+                client.completions.create(model=MODEL, prompt="x", max_tokens=2)
         assert e.value.status_code == 503
-        adm.max_waiting = old[0]
         adm.max_tokens_in_flight = 40
         stream = client.completions.create(model=MODEL, prompt="long one", max_tokens=200,
                                            stream=True, extra_body={"ignore_eos": True})
