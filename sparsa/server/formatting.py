@@ -2,29 +2,218 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from typing import Any
 
 from sparsa.outputs import CompletionOutput, RequestOutput
 
+# How many token ids TokenText remembers: above real vocabularies (256k), so a server
+# never recomputes a token, while a model emitting ids past its vocabulary stays bounded.
+_CACHE_MAX = 1 << 18
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2 byte-level BPE writes each byte as one printable character: printable
+    Latin-1 bytes stand for themselves, the other bytes (controls, space, ...) take the
+    code points from 256 on, in byte order. This is the inverse map, character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    kept = set(keep)
+    out = {chr(b): b for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in kept:
+            out[chr(256 + n)] = b
+            n += 1
+    return out
+
+
+def _decoder_types(fast: Any) -> set[str]:
+    """The types of a tokenizers decoder, looking inside Sequence decoders."""
+    dec = getattr(fast, "decoder", None)
+    if dec is None:
+        return set()
+    try:
+        tree = json.loads(dec.__getstate__())
+    except Exception:  # a custom (Python) decoder has no JSON form
+        return set()
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                found.add(node["type"])
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def token_string(raw: bytes) -> str:
+    """OpenAI's token string: the bytes as UTF-8, or "bytes:\\xe2\\x80" for a token that
+    is not whole UTF-8 (part of a multi-byte character)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
 
 class TokenText:
-    """Token id -> its text, memoized (logprobs ask for the same tokens over and over)."""
+    """Token id -> the token's exact bytes and OpenAI token string, memoized (logprobs ask
+    for the same tokens over and over).
+
+    Decoding a token alone is wrong for logprobs: SentencePiece's decoder strips the
+    leading space of the first token ("\u2581time" -> "time"), and a byte token that is
+    part of a character decodes to U+FFFD. So byte-fallback tokens (<0xNN>) give their
+    byte, byte-level BPE tokens their bytes through the GPT-2 character map, special and
+    added tokens their literal text, and other tokens their text after an anchor token
+    (decode([anchor, id]) minus decode([anchor])), which keeps the leading space."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+        # The bytes a token adds to the returned text (none for a special token, which
+        # the default skip_special_tokens leaves out); read with map() for offsets.
+        self._width: dict[int, bytes] = {}
+        self._ready = False
+        # What _setup learns of the tokenizer.
+        self._fast: Any = None
+        self._byte_fallback = False
+        self._byte_level: dict[str, int] | None = None
+        self._added: dict[int, tuple[str, bool]] = {}
+        self._special: set[int] = set()
+        self._anchor: int | None = None
+
+    def _setup(self) -> None:
+        # Lazily: reading the decoder and the added tokens costs a little, and a server
+        # that never serves logprobs never needs them.
+        tok = self.tokenizer
+        self._fast = getattr(tok, "_tokenizer", None)
+        types = _decoder_types(self._fast) if self._fast is not None else set()
+        model = getattr(self._fast, "model", None)
+        # A slow (sentencepiece) tokenizer hides its decoder; <0xNN> is its byte spelling.
+        self._byte_fallback = ("ByteFallback" in types or self._fast is None
+                               or bool(getattr(model, "byte_fallback", False)))
+        self._byte_level = _byte_level_chars() if "ByteLevel" in types else None
+        try:
+            added = dict(getattr(tok, "added_tokens_decoder", None) or {})
+        except Exception:  # a tokenizer class without the transformers API
+            added = {}
+        self._added = {i: (str(getattr(t, "content", t)), bool(getattr(t, "special", True)))
+                       for i, t in added.items()}
+        self._special = set(getattr(tok, "all_special_ids", None) or ())
+        try:
+            ids = (self._fast.encode("a", add_special_tokens=False).ids
+                   if self._fast is not None else tok.encode("a", add_special_tokens=False))
+            self._anchor = ids[-1] if ids else None
+        except Exception:
+            self._anchor = None
+        self._ready = True
+
+    def _decode(self, ids: list[int]) -> str:
+        # The engine streams text with the tokenizers backend (no clean-up of spaces), so
+        # token text comes from the same decode.
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _piece(self, tid: int) -> str | None:
+        if self._fast is not None:
+            return self._fast.id_to_token(tid)
+        try:
+            p = self.tokenizer.convert_ids_to_tokens(tid)
+        except Exception:
+            return None
+        return p if isinstance(p, str) else None
+
+    def _compute(self, tid: int) -> tuple[bytes, bool]:
+        """(exact bytes, is special) of one token."""
+        if tid in self._added:
+            content, special = self._added[tid]
+            return content.encode(), special or tid in self._special
+        if tid in self._special:
+            return self._decode([tid]).encode(), True
+        piece = self._piece(tid)
+        if piece is not None:
+            m = _BYTE_TOKEN.fullmatch(piece) if self._byte_fallback else None
+            if m is not None:
+                return bytes([int(m.group(1), 16)]), False
+            if self._byte_level is not None:
+                try:
+                    return bytes(self._byte_level[c] for c in piece), False
+                except KeyError:  # not written in the byte alphabet: decode it instead
+                    pass
+        if self._anchor is not None:
+            base = self._decode([self._anchor])
+            full = self._decode([self._anchor, tid])
+            if full.startswith(base):
+                return full[len(base):].encode(), False
+        return self._decode([tid]).encode(), False
+
+    def _entry(self, tid: int) -> tuple[str, bytes]:
+        e = self._cache.get(tid)
+        if e is not None:
+            return e
+        if self.tokenizer is None:
+            s = f"token_id:{tid}"
+            raw, special = s.encode(), False
+        else:
+            if not self._ready:
+                self._setup()
+            raw, special = self._compute(tid)
+            s = token_string(raw)
+        e = (s, raw)
+        if len(self._cache) < _CACHE_MAX:
+            self._cache[tid] = e
+            self._width[tid] = b"" if special else raw
+        return e
 
     def __call__(self, tid: int) -> str:
-        s = self._cache.get(tid)
-        if s is None:
+        return self._entry(tid)[0]
+
+    def token_bytes(self, tid: int) -> bytes:
+        """The token's exact bytes (a byte token's one byte, not U+FFFD)."""
+        return self._entry(tid)[1]
+
+    def text_bytes(self, tid: int) -> bytes:
+        """The bytes the token adds to the returned text: none for a special token."""
+        self._entry(tid)
+        w = self._width.get(tid)
+        if w is None:  # cache full: recompute what the cache would have held
             if self.tokenizer is None:
-                s = f"token_id:{tid}"
-            else:
-                s = self.tokenizer.decode([tid], skip_special_tokens=False)
-            if len(self._cache) < 1_000_000:
-                self._cache[tid] = s
-        return s
+                return self._entry(tid)[1]
+            raw, special = self._compute(tid)
+            return b"" if special else raw
+        return w
+
+    def _joined(self, ids: list[int]) -> bytes:
+        try:  # all cached: a C-level join, since streaming redoes this for every chunk
+            return b"".join(map(self._width.__getitem__, ids))
+        except KeyError:
+            return b"".join(self.text_bytes(t) for t in ids)
+
+    def offsets(self, ids: list[int], start: int, end: int, text: str) -> list[int]:
+        """Character index in `text` (the choice's full text) where each of ids[start:end]
+        starts. Counted from the first token: the caller's count of characters sent runs
+        behind the tokens when text is held back for stop strings. A token that ends
+        inside a character leaves the next token at the index where that character
+        begins; an invalid byte counts as one character (byte fallback writes one U+FFFD
+        per byte)."""
+        dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        chars = len(dec.decode(self._joined(ids[:start])))
+        shift = 0
+        first = next((w for w in map(self.text_bytes, ids[:8]) if w), b"")
+        if first.startswith(b" ") and not text.startswith(" "):
+            shift = 1  # the decoder stripped the leading space (nothing seeded the text)
+        out = []
+        for tid in ids[start:end]:
+            out.append(max(0, chars - shift))
+            chars += len(dec.decode(self.text_bytes(tid)))
+        return out
 
 
 def _top(entry: dict[int, float], chosen: int, k: int) -> list[tuple[int, float]]:
@@ -37,18 +226,24 @@ def _top(entry: dict[int, float], chosen: int, k: int) -> list[tuple[int, float]
 
 def completion_logprobs(out: CompletionOutput, start: int, end: int, k: int, tt: TokenText,
                         text_offset: int) -> dict[str, Any]:
-    """Legacy completions format for tokens [start, end) of one choice."""
-    tokens, lps, tops, offsets = [], [], [], []
-    off = text_offset
+    """Legacy completions format for tokens [start, end) of one choice.
+
+    text_offset (what the caller has sent of the text) is only the fallback without a
+    tokenizer: offsets are otherwise counted from the tokens' bytes (TokenText.offsets)."""
+    tokens, lps, tops = [], [], []
     for i in range(start, end):
         tid = out.token_ids[i]
         entry = out.logprobs[i] if out.logprobs else {tid: 0.0}
-        s = tt(tid)
-        tokens.append(s)
+        tokens.append(tt(tid))
         lps.append(entry.get(tid))
         tops.append({tt(t): lp for t, lp in _top(entry, tid, k)} if k else None)
-        offsets.append(off)
-        off += len(s)
+    if tt.tokenizer is None:  # no text to index: the strings' lengths, as always
+        offsets, off = [], text_offset
+        for s in tokens:
+            offsets.append(off)
+            off += len(s)
+    else:
+        offsets = tt.offsets(out.token_ids, start, end, out.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
             "text_offset": offsets}
 
@@ -59,10 +254,9 @@ def chat_logprobs(out: CompletionOutput, start: int, end: int, k: int,
     for i in range(start, end):
         tid = out.token_ids[i]
         entry = out.logprobs[i] if out.logprobs else {tid: 0.0}
-        s = tt(tid)
         content.append({
-            "token": s, "logprob": entry.get(tid), "bytes": list(s.encode()),
-            "top_logprobs": [{"token": tt(t), "logprob": lp, "bytes": list(tt(t).encode())}
+            "token": tt(tid), "logprob": entry.get(tid), "bytes": list(tt.token_bytes(tid)),
+            "top_logprobs": [{"token": tt(t), "logprob": lp, "bytes": list(tt.token_bytes(t))}
                              for t, lp in _top(entry, tid, k)],
         })
     return {"content": content}
