@@ -65,24 +65,32 @@ class RequestHandle:
         self._ready = asyncio.Event()
         self.arrival = time.monotonic()
         self.finished = False
+        self.abandoned = False  # closed before it finished: nobody reads it any more
+        # One timer per request rather than asyncio.wait_for per wait: wait_for can
+        # swallow the cancellation of the task it runs in (when its wait ends at the same
+        # moment), and that task would then wait out the timeout holding the request.
+        self._timed_out = False
+        timeout = engine.admission.request_timeout
+        self._timer = None if timeout is None else \
+            asyncio.get_running_loop().call_later(timeout, self._expire)
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self._ready.set()
 
     async def results(self) -> AsyncIterator[RequestOutput]:
-        timeout = self.engine.admission.request_timeout
         try:
             while not self.finished:
-                remaining = None if timeout is None else \
-                    timeout - (time.monotonic() - self.arrival)
-                if remaining is not None and remaining <= 0:
+                await self._ready.wait()
+                self._ready.clear()
+                item, self._latest = self._latest, None
+                done = isinstance(item, RequestOutput) and item.finished
+                if self._timed_out and not self.finished and not done:
+                    timeout = self.engine.admission.request_timeout or 0
                     raise APIError(504, f"request timed out after {timeout:g} s",
                                    code="timeout")
-                try:
-                    await asyncio.wait_for(self._ready.wait(), remaining)
-                except asyncio.TimeoutError:
-                    continue  # the loop head raises the timeout error
-                item, self._latest = self._latest, None
-                self._ready.clear()
                 if item is None:
-                    continue
+                    continue  # woken by close(): the loop ends
                 if isinstance(item, BaseException):
                     self.finished = True  # the engine already dropped it
                     raise item
@@ -97,10 +105,16 @@ class RequestHandle:
         self._ready.set()
 
     def close(self) -> None:
+        """Done with this request (idempotent): abort it if it is still running, and wake
+        a results() that waits so it ends."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.engine._release(self)
         if not self.finished:
-            self.finished = True
+            self.finished = self.abandoned = True
             self.engine.abort(self.request_id)
+        self._ready.set()
 
 
 class AsyncEngine:

@@ -158,7 +158,8 @@ class OpenAIServing:
         except Exception as e:
             await sink.put((job, e))
         else:
-            await sink.put((job, None))
+            if not job.handle.abandoned:  # the consumer left, and a put would block
+                await sink.put((job, None))
 
     async def _events(self, jobs: list[_Job]) -> AsyncIterator[tuple[_Job, RequestOutput]]:
         """Outputs of all jobs as they come; raises the first job error."""
@@ -194,8 +195,9 @@ class OpenAIServing:
 
     async def _collect(self, jobs: list[_Job], raw: Request) -> list[RequestOutput]:
         async def drain() -> None:
-            async for _ in self._events(jobs):
-                pass
+            async with contextlib.aclosing(self._events(jobs)) as events:
+                async for _ in events:
+                    pass
 
         work = asyncio.create_task(drain())
         watcher = asyncio.create_task(_wait_disconnect(raw))
@@ -212,6 +214,15 @@ class OpenAIServing:
             for j in jobs:
                 j.handle.close()
         return [j.last for j in jobs]  # type: ignore[misc]
+
+    @staticmethod
+    async def _close(events: AsyncIterator, jobs: list[_Job]) -> None:
+        """A stream that ends (a client gone, an error) closes the inner generator now: an
+        outer generator's close does not reach the one it iterates, which would then
+        hold its tasks, queue and handles until garbage collection."""
+        await events.aclose()  # type: ignore[attr-defined]
+        for j in jobs:
+            j.handle.close()
 
     @staticmethod
     def _check_finish(out: RequestOutput) -> None:
@@ -237,7 +248,8 @@ class OpenAIServing:
         jobs = self._submit(prompts, params, req.priority, rid)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream_completion(req, jobs, rid, created))
+            return SSEResponse(self._stream_completion(req, jobs, rid, created),
+                               on_close=_closer(jobs))
         outs = await self._collect(jobs, raw)
         choices = []
         for job, out in zip(jobs, outs):
@@ -273,8 +285,9 @@ class OpenAIServing:
                 body["usage"] = None
             return sse(body)
 
+        events = self._events(jobs)
         try:
-            async for job, out in self._events(jobs):
+            async for job, out in events:
                 self._check_finish(out)
                 for c in out.outputs:
                     idx = job.index * req.n + c.index
@@ -298,6 +311,8 @@ class OpenAIServing:
                            "usage": usage([j.last for j in jobs if j.last])})
         except Exception as e:
             yield sse(_error_body(e))
+        finally:
+            await self._close(events, jobs)
         yield sse("[DONE]")
 
     # ---- /v1/chat/completions --------------------------------------------------------
@@ -337,7 +352,8 @@ class OpenAIServing:
         jobs = self._submit([(ids, None)], [params], req.priority, rid)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream_chat(req, jobs, rid, created))
+            return SSEResponse(self._stream_chat(req, jobs, rid, created),
+                               on_close=_closer(jobs))
         out = (await self._collect(jobs, raw))[0]
         self._check_finish(out)
         k = req.top_logprobs or 0
@@ -365,10 +381,11 @@ class OpenAIServing:
                 body["usage"] = None
             return sse(body)
 
+        events = self._events(jobs)
         try:
             for i in range(req.n):  # the role comes first, as OpenAI sends it
                 yield chunk(i, {"role": "assistant", "content": ""}, None, None)
-            async for _job, out in self._events(jobs):
+            async for _job, out in events:
                 self._check_finish(out)
                 for c in out.outputs:
                     tr = trackers.setdefault(c.index, DeltaTracker(holdback))
@@ -384,7 +401,18 @@ class OpenAIServing:
                            "usage": usage([j.last for j in jobs if j.last])})
         except Exception as e:
             yield sse(_error_body(e))
+        finally:
+            await self._close(events, jobs)
         yield sse("[DONE]")
+
+
+def _closer(jobs: list[_Job]):
+    """Aborts a streamed request's jobs when its response ends for any reason, even when
+    the client left before the stream started (its generator then never runs)."""
+    def close() -> None:
+        for j in jobs:
+            j.handle.close()
+    return close
 
 
 def _error_body(e: Exception) -> dict[str, Any]:

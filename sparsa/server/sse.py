@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
 
 import anyio
@@ -19,9 +20,11 @@ class SSEResponse(StreamingResponse):
     the stream's cleanup aborts the request in the engine.
     """
 
-    def __init__(self, content, status_code: int = 200):
+    def __init__(self, content, status_code: int = 200,
+                 on_close: Callable[[], None] | None = None):
         super().__init__(content, status_code=status_code, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -41,3 +44,5 @@ class SSEResponse(StreamingResponse):
             if close is not None:
                 with anyio.CancelScope(shield=True):
                     await close()
+            if self.on_close is not None:  # a generator closed before it ran ran no cleanup
+                self.on_close()

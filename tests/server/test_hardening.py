@@ -22,6 +22,25 @@ def post(server, path: str, body: dict | str, **kw) -> httpx.Response:
     return httpx.post(server.url + path, content=content, headers=H, timeout=60, **kw)
 
 
+def read_reply(s: socket.socket) -> str:
+    """One whole HTTP/1.1 response (headers and a Content-Length body) off a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 # ---- 1. every sequence a request makes counts -----------------------------------------
 def test_prompts_times_n_over_the_per_request_cap_is_refused_before_tokenizing(
         server, monkeypatch):
@@ -165,7 +184,7 @@ def test_an_overloaded_server_refuses_before_reading_the_body(server, monkeypatc
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                   b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
                   b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-        reply = s.recv(65536).decode()
+        reply = read_reply(s)
     assert reply.startswith("HTTP/1.1 503"), reply[:200]
     assert "--max-waiting" in reply
     assert httpx.get(server.url + "/health").status_code == 200
