@@ -129,6 +129,7 @@ class AsyncEngine:
         self._requests: dict[str, RequestHandle] = {}
         self._tokens_in_flight = 0
         self._queued_seqs = 0  # sequences in "add" commands the engine thread has not taken
+        self.arriving = 0  # generation requests being read/parsed (event loop only)
         self._commands: list[tuple[str, str, object]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -165,8 +166,21 @@ class AsyncEngine:
         return self._tokens_in_flight
 
     def num_waiting(self) -> int:
-        """Sequences queued for the engine or waiting in its scheduler."""
-        return self._queued_seqs + len(self.engine.scheduler.waiting)
+        """Sequences queued for the engine or waiting in its scheduler, plus one for each
+        generation request still being read or parsed (it will make at least one): under
+        a burst, that is what lets the front door refuse the excess before their bodies
+        are read, instead of after every one of them was parsed."""
+        return self._queued_seqs + len(self.engine.scheduler.waiting) + self.arriving
+
+    def arrive(self, state: dict) -> None:
+        """A generation request came past the front door (see num_waiting)."""
+        self.arriving += 1
+        state["sparsa_arriving"] = True
+
+    def parsed(self, state: dict) -> None:
+        """That request is parsed (or answered): from now on it counts as what it makes."""
+        if state.pop("sparsa_arriving", False):
+            self.arriving -= 1
 
     def check_size(self, num_seqs: int) -> None:
         """Refuse a request that makes too many sequences, before any work on it (400: it

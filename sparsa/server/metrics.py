@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                  0.4, 0.5, 0.75, 1.0, 2.5)
 
@@ -91,6 +92,11 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("sparsa_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        # how long the server took to start answering: for a rejection its whole cost
+        self.response_start = Histogram(
+            "sparsa_http_response_start_seconds",
+            "Request arrival to response start, by endpoint and status class",
+            ["endpoint", "status"], buckets=_HTTP_BUCKETS, registry=r)
         self.finished = Counter("sparsa_request_success", "Finished generations by reason",
                                 ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("sparsa_prompt_tokens", "Prompt tokens processed",

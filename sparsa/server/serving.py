@@ -89,19 +89,22 @@ class OpenAIServing:
             raise bad_request("this model has no tokenizer: send prompts as token ids")
         return self.tokenizer
 
-    async def _encode(self, text: str, param: str = "prompt") -> list[int]:
+    async def _encode(self, texts: list[str], param: str = "prompt") -> list[list[int]]:
+        """Token ids of each text: length-checked first, then tokenized off the event loop
+        (a long prompt takes a while), all of a request's texts in one hop."""
         self._need_tokenizer()
-        if len(text) > self.max_prompt_chars():
+        longest = max(map(len, texts), default=0)
+        if longest > self.max_prompt_chars():
             raise bad_request(f"This model's maximum context length is {self.max_model_len} "
-                              f"tokens. However, your prompt has {len(text)} characters, "
+                              f"tokens. However, your prompt has {longest} characters, "
                               "more than fit in it. Please reduce the length of the prompt.",
                               param)
-        # off the event loop: a long prompt takes a while to tokenize
-        return await asyncio.to_thread(self.llm.encode, text)
+        return await asyncio.to_thread(lambda: [self.llm.encode(t) for t in texts])
 
-    def _check_request(self, req: CompletionRequest | ChatCompletionRequest,
+    def _check_request(self, req: CompletionRequest | ChatCompletionRequest, raw: Request,
                        num_prompts: int) -> None:
         """Checks that need no tokenizing, so a refusal costs next to nothing."""
+        self.engine.parsed(raw.scope.setdefault("state", {}))
         self.check_model(req.model)
         req.check_unsupported()
         if req.priority and self.fcfs:
@@ -233,15 +236,13 @@ class OpenAIServing:
     # ---- /v1/completions -------------------------------------------------------------
     async def completions(self, req: CompletionRequest, raw: Request) -> Any:
         raw_prompts = req.prompts()
-        self._check_request(req, len(raw_prompts))
+        self._check_request(req, raw, len(raw_prompts))
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported", "echo")
-        prompts: list[tuple[list[int], str | None]] = []
-        for p in raw_prompts:
-            if isinstance(p, str):
-                prompts.append((await self._encode(p), p))
-            else:
-                prompts.append((list(p), None))
+        texts = [p for p in raw_prompts if isinstance(p, str)]
+        encoded = iter(await self._encode(texts) if texts else [])
+        prompts: list[tuple[list[int], str | None]] = [
+            (next(encoded), p) if isinstance(p, str) else (list(p), None) for p in raw_prompts]
         params = [req.sampling_params(self._resolve_max_tokens(ids, req.max_tokens, "prompt"),
                                       req.logprobs) for ids, _ in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -317,7 +318,7 @@ class OpenAIServing:
 
     # ---- /v1/chat/completions --------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
-        self._check_request(req, 1)
+        self._check_request(req, raw, 1)
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions")
