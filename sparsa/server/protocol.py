@@ -105,7 +105,9 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Text | list[int] | list[Text] | list[list[int]]
+    prompt: (Text | Annotated[list[int], Field(min_length=1)]
+             | Annotated[list[Text], Field(min_length=1)]
+             | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False

@@ -56,3 +56,30 @@ def test_engine_unharmed_after_fuzzing(server, client):
     assert server.all_blocks_free()
     r = client.completions.create(model="tiny-llama", prompt="still alive", max_tokens=3)
     assert r.usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="session")
+def positive_schema(server):
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE],
+                                    max_examples=EXAMPLES)
+    return schema
+
+
+positive = schemathesis.pytest.from_fixture("positive_schema")
+
+
+@positive.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=list(HealthCheck))
+def test_positive_data_conforms(case, server):
+    """Schema-valid requests: every answer is documented (status, content type, headers)
+    and matches its declared schema, and none is a 5xx. Acceptance of every schema-valid
+    body is not asked: limits that depend on the served model (context length, the
+    model's name, its vocabulary, the scheduling policy) answer a documented 400."""
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    case.call_and_validate(base_url=server.url, timeout=60,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           excluded_checks=[positive_data_acceptance])
