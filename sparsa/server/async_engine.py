@@ -262,6 +262,17 @@ class AsyncEngine:
         if handle is not None:  # gone: the consumer left and its abort is on the way
             handle.put(item)
 
+    def _deliver_many(self, items: list[tuple[str, object]]) -> None:
+        for request_id, item in items:
+            self._deliver(request_id, item)
+
+    def _post_many(self, items: list[tuple[str, object]]) -> None:
+        """A step's outputs in one hand-over: each call_soon_threadsafe writes to the
+        loop's wake-up pipe, and one per request per step adds up under load."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            self._loop.call_soon_threadsafe(self._deliver_many, items)
+
     def _post(self, request_id: str, item: object) -> None:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
@@ -304,8 +315,8 @@ class AsyncEngine:
                     eng.abort_request(rid)
                     self._post(rid, EngineFailed(self.last_error))
                 continue
-            for out in outputs:
-                self._post(out.request_id, out)
+            if outputs:
+                self._post_many([(out.request_id, out) for out in outputs])
         # shutting down: drop what is left so its blocks are free
         for rid in list(eng.requests):
             eng.abort_request(rid)
