@@ -27,14 +27,10 @@ def _peak_rss() -> int:
 
 def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4"),
             layout: str = "auto", quantization: str | None = None) -> dict:
-    import os
-
     from sparsa import LLM, SamplingParams
 
-    os.environ["SPARSA_OFFLOAD_LAYOUT"] = layout  # this child process only
-
     t = time.perf_counter()
-    llm = LLM(model, expert_memory=budget, offload_policy=args.policy,
+    llm = LLM(model, expert_memory=budget, offload_policy=args.policy, offload_layout=layout,
               offload_prefetch=args.prefetch,
               offload_on_miss=on_miss[0] if budget is not None else "wait",
               offload_prefetch_evicts=args.prefetch_evicts,

@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sparsa.offload.cli_options import add_offload_options, offload_fields, positive_int
+from sparsa.config import add_engine_arguments, config_from_args, engine_kwargs
+from sparsa.offload.cli_options import positive_int
 from sparsa.sampling_params import SamplingParams
 
 __all__ = ["build_parser", "main"]
@@ -73,39 +74,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="log engine and transformers messages at INFO level")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto",
-                   help="auto (checkpoint dtype; bf16/fp16 run as fp32 on CPU), float32, "
-                        "bfloat16, float16")
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="dummy = random weights of the right shapes")
-    p.add_argument("--max-model-len", type=positive_int, default=None,
-                   help="context window (default: the model's max_position_embeddings)")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="KV cache budget, e.g. 512MiB or 4GiB (default: 25%% of free memory)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantization", "-q", default=None,
-                   choices=["none", "int8", "int4", "bf16"],
-                   help="weight form applied at load: int8/int4 weight-only quantization, "
-                        "bf16 weights with fp32 math (default: none; bf16 checkpoints on "
-                        "CPU keep bf16 weights)")
-    p.add_argument("--group-size", type=positive_int, default=64,
-                   help="int4 group size: input channels per scale (16..256, default 64)")
-    p.add_argument("--int8-activations", default="dynamic", choices=["dynamic", "none"],
-                   help="int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
-                        "activations quantized per row (fast); none = exact activations")
-    p.add_argument("--bf16-prefill", default="auto", choices=["auto", "on", "off"],
-                   help="bf16 weights only: prefill GEMMs in bf16 (activations rounded to "
-                        "bf16, ~3x faster prefill); auto = on CPUs with AVX-512 BF16 / AMX; "
-                        "off keeps fp32 math (lossless for bf16 checkpoints)")
-    p.add_argument("--no-native-decode", dest="native_decode", action="store_false",
-                   help="run decode steps through the model's modules instead of the native "
-                        "per-layer call sequence (CPU fp32; same results, slower at batch 1)")
-    p.add_argument("--when-too-large", default="offload", choices=["offload", "error", "ignore"],
-                   help="when the weights would not fit the device's available memory: "
-                        "offload (an MoE checkpoint keeps its experts on disk, "
-                        "--expert-memory auto; others: an error), error, ignore (load anyway)")
-    add_offload_options(p)
+def _add_model_options(p: argparse.ArgumentParser, **kw: Any) -> None:
+    """Every engine setting as a flag (generated from the config fields)."""
+    add_engine_arguments(p, **kw)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparsa", description="Sparsa: inference for MoE and dense LLMs.")
@@ -139,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--n", type=int, default=1, help="completions per prompt")
     g.add_argument("--stop", action="append", default=None, metavar="S",
                    help="stop string (repeatable)")
@@ -147,13 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="also return the top-N log-probabilities of each generated token")
-    g.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: physical cores)")
     g.add_argument("--json", action="store_true",
                    help="print a JSON document with token ids, finish reasons and logprobs")
-    g.add_argument("--trace-experts", default=None, metavar="PATH",
-                   help="record every token's routed experts at every MoE layer to this "
-                        "trace (.csv or .csv.gz; replay it with `sparsa cache-sim --trace`)")
     _add_model_options(g)
 
     i = sub.add_parser("info", help="parameters, active parameters, memory plan of a model",
@@ -162,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(i)
     i.add_argument("model", metavar="MODEL")
     i.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
-    _add_model_options(i)
-    i.set_defaults(device="cpu")
+    _add_model_options(i, defaults={"device": "cpu"})
 
     sub.add_parser("bench", help="benchmark against transformers (see `sparsa bench --help`)",
                    add_help=False)
@@ -237,27 +202,10 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def _make_llm(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
-    from sparsa.config import BF16_PREFILL_CHOICES
+    """An LLM from the settings given as flags (and the command's own overrides)."""
     from sparsa.llm import LLM
 
-    kwargs: dict[str, Any] = {
-        "dtype": getattr(args, "dtype", "auto"),
-        "load_format": getattr(args, "load_format", "auto"),
-        "max_model_len": getattr(args, "max_model_len", None),
-        "kv_cache_memory": getattr(args, "kv_cache_memory", None),
-        "device": getattr(args, "device", "auto"),
-        "num_threads": getattr(args, "threads", None),
-        "quantization": getattr(args, "quantization", None),
-        "quantization_group_size": getattr(args, "group_size", 64),
-        "int8_activations": getattr(args, "int8_activations", "dynamic"),
-        "native_decode": getattr(args, "native_decode", True),
-        "bf16_prefill": BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
-        "when_too_large": getattr(args, "when_too_large", "offload"),
-    }
-    for name, value in offload_fields(args).items():  # LLM's names for OffloadConfig's
-        kwargs[name if name == "expert_memory" else f"offload_{name}"] = value
-    kwargs.update(overrides)
-    return LLM(model, **kwargs)
+    return LLM(model, **{**engine_kwargs(args), **overrides})
 
 
 def _usage_stats(outputs: list[Any], seconds: float) -> dict[str, Any]:
@@ -389,7 +337,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()
 
-    llm = _make_llm(args.model, args, trace_experts=args.trace_experts)
+    llm = _make_llm(args.model, args)
     tokenizer = llm.get_tokenizer()
     if args.chat:
         if tokenizer is None:
@@ -429,10 +377,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from sparsa.info import format_info, model_info
 
-    d = model_info(args.model, dtype=args.dtype, device=args.device,
-                   load_format=args.load_format, max_model_len=args.max_model_len,
-                   kv_cache_memory=args.kv_cache_memory,
-                   quantization=args.quantization, group_size=args.group_size)
+    cfg = config_from_args(args.model, args)
+    d = model_info(args.model, dtype=cfg.model.dtype, device=cfg.device.device,
+                   load_format=cfg.model.load_format, max_model_len=cfg.model.max_model_len,
+                   kv_cache_memory=cfg.cache.kv_cache_memory,
+                   quantization=cfg.model.quantization,
+                   group_size=cfg.model.quantization_group_size)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
     if d.get("build_error"):
         print(f"sparsa: warning: could not build {args.model} to count its parameters: "
@@ -443,7 +393,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _demo_one(title: str, model: str, args: argparse.Namespace, max_tokens: int,
               **llm_kwargs: Any) -> None:
     print(f"=== {title} ===", flush=True)
-    llm = _make_llm(model, args, dtype="float32", kv_cache_memory="64MiB", **llm_kwargs)
+    llm = _make_llm(model, args, dtype="float32", kv_cache_memory="64MiB",
+                    num_threads=args.threads, **llm_kwargs)
     tokenizer = llm.get_tokenizer()
     prompt = _bos_prompt(llm)
     runs = [

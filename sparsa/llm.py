@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import Any
 
-from sparsa.config import (
-    CacheConfig,
-    DeviceConfig,
-    EngineConfig,
-    ModelConfig,
-    OffloadConfig,
-    SchedulerConfig,
-)
+from sparsa.config import engine_config
 from sparsa.engine.llm_engine import LLMEngine
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
@@ -20,86 +14,20 @@ PromptType = str | list[int] | dict
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        *,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        load_format: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        quantization: str | None = None,
-        quantization_group_size: int = 64,
-        int8_activations: str = "dynamic",
-        bf16_prefill: bool | None = None,
-        when_too_large: str = "offload",
-        expert_memory: str | int | None = None,
-        offload_policy: str = "lru",
-        offload_prefetch: str = "lookahead",
-        offload_prefetch_evicts: str = "cold",
-        offload_prefetch_when_idle: bool = False,
-        offload_lookahead_extra: int = 0,
-        offload_on_miss: str = "wait",
-        offload_low_precision: str = "int4",
-        offload_io_threads: int = 2,
-        offload_predictor_trace: str | None = None,
-        offload_history_topk: int | None = None,
-        offload_store_dir: str | None = None,
-        offload_host_memory: str | int | None = None,
-        offload_host_compute_max_rows: int = 4,
-        offload_compression: str = "none",
-        offload_capacity: str = "global",
-        block_size: int = 16,
-        kv_cache_memory: str | int | None = None,
-        num_kv_blocks: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        enable_chunked_prefill: bool = True,
-        enable_prefix_caching: bool = False,
-        scheduling_policy: str = "fcfs",
-        device: str = "auto",
-        num_threads: int | None = None,
-        native_decode: bool = True,
-        trace_experts: str | None = None,
-    ):
-        config = EngineConfig(
-            model=ModelConfig(model, tokenizer=tokenizer, dtype=dtype, load_format=load_format,
-                              max_model_len=max_model_len, seed=seed,
-                              quantization=quantization,
-                              quantization_group_size=quantization_group_size,
-                              int8_activations=int8_activations,
-                              bf16_prefill=bf16_prefill, when_too_large=when_too_large,
-                              offload=OffloadConfig(expert_memory=expert_memory,
-                                                    policy=offload_policy,
-                                                    prefetch=offload_prefetch,
-                                                    prefetch_evicts=offload_prefetch_evicts,
-                                                    prefetch_when_idle=(
-                                                        offload_prefetch_when_idle),
-                                                    lookahead_extra=offload_lookahead_extra,
-                                                    on_miss=offload_on_miss,
-                                                    low_precision=offload_low_precision,
-                                                    io_threads=offload_io_threads,
-                                                    predictor_trace=offload_predictor_trace,
-                                                    history_topk=offload_history_topk,
-                                                    store_dir=offload_store_dir,
-                                                    host_memory=offload_host_memory,
-                                                    host_compute_max_rows=(
-                                                        offload_host_compute_max_rows),
-                                                    compression=offload_compression,
-                                                    capacity=offload_capacity)),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                              num_blocks=num_kv_blocks,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill,
-                                      policy=scheduling_policy),
-            device=DeviceConfig(device=device, num_threads=num_threads,
-                                native_decode=native_decode),
-            trace_experts=str(trace_experts) if trace_experts is not None else None,
-        )
-        self.engine = LLMEngine(config)
+    """The offline engine: `generate()` and `chat()` over a loaded model.
+
+    `LLM(model, **settings)`: model is an HF directory, a llama2.c .bin file or a built-in
+    name (`load_format="dummy"` for random weights). Every setting is a keyword named as
+    its command-line flag (`dtype`, `quantization`, `max_model_len`, `kv_cache_memory`,
+    `expert_memory`, `offload_policy`, ...: `sparsa.config.settings()` lists them with
+    their docs, `sparsa generate --help` shows them as flags). Whole sections may be passed
+    as config objects or dicts of their fields: `offload=OffloadConfig(...)`,
+    `cache={"block_size": 32}`. An unknown keyword raises TypeError naming the closest
+    setting.
+    """
+
+    def __init__(self, model: str, **settings: Any):
+        self.engine = LLMEngine(engine_config(model, **settings))
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -51,8 +51,9 @@ class OffloadState:
         """Map the read buffers of every cached expert now, at load, instead of inside the
         first request's loads (the cache fills them during any prefill anyway): call once
         the rest of the model is in its final form, so the two never peak together.
-        SPARSA_OFFLOAD_RESERVE=0 leaves them to first use. Returns how many were mapped."""
-        if not self.reserve_slabs or os.environ.get("SPARSA_OFFLOAD_RESERVE", "1") == "0":
+        OffloadConfig.reserve_buffers=False leaves them to first use (reserve_slabs 0).
+        Returns how many were mapped."""
+        if not self.reserve_slabs:
             return 0
         reader = self.cache.reader
         return reader.pool.reserve(self.reserve_slabs, reader.slab_bytes,
@@ -131,14 +132,14 @@ def _materialize_non_experts(model: nn.Module, device: torch.device) -> None:
             mod._parameters[name] = new
 
 
-def expert_layout(budget_bytes: int, total_bytes: int) -> str:
-    """SPARSA_OFFLOAD_LAYOUT=auto|native|resident (OffloadConfig has no field for it yet).
-    "native" computes on the checkpoint's [out, in] tensors as read; "resident" transposes
-    each load into FusedExperts' layout: ~50 ms of CPU per mixtral-mini expert, repaid only
-    after ~100 uses (its GEMV is ~25% faster here) and bit-identical to the all-resident
-    arithmetic. "auto" (default): resident when the budget holds every expert (each is
-    loaded once), else native."""
-    layout = os.environ.get("SPARSA_OFFLOAD_LAYOUT", "auto")
+def expert_layout(budget_bytes: int, total_bytes: int, configured: str = "auto") -> str:
+    """OffloadConfig.layout: "native" computes on the checkpoint's [out, in] tensors as
+    read; "resident" transposes each load into FusedExperts' layout: ~50 ms of CPU per
+    mixtral-mini expert, repaid only after ~100 uses (its GEMV is ~25% faster here) and
+    bit-identical to the all-resident arithmetic. "auto" (default): resident when the
+    budget holds every expert (each is loaded once), else native. SPARSA_OFFLOAD_LAYOUT,
+    when set, overrides it (a debug switch for A/B runs without code changes)."""
+    layout = os.environ.get("SPARSA_OFFLOAD_LAYOUT") or configured
     if layout == "auto":
         return "resident" if budget_bytes >= total_bytes else "native"
     if layout not in LAYOUTS:
@@ -212,7 +213,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
             store.attach(reader)
         else:
             reader = ExpertReader(locations, store_dtype, oc.direct_io, device,
-                                  layout=expert_layout(budget, total))
+                                  layout=expert_layout(budget, total, oc.layout))
     if quantized and oc.on_miss == "low_precision":  # (a bf16 form chosen at load too)
         raise ValueError(f"on_miss='low_precision' computes misses with int4/int8 copies of "
                          f"full-precision experts; {quant.method} experts come from the "
@@ -271,7 +272,8 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                        host=host if oc.on_miss == "host" else None,
                                        host_compute_max_rows=oc.host_compute_max_rows)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
-                        reserve_slabs=reserve, io_threads=oc.io_threads, history=history,
+                        reserve_slabs=reserve if oc.reserve_buffers else 0,
+                        io_threads=oc.io_threads, history=history,
                         history_stats=hstats if history is not None else None, host=host)
 
 

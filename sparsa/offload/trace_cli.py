@@ -59,11 +59,8 @@ def add_parser(subparsers: Any, add_common: Any = None,
                    help="--corpus-text prompts are cut to this many tokens (default 32)")
     p.add_argument("--max-tokens", type=_positive, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens tokens")
-    p.add_argument("--max-num-seqs", type=_positive, default=64, help="batch size limit")
-    p.add_argument("--threads", type=_positive, default=None)
     if add_model_options is not None:
         add_model_options(p)
     p.set_defaults(func=run)
@@ -117,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsa.cli import _make_llm
 
     # the shared model options, offloading included (--expert-memory, --offload-prefetch, ...)
-    llm = _make_llm(args.model, args, max_num_seqs=args.max_num_seqs, trace_experts=str(out))
+    llm = _make_llm(args.model, args, trace_experts=str(out))
     engine = llm.engine
     if engine.tokenizer is None and corpus:
         raise ValueError(f"{args.model} has no tokenizer, so a text corpus cannot be traced "

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -243,6 +244,10 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         # event loop for ~100 ms at a time under bursts of requests.
         gc.collect()
         gc.freeze()
+        # This thread validates requests: it must not flush denormals (5e-324 > 0 would be
+        # False), and a thread inherits the flag from the one that started it (a process
+        # that generated on its main thread before serving).
+        torch.set_flush_denormal(False)
         async_engine.start(asyncio.get_running_loop())
         try:
             yield

@@ -9,19 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sparsa.config import (
-    BF16_PREFILL_CHOICES,
-    CacheConfig,
-    DeviceConfig,
-    EngineConfig,
-    ModelConfig,
-    OffloadConfig,
-    SchedulerConfig,
-)
+from sparsa.config import EngineConfig, config_from_args
 from sparsa.server.async_engine import AdmissionConfig
 from sparsa.server.settings import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
+# where the server's defaults differ from the offline engine's
+SERVE_DEFAULTS = {"enable_prefix_caching": True}
 
 
 def _pos_int(text: str) -> int:
@@ -43,20 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model id clients send (default: MODEL's name: the directory or "
                         "file name of a local path, else MODEL as given; MODEL itself is "
                         "also accepted)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's)")
     p.add_argument("--chat-template", default=None,
                    help="Jinja chat template, or a file holding one, for models without one")
-    p.add_argument("--block-size", type=_pos_int, default=16)
-    p.add_argument("--num-kv-blocks", type=_pos_int, default=None)
-    p.add_argument("--max-num-seqs", type=_pos_int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=_pos_int, default=2048)
-    p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="turn automatic prefix caching off")
-    p.add_argument("--threads", type=_pos_int, default=None, help="CPU threads for the engine")
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
-                   help="fcfs: arrival order (a request's `priority` is refused); priority: "
-                        "lower `priority` first, ties by arrival")
     p.add_argument("--max-waiting", type=_pos_int, default=256,
                    help="sequences (prompts x n) allowed to wait for the engine; beyond: 503")
     p.add_argument("--max-seqs-per-request", type=_pos_int, default=256,
@@ -78,10 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a domain; default: loopback names when bound to loopback, else any)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--trace-experts", default=None, metavar="PATH",
-                   help="record every served token's routed experts at every MoE layer to "
-                        "this trace, written at shutdown (.csv or .csv.gz; replay it with "
-                        "`sparsa cache-sim --trace`)")
 
 
 def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> None:
@@ -92,38 +70,15 @@ def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> N
     add_common(p)
     p.add_argument("model", metavar="MODEL",
                    help="HF model directory, llama2.c .bin file, or built-in config name")
-    add_model_options(p)
+    add_model_options(p, defaults=SERVE_DEFAULTS)
     add_arguments(p)
     p.set_defaults(func=run_serve)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    mkw: dict[str, Any] = dict(tokenizer=args.tokenizer, dtype=getattr(args, "dtype", "auto"),
-                               load_format=getattr(args, "load_format", "auto"),
-                               max_model_len=getattr(args, "max_model_len", None))
-    if getattr(args, "quantization", None) not in (None, "none"):
-        mkw["quantization"] = args.quantization
-        mkw["quantization_group_size"] = args.group_size
-    from sparsa.offload.cli_options import offload_fields
-
-    mkw["int8_activations"] = getattr(args, "int8_activations", "dynamic")
-    mkw["bf16_prefill"] = BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")]
-    mkw["offload"] = OffloadConfig(**offload_fields(args))
-    mkw["when_too_large"] = getattr(args, "when_too_large", "offload")
-    return EngineConfig(
-        model=ModelConfig(args.model, **mkw),
-        cache=CacheConfig(block_size=args.block_size,
-                          kv_cache_memory=getattr(args, "kv_cache_memory", None),
-                          num_blocks=args.num_kv_blocks,
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens,
-                                  enable_chunked_prefill=not args.no_chunked_prefill,
-                                  policy=getattr(args, "scheduling_policy", "fcfs")),
-        device=DeviceConfig(device=getattr(args, "device", "auto"), num_threads=args.threads,
-                            native_decode=getattr(args, "native_decode", True)),
-        trace_experts=getattr(args, "trace_experts", None),
-    )
+    """The served engine's config: the settings given as flags, over the server's own
+    defaults (SERVE_DEFAULTS)."""
+    return config_from_args(args.model, args)
 
 
 def build_from_args(args: argparse.Namespace):
@@ -182,7 +137,7 @@ def run_serve(args: argparse.Namespace) -> int:
                     args.host)
     print(f"sparsa: serving {app.state.settings.model_name} "
           f"(context {engine.max_model_len}, {engine.block_manager.num_blocks} KV blocks, "
-          f"prefix caching {'off' if args.no_prefix_caching else 'on'}) "
+          f"prefix caching {'on' if engine.config.cache.enable_prefix_caching else 'off'}) "
           f"on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5, timeout_keep_alive=args.keep_alive_timeout)

@@ -11,7 +11,6 @@ import torch
 from sparsa import LLM, SamplingParams
 from sparsa.cli import build_parser
 from sparsa.config import OffloadConfig
-from sparsa.offload.cli_options import offload_fields
 from sparsa.offload.expert_store import ExpertCache
 from sparsa.offload.host_tier import HostTier
 
@@ -133,18 +132,24 @@ def test_config_errors(fields, message):
         OffloadConfig(expert_memory="25%", **fields)
 
 
+def offload_fields(args):
+    from sparsa.config import config_from_args
+
+    return config_from_args("m", args).model.offload
+
+
 def test_cli_options():
     args = build_parser().parse_args(
         ["generate", "m", "--expert-memory", "25%", "--offload-host-memory", "8GiB",
          "--offload-on-miss", "host", "--offload-host-compute-rows", "2",
          "--offload-capacity", "per_layer"])
-    f = offload_fields(args)
+    f = vars(offload_fields(args))
     assert (f["host_memory"], f["on_miss"], f["host_compute_max_rows"]) == ("8GiB", "host", 2)
     assert f["capacity"] == "per_layer"
     OffloadConfig(**f)
     args = build_parser().parse_args(["generate", "m", "--expert-memory", "25%",
                                       "--offload-on-miss", "int8"])
-    f = offload_fields(args)
+    f = vars(offload_fields(args))
     assert (f["on_miss"], f["low_precision"], f["host_memory"]) == ("low_precision", "int8",
                                                                     None)
 

@@ -1,0 +1,24 @@
+"""What makes a config field a setting: a one-line doc, and its name where that differs."""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+
+def setting(default: Any = None, doc: str = "", **meta: Any) -> Any:
+    """A config field that is also a setting (keyword, flag, server option).
+
+    `doc` is its one-line help. Optional metadata: `name`, the keyword and flag when it is
+    not the section's prefix + the field name; `aliases`, extra option strings the command
+    line keeps; `cli=False` for a field set only through the API (documented why)."""
+    meta = {"help": doc, **meta}
+    if isinstance(default, (dict, list)):
+        empty = type(default)
+        return field(default_factory=lambda: empty(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -1,0 +1,204 @@
+"""The engine's settings, one dataclass per concern, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from sparsa.config.base import check_choice, setting
+from sparsa.config.offload import OffloadConfig
+from sparsa.config.units import parse_dtype, parse_size
+
+WHEN_TOO_LARGE = ("offload", "error", "ignore")
+# the command line's spelling of ModelConfig.bf16_prefill (and of any bool-or-auto field)
+BF16_PREFILL_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+@dataclass
+class ModelConfig:
+    """What to load: an HF directory, a llama2.c .bin, or a built-in name (dummy weights),
+    and in which form."""
+
+    model: str  # an HF directory, a llama2.c .bin file or a built-in name (positional)
+    tokenizer: str | None = setting(None, "tokenizer directory (unset: the model's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "float",
+                   "half"] = setting(
+        "auto", "compute dtype (auto: the checkpoint's; bf16/fp16 checkpoints run as fp32 on "
+                "CPU, which has no fast half GEMM)")
+    load_format: Literal["auto", "safetensors", "dummy"] = setting(
+        "auto", "dummy: random weights of the right shapes")
+    max_model_len: int | None = setting(
+        None, "context window (unset: the model's max_position_embeddings)")
+    seed: int = setting(0, "seed of the engine: random (dummy) weights, and on the command "
+                           "line also the sampling seed")
+    hf_overrides: dict[str, Any] = setting(
+        {}, "config.json fields to override, as JSON (e.g. '{\"num_hidden_layers\": 2}')")
+    quantization: Literal["none", "int8", "int4", "bf16"] | None = setting(
+        None, "weight form applied at load: int8/int4 weight-only quantization, bf16 weights "
+              "with fp32 math (unset: none; bf16 checkpoints on CPU keep bf16 weights)",
+        aliases=("-q",))
+    quantization_group_size: int = setting(
+        64, "int4 only: input channels per scale/zero pair (16..256)",
+        aliases=("--group-size",))
+    int8_activations: Literal["dynamic", "none"] = setting(
+        "dynamic", "int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
+                   "activations quantized per row; none = exact activations")
+    bf16_prefill: bool | None = setting(
+        None, "bf16 weights only: prefill GEMMs in bf16 (activations rounded to bf16); "
+              "auto = where the CPU has bf16 dot products; off keeps fp32 math (lossless)")
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    when_too_large: Literal["offload", "error", "ignore"] = setting(
+        "offload", "when the weights would not fit the device's available memory: offload "
+                   "(an MoE checkpoint keeps its experts on disk, expert_memory=auto; others: "
+                   "an error), error, or ignore (load anyway)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty path or built-in model name")
+        if isinstance(self.bf16_prefill, str):  # "auto" | "on" | "off", as on the CLI
+            check_choice("bf16_prefill", self.bf16_prefill, tuple(BF16_PREFILL_CHOICES))
+            self.bf16_prefill = BF16_PREFILL_CHOICES[self.bf16_prefill]
+        parse_dtype(self.dtype)
+        self.quant_config()  # validates method and group size
+        check_choice("when_too_large", self.when_too_large, WHEN_TOO_LARGE)
+        if self.offload.enabled and self.quant_config().enabled and \
+                self.offload.on_miss == "low_precision":
+            raise ValueError("offload_on_miss='low_precision' needs full-precision experts; "
+                             "with int8/int4/bf16 quantization they are quantized already "
+                             "(on_miss='wait' or 'host' work)")
+        check_choice("load_format", self.load_format, ("auto", "safetensors", "dummy"))
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1; got {self.max_model_len}")
+        if not isinstance(self.hf_overrides, dict):
+            raise ValueError("hf_overrides must be a dict of config.json fields")
+
+    def quant_config(self, checkpoint_dtype: torch.dtype | None = None,
+                     device: torch.device | None = None):
+        """The `QuantConfig` this model is loaded with (method "none" when off).
+
+        With `quantization` left unset (None, not "none"), a bf16 checkpoint computed in fp32
+        on a CPU keeps its weights in bf16 ("bf16" form: half the memory and half the bytes
+        per decoded token, exactly the checkpoint's weights) when the native kernels are
+        there to multiply them; pass the checkpoint dtype and device to get that choice."""
+        from sparsa.layers.quantization import QuantConfig
+
+        method = self.quantization
+        if method is None and self._auto_bf16(checkpoint_dtype, device):
+            method = "bf16"
+        bf16_prefill = self.bf16_prefill
+        if bf16_prefill is None:
+            from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
+
+            bf16_prefill = method == "bf16" and cpu_has_bf16_dot()
+        return QuantConfig(method=method or "none", group_size=self.quantization_group_size,
+                           int8_activations=self.int8_activations,
+                           bf16_prefill=bool(bf16_prefill))
+
+    def _auto_bf16(self, checkpoint_dtype: torch.dtype | None,
+                   device: torch.device | None) -> bool:
+        if checkpoint_dtype != torch.bfloat16 or device is None or device.type != "cpu":
+            return False
+        # with offloading this is the form of the resident (non-expert) weights
+        if parse_dtype(self.dtype) not in (None, torch.float32):
+            return False
+        from sparsa import kernels
+
+        return kernels.available()
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size and how much memory the pool may take."""
+
+    block_size: int = setting(16, "tokens per KV block (a power of two)")
+    kv_cache_memory: str | int | None = setting(
+        None, "KV cache budget: bytes or e.g. '512MiB' (unset: kv_cache_memory_fraction)")
+    memory_fraction: float = setting(
+        0.25, "KV cache share of total RAM (CPU) or free device memory (CUDA) when "
+              "kv_cache_memory is unset", name="kv_cache_memory_fraction")
+    num_blocks: int | None = setting(
+        None, "KV blocks, exactly (overrides the budget; mostly for tests)",
+        name="num_kv_blocks")
+    enable_prefix_caching: bool = setting(
+        False, "reuse the KV blocks of prompt prefixes seen before (on in `sparsa serve`)",
+        aliases=("--prefix-caching",))
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1; got {self.block_size}")
+        if not 0.0 < self.memory_fraction <= 0.95:
+            raise ValueError(f"memory_fraction must be in (0, 0.95]; got {self.memory_fraction}")
+        if self.kv_cache_memory is not None and parse_size(self.kv_cache_memory) <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = setting(64, "most sequences in one batch")
+    max_num_batched_tokens: int = setting(2048, "most tokens computed in one step")
+    enable_chunked_prefill: bool = setting(
+        True, "split long prompts across steps so decodes keep running",
+        aliases=("--chunked-prefill",))
+    policy: Literal["fcfs", "priority"] = setting(
+        "fcfs", "fcfs: arrival order; priority: lower `priority` first, ties by arrival",
+        name="scheduling_policy")
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1; got {self.max_num_batched_tokens}"
+            )
+        check_choice("policy", self.policy, ("fcfs", "priority"))
+
+
+@dataclass
+class DeviceConfig:
+    """Where and how wide the engine computes."""
+
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    num_threads: int | None = setting(None, "CPU threads (unset: physical cores)",
+                                      aliases=("--threads",))
+    native_decode: bool = setting(
+        True, "all-decode CPU steps as one native call sequence per layer (same results; "
+              "off runs the model's modules)")
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device.startswith("cuda")
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1; got {self.num_threads}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class EngineConfig:
+    """Everything an LLMEngine is built from."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    trace_experts: str | None = setting(
+        None, "record every computed token's routed experts at every MoE layer to this "
+              "trace (.csv or .csv.gz), written at shutdown")
+
+    def __post_init__(self) -> None:
+        if self.trace_experts is not None:
+            self.trace_experts = str(self.trace_experts)  # a Path is welcome too
