@@ -33,19 +33,11 @@ import torch
 from torch import nn
 
 from sparsa.config import CacheConfig, ModelConfig, parse_size
+from sparsa.loader.hf_config import config_value as _cfg
 
 __all__ = ["count_parameters", "format_info", "model_info"]
 
 log = logging.getLogger(__name__)
-
-
-def _cfg(hf_config: Any, *names: str) -> Any:
-    """The first of `names` that the config sets to something other than None."""
-    for n in names:
-        v = getattr(hf_config, n, None)
-        if v is not None:
-            return v
-    return None
 
 
 def _dtype_name(dt: torch.dtype | None) -> str | None:
@@ -54,7 +46,7 @@ def _dtype_name(dt: torch.dtype | None) -> str | None:
 
 def _build_meta_model(hf_config: Any, dtype: torch.dtype) -> nn.Module:
     from sparsa.loader.meta import parameters_on_meta
-    from sparsa.loader.model_loader import build_model
+    from sparsa.loader.weights import build_model
 
     try:
         return build_model(hf_config, dtype, torch.device("meta"))

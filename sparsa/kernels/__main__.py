@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparsa.kernels import _build_dir, load, unavailable_reason
+from sparsa.kernels.build import _build_dir, load, unavailable_reason
 
 
 def main(argv: list[str] | None = None) -> int:

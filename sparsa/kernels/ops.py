@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsa.kernels import load
+from sparsa.kernels.build import load
 from sparsa.kernels.layout import BF16_K_ALIGN, INT4_CHUNK, INT4_GROUP_SIZES, INT8_K_ALIGN
 
 

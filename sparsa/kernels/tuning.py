@@ -62,7 +62,7 @@ def cpu_info() -> dict:
 
 
 def _source_hash() -> str:
-    from sparsa.kernels import _SOURCES
+    from sparsa.kernels.build import _SOURCES
 
     h = hashlib.sha256()
     for src in sorted(_SOURCES):

@@ -113,7 +113,7 @@ def build_streamed(hf_config, dtype: torch.dtype, device: torch.device,
                    config: QuantConfig) -> StreamedModel:
     """The model with empty quantized modules and uninitialised other parameters."""
     from sparsa.loader.meta import parameters_on_meta
-    from sparsa.loader.model_loader import _expected_entries, build_model
+    from sparsa.loader.weights import _expected_entries, build_model
 
     with parameters_on_meta():
         model = build_model(hf_config, dtype, device)
@@ -209,7 +209,7 @@ def final_form_bytes(hf_config, dtype: torch.dtype, config: QuantConfig) -> tupl
     model built with its parameters on the meta device (its shapes are those the
     checkpoint's headers hold, or loading it fails)."""
     from sparsa.loader.meta import parameters_on_meta
-    from sparsa.loader.model_loader import build_model
+    from sparsa.loader.weights import build_model
 
     # only the parameters on meta: the meta device's buffers would fail YaRN's tables
     with parameters_on_meta():

@@ -75,7 +75,7 @@ def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
 
 
 def _attention(attn: nn.Module) -> tuple[Callable, int]:
-    from sparsa.models.decoder import Attention
+    from sparsa.models.blocks import Attention
 
     if type(attn) is not Attention:
         raise Unsupported(f"attention {type(attn).__name__}")
@@ -95,7 +95,7 @@ def _attention(attn: nn.Module) -> tuple[Callable, int]:
 
 
 def _mlp(mlp: nn.Module) -> tuple[Step, int]:
-    from sparsa.models.decoder import MLP
+    from sparsa.models.blocks import MLP
 
     if type(mlp) is not MLP:
         raise Unsupported(f"feed-forward block {type(mlp).__name__}")
@@ -110,7 +110,7 @@ def _mlp(mlp: nn.Module) -> tuple[Step, int]:
 
 
 def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
-    from sparsa.models.decoder import ROUTE_NATIVE_MAX_ROWS, SparseMoeBlock
+    from sparsa.models.blocks import ROUTE_NATIVE_MAX_ROWS, SparseMoeBlock
 
     if type(block) is not SparseMoeBlock:
         return (*_mlp(block), None)

@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 
-from sparsa.offload.policies import CachePolicy, Stream, _scatter
+from sparsa.offload.policy_base import CachePolicy, Stream, _scatter
 
 __all__ = ["ActivationAware", "activation_library"]
 

@@ -152,7 +152,7 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                    device: torch.device, quant: QuantConfig | None = None) -> OffloadState:
     """`quant` (method int8, int4 or bf16): the experts are cached, read and computed quantized,
     exactly as `quantize_model` quantizes the all-resident model's experts."""
-    from sparsa.loader.model_loader import load_weights
+    from sparsa.loader.weights import load_weights
 
     experts = [m for m in model.modules() if isinstance(m, FusedExperts)]
     if not experts:

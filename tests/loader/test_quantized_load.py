@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsa.config import ModelConfig
-from sparsa.layers.quantization import streaming
+from sparsa.layers.quantization import rows as streaming  # where row blocks are written
 from sparsa.loader.model_loader import load_model
 from sparsa.loader.safetensors_reader import CheckpointError
 from tests.offload.helpers import DEEPSEEK_V2

@@ -79,7 +79,7 @@ class QuantizedExperts(GroupedExperts):
 
     def load_expert(self, expert: int, which: str, loaded: torch.Tensor) -> None:
         """Quantize one expert's checkpoint projection into place (`streaming`)."""
-        from sparsa.layers.quantization.streaming import load_expert_rows
+        from sparsa.layers.quantization.rows import load_expert_rows
 
         load_expert_rows(self, expert, which, loaded)
 

@@ -71,7 +71,7 @@ class _QuantizedLinearBase(nn.Module):
 
     def load_shard(self, name: str, loaded: torch.Tensor, shard: int | None) -> None:
         """Quantize a checkpoint tensor into place (streamed loading: `streaming`)."""
-        from sparsa.layers.quantization.streaming import load_linear_shard
+        from sparsa.layers.quantization.rows import load_linear_shard
 
         load_linear_shard(self, name, loaded, shard)
 
