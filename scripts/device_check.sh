@@ -40,7 +40,7 @@ echo "== bench" | tee "$OUT/bench.log"
 M=/tmp/mixtral-mini-bf16
 [ -f "$M/config.json" ] || $PY -m sparsa.cli write-dummy mixtral-mini "$M" --dtype bfloat16 \
   >>"$OUT/bench.log" 2>&1 || rc=1
-B="$PY -m sparsa.bench_offload $M --device cuda --prompt-len 64 --max-tokens 64"
+B="$PY -m sparsa.bench.offload $M --device cuda --prompt-len 64 --max-tokens 64"
 timeout 90 $B --budgets 25%,all --json "$OUT/bench_disk.json" 2>&1 | tee -a "$OUT/bench.log" \
   || rc=1
 timeout 90 $B --budgets 25% --host-memory 100% --on-miss wait,host \

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sparsa.config import add_engine_arguments, config_from_args, engine_kwargs
+from sparsa.extras import MissingExtra
 from sparsa.offload.cli_options import positive_int
 from sparsa.sampling_params import SamplingParams
 
@@ -37,7 +38,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 # Exceptions that mean "the input was wrong" (exit 2), as opposed to an internal failure.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError,
+                                                  MissingExtra)
 
 
 class CLIError(Exception):
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     _add_model_options(i, defaults={"device": "cpu"})
 
-    sub.add_parser("bench", help="benchmark against transformers (see `sparsa bench --help`)",
+    sub.add_parser("bench", help="measuring tools: engines vs peers, serve, offload, kernels, "
+                                 "ppl, ... (see sparsa/bench/__init__.py)",
                    add_help=False)
 
     d = sub.add_parser("demo", help="generate stories with the real shared models",
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTERNAL_COMMANDS = ["sparsa.eval_ppl_cli", "sparsa.server.cli", "sparsa.offload.cli",
+_EXTERNAL_COMMANDS = ["sparsa.bench.ppl_cli", "sparsa.server.cli", "sparsa.offload.cli",
                       "sparsa.loader.dummy_writer_cli", "sparsa.offload.trace_cli"]
 
 
@@ -495,8 +498,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(format="sparsa: %(levelname)s: %(message)s")
 
     try:
-        if bench is not None and bench[1][:1] == ["serve"]:  # `sparsa bench serve ...`
-            return importlib.import_module("sparsa.bench_serve").main(bench[1][1:])
         if bench is not None:
             return cmd_bench(bench[1])
         commands = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}

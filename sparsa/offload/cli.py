@@ -284,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(results: list[Any], path: str, args: argparse.Namespace, trace: Trace) -> None:
-    import matplotlib
+    from sparsa.extras import require
+
+    matplotlib = require("matplotlib", "plot", "cache-sim --plot")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zstandard
 
 from sparsa.loader.safetensors_reader import CheckpointError, TensorLocation
 from sparsa.offload.expert_reader import (
@@ -80,6 +79,13 @@ _HEADER_SLACK = 128  # bytes per expert a header may grow by when sizes are fill
 # checkpoint offset's): fp32 GEMMs round differently at other alignments.
 _PHASE = 64
 
+def _zstd():
+    """zstandard, from the `offload` extra (imported when a compressed store is used)."""
+    from sparsa.extras import require
+
+    return require("zstandard", "offload", "offload_compression='zstd'")
+
+
 
 def split_planes(t: torch.Tensor) -> list[np.ndarray]:
     """t's byte planes: plane j holds byte j (little-endian) of every element, in order."""
@@ -105,7 +111,7 @@ def merge_planes(planes: list[np.ndarray], out: np.ndarray) -> None:
 def encode_plane(plane: np.ndarray, level: int = ZSTD_LEVEL) -> bytes | np.ndarray:
     """The zstd frame of `plane` (content size and checksum in it), or the plane itself
     where compression does not pay."""
-    c = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(plane)
+    c = _zstd().ZstdCompressor(level=level, write_checksum=True).compress(plane)
     return c if len(c) <= RAW_ABOVE * plane.nbytes else plane
 
 
@@ -113,7 +119,7 @@ class _Decoder(threading.local):
     """Per I/O thread: a zstd context and a scratch buffer for the decompressed planes."""
 
     def __init__(self):
-        self.dctx = zstandard.ZstdDecompressor()
+        self.dctx = _zstd().ZstdDecompressor()
         self.scratch = np.empty(0, dtype=np.uint8)
         self.one = np.empty(1, dtype=np.uint8)
 
@@ -141,7 +147,7 @@ def decode_plane(data: np.ndarray, n: int, dst: np.ndarray) -> np.ndarray:
                 break
             got += k
         extra = r.readinto(_DECODER.one)  # the frame must end here (checksum checked)
-    except zstandard.ZstdError as e:
+    except _zstd().ZstdError as e:
         raise CheckpointError(f"corrupt compressed plane in the expert store ({e})") from None
     if got != n or extra:
         raise CheckpointError(f"compressed plane in the expert store holds "

@@ -15,30 +15,14 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from sparsa.engine.llm_engine import LLMEngine
 from sparsa.outputs import RequestOutput
 from sparsa.sampling_params import SamplingParams
 from sparsa.server.errors import APIError, OverloadedError
+from sparsa.server.settings import AdmissionConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdmissionConfig:
-    """Every limit counts sequences (a request makes prompts x n of them), since each one
-    is queued, scheduled and holds KV blocks on its own."""
-
-    max_waiting: int = 256  # sequences admitted but not yet running in the engine
-    max_tokens_in_flight: int | None = None  # sum of n*(prompt + max_tokens); None = auto
-    request_timeout: float | None = 600.0  # seconds from arrival to the last token
-    max_seqs_per_request: int = 256  # prompts x n of one request
-
-    def __post_init__(self) -> None:
-        for name in ("max_waiting", "max_seqs_per_request"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class EngineFailed(RuntimeError):

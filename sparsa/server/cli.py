@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparsa.config import EngineConfig, config_from_args
-from sparsa.server.async_engine import AdmissionConfig
-from sparsa.server.settings import LOOPBACK_HOSTS
+from sparsa.server.settings import LOOPBACK_HOSTS, AdmissionConfig
 
 log = logging.getLogger(__name__)
 # where the server's defaults differ from the offline engine's
@@ -81,8 +80,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return config_from_args(args.model, args)
 
 
+def _require_server_extra() -> None:
+    from sparsa.extras import require
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require(module, "server", "sparsa serve")
+
+
 def build_from_args(args: argparse.Namespace):
     """(FastAPI app, LLMEngine) for parsed `serve` arguments."""
+    _require_server_extra()
     from sparsa.engine.llm_engine import LLMEngine
     from sparsa.server.app import build_app
     from sparsa.server.settings import ServerSettings
@@ -129,6 +136,7 @@ def allowed_hosts(flag: str | None, bind: str) -> list[str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    _require_server_extra()
     import uvicorn
 
     app, engine = build_from_args(args)

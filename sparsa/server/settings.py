@@ -4,7 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparsa.server.async_engine import AdmissionConfig
+
+@dataclass
+class AdmissionConfig:
+    """Every limit counts sequences (a request makes prompts x n of them), since each one
+    is queued, scheduled and holds KV blocks on its own."""
+
+    max_waiting: int = 256  # sequences admitted but not yet running in the engine
+    max_tokens_in_flight: int | None = None  # sum of n*(prompt + max_tokens); None = auto
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token
+    max_seqs_per_request: int = 256  # prompts x n of one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_waiting", "max_seqs_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 

@@ -132,7 +132,7 @@ def test_native_read_probe_reads_the_buffer():
         ext.read_bandwidth(torch.ones(64), 1)
     with pytest.raises(RuntimeError, match="threads"):
         ext.read_bandwidth(buf, 0)
-    from sparsa.bench_env import ReadProbe
+    from sparsa.bench.env import ReadProbe
 
     probe = ReadProbe(threads=1, nbytes=1 << 20, readings=2)
     assert probe.kind == "native read_bandwidth"

@@ -293,7 +293,7 @@ def test_bad_values_raise():
 
 @pytest.mark.parametrize("layout", ["resident", "native"])
 def test_eval_ppl_compares_miss_handlings(tmp_path, layout, monkeypatch):
-    from sparsa.eval_ppl import compare_offload, evaluate_perplexity, format_table, read_documents
+    from sparsa.bench.ppl import compare_offload, evaluate_perplexity, format_table, read_documents
     from sparsa.tokenizer import shared_dir
 
     model = shared_dir() / "models" / "tinymoe-stories"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sparsa.bench_serve import RequestResult, main, parse_slos, summarize
+from sparsa.bench.serve import RequestResult, main, parse_slos, summarize
 from tests.server.conftest import API_KEY, MODEL
 
 
@@ -92,7 +92,7 @@ def test_vs_llamacpp_rejects_bad_rates(model_dir, capsys):
 
 
 def test_comparison_table_ratios():
-    from sparsa.server.peer_bench import format_comparison
+    from sparsa.bench.serve_peer import format_comparison
 
     t = format_comparison({"sparsa": {0.5: {"goodput": 0.3, "median_ttft_ms": 100.0}},
                            "llama.cpp": {0.5: {"goodput": 0.2, "median_ttft_ms": 400.0}}})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sparsa.bench_env import spread
+from sparsa.bench.env import spread
 
 TgRun = Callable[[], float]  # one tgN run, returns tok/s
 

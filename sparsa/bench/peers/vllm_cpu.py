@@ -78,7 +78,7 @@ class VllmCpu:
 def workload_spec(model_dir: Path, w, parts: set[str], vocab: int, dtype: str = "bfloat16"
                   ) -> dict:
     """The worker's input: the same prompts (token ids) as Sparsa's runs of `w`."""
-    from sparsa.bench_suite import offline_requests, random_prompts
+    from sparsa.bench.suite import offline_requests, random_prompts
 
     spec: dict = {"model": str(model_dir), "dtype": dtype, "parts": sorted(parts),
                   "workload": {"pp": w.pp, "tg": w.tg, "batched_gen": w.batched_gen},

@@ -79,7 +79,7 @@ def _build(args: argparse.Namespace):
 
 
 def run_ab(args: argparse.Namespace, slos: dict[str, float]) -> int:
-    from sparsa.bench_serve import make_requests, print_report, run_benchmark, summarize
+    from sparsa.bench.loadgen import make_requests, print_report, run_benchmark, summarize
 
     app, engine = _build(args)
     w = copy.copy(args)

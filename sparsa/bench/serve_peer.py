@@ -10,7 +10,7 @@ bits that its own converter writes (`-q int8` -> Q8_0, `-q int4` -> Q4_K_M, none
 Prompts are token ids, so both engines see exactly the same prompt lengths; every request
 ignores EOS and produces its full output length. Each rate gets its own prompts (seed + i),
 the same for both engines. Metrics and goodput are vLLM's (see
-`sparsa.bench_serve`); the ratio printed is Sparsa / llama.cpp per rate.
+`sparsa.bench.serve`); the ratio printed is Sparsa / llama.cpp per rate.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def resolve_model(spec: str, cache_dir: str) -> Path:
     path = Path(spec)
     if path.is_dir():
         return path
-    from sparsa.bench import ensure_checkpoint
+    from sparsa.bench.weights import ensure_checkpoint
 
     return ensure_checkpoint(spec, Path(cache_dir))
 
@@ -73,7 +73,7 @@ def resolve_model(spec: str, cache_dir: str) -> Path:
 @contextmanager
 def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[str]:
     """`sparsa serve` in a child process on a free loopback port."""
-    from sparsa.peers.llamacpp import _free_port, _wait_healthy
+    from sparsa.bench.peers.llamacpp import _free_port, _wait_healthy
 
     port = _free_port()
     cmd = [sys.executable, "-m", "sparsa.cli", "serve", str(model), "--port", str(port),
@@ -99,8 +99,8 @@ def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[s
 
 @contextmanager
 def llamacpp_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[str]:
+    from sparsa.bench.peers.llamacpp import LlamaCpp, default_cache
     from sparsa.config import physical_cores
-    from sparsa.peers.llamacpp import LlamaCpp, default_cache
 
     lc = LlamaCpp(default_cache())
     lc.ensure_installed()
@@ -124,7 +124,7 @@ def _load(args: argparse.Namespace, base: str, vocab: int, rate: float | None,
 
 def run_engine(name: str, model: Path, args: argparse.Namespace, rates: list[float],
                slos: dict[str, float], vocab: int, ctx: int) -> dict[float, dict[str, Any]]:
-    from sparsa.bench_serve import make_requests, print_report, run_benchmark, summarize
+    from sparsa.bench.loadgen import make_requests, print_report, run_benchmark, summarize
 
     server = sparsa_server if name == "sparsa" else llamacpp_server
     out: dict[float, dict[str, Any]] = {}

@@ -1,6 +1,6 @@
 """Micro-benchmark of the native quantized kernels against torch's ops.
 
-    python -m sparsa.kernels.bench_kernels [--n 8192 --k 4096 --threads 2 --rows 1,2,4,8]
+    sparsa bench kernels [--n 8192 --k 4096 --threads 2 --rows 1,2,4,8]
                                            [--moe-dram-layers 8]
 
 Prints weight bandwidth (GB/s of weight bytes read, the figure that bounds decode) for the

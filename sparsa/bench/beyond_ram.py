@@ -1,10 +1,10 @@
-"""`python -m sparsa.bench_beyond_ram`: a model larger than RAM, Sparsa against llama.cpp and
+"""`sparsa bench beyond-ram`: a model larger than RAM, Sparsa against llama.cpp and
 HF transformers + accelerate disk offload, on the same weights and prompt.
 
 One request of `--prompt-len` random token ids (fixed seed; the same ids for every engine),
 greedy, EOS ignored, batch 1. Each engine runs in a fresh process of its own, one at a time:
 
-- sparsa: `sparsa.bench_offload.run_one` with `expert_memory` = each `--budgets` value;
+- sparsa: `sparsa.bench.offload.run_one` with `expert_memory` = each `--budgets` value;
 - llama.cpp: llama-cpp-python over the GGUF (mmap on, the OS page cache is its only cache;
   `--gguf`, or converted from MODEL_DIR with `--gguf-type`);
 - hf: `from_pretrained(device_map="auto", max_memory={"cpu": non-expert bytes + budget +
@@ -224,7 +224,7 @@ class _Recorder:
 # ---- engines (each in its own process) ---------------------------------------------------
 
 def _run_sparsa(out: str, model: str, budget: str, opts: dict) -> None:
-    from sparsa.bench_offload import run_one
+    from sparsa.bench.offload import run_one
 
     rec = _Recorder(out, {"engine": "sparsa", "budget": budget})
     rec.save(note="loading")
@@ -385,7 +385,7 @@ def _uptime() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m sparsa.bench_beyond_ram",
+    ap = argparse.ArgumentParser(prog="sparsa bench beyond-ram",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("model", help="HF model directory (safetensors)")
     ap.add_argument("--budgets", default="25%,50%",
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = ([] if caps and args.no_llamacpp_uncapped else ["mmap"]) + list(caps)
         gguf = None
         if engine == "llama.cpp":
-            from sparsa.peers.llamacpp import LlamaCpp, default_cache
+            from sparsa.bench.peers.llamacpp import LlamaCpp, default_cache
 
             gguf = Path(args.gguf) if args.gguf else \
                 LlamaCpp(default_cache()).convert(model, args.gguf_type)

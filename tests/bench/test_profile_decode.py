@@ -1,11 +1,11 @@
-"""sparsa.profile_decode: the per-op split of a decode step adds up and leaves no timers."""
+"""sparsa.bench.profile_decode: the per-op split of a decode step adds up and leaves no timers."""
 
 from __future__ import annotations
 
 import pytest
 
 from sparsa import LLM, kernels
-from sparsa.profile_decode import profile
+from sparsa.bench.profile_decode import profile
 from tests.tiny_models import build_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsa.bench_env import ReadProbe, env_line, environment, parse_cpu, roofline_share, spread
-from sparsa.bench_pairs import alternate_tg, sequential_tg, summarize
-from sparsa.bench_real import SUITES, SuiteEntry, entry_needs, format_suite, skip_reason
+from sparsa.bench.env import ReadProbe, env_line, environment, parse_cpu, roofline_share, spread
+from sparsa.bench.pairs import alternate_tg, sequential_tg, summarize
+from sparsa.bench.real import SUITES, SuiteEntry, entry_needs, format_suite, skip_reason
 
 LSCPU = """Architecture:             x86_64
 Model name:               Intel(R) Xeon(R) Platinum 8480+
@@ -104,7 +104,7 @@ def test_summarize_needs_equal_rounds():
 
 
 def _write_gguf(path: Path, tied: bool) -> None:
-    from sparsa.peers.gguf_bytes import _gguf_module
+    from sparsa.bench.peers.gguf_bytes import _gguf_module
 
     try:
         gguf = _gguf_module()
@@ -129,7 +129,7 @@ def _write_gguf(path: Path, tied: bool) -> None:
 
 
 def test_gguf_bytes_per_token(tmp_path):
-    from sparsa.peers.gguf_bytes import gguf_bytes_per_token
+    from sparsa.bench.peers.gguf_bytes import gguf_bytes_per_token
 
     g = tmp_path / "m.gguf"
     _write_gguf(g, tied=False)
@@ -149,7 +149,7 @@ def test_gguf_bytes_per_token(tmp_path):
 
 def test_bytes_per_token_counts_offloaded_experts(tmp_path):
     from sparsa import LLM
-    from sparsa.bench import bytes_per_token
+    from sparsa.bench.weights import bytes_per_token
     from tests.tiny_models import build_tiny_checkpoint
 
     _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
@@ -223,9 +223,9 @@ def test_format_suite():
 def test_run_suite_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypatch, capsys):
     import argparse
 
-    import sparsa.bench
-    import sparsa.bench_real as br
-    import sparsa.bench_vs
+    import sparsa.bench.real as br
+    import sparsa.bench.vs
+    import sparsa.bench.weights
 
     gib = 1 << 30
     monkeypatch.setattr(br, "SUITES", {"t": [SuiteEntry("small", "int4", ("q4_k_m", "q4_0")),
@@ -234,7 +234,8 @@ def test_run_suite_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypat
         "disk_checkpoint": 0, "disk_gguf": 0, "ram": (1 if e.model == "small" else 1000) * gib})
     monkeypatch.setattr(br, "mem_available", lambda: 20 * gib)
     monkeypatch.setenv("SPARSA_LLAMACPP_DIR", str(tmp_path / "lc"))
-    monkeypatch.setattr(sparsa.bench, "ensure_checkpoint", lambda name, cache: tmp_path / name)
+    monkeypatch.setattr(sparsa.bench.weights, "ensure_checkpoint",
+                        lambda name, cache: tmp_path / name)
     calls = []
 
     def fake_run_vs(sub, path, results, probe=None):
@@ -245,7 +246,7 @@ def test_run_suite_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypat
         results["sparsa"] = {"roofline_share": 0.5}
         return 0
 
-    monkeypatch.setattr(sparsa.bench_vs, "run_vs", fake_run_vs)
+    monkeypatch.setattr(sparsa.bench.vs, "run_vs", fake_run_vs)
     args = argparse.Namespace(suite="t", vs=None, cache_dir=str(tmp_path / "c"),
                               json_out=str(tmp_path / "out"), model="x", quantization="none",
                               vs_types=None)
@@ -264,7 +265,7 @@ def test_bytes_per_token_tied_head(tmp_path):
     """A tied model reads its embedding table as the output projection; once the head is
     quantized, the step reads the quantized head and the table is only a lookup."""
     from sparsa import LLM
-    from sparsa.bench import bytes_per_token
+    from sparsa.bench.weights import bytes_per_token
     from tests.tiny_models import build_tiny_checkpoint
 
     _, path = build_tiny_checkpoint("llama-tied-rope-llama3", tmp_path / "m")

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from sparsa.eval_ppl import compare_quantizations, format_table
+from sparsa.bench.ppl import compare_quantizations, format_table
 
 METHODS = ("none", "int8", "int8-exact", "int4", "bf16", "bf16-prefill")
 
@@ -48,7 +48,7 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.expert_memory is not None:
-        from sparsa.eval_ppl import compare_offload
+        from sparsa.bench.ppl import compare_offload
         from sparsa.offload.low_precision import parse_on_miss
 
         results = compare_offload(
@@ -73,3 +73,12 @@ def _show(results: list, args: argparse.Namespace) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([r.as_dict() for r in results], indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sparsa bench ppl ...` (the same as `sparsa eval-ppl ...`)."""
+    parser = argparse.ArgumentParser(prog="sparsa bench")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub, lambda p: None, lambda p, **kw: None)
+    args = parser.parse_args(["eval-ppl", *(argv or [])])
+    return args.func(args)

@@ -17,7 +17,7 @@ def _gguf_module():
     try:
         import gguf
     except ImportError:  # the vendored copy in the llama.cpp sources the peer downloads
-        from sparsa.peers.llamacpp import LlamaCpp, default_cache
+        from sparsa.bench.peers.llamacpp import LlamaCpp, default_cache
 
         gguf_py = LlamaCpp(default_cache()).vendor / "gguf-py"
         if not gguf_py.is_dir():

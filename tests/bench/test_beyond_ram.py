@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sparsa import bench_beyond_ram as br
+from sparsa.bench import beyond_ram as br
 
 
 def test_parse_engines_aliases_order_and_errors():

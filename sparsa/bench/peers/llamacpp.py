@@ -116,7 +116,7 @@ class LlamaCpp:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         if gtype in CONVERTER_TYPES:
-            _run([sys.executable, "-m", "sparsa.peers.gguf_convert", str(self.vendor),
+            _run([sys.executable, "-m", "sparsa.bench.peers.gguf_convert", str(self.vendor),
                   str(model_dir), "--outfile", str(tmp), "--outtype", gtype])
         else:
             src = self.convert_type(model_dir, intermediate_type(model_dir))

@@ -8,11 +8,11 @@ import weakref
 
 import pytest
 
-import sparsa.bench_vs as bench_vs
-import sparsa.peers.gguf_bytes as gguf_bytes
-import sparsa.peers.llamacpp as llamacpp
-from sparsa.bench_env import ReadProbe
-from sparsa.bench_vs import run_vs
+import sparsa.bench.peers.gguf_bytes as gguf_bytes
+import sparsa.bench.peers.llamacpp as llamacpp
+import sparsa.bench.vs as bench_vs
+from sparsa.bench.env import ReadProbe
+from sparsa.bench.vs import run_vs
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 EVENTS: list = []
@@ -157,8 +157,8 @@ def test_peer_fits_beside():
 
 
 def test_vllm_cpu_gets_the_same_prompts_and_bf16(tmp_path, monkeypatch):
-    from sparsa.bench_suite import Workload, offline_requests, random_prompts
-    from sparsa.peers import vllm_cpu
+    from sparsa.bench.peers import vllm_cpu
+    from sparsa.bench.suite import Workload, offline_requests, random_prompts
 
     _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
     specs = []
@@ -178,8 +178,8 @@ def test_vllm_cpu_gets_the_same_prompts_and_bf16(tmp_path, monkeypatch):
     args = argparse.Namespace(vs="vllm-cpu", parts="tg,batched,offline", quantization="int8",
                               group_size=64, kv_cache_memory="64MiB", max_batched_tokens=2048,
                               threads=1, json_out=None)
-    monkeypatch.setattr("sparsa.bench_vs.run_sparsa", lambda llm, w, parts, cb=None: {})
-    monkeypatch.setattr("sparsa.bench_vs.sparsa_tg_once", lambda llm, n: 20.0)
+    monkeypatch.setattr("sparsa.bench.vs.run_sparsa", lambda llm, w, parts, cb=None: {})
+    monkeypatch.setattr("sparsa.bench.vs.sparsa_tg_once", lambda llm, n: 20.0)
     results: dict = {"model": "tiny"}
     args.pairs = 2
     assert run_vs(args, path, results, EventProbe()) == 0

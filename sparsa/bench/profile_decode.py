@@ -1,4 +1,4 @@
-"""`python -m sparsa.profile_decode MODEL [-q int8] [--threads N]`: where a batch-1 decode
+"""`sparsa bench profile-decode MODEL [-q int8] [--threads N]`: where a batch-1 decode
 step's time goes.
 
 Decodes `--tokens` tokens greedily twice: once plain (the step time), once with a timer

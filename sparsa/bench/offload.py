@@ -1,4 +1,4 @@
-"""`python -m sparsa.bench_offload`: decode speed, TTFT and memory with experts offloaded.
+"""`sparsa bench offload`: decode speed, TTFT and memory with experts offloaded.
 
 For each expert budget (and "all" = every expert resident, when it fits), one request of
 `--prompt-len` random tokens decodes `--max-tokens` tokens greedily at batch 1. Reported:
