@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTERNAL_COMMANDS = ["sparsa.bench.ppl_cli", "sparsa.server.cli", "sparsa.offload.cli",
-                      "sparsa.loader.dummy_writer_cli", "sparsa.offload.trace_cli"]
+_EXTERNAL_COMMANDS = ["sparsa.bench.ppl_cli", "sparsa.server.cli",
+                      "sparsa.offload.lab.cache_sim_cli", "sparsa.loader.dummy_writer_cli",
+                      "sparsa.offload.lab.trace_cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class LLM:
         self.engine = LLMEngine(engine_config(model, **settings))
 
     def get_tokenizer(self):
+        """The model's tokenizer (transformers), or None for a model without one."""
         return self.engine.tokenizer
 
     def save_expert_trace(self, path: str | None = None, clear: bool = False):
@@ -70,6 +71,13 @@ class LLM:
         priority: list[int] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
+        """Generate for each prompt and return its finished `RequestOutput`, in order.
+
+        `prompts`: a string, a list of token ids, a list of either, or dicts with
+        "prompt" / "prompt_token_ids". `sampling_params`: one for all prompts or one per
+        prompt (default: `SamplingParams()`). `priority`: per prompt, lower first (with
+        scheduling_policy="priority"). All prompts run batched; an error adding any of them
+        aborts those already added."""
         items = self._normalize(prompts)
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(items):
@@ -104,6 +112,8 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template (or `chat_template`) to one conversation
+        (a list of {"role", "content"} messages) or a list of them, and generate."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so chat() is unavailable")

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CompletionOutput:
+    """One sample of a request: its text, token ids, logprobs and why it finished."""
+
     index: int
     text: str
     token_ids: list[int]
@@ -17,11 +19,15 @@ class CompletionOutput:
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:
+        """Whether this sample is done (it has a finish reason)."""
         return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
+    """A request's prompt and its samples (`outputs`, one per `n`), cumulative as it runs;
+    `metrics` holds arrival, first-token and finish times and cached prompt tokens."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

@@ -18,6 +18,8 @@ _SEED_MAX = 2**64 - 1
 
 
 class SamplingType(enum.IntEnum):
+    """How a request's tokens are drawn: argmax, from the shared generator, or seeded."""
+
     GREEDY = 0
     RANDOM = 1
     RANDOM_SEED = 2
@@ -197,10 +199,12 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
+        """Temperature (near) zero: argmax."""
         return self.temperature < _GREEDY_EPS
 
     @property
     def sampling_type(self) -> SamplingType:
+        """Greedy, random, or random with this request's own seed."""
         if self.is_greedy:
             return SamplingType.GREEDY
         if self.seed is not None:
@@ -209,10 +213,12 @@ class SamplingParams:
 
     @property
     def top_k_enabled(self) -> bool:
+        """Whether top-k filtering applies (top_k > 0)."""
         return self.top_k > 0
 
     @property
     def has_penalties(self) -> bool:
+        """Whether any repetition/presence/frequency penalty changes the logits."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0

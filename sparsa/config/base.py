@@ -20,5 +20,6 @@ def setting(default: Any = None, doc: str = "", **meta: Any) -> Any:
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise ValueError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -182,6 +182,7 @@ class DeviceConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        """The torch device ("auto": CUDA when there is one, else the CPU)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

@@ -129,14 +129,17 @@ class OffloadConfig:
 
     @property
     def enabled(self) -> bool:
+        """Whether experts are offloaded at all (expert_memory is set)."""
         return self.expert_memory is not None
 
     @property
     def lookahead(self) -> bool:
+        """Whether the next layer's router prefetches."""
         return "lookahead" in self.prefetch
 
     @property
     def history(self) -> bool:
+        """Whether the trace-fit history predictors prefetch."""
         return "history" in self.prefetch
 
     def budget_bytes(self, total_expert_bytes: int, available: int | None = None) -> int:

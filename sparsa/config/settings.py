@@ -48,6 +48,8 @@ SECTION_KEYWORDS = {"offload": "offload", "offload_config": "offload", "cache": 
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: a config field under the name its keyword and flag use."""
+
     name: str  # keyword == flag (dashes) == server option
     section: str
     field: str
@@ -60,6 +62,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
+        """The command-line flag: `--` and the name with dashes."""
         return "--" + self.name.replace("_", "-")
 
 
@@ -239,4 +242,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(model: str, args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The EngineConfig of parsed command-line flags (and a command's own overrides)."""
     return engine_config(model, **{**engine_kwargs(args), **overrides})

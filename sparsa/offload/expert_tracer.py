@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sparsa.layers.moe import moe_blocks
-from sparsa.offload.trace import TraceRecorder
+from sparsa.offload.lab.trace import TraceRecorder
 
 __all__ = ["ExpertTracer"]
 

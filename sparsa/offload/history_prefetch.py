@@ -4,7 +4,7 @@ the next MoE layer's experts from what the engine already knows.
 ``LLM(expert_memory=..., offload_prefetch="history" | "lookahead+history",
 offload_predictor_trace="train.csv.gz")``. The trace is one recorded from this model
 (``sparsa trace MODEL --out train.csv.gz`` or any run with ``--trace-experts``); the
-predictors are the trace lab's own (`sparsa.offload.predictors`), so the engine's guesses are
+predictors are the trace lab's own (`sparsa.offload.lab.predictors`), so the engine's guesses are
 the ones `sparsa cache-sim --predictor history` measures. For each token the guess for layer
 l + 1 combines, as naive Bayes log-likelihood ratios added to the layer's log prior:
 
@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparsa.offload.predictors import (
+from sparsa.offload.lab.predictors import (
     CooccurrencePredictor,
     TokenAffinityPredictor,
     TransitionPredictor,
 )
-from sparsa.offload.trace import Trace
+from sparsa.offload.lab.trace import Trace
 
 __all__ = ["HistoryPrefetcher"]
 

@@ -18,13 +18,13 @@ from sparsa.config import OffloadConfig
 from sparsa.layers.moe import FusedExperts
 from sparsa.layers.quantization import QuantConfig
 from sparsa.loader.safetensors_reader import CheckpointError, SafetensorsCheckpoint
+from sparsa.offload.expert_cache import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.expert_reader import LAYOUTS
-from sparsa.offload.expert_store import ExpertCache, ExpertLocation, ExpertReader
 from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
-from sparsa.offload.quantized_store import ExpertStore, open_store
+from sparsa.offload.quantized_store import QuantizedStore, open_store
 
 if TYPE_CHECKING:
     from sparsa.offload.compressed_store import CompressedStore
@@ -40,7 +40,7 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
-    store: ExpertStore | CompressedStore | None = None  # where experts are read from
+    store: QuantizedStore | CompressedStore | None = None  # where experts are read from
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows
@@ -312,7 +312,7 @@ def _expert_budget(oc: OffloadConfig, total: int, expert_bytes: int,
 
 
 def _predictor_trace(oc: OffloadConfig, num_experts: int):
-    from sparsa.offload.trace import load_trace
+    from sparsa.offload.lab.trace import load_trace
 
     path = Path(oc.predictor_trace)
     if not path.is_file():

@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from sparsa.layers.moe import GroupedExperts, moe_blocks
 from sparsa.layers.quantization import QuantizedExperts
 from sparsa.layers.quantization.matmul import bf16_matmul
-from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.expert_cache import ExpertCache
 from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts

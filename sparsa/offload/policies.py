@@ -1,6 +1,6 @@
 """Expert cache eviction policies behind one interface.
 
-The simulator (:mod:`sparsa.offload.cache_sim`) owns residency; a policy only ranks. The cache
+The simulator (:mod:`sparsa.offload.lab.cache_sim`) owns residency; a policy only ranks. The cache
 is split into ``G`` groups of ``S`` slots (per-layer capacity: one group per layer, a slot per
 expert; global capacity: one group whose slots are all (layer, expert) pairs). At each step the
 simulator asks :meth:`CachePolicy.priority` for a (G, S) array and evicts the resident,

@@ -90,8 +90,9 @@ def shard_identity(files: list[Path]) -> list:
 
 
 @dataclass
-class ExpertStore:
-    """An opened store: where each expert's tensors are, and how to make a block of them."""
+class QuantizedStore:
+    """An opened quantized store: where each expert's tensors are, and how to make a block
+    of them."""
 
     path: Path
     config: QuantConfig
@@ -308,7 +309,7 @@ def layer_files(path: Path, files: dict) -> Iterator[tuple[int, list[int], Path,
 
 
 def _open(path: Path, identity: dict, qc: QuantConfig, hidden: int, inter: int,
-          keys: set[tuple[int, int]]) -> ExpertStore:
+          keys: set[tuple[int, int]]) -> QuantizedStore:
     """The store at `path`, checked against its manifest; CheckpointError says what is
     wrong (missing, truncated, inconsistent)."""
     m = read_manifest(path, identity)
@@ -318,7 +319,7 @@ def _open(path: Path, identity: dict, qc: QuantConfig, hidden: int, inter: int,
         files = m["files"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / _MANIFEST}: malformed manifest ({e!r})") from None
-    store = ExpertStore(path, qc, hidden, inter, names)
+    store = QuantizedStore(path, qc, hidden, inter, names)
     for layer, experts, f, header, data_start in layer_files(path, files):
         for e in experts:
             parts = []
@@ -338,7 +339,7 @@ def _open(path: Path, identity: dict, qc: QuantConfig, hidden: int, inter: int,
 def open_store(ckpt_files: list[Path], locations: dict[tuple[int, int], ExpertLocation],
                qc: QuantConfig, dtype: torch.dtype, hidden: int, inter: int,
                store_dir: str | os.PathLike | None = None, direct_io: bool = True,
-               model_name: str = "model") -> ExpertStore:
+               model_name: str = "model") -> QuantizedStore:
     """The quantized store of these experts: reused when a valid one exists, else built
     (first load, or the old one was incomplete or damaged: rebuilt with a warning)."""
     identity = store_identity(ckpt_files, qc, dtype, hidden, inter)
@@ -385,3 +386,6 @@ def open_or_build(path: Path, kind: str, locations: dict[tuple[int, int], Expert
     logger.info("wrote %d %s experts into %s in %.1f s", len(locations), kind, path,
                 store.build_seconds)
     return store
+
+
+ExpertStore = QuantizedStore  # (its earlier name)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparsa.offload.trace import Trace, make_trace
+from sparsa.offload.lab.trace import Trace, make_trace
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 DEEPSEEK_V2 = dict(
@@ -51,7 +51,7 @@ def assert_ignores_unknowns(pred, test: Trace, lookahead: int, t: int = 17,
                             tol: float = 0.0) -> None:
     """The information rule: `pred`'s scores for tokens up to t do not change when token t's
     current and later layers and every later token are scrambled (`tol`: float noise)."""
-    from sparsa.offload.predictors import History
+    from sparsa.offload.lab.predictors import History
 
     for layer in range(test.num_layers):
         base = pred.scores(History(test, layer, lookahead))

@@ -12,9 +12,9 @@ import torch
 
 from sparsa import LLM, SamplingParams
 from sparsa.cli import main
-from sparsa.offload.cache_sim import simulate
+from sparsa.offload.lab.cache_sim import simulate
+from sparsa.offload.lab.trace import load_trace
 from sparsa.offload.policies import make_policy
-from sparsa.offload.trace import load_trace
 from sparsa.tokenizer import shared_dir
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 

@@ -9,7 +9,7 @@ import pytest
 from sparsa import LLM, SamplingParams
 from sparsa.cli import main
 from sparsa.config import OffloadConfig
-from sparsa.offload.trace_cli import read_prompts
+from sparsa.offload.lab.trace_cli import read_prompts
 from sparsa.tokenizer import shared_dir
 
 from .helpers import moe_checkpoint

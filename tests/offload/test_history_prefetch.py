@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsa.offload.history_prefetch import HistoryPrefetcher
-from sparsa.offload.predictors import (
+from sparsa.offload.lab.predictors import (
     CooccurrencePredictor,
     History,
     TokenAffinityPredictor,

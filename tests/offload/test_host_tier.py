@@ -11,7 +11,7 @@ import torch
 from sparsa import LLM, SamplingParams
 from sparsa.cli import build_parser
 from sparsa.config import OffloadConfig
-from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.expert_cache import ExpertCache
 from sparsa.offload.host_tier import HostTier
 
 from .helpers import moe_checkpoint

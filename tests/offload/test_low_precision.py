@@ -24,7 +24,7 @@ from sparsa.layers.moe import moe_blocks
 from sparsa.layers.quantization import matmul as qmatmul
 from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
 from sparsa.loader.safetensors_reader import CheckpointError
-from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.expert_cache import ExpertCache
 from sparsa.offload.low_precision import LowPrecisionExperts, parse_on_miss
 from tests.offload.helpers import DEEPSEEK_V2
 from tests.offload.test_offload_engine import GREEDY, PROMPTS

@@ -16,7 +16,7 @@ import torch
 
 from sparsa import LLM, SamplingParams, kernels
 from sparsa.layers.moe import moe_blocks
-from sparsa.offload.expert_store import ExpertCache
+from sparsa.offload.expert_cache import ExpertCache
 from sparsa.offload.quantized_store import STORE_ENV
 from tests.offload.helpers import moe_checkpoint
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from sparsa.offload.activation_policy import ActivationAware
-from sparsa.offload.cache_sim import simulate
+from sparsa.offload.lab.cache_sim import simulate
+from sparsa.offload.lab.trace import make_trace
 from sparsa.offload.policies import LearnedRF, make_policy
-from sparsa.offload.trace import make_trace
 
 from .helpers import synthetic
 

@@ -9,7 +9,7 @@ import re
 import httpx
 
 from sparsa.config import OffloadConfig
-from sparsa.offload.trace import load_trace
+from sparsa.offload.lab.trace import load_trace
 
 from .conftest import API_KEY, MODEL, build_tiny_chat_model, make_server
 

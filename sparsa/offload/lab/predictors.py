@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsa.offload.trace import Trace
+from sparsa.offload.lab.trace import Trace
 
 __all__ = [
     "CombinedPredictor",

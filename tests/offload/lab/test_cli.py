@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 from sparsa.cli import main
-from sparsa.offload.trace import save_trace
-
-from .helpers import synthetic
+from sparsa.offload.lab.trace import save_trace
+from tests.offload.helpers import synthetic
 
 
 def test_cache_sim_smoke(tmp_path, capsys, monkeypatch):
@@ -45,7 +44,7 @@ def test_fit_cache_loads_only_files_it_signed(tmp_path, monkeypatch):
     """A cache file without this user's HMAC is never unpickled: the fit runs instead."""
     import pickle
 
-    from sparsa.offload.cli import _cached
+    from sparsa.offload.lab.cache_sim_cli import _cached
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     train = tmp_path / "train.csv"

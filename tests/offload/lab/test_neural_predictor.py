@@ -7,11 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-from sparsa.offload.neural_predictor import NEAR_WINDOWS, NeuralPredictor, prompt_neighbours
-from sparsa.offload.predictors import History, predict_trace
-from sparsa.offload.trace import make_trace
-
-from .helpers import assert_ignores_unknowns, synthetic
+from sparsa.offload.lab.neural_predictor import NEAR_WINDOWS, NeuralPredictor, prompt_neighbours
+from sparsa.offload.lab.predictors import History, predict_trace
+from sparsa.offload.lab.trace import make_trace
+from tests.offload.helpers import assert_ignores_unknowns, synthetic
 
 
 def _small(**kw) -> NeuralPredictor:

@@ -29,16 +29,15 @@ from typing import Any
 import numpy as np
 
 from sparsa.offload.activation_policy import ActivationAware, activation_library
-from sparsa.offload.cache_sim import DSV2_LITE_EXPERT_BYTES, BandwidthModel, simulate
-from sparsa.offload.learned_eviction import (
+from sparsa.offload.lab.cache_sim import DSV2_LITE_EXPERT_BYTES, BandwidthModel, simulate
+from sparsa.offload.lab.learned_eviction import (
     NextUseModel,
     ScorePolicy,
     next_use_scores,
     oracle_next_scores,
 )
-from sparsa.offload.neural_predictor import NeuralPredictor
-from sparsa.offload.policies import CachePolicy, LearnedRF, make_policy
-from sparsa.offload.predictors import (
+from sparsa.offload.lab.neural_predictor import NeuralPredictor
+from sparsa.offload.lab.predictors import (
     CombinedPredictor,
     CooccurrencePredictor,
     Predictor,
@@ -46,7 +45,8 @@ from sparsa.offload.predictors import (
     TokenAffinityPredictor,
     predict_trace,
 )
-from sparsa.offload.trace import Trace, load_trace
+from sparsa.offload.lab.trace import Trace, load_trace
+from sparsa.offload.policies import CachePolicy, LearnedRF, make_policy
 
 __all__ = ["add_parser", "run"]
 

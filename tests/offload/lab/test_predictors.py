@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsa.offload.predictors import (
+from sparsa.offload.lab.predictors import (
     CombinedPredictor,
     CooccurrencePredictor,
     History,
@@ -13,8 +13,7 @@ from sparsa.offload.predictors import (
     TokenAffinityPredictor,
     predict_trace,
 )
-
-from .helpers import assert_ignores_unknowns, synthetic
+from tests.offload.helpers import assert_ignores_unknowns, synthetic
 
 PREDICTORS = [lambda: CooccurrencePredictor(2), TokenAffinityPredictor, PrevTokenPredictor,
               lambda: CombinedPredictor(sample=200)]

@@ -7,10 +7,9 @@ import gzip
 import numpy as np
 import pytest
 
-from sparsa.offload.trace import TraceRecorder, load_trace, make_trace, save_trace
+from sparsa.offload.lab.trace import TraceRecorder, load_trace, make_trace, save_trace
 from sparsa.tokenizer import shared_dir
-
-from .helpers import synthetic
+from tests.offload.helpers import synthetic
 
 
 @pytest.mark.parametrize("name", ["t.csv", "t.csv.gz"])

@@ -10,7 +10,7 @@ experts; layers are independent, so all layers of a token advance together, vect
 global (one pool of ``capacity`` (layer, expert) slots shared by all layers, replayed one
 (token, layer) step at a time).
 
-Prefetch lists come from a predictor (:mod:`sparsa.offload.predictors`) before the replay:
+Prefetch lists come from a predictor (:mod:`sparsa.offload.lab.predictors`) before the replay:
 predictions depend only on the trace, never on cache state, so they are computed in one
 vectorized pass; ``prefetch[n, j]`` are the ranked experts to load for token n's layer j.
 They are inserted just before layer j runs; when they were *issued* (``lookahead`` layers
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sparsa.offload.lab.trace import Trace
 from sparsa.offload.policies import CachePolicy, Stream
-from sparsa.offload.trace import Trace
 
 __all__ = ["BandwidthModel", "SimResult", "build_stream", "simulate", "stall_model"]
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsa.offload.cache_sim import simulate
-from sparsa.offload.learned_eviction import (
+from sparsa.offload.lab.cache_sim import simulate
+from sparsa.offload.lab.learned_eviction import (
     NextUseModel,
     ScorePolicy,
     future_uses,
     next_use_scores,
     oracle_next_scores,
 )
+from sparsa.offload.lab.trace import make_trace
 from sparsa.offload.policies import LRU, Belady
-from sparsa.offload.trace import make_trace
-
-from .helpers import synthetic
+from tests.offload.helpers import synthetic
 
 
 def _small(**kw) -> NextUseModel:

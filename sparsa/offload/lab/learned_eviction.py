@@ -5,7 +5,7 @@ capacity the next request for a layer-l expert comes from a LATER token at layer
 usable imitation (the idea of Parrot, Liu et al. 2020) ranks resident experts by a learned
 estimate of how soon, and how likely, later tokens use them at that layer. This module:
 
-- :class:`NextUseModel`: the :class:`~sparsa.offload.neural_predictor.NeuralPredictor`
+- :class:`NextUseModel`: the :class:`~sparsa.offload.lab.neural_predictor.NeuralPredictor`
   network with the running layer included in ``own`` (at layer l of token t the router has
   chosen, so layers <= l of this token are known; later tokens are not) and a soft target:
   the discounted uses by the next ``horizon`` tokens of the prompt at that layer.
@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsa.offload.neural_predictor import NeuralPredictor, TokenInputs, token_inputs
+from sparsa.offload.lab.neural_predictor import NeuralPredictor, TokenInputs, token_inputs
+from sparsa.offload.lab.predictors import History
+from sparsa.offload.lab.trace import Trace
 from sparsa.offload.policies import CachePolicy, Stream, _scatter
-from sparsa.offload.predictors import History
-from sparsa.offload.trace import Trace
 
 __all__ = ["NextUseModel", "ScorePolicy", "future_uses", "next_use_scores",
            "oracle_next_scores"]

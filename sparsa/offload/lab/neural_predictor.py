@@ -2,7 +2,7 @@
 
 Why this shape: the strongest trace-only signals are pairwise ("expert i at layer j of this
 token, or of the previous token, makes expert e at layer l likely") plus the token id. A
-naive-Bayes or logistic combination (:class:`~sparsa.offload.predictors.CombinedPredictor`)
+naive-Bayes or logistic combination (:class:`~sparsa.offload.lab.predictors.CombinedPredictor`)
 adds those signals independently; here every (source, layer, expert) feature gets a learned
 embedding PER TARGET LAYER (a dense (F, D) input matrix per layer: batches hold one target
 layer each), summed with a token-id embedding and a layer embedding, and an MLP mixes them,
@@ -12,7 +12,7 @@ has to learn the rest. On DeepSeek-V2-Lite: precision@6 0.697 on heldout (0.687 
 prompt-neighbour features) against the combined predictor's 0.625 (sparsa/offload/README.md).
 
 Inputs for target layer l of token n (only what the information rule allows; see
-:class:`~sparsa.offload.predictors.History`):
+:class:`~sparsa.offload.lab.predictors.History`):
 
 - this token's known layers (``own``: layers before ``l - lookahead + 1``), multi-hot;
 - the previous token's and the one before's experts at every layer;
@@ -28,7 +28,7 @@ Inputs for target layer l of token n (only what the information rule allows; see
 Training is BCE on the 64 multi-hot targets of every (token, layer) pair of the training
 trace, one thread, two epochs (6-8 minutes on the full train split). The same inputs (less
 the neighbour features), with ``own`` extended to the running layer and a future target,
-drive the learned eviction policy (:mod:`sparsa.offload.learned_eviction`).
+drive the learned eviction policy (:mod:`sparsa.offload.lab.learned_eviction`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsa.offload.predictors import History, Predictor, _multi_hot
-from sparsa.offload.trace import Trace
+from sparsa.offload.lab.predictors import History, Predictor, _multi_hot
+from sparsa.offload.lab.trace import Trace
 
 __all__ = ["NeuralPredictor", "TokenInputs", "prompt_neighbours", "token_inputs"]
 

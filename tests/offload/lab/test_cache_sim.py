@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsa.offload.cache_sim import BandwidthModel, simulate, stall_model
+from sparsa.offload.lab.cache_sim import BandwidthModel, simulate, stall_model
 from sparsa.offload.policies import make_policy
-
-from .helpers import synthetic
+from tests.offload.helpers import synthetic
 
 
 def test_oracle_prefetch_hits_everything_and_is_counted():
