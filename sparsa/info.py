@@ -214,7 +214,7 @@ def _weight_form(compute_dt: torch.dtype, qc: Any, dev: torch.device) -> str:
                        else "dequantize + fp32 GEMM for prefill")
             kernel = f"sparsa C++ {isa} kernels for decode, {prefill}"
         elif native and qc.method == "int4":
-            from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
+            from sparsa.platform import cpu_has_bf16_dot
 
             gemm = "bf16 GEMM (this CPU has bf16 dot products)" if cpu_has_bf16_dot() \
                 else "fp32 GEMM"

@@ -89,7 +89,7 @@ class ModelConfig:
             method = "bf16"
         bf16_prefill = self.bf16_prefill
         if bf16_prefill is None:
-            from sparsa.layers.quantization.matmul import cpu_has_bf16_dot
+            from sparsa.platform import cpu_has_bf16_dot
 
             bf16_prefill = method == "bf16" and cpu_has_bf16_dot()
         return QuantConfig(method=method or "none", group_size=self.quantization_group_size,

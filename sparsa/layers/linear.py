@@ -1,9 +1,9 @@
 """Linear layers that know how checkpoint tensors map onto their (possibly fused) weights.
 
 Weights are stored transposed, [in, out], and applied as `x @ W`: on CPU the batch-1 GEMV
-over that layout streams memory ~1.6x faster than `F.linear` over [out, in] (measured on
-the mixtral-mini shapes), and GEMMs are as fast. Fusing q/k/v and gate/up into one weight
-turns several small GEMMs into one larger one.
+over that layout streams memory faster than `F.linear` over [out, in] (the log in
+docs/bench-log.md has the measurement), and GEMMs are as fast. Fusing q/k/v and gate/up
+into one weight turns several small GEMMs into one larger one.
 """
 
 from __future__ import annotations

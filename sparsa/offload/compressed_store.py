@@ -1,9 +1,9 @@
 """The compressed expert store: offloaded experts kept losslessly compressed on disk.
 
-Expert offloading at a small budget is bound by the disk (DeepSeek-V2-Lite bf16: 17.3 MB per
-expert read at ~1.3 GB/s). Trained weights' bytes are far from random once split into byte
-planes: a bf16 tensor's high bytes (sign and 7 exponent bits) take few values and zstd
-(level 1) shrinks them to ~0.37 of their size, while the low bytes (mantissa) do not compress.
+Expert offloading at a small budget is bound by the disk (each DeepSeek-V2-Lite bf16 expert
+is 17.3 MB). Trained weights' bytes are far from random once split into byte planes: a bf16
+tensor's high bytes (sign and 7 exponent bits) take few values and zstd (level 1) shrinks
+them to about a third of their size, while the low bytes (mantissa) do not compress.
 So with `OffloadConfig(compression="zstd")` the first load streams every routed expert from the
 checkpoint (two in memory at a time), splits each of its tensors (gate, up, down [out, in])
 into `itemsize` byte planes (plane j = byte j of every element, little-endian), compresses each

@@ -5,12 +5,12 @@ with O_DIRECT, so the OS page cache cannot silently serve (and inflate the measu
 of) a "slow tier" read; where O_DIRECT is refused (tmpfs, some filesystems) it reads
 normally and drops the pages afterwards with posix_fadvise.
 
-How a load is made fast (mixtral-mini fp32, 34.6 MB per expert, on the 2-core dev box: 145-190
-ms per load before, ~13-25 ms now): the three tensors of an expert are usually adjacent in
+How a load is made fast (several times faster than reading tensor by tensor; figures in
+BENCHMARKS.md): the three tensors of an expert are usually adjacent in
 the file, so they are coalesced into one span and read in 4 MiB O_DIRECT chunks straight
 into a page-aligned slab; the tensors are views of the slab (no copy when the checkpoint's
 dtype is the store dtype). Slabs are recycled: a freshly mapped buffer costs a page fault
-per 4 KiB inside the O_DIRECT read (0.65 GB/s), a reused one does not (2.3 GB/s here).
+per 4 KiB inside the O_DIRECT read (a several-fold slower read), a reused one does not.
 
 Layouts: "native" keeps the checkpoint's [out, in] tensors (gate, up, down), computed with
 F.linear; "resident" transposes into FusedExperts' [in, out] layout (w13 [H, 2I], w2 [I, H]),

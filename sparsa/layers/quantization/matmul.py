@@ -4,9 +4,9 @@
   activations quantized to int8 per block; see `sparsa.kernels.layout`).
 * int8 with more rows (prefill, batched decode) on CPU: W8A8, each activation row quantized
   to int8 with its own scale and one ``torch._int_mm`` (oneDNN's int8 GEMM: VNNI where the CPU
-  has it, ``vpmaddubsw`` otherwise) over the stored int8 weight. Measured here (2 threads,
-  5632x1024): 2.5x faster than dequantize + fp32 GEMM with oneDNN held to AVX2, 9x with
-  AVX-512 VNNI at 512 rows. ``int8_activations="none"`` turns it off (exact activations).
+  has it, ``vpmaddubsw`` otherwise) over the stored int8 weight: several times faster than
+  dequantize + fp32 GEMM (figures in BENCHMARKS.md). ``int8_activations="none"`` turns it
+  off (exact activations).
 * Otherwise (int4, bf16, that switch off, or no native kernels): the weight is dequantized
   tile by tile to the activation dtype and multiplied with torch's GEMM. Without the native
   kernels, int8 at small row counts still uses torch's packed ``_weight_int8pack_mm``. This
@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from sparsa import kernels
 from sparsa.kernels import ops
 from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
+from sparsa.platform import cpu_has_bf16_dot
 
 _INT8_OP = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _INT_MM = getattr(torch, "_int_mm", None)
@@ -142,27 +143,6 @@ def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
             else dequantize_int8(q[n0:n1], scale[n0:n1], dt)
         out[:, n0:n1] = xd @ w.t()
     return out
-
-
-_cpu_bf16: bool | None = None
-
-
-def cpu_has_bf16_dot() -> bool:
-    """True when this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX), where a
-    bf16 GEMM is several times faster than fp32; without them it is ~600x slower.
-    ``SPARSA_BF16_GEMM=0|1`` overrides the check."""
-    global _cpu_bf16
-    env = os.environ.get("SPARSA_BF16_GEMM")
-    if env in ("0", "1"):
-        return env == "1"
-    if _cpu_bf16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-            _cpu_bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-        except OSError:
-            _cpu_bf16 = False
-    return _cpu_bf16
 
 
 def use_bf16_gemm(x: torch.Tensor, op: str) -> bool:
