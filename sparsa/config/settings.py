@@ -232,13 +232,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         inner, optional = _optional(s.type)
-        if inner is bool and optional:
+        if inner is bool and optional and isinstance(value, str):
             value = BF16_PREFILL_CHOICES[value]
         if s.shorthands and value in s.shorthands:
             out.update(s.shorthands[value])
             continue
         out[s.name] = value
     return out
+
+
+def resolve_engine_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Set every setting's attribute of `args` to its effective value (given, the
+    command's default, else the config's): for tools that read `args.quantization` etc.
+    and hand the same values to peers. Returns `args`."""
+    given = engine_kwargs(args)
+    for s in settings():
+        setattr(args, s.name, given.get(s.name, s.default))
+    return args
 
 
 def config_from_args(model: str, args: argparse.Namespace, **overrides: Any) -> EngineConfig:

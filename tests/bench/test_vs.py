@@ -53,8 +53,8 @@ class EventProbe(ReadProbe):
 
 
 def _args(**kw):
-    d = dict(vs="llama.cpp", parts="pp,tg", quantization="int8", group_size=64,
-             kv_cache_memory="64MiB", max_batched_tokens=2048, threads=1, json_out=None,
+    d = dict(vs="llama.cpp", parts="pp,tg", quantization="int8", quantization_group_size=64,
+             kv_cache_memory="64MiB", max_num_batched_tokens=2048, num_threads=1, json_out=None,
              pairs=3, vs_types="q8_0,q4_0", n_gen=16, n_prompt=32)
     d.update(kw)
     return argparse.Namespace(**d)
@@ -176,8 +176,9 @@ def test_vllm_cpu_gets_the_same_prompts_and_bf16(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vllm_cpu, "VllmCpu", FakeVllm)
     args = argparse.Namespace(vs="vllm-cpu", parts="tg,batched,offline", quantization="int8",
-                              group_size=64, kv_cache_memory="64MiB", max_batched_tokens=2048,
-                              threads=1, json_out=None)
+                              quantization_group_size=64, kv_cache_memory="64MiB",
+                              max_num_batched_tokens=2048,
+                              num_threads=1, json_out=None)
     monkeypatch.setattr("sparsa.bench.vs.run_sparsa", lambda llm, w, parts, cb=None: {})
     monkeypatch.setattr("sparsa.bench.vs.sparsa_tg_once", lambda llm, n: 20.0)
     results: dict = {"model": "tiny"}
