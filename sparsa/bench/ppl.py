@@ -118,10 +118,12 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
                           text_slice: str = "0:1", mode: str = "blocks",
                           context_len: int | None = None,
                           max_windows: int | None = None, group_size: int = 64,
-                          num_threads: int | None = None) -> list[PerplexityResult]:
+                          num_threads: int | None = None,
+                          settings: dict | None = None) -> list[PerplexityResult]:
     """Load `model` once per method and score the same text with each. "int8-exact" is int8
     with `int8_activations="none"` (plain "int8" quantizes batched activation rows too);
-    "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill)."""
+    "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill).
+    `settings`: engine settings every load shares (the method's own override them)."""
     from sparsa.llm import LLM
 
     documents = read_documents(text_path, text_slice, mode)
@@ -130,11 +132,12 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
         exact = method == "int8-exact"
         bf16_prefill = method == "bf16-prefill"
         q = "int8" if exact else "bf16" if bf16_prefill else method
-        llm = LLM(model, quantization=None if q == "none" else q,
-                  quantization_group_size=group_size, num_threads=num_threads,
-                  int8_activations="none" if exact else "dynamic",
-                  bf16_prefill=bf16_prefill if q == "bf16" else None,
-                  max_num_batched_tokens=max(2048, context_len or 0))
+        llm = LLM(model, **{
+            **(settings or {}), "quantization": None if q == "none" else q,
+            "quantization_group_size": group_size, "num_threads": num_threads,
+            "int8_activations": "none" if exact else "dynamic",
+            "bf16_prefill": bf16_prefill if q == "bf16" else None,
+            "max_num_batched_tokens": max(2048, context_len or 0)})
         label = method if method != "int4" else f"int4-g{group_size}"
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,
                                 label=label)
@@ -148,7 +151,8 @@ def compare_offload(model: str, text_path: str, expert_memory: str,
                     variants: list[tuple[str, str]], *, text_slice: str = "0:1",
                     mode: str = "blocks", context_len: int | None = None,
                     max_windows: int | None = None, policy: str = "lru",
-                    num_threads: int | None = None) -> list[PerplexityResult]:
+                    num_threads: int | None = None,
+                    settings: dict | None = None) -> list[PerplexityResult]:
     """Score the same text with experts offloaded under `expert_memory`, once per
     (on_miss, low_precision) variant (`sparsa.offload.low_precision.parse_on_miss`)."""
     from sparsa.llm import LLM
@@ -156,9 +160,10 @@ def compare_offload(model: str, text_path: str, expert_memory: str,
     documents = read_documents(text_path, text_slice, mode)
     results = []
     for on_miss, low in variants:
-        llm = LLM(model, expert_memory=expert_memory, offload_policy=policy,
-                  offload_on_miss=on_miss, offload_low_precision=low, num_threads=num_threads,
-                  max_num_batched_tokens=max(2048, context_len or 0))
+        llm = LLM(model, **{
+            **(settings or {}), "expert_memory": expert_memory, "offload_policy": policy,
+            "offload_on_miss": on_miss, "offload_low_precision": low,
+            "num_threads": num_threads, "max_num_batched_tokens": max(2048, context_len or 0)})
         label = f"offload {expert_memory}, " + ("wait" if on_miss == "wait" else
                                                 f"{low} on miss")
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,

@@ -30,32 +30,32 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
                    help="comma-separated weight formats to compare (none, int8, int8-exact, "
                         "int4, bf16, bf16-prefill; int8-exact keeps activations exact in "
                         "batched matmuls, bf16-prefill runs prefill GEMMs in bf16)")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    p.add_argument("--expert-memory", default=None,
-                   help="offload the experts under this budget (e.g. 25%%) and compare the "
-                        "--on-miss handlings instead of weight formats")
     p.add_argument("--on-miss", default="wait,int4,int8",
-                   help="with --expert-memory: comma-separated wait, int4, int8 (compute a "
-                        "miss with that low-precision copy)")
-    p.add_argument("--offload-policy", default="lru", help="with --expert-memory: eviction")
+                   help="with --expert-memory (then the on-miss handlings are compared instead "
+                        "of weight formats): comma-separated wait, int4, int8 (compute a miss "
+                        "with that low-precision copy)")
     p.add_argument("--context-len", type=int, default=None,
                    help="tokens per scored window (default: the model's context)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most N windows")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", dest="json_out", default=None, help="also write results here")
+    add_model_options(p)  # the engine's settings, shared by every load compared
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.expert_memory is not None:
+    from sparsa.config import engine_kwargs
+
+    base = engine_kwargs(args)
+    threads = base.pop("num_threads", None)
+    if base.get("expert_memory") is not None:
         from sparsa.bench.ppl import compare_offload
         from sparsa.offload.low_precision import parse_on_miss
 
         results = compare_offload(
-            args.model, args.text, args.expert_memory, parse_on_miss(args.on_miss),
+            args.model, args.text, base.pop("expert_memory"), parse_on_miss(args.on_miss),
             text_slice=args.text_slice, mode=args.mode, context_len=args.context_len,
-            max_windows=args.max_windows, policy=args.offload_policy,
-            num_threads=args.threads)
+            max_windows=args.max_windows, policy=base.pop("offload_policy", "lru"),
+            num_threads=threads, settings=base)
         return _show(results, args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     results = compare_quantizations(
         args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
         context_len=args.context_len, max_windows=args.max_windows,
-        group_size=args.group_size, num_threads=args.threads)
+        group_size=base.pop("quantization_group_size", 64), num_threads=threads,
+        settings=base)
     return _show(results, args)
 
 
@@ -79,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     """`sparsa bench ppl ...` (the same as `sparsa eval-ppl ...`)."""
     parser = argparse.ArgumentParser(prog="sparsa bench")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub, lambda p: None, lambda p, **kw: None)
+    from sparsa.config import add_engine_arguments
+
+    add_parser(sub, lambda p: None, add_engine_arguments)
     args = parser.parse_args(["eval-ppl", *(argv or [])])
     return args.func(args)

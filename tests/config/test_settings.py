@@ -20,7 +20,7 @@ from sparsa.config.settings import SECTIONS
 from sparsa.server.cli import SERVE_DEFAULTS
 from sparsa.server.cli import engine_config as serve_config
 
-ENGINE_COMMANDS = ["generate", "serve", "trace", "info"]
+ENGINE_COMMANDS = ["generate", "serve", "trace", "info", "eval-ppl"]
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
