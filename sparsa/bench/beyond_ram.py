@@ -396,7 +396,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--hf-max-tokens", type=int, default=4,
                     help="transformers reads every offloaded weight per token: fewer tokens")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--gguf", default=None, help="llama.cpp model (default: convert MODEL)")
     ap.add_argument("--gguf-type", default="bf16", choices=["bf16", "int8", "none"],
@@ -414,28 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --llamacpp-caps: skip the run with unlimited page cache")
     ap.add_argument("--drop-caches", action="store_true",
                     help="sync and drop the OS page cache before every run (needs root)")
-    # Sparsa's offload options, as bench_offload takes them
-    ap.add_argument("--policy", default="lru")
-    ap.add_argument("--prefetch", default="lookahead")
-    ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"])
-    ap.add_argument("--prefetch-when-idle", action="store_true")
-    ap.add_argument("--lookahead-extra", type=int, default=0)
-    ap.add_argument("--io-threads", type=int, default=2)
-    ap.add_argument("--capacity", default="global", choices=["global", "per_layer"],
-                    help="the expert cache's capacity: per MoE layer or one global pool")
-    ap.add_argument("--compression", default="none", choices=["none", "zstd"],
-                    help="sparsa reads experts from its lossless zstd store (built on first "
-                         "use, see sparsa.offload.compressed_store)")
     ap.add_argument("--json", dest="json_out", default=None)
     ap.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                     help="run nothing: print the table and ratios of earlier --json files")
+    # Sparsa's settings (the engine's flags; the thread count goes to every engine)
+    from sparsa.bench.offload import SWEPT
+    from sparsa.config import add_engine_arguments
+
+    add_engine_arguments(ap, defaults={"num_threads": 2}, exclude=SWEPT)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsa.config import parse_size
+    from sparsa.config import engine_kwargs, parse_size, resolve_engine_args
 
     args = build_parser().parse_args(argv)
+    settings = engine_kwargs(args)
+    resolve_engine_args(args)
     if args.from_json:
         results = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
         print(format_results(results))
@@ -450,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     expert_b, other_b = checkpoint_split(model)
     print(f"{model}: {expert_b / 2**30:.2f} GiB of routed experts, {other_b / 2**30:.2f} GiB "
           f"other; prompt {args.prompt_len} ids {prompt[:6]}..., {args.max_tokens} new "
-          f"tokens, {args.threads} threads", flush=True)
+          f"tokens, {args.num_threads} threads", flush=True)
     results: list[dict] = []
 
     def record(r: dict, label: str) -> None:
@@ -465,13 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(results, indent=2))
 
-    sparsa_opts = {"policy": args.policy, "prefetch": args.prefetch,
-                   "prefetch_evicts": args.prefetch_evicts,
-                   "prefetch_when_idle": args.prefetch_when_idle,
-                   "lookahead_extra": args.lookahead_extra, "io_threads": args.io_threads,
-                   "threads": args.threads, "prompt_len": args.prompt_len,
-                   "max_tokens": args.max_tokens, "compression": args.compression,
-                   "capacity": args.capacity}
+    sparsa_opts = {**settings, "prompt_len": args.prompt_len, "max_tokens": args.max_tokens}
     caps = parse_caps(args.llamacpp_caps, budgets)
     for engine in engines:
         runs = budgets
@@ -492,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_isolated(_run_sparsa, (str(model), b, sparsa_opts), args.timeout)
             elif engine == "llama.cpp":
                 r = run_isolated(_run_llamacpp, (str(gguf), prompt, args.max_tokens,
-                                                 args.threads,
+                                                 args.num_threads,
                                                  args.prompt_len + args.max_tokens + 16,
                                                  b, caps.get(b, 0)),
                                  args.timeout)
@@ -512,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     r = run_isolated(_run_hf, (str(model), b, prompt, args.hf_max_tokens,
-                                               args.threads, cpu, str(off)), args.timeout)
+                                               args.num_threads, cpu, str(off)), args.timeout)
                 finally:
                     shutil.rmtree(off, ignore_errors=True)
             record(r, f"{engine} {b}")

@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+# settings this benchmark sweeps with its own list flags (--budgets, --on-miss, --layouts,
+# --quantization); every other engine setting is the engine's flag
+SWEPT = ("expert_memory", "offload_on_miss", "offload_low_precision", "offload_layout",
+         "quantization")
+
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -28,21 +33,17 @@ def _peak_rss() -> int:
 def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("wait", "int4"),
             layout: str = "auto", quantization: str | None = None) -> dict:
     from sparsa import LLM, SamplingParams
+    from sparsa.config import engine_kwargs
 
+    settings = {"kv_cache_memory": "512MiB", **engine_kwargs(args)}
+    if budget is None:  # all resident: no tier of any kind
+        settings.pop("offload_host_memory", None)
     t = time.perf_counter()
-    llm = LLM(model, expert_memory=budget, offload_policy=args.policy, offload_layout=layout,
-              offload_prefetch=args.prefetch,
-              offload_on_miss=on_miss[0] if budget is not None else "wait",
-              offload_prefetch_evicts=args.prefetch_evicts,
-              offload_prefetch_when_idle=getattr(args, "prefetch_when_idle", False),
-              offload_lookahead_extra=args.lookahead_extra,
-              offload_low_precision=on_miss[1], offload_io_threads=args.io_threads,
-              num_threads=args.threads, quantization=quantization,
-              device=getattr(args, "device", "auto"),
-              offload_capacity=getattr(args, "capacity", "global"),
-              offload_host_memory=None if budget is None else getattr(args, "host_memory", None),
-              offload_compression=getattr(args, "compression", "none"),
-              kv_cache_memory="512MiB", max_model_len=args.prompt_len + args.max_tokens + 16)
+    llm = LLM(model, **{
+        **settings, "expert_memory": budget, "offload_layout": layout,
+        "offload_on_miss": on_miss[0] if budget is not None else "wait",
+        "offload_low_precision": on_miss[1], "quantization": quantization,
+        "max_model_len": args.prompt_len + args.max_tokens + 16})
     load_s = time.perf_counter() - t
     vocab = llm.engine.hf_config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -69,40 +70,28 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from sparsa.config import add_engine_arguments
+
+    ap = argparse.ArgumentParser(prog="sparsa bench offload",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--budgets", default="25%,all",
                     help="comma-separated expert_memory values; 'all' = no offloading")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--policy", default="lru")
-    ap.add_argument("--prefetch", default="lookahead")
-    ap.add_argument("--lookahead-extra", type=int, default=0,
-                    help="experts beyond the next router's top-k to prefetch")
-    ap.add_argument("--prefetch-when-idle", action="store_true",
-                    help="guesses load only while an I/O thread is idle")
-    ap.add_argument("--prefetch-evicts", default="cold", choices=["cold", "any"],
-                    help="cold: a prefetch never evicts an expert used by the last token")
-    ap.add_argument("--compression", default="none", choices=["none", "zstd"],
-                    help="zstd: read experts from the lossless compressed expert store")
     ap.add_argument("--on-miss", default="wait",
                     help="comma-separated miss handlings to compare: wait, host (compute it "
-                         "on the CPU from the host tier; needs --host-memory), int4, int8 "
+                         "on the CPU from the host tier; needs --offload-host-memory), int4, "
+                         "int8 "
                          "(compute a miss with that low-precision copy instead of waiting)")
-    ap.add_argument("--host-memory", default=None,
-                    help="host tier between the device cache and the disk (e.g. 100%%, 8GiB)")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--capacity", default="global", choices=["global", "per_layer"],
-                    help="the expert cache's capacity: per MoE layer or one global pool")
     ap.add_argument("--layouts", default="auto",
                     help="comma-separated expert layouts to compare: native (the checkpoint's "
                          "[out, in], F.linear), resident (transposed per load, bit-identical "
                          "to all-resident), auto (resident only when every expert fits)")
     ap.add_argument("--quantization", default="none",
                     help="comma-separated weight forms to compare: none, int8, int4")
-    ap.add_argument("--io-threads", type=int, default=2, help="expert-loading threads")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", dest="json_out", default=None)
+    add_engine_arguments(ap, exclude=SWEPT)
     args = ap.parse_args(argv)
     from sparsa.offload.low_precision import parse_on_miss
 

@@ -21,9 +21,11 @@ def test_parse_engines_aliases_order_and_errors():
 
 
 def test_parser_defaults_and_peers_alias():
-    a = br.build_parser().parse_args(["/m", "--peers", "llama.cpp"])
+    from sparsa.config import resolve_engine_args
+
+    a = resolve_engine_args(br.build_parser().parse_args(["/m", "--peers", "llama.cpp"]))
     assert a.engines == "llama.cpp" and a.budgets == "25%,50%"
-    assert (a.prompt_len, a.max_tokens, a.hf_max_tokens, a.threads) == (16, 8, 4, 2)
+    assert (a.prompt_len, a.max_tokens, a.hf_max_tokens, a.num_threads) == (16, 8, 4, 2)
 
 
 def test_budget_bytes_matches_sparsa():
