@@ -57,20 +57,20 @@ def profile(llm, tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from sparsa.config import add_engine_arguments, engine_kwargs
+
+    ap = argparse.ArgumentParser(prog="sparsa bench profile-decode",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("-q", "--quantization", default="int8")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--no-native-decode", dest="native_decode", action="store_false")
+    add_engine_arguments(ap, defaults={"dtype": "float32", "quantization": "int8",
+                                       "kv_cache_memory": "256MiB"})
     args = ap.parse_args(argv)
     from sparsa import LLM, kernels
 
     if not kernels.available():
         raise SystemExit("native kernels unavailable: nothing to time")
-    llm = LLM(args.model, dtype="float32", quantization=args.quantization,
-              kv_cache_memory="256MiB", num_threads=args.threads,
-              native_decode=args.native_decode)
+    llm = LLM(args.model, **engine_kwargs(args))
     r = profile(llm, args.tokens)
     print(f"step {r['step_s'] * 1e6:.0f} us: native kernels {r['native_s'] * 1e6:.0f} us, "
           f"everything else {r['other_s'] * 1e6:.0f} us")

@@ -30,6 +30,7 @@ from sparsa.bench.loadgen import (  # re-exported: the load generator's core
     run_benchmark,
     summarize,
 )
+from sparsa.config import resolve_engine_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ab_arguments(p)
     add_peer_arguments(p)
+    from sparsa.config import add_engine_arguments
+
+    # the engine's settings for the Sparsa servers these modes start (the A/B's and
+    # --vs-llamacpp's); the peer comparison defaults to int8, the A/B to a 1,024 context
+    # (--seed is the workload's: the engine's seed only draws dummy weights)
+    add_engine_arguments(p, defaults={"quantization": "int8", "max_model_len": 1024},
+                         exclude=("seed",))
     return p
 
 
@@ -58,7 +66,7 @@ def _first_model(base_url: str, api_key: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = resolve_engine_args(build_parser().parse_args(argv))
     except SystemExit as e:  # --help or a usage error: a status, not an exit of the caller
         return e.code if isinstance(e.code, int) else 2
     try:

@@ -37,9 +37,6 @@ def add_peer_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Sparsa vs llama.cpp's server (with --vs-llamacpp MODEL)")
     g.add_argument("--vs-llamacpp", metavar="MODEL", default=None,
                    help="serve MODEL with Sparsa and with llama-server in turn and compare")
-    g.add_argument("--quantization", "-q", default="int8", choices=["none", "int8", "int4", "bf16"],
-                   help="Sparsa weight format; llama.cpp gets the type of equal bits")
-    g.add_argument("--group-size", type=int, default=64, help="int4 group size")
     g.add_argument("--request-rates", default="0.25,0.5",
                    help="comma-separated Poisson rates (requests/s), one run each")
     g.add_argument("--parallel", type=int, default=16,
@@ -74,16 +71,17 @@ def resolve_model(spec: str, cache_dir: str) -> Path:
 def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[str]:
     """`sparsa serve` in a child process on a free loopback port."""
     from sparsa.bench.peers.llamacpp import _free_port, _wait_healthy
+    from sparsa.config import engine_argv, engine_kwargs
 
     port = _free_port()
     cmd = [sys.executable, "-m", "sparsa.cli", "serve", str(model), "--port", str(port),
            "--dtype", "float32", "--max-num-seqs", str(args.parallel),
            "--max-model-len", str(ctx), "--log-level", "warning", "--served-model-name", "bench",
            "--max-waiting", str(max(256, args.num_prompts)), "--kv-cache-memory", "2GiB"]
-    if args.quantization != "none":
-        cmd += ["-q", args.quantization, "--group-size", str(args.group_size)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    # the settings given to this benchmark, as flags (its own choices above win)
+    given = {k: v for k, v in engine_kwargs(args).items()
+             if k not in ("dtype", "max_num_seqs", "max_model_len", "kv_cache_memory")}
+    cmd += engine_argv(given)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -105,7 +103,7 @@ def llamacpp_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator
     lc = LlamaCpp(default_cache())
     lc.ensure_installed()
     gguf = lc.convert(model, args.quantization)
-    with lc.server(gguf, args.threads or physical_cores(), args.parallel, ctx) as base:
+    with lc.server(gguf, args.num_threads or physical_cores(), args.parallel, ctx) as base:
         yield base
 
 

@@ -20,12 +20,6 @@ from typing import Any
 
 def add_ab_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prefix-cache A/B (with --prefix-cache-ab MODEL)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--max-model-len", type=int, default=1024)
-    g.add_argument("--threads", type=int, default=None,
-                   help="engine threads (also for --vs-llamacpp; default: the physical cores)")
-    g.add_argument("--num-kv-blocks", type=int, default=None)
     g.add_argument("--ab-num-prompts", type=int, default=16)
     g.add_argument("--ab-suffix-len", type=int, default=32,
                    help="tokens each request adds after the shared prefix")
@@ -58,23 +52,13 @@ class _Server:
 
 
 def _build(args: argparse.Namespace):
-    from sparsa.config import (
-        CacheConfig,
-        DeviceConfig,
-        EngineConfig,
-        ModelConfig,
-        SchedulerConfig,
-    )
+    from sparsa.config import engine_config, engine_kwargs
     from sparsa.engine.llm_engine import LLMEngine
-    from sparsa.server.app import ServerSettings, build_app
+    from sparsa.server.app import build_app
+    from sparsa.server.settings import ServerSettings
 
-    engine = LLMEngine(EngineConfig(
-        model=ModelConfig(args.prefix_cache_ab, dtype=args.dtype, load_format=args.load_format,
-                          max_model_len=args.max_model_len),
-        cache=CacheConfig(num_blocks=args.num_kv_blocks, enable_prefix_caching=True),
-        scheduler=SchedulerConfig(),
-        device=DeviceConfig(device="cpu", num_threads=args.threads),
-    ))
+    engine = LLMEngine(engine_config(args.prefix_cache_ab, **{
+        **engine_kwargs(args), "enable_prefix_caching": True, "device": "cpu"}))
     return build_app(engine, ServerSettings(model_name="ab")), engine
 
 

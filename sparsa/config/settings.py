@@ -221,13 +221,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, An
         if s.section not in groups:
             groups[s.section] = parser.add_argument_group(SECTIONS[s.section][2])
         _argument(groups[s.section], s, defaults.get(s.name, s.default))
-    parser.set_defaults(_engine_defaults=dict(defaults))
+    parser.set_defaults(_engine_defaults=dict(defaults), _engine_excluded=tuple(exclude))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line (plus the command's own defaults)."""
     out = dict(getattr(args, "_engine_defaults", {}))
+    excluded = getattr(args, "_engine_excluded", ())
     for s in settings():
+        if s.name in excluded:  # the command's own flag of that name, not the setting
+            continue
         value = getattr(args, s.name, None)
         if value is None:
             continue
@@ -241,13 +244,36 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def engine_argv(kwargs: dict[str, Any]) -> list[str]:
+    """The command-line flags that give an engine command these settings (for tools that
+    start `sparsa serve` or another engine command as a child process)."""
+    by_name = _by_name()
+    argv: list[str] = []
+    for key, value in kwargs.items():
+        s = by_name[key]
+        inner, optional = _optional(s.type)
+        if value is None:
+            continue
+        if inner is bool and not optional:
+            argv.append(s.flag if value else "--no-" + s.flag[2:])
+        elif inner is bool:
+            argv += [s.flag, {True: "on", False: "off"}[value]]
+        elif isinstance(value, dict):
+            argv += [s.flag, json.dumps(value)]
+        else:
+            argv += [s.flag, str(value)]
+    return argv
+
+
 def resolve_engine_args(args: argparse.Namespace) -> argparse.Namespace:
     """Set every setting's attribute of `args` to its effective value (given, the
     command's default, else the config's): for tools that read `args.quantization` etc.
     and hand the same values to peers. Returns `args`."""
     given = engine_kwargs(args)
+    excluded = getattr(args, "_engine_excluded", ())
     for s in settings():
-        setattr(args, s.name, given.get(s.name, s.default))
+        if s.name not in excluded:
+            setattr(args, s.name, given.get(s.name, s.default))
     return args
 
 
