@@ -66,20 +66,26 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+def dataclass_settings(cls: type, section: str = "", prefix: str = "") -> list[Setting]:
+    """The settings of one config dataclass: its fields that carry a doc."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if "help" not in f.metadata:  # a sub-config or the positional model
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(Setting(f.metadata.get("name", prefix + f.name), section or cls.__name__,
+                           f.name, hints[f.name], default, f.metadata["help"],
+                           tuple(f.metadata.get("aliases", ())), f.metadata.get("shorthands")))
+    return out
+
+
 @cache
 def settings() -> tuple[Setting, ...]:
     """All settings, in section order."""
     out = []
     for section, (cls, prefix, _) in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if "help" not in f.metadata:  # a sub-config or the positional model
-                continue
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            out.append(Setting(f.metadata.get("name", prefix + f.name), section, f.name,
-                               hints[f.name], default, f.metadata["help"],
-                               tuple(f.metadata.get("aliases", ())),
-                               f.metadata.get("shorthands")))
+        out += dataclass_settings(cls, section, prefix)
     names = [s.name for s in out]
     dup = {n for n in names if names.count(n) > 1}
     assert not dup, f"settings with the same name: {dup}"
@@ -222,6 +228,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, An
             groups[s.section] = parser.add_argument_group(SECTIONS[s.section][2])
         _argument(groups[s.section], s, defaults.get(s.name, s.default))
     parser.set_defaults(_engine_defaults=dict(defaults), _engine_excluded=tuple(exclude))
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """One flag per documented field of `cls` (a command's own options, made as the
+    engine's are); `dataclass_from_args` builds `cls` back from them."""
+    group = parser.add_argument_group(title)
+    for s in dataclass_settings(cls):
+        _argument(group, s, s.default)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """`cls` from the flags `add_dataclass_arguments` made (unset flags: its defaults)."""
+    values = {}
+    for s in dataclass_settings(cls):
+        value = getattr(args, s.name, None)
+        if value is not None:
+            inner, optional = _optional(s.type)
+            if inner is bool and optional and isinstance(value, str):
+                value = BF16_PREFILL_CHOICES[value]
+            values[s.field] = value
+    return cls(**values)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

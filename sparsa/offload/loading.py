@@ -24,10 +24,11 @@ from sparsa.offload.history_prefetch import HistoryPrefetcher
 from sparsa.offload.host_tier import HostTier
 from sparsa.offload.low_precision import LowPrecisionExperts
 from sparsa.offload.offloaded_experts import LookaheadStats, install_offloading
-from sparsa.offload.quantized_store import QuantizedStore, open_store
+from sparsa.offload.quantized_store import open_store
+from sparsa.offload.store_base import ExpertSource
 
 if TYPE_CHECKING:
-    from sparsa.offload.compressed_store import CompressedStore
+    pass
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -40,7 +41,7 @@ class OffloadState:
     budget_bytes: int
     on_miss: str = "wait"
     low_precision: LowPrecisionExperts | None = None  # outside budget_bytes
-    store: QuantizedStore | CompressedStore | None = None  # where experts are read from
+    store: ExpertSource | None = None  # where experts are read from
     reserve_slabs: int = 0  # read buffers to map up front (reserve_buffers)
     io_threads: int = 1
     history: HistoryPrefetcher | None = None  # the model runner feeds it each step's rows

@@ -10,55 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from sparsa.config import EngineConfig, config_from_args
-from sparsa.server.settings import LOOPBACK_HOSTS, AdmissionConfig
+from sparsa.config.settings import add_dataclass_arguments, dataclass_from_args
+from sparsa.server.settings import LOOPBACK_HOSTS, AdmissionConfig, ServeOptions
 
 log = logging.getLogger(__name__)
 # where the server's defaults differ from the offline engine's
 SERVE_DEFAULTS = {"enable_prefix_caching": True}
 
 
-def _pos_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Server options (shared by `sparsa serve` and the prefix-cache benchmark)."""
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default loopback only; 0.0.0.0 exposes the server)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("SPARSA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: "
-                        "$SPARSA_API_KEY, else no auth)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model id clients send (default: MODEL's name: the directory or "
-                        "file name of a local path, else MODEL as given; MODEL itself is "
-                        "also accepted)")
-    p.add_argument("--chat-template", default=None,
-                   help="Jinja chat template, or a file holding one, for models without one")
-    p.add_argument("--max-waiting", type=_pos_int, default=256,
-                   help="sequences (prompts x n) allowed to wait for the engine; beyond: 503")
-    p.add_argument("--max-seqs-per-request", type=_pos_int, default=256,
-                   help="most sequences (prompts x n) one request may make; beyond: 400")
-    p.add_argument("--max-tokens-in-flight", type=_pos_int, default=None,
-                   help="cap on admitted n*(prompt+max_tokens); beyond: 429 "
-                        "(default: 4x the KV cache capacity)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take in all (0 = no limit)")
-    p.add_argument("--max-body-bytes", type=_pos_int, default=4 << 20,
-                   help="largest request body (413 beyond)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a client may take to send a request body (408 beyond; "
-                        "0 = no limit)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                   help="seconds an idle keep-alive connection is held open")
-    p.add_argument("--allowed-hosts", default=None,
-                   help="comma-separated Host header values accepted ('*' any, '*.example.org' "
-                        "a domain; default: loopback names when bound to loopback, else any)")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    """The server's own options: one flag per ServeOptions field."""
+    add_dataclass_arguments(p, ServeOptions, "server")
 
 
 def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> None:
@@ -94,24 +56,33 @@ def build_from_args(args: argparse.Namespace):
     from sparsa.server.app import build_app
     from sparsa.server.settings import ServerSettings
 
+    opts = serve_options(args)
     engine = LLMEngine(engine_config(args))
-    if args.chat_template:
+    if opts.chat_template:
         if engine.tokenizer is None:
             raise ValueError("--chat-template needs a model with a tokenizer")
-        t = Path(args.chat_template)
-        engine.tokenizer.chat_template = t.read_text() if t.is_file() else args.chat_template
-    name = args.served_model_name or default_model_name(args.model)
+        t = Path(opts.chat_template)
+        engine.tokenizer.chat_template = t.read_text() if t.is_file() else opts.chat_template
+    name = opts.served_model_name or default_model_name(args.model)
     settings = ServerSettings(
-        model_name=name, api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
-        admission=AdmissionConfig(max_waiting=args.max_waiting,
-                                  max_tokens_in_flight=args.max_tokens_in_flight,
-                                  request_timeout=args.request_timeout or None,
-                                  max_seqs_per_request=args.max_seqs_per_request),
+        model_name=name, api_key=opts.api_key or None, max_body_bytes=opts.max_body_bytes,
+        admission=AdmissionConfig(max_waiting=opts.max_waiting,
+                                  max_tokens_in_flight=opts.max_tokens_in_flight,
+                                  request_timeout=opts.request_timeout or None,
+                                  max_seqs_per_request=opts.max_seqs_per_request),
         extra_model_names=[args.model] if name != args.model else [],
-        body_timeout=args.body_timeout or None,
-        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+        body_timeout=opts.body_timeout or None,
+        allowed_hosts=allowed_hosts(opts.allowed_hosts, opts.host),
     )
     return build_app(engine, settings), engine
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """The server's options from the flags; the API key falls back to $SPARSA_API_KEY."""
+    opts = dataclass_from_args(ServeOptions, args)
+    if opts.api_key is None:
+        opts.api_key = os.environ.get("SPARSA_API_KEY") or None
+    return opts
 
 
 def default_model_name(model: str) -> str:
@@ -139,14 +110,15 @@ def run_serve(args: argparse.Namespace) -> int:
     _require_server_extra()
     import uvicorn
 
+    opts = serve_options(args)
     app, engine = build_from_args(args)
-    if args.host not in LOOPBACK_HOSTS and not args.api_key:
+    if opts.host not in LOOPBACK_HOSTS and not opts.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it",
-                    args.host)
+                    opts.host)
     print(f"sparsa: serving {app.state.settings.model_name} "
           f"(context {engine.max_model_len}, {engine.block_manager.num_blocks} KV blocks, "
           f"prefix caching {'on' if engine.config.cache.enable_prefix_caching else 'off'}) "
-          f"on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5, timeout_keep_alive=args.keep_alive_timeout)
+          f"on http://{opts.host}:{opts.port}", flush=True)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level,
+                timeout_graceful_shutdown=5, timeout_keep_alive=opts.keep_alive_timeout)
     return 0

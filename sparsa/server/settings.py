@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from sparsa.config.base import setting
 
 
 @dataclass
@@ -22,6 +25,52 @@ class AdmissionConfig:
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass
+class ServeOptions:
+    """`sparsa serve`'s own options, one flag each (the engine's are sparsa.config's)."""
+
+    host: str = setting("127.0.0.1", "bind address (loopback only; 0.0.0.0 exposes the "
+                                     "server)")
+    port: int = setting(8000, "TCP port")
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 (unset: "
+                                        "$SPARSA_API_KEY, else no auth)")
+    served_model_name: str | None = setting(
+        None, "model id clients send (unset: MODEL's name: the directory or file name of a "
+              "local path, else MODEL as given; MODEL itself is also accepted)")
+    chat_template: str | None = setting(
+        None, "Jinja chat template, or a file holding one, for models without one")
+    max_waiting: int = setting(256, "sequences (prompts x n) allowed to wait for the engine; "
+                                    "beyond: 503")
+    max_seqs_per_request: int = setting(256, "most sequences (prompts x n) one request may "
+                                             "make; beyond: 400")
+    max_tokens_in_flight: int | None = setting(
+        None, "cap on admitted n*(prompt+max_tokens); beyond: 429 (unset: 4x the KV cache "
+              "capacity)")
+    request_timeout: float = setting(600.0, "seconds a request may take in all (0 = no "
+                                            "limit)")
+    max_body_bytes: int = setting(4 << 20, "largest request body (413 beyond)")
+    body_timeout: float = setting(30.0, "seconds a client may take to send a request body "
+                                        "(408 beyond; 0 = no limit)")
+    keep_alive_timeout: float = setting(5.0, "seconds an idle keep-alive connection is held "
+                                             "open")
+    allowed_hosts: str | None = setting(
+        None, "comma-separated Host header values accepted ('*' any, '*.example.org' a "
+              "domain; unset: loopback names when bound to loopback, else any)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = setting(
+        "info", "the HTTP server's log level")
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_waiting", "max_seqs_per_request", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 1:
+            raise ValueError(f"max_tokens_in_flight must be >= 1, got "
+                             f"{self.max_tokens_in_flight}")
+        for name in ("request_timeout", "body_timeout", "keep_alive_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -153,3 +153,22 @@ def test_a_command_line_shorthand_stands_for_its_settings():
                                       "--offload-on-miss", "int8"])
     assert engine_config("m", **engine_kwargs(args)) == engine_config(
         "m", expert_memory="25%", offload_on_miss="low_precision", offload_low_precision="int8")
+
+
+def test_serve_options_are_one_flag_each_and_build_back():
+    from sparsa.config.settings import dataclass_settings
+    from sparsa.server.cli import serve_options
+    from sparsa.server.settings import ServeOptions
+
+    actions = _subparser("serve")._actions
+    for s in dataclass_settings(ServeOptions):
+        mine = [a for a in actions if a.dest == s.name]
+        assert len(mine) == 1 and s.flag in mine[0].option_strings, s.name
+    args = build_parser().parse_args(["serve", "m", "--port", "9000", "--max-waiting", "7",
+                                      "--request-timeout", "0", "--log-level", "debug"])
+    opts = serve_options(args)
+    assert (opts.port, opts.max_waiting, opts.request_timeout, opts.log_level) == \
+        (9000, 7, 0.0, "debug")
+    assert opts.body_timeout == ServeOptions().body_timeout  # unset: the field's default
+    with pytest.raises(ValueError, match="max_waiting"):
+        serve_options(build_parser().parse_args(["serve", "m", "--max-waiting", "0"]))
