@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sparsa.config import add_engine_arguments, config_from_args, engine_kwargs
+from sparsa.config.settings import add_model_argument, model_from_args
 from sparsa.extras import MissingExtra
 from sparsa.offload.cli_options import positive_int
 from sparsa.sampling_params import SamplingParams
@@ -93,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run LLM.generate (or LLM.chat with --chat) and print the "
                                    "outputs; a timing line goes to stderr.")
     _add_common(g)
-    g.add_argument("model", metavar="MODEL",
-                   help="HF model directory, llama2.c .bin file, or built-in config name")
+    add_model_argument(g)
     g.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT",
                    help="a text prompt (repeat for several); default: the BOS token alone")
     g.add_argument("--prompt-ids", dest="prompts", action="append", type=_token_ids,
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Describe a model without loading its weights (it is built "
                                    "on the meta device).")
     _add_common(i)
-    i.add_argument("model", metavar="MODEL")
+    add_model_argument(i)
     i.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     _add_model_options(i, defaults={"device": "cpu"})
 
@@ -503,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(bench[1])
         commands = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
         func = getattr(args, "func", None) or commands[args.command]
+        if hasattr(args, "model_flag"):  # MODEL or --model M
+            model_from_args(args)
         with _log_levels(verbose or debug):
             return func(args)
     except BrokenPipeError:  # e.g. `sparsa info X --json | head`

@@ -26,6 +26,10 @@ def load_tokenizer(path: str | Path | None, vocab_size: int | None = None):
     from transformers import AutoTokenizer
 
     if path is not None:
+        from sparsa.loader.hub import looks_like_hub_id, resolve_hub_id
+
+        if not Path(path).exists() and looks_like_hub_id(str(path)):
+            path = resolve_hub_id(str(path))  # tokenizer="org/name"
         p = Path(path)
         if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(p))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparsa.bench.ppl import compare_quantizations, format_table
+from sparsa.config.settings import add_model_argument
 
 METHODS = ("none", "int8", "int8-exact", "int4", "bf16", "bf16-prefill")
 
@@ -18,8 +19,7 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
         description="Score a text file with the model once per weight format and print the "
                     "perplexity of each beside the first.")
     add_common(p)
-    p.add_argument("model", metavar="MODEL",
-                   help="HF model directory, llama2.c .bin file, or built-in config name")
+    add_model_argument(p)
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--slice", default="0:1", dest="text_slice",
                    help="fraction of the text's characters to score, e.g. 0.9:1 (last 10%%)")

@@ -22,7 +22,10 @@ class ModelConfig:
     and in which form."""
 
     model: str  # an HF directory, a llama2.c .bin file or a built-in name (positional)
-    tokenizer: str | None = setting(None, "tokenizer directory (unset: the model's)")
+    tokenizer: str | None = setting(None, "tokenizer directory or hub id (unset: the "
+                                          "model's)")
+    revision: str | None = setting(
+        None, "a hub model's branch, tag or commit (unset: main)")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "float",
                    "half"] = setting(
         "auto", "compute dtype (auto: the checkpoint's; bf16/fp16 checkpoints run as fp32 on "

@@ -230,6 +230,28 @@ def add_engine_arguments(parser: argparse.ArgumentParser, defaults: dict[str, An
     parser.set_defaults(_engine_defaults=dict(defaults), _engine_excluded=tuple(exclude))
 
 
+MODEL_HELP = "HF model directory, hub id, llama2.c .bin file, or built-in config name"
+
+
+def add_model_argument(parser: argparse.ArgumentParser, help: str = MODEL_HELP) -> None:
+    """The model as the positional MODEL or as `--model M` (vLLM's habit); read it back
+    with `model_from_args`."""
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None, help=help)
+    parser.add_argument("--model", dest="model_flag", metavar="M", default=None,
+                        help="the model, instead of the positional MODEL")
+
+
+def model_from_args(args: argparse.Namespace) -> None:
+    """Settle args.model from MODEL or --model; ValueError when neither or both differ."""
+    flag = getattr(args, "model_flag", None)
+    if flag is not None:
+        if args.model is not None and args.model != flag:
+            raise ValueError(f"two models given: {args.model!r} and --model {flag!r}")
+        args.model = flag
+    if args.model is None:
+        raise ValueError("no model given: pass MODEL or --model M")
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One flag per documented field of `cls` (a command's own options, made as the
     engine's are); `dataclass_from_args` builds `cls` back from them."""

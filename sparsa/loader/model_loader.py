@@ -13,6 +13,7 @@ from torch import nn
 
 from sparsa.config import ModelConfig, parse_dtype
 from sparsa.layers.quantization.schemes import QuantConfig
+from sparsa.loader.hub import looks_like_hub_id, resolve_hub_id
 from sparsa.loader.safetensors_reader import SafetensorsCheckpoint
 from sparsa.loader.weights import (
     build_model,
@@ -71,6 +72,10 @@ def resolve_model(mc: ModelConfig) -> ResolvedModel:
         config = load_hf_config(p)
         name = p.name
         model_dir = p
+    elif mc.model not in BUILTIN_CONFIGS and looks_like_hub_id(mc.model):
+        model_dir = resolve_hub_id(mc.model, mc.revision)
+        config = load_hf_config(model_dir)
+        name = mc.model.rsplit("/", 1)[-1]
     elif mc.model in BUILTIN_CONFIGS:
         config = _config_from_dict(builtin_config(mc.model))
         name = mc.model
@@ -80,8 +85,8 @@ def resolve_model(mc: ModelConfig) -> ResolvedModel:
                              "use load_format='dummy'")
     else:
         raise FileNotFoundError(
-            f"model {mc.model!r} not found: not a local directory, a llama2.c .bin file, or a "
-            f"built-in config ({', '.join(BUILTIN_CONFIGS)})"
+            f"model {mc.model!r} not found: not a local directory, a llama2.c .bin file, a "
+            f"Hugging Face model id, or a built-in config ({', '.join(BUILTIN_CONFIGS)})"
         )
     for k, v in mc.hf_overrides.items():
         setattr(config, k, v)

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from sparsa.config import EngineConfig, config_from_args
-from sparsa.config.settings import add_dataclass_arguments, dataclass_from_args
+from sparsa.config.settings import (
+    add_dataclass_arguments,
+    add_model_argument,
+    dataclass_from_args,
+)
 from sparsa.server.settings import LOOPBACK_HOSTS, AdmissionConfig, ServeOptions
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,7 @@ def add_parser(sub: Any, add_common: Callable, add_model_options: Callable) -> N
                                    "/v1/chat/completions, /v1/models) with /health, "
                                    "/metrics and a chat page at /.")
     add_common(p)
-    p.add_argument("model", metavar="MODEL",
-                   help="HF model directory, llama2.c .bin file, or built-in config name")
+    add_model_argument(p)
     add_model_options(p, defaults=SERVE_DEFAULTS)
     add_arguments(p)
     p.set_defaults(func=run_serve)

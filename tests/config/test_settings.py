@@ -172,3 +172,22 @@ def test_serve_options_are_one_flag_each_and_build_back():
     assert opts.body_timeout == ServeOptions().body_timeout  # unset: the field's default
     with pytest.raises(ValueError, match="max_waiting"):
         serve_options(build_parser().parse_args(["serve", "m", "--max-waiting", "0"]))
+
+
+@pytest.mark.parametrize("command", ENGINE_COMMANDS)
+def test_the_model_as_positional_or_flag(command):
+    from sparsa.config.settings import model_from_args
+
+    required = {"trace": ["--out", "t.csv"], "eval-ppl": ["--text", "t.txt"]}.get(command, [])
+
+    def parse(*argv: str) -> argparse.Namespace:
+        return build_parser().parse_args([command, *argv, *required])
+
+    for argv in (["m"], ["--model", "m"], ["m", "--model", "m"]):
+        args = parse(*argv)
+        model_from_args(args)
+        assert args.model == "m"
+    with pytest.raises(ValueError, match="two models"):
+        model_from_args(parse("a", "--model", "b"))
+    with pytest.raises(ValueError, match="no model given"):
+        model_from_args(parse())

@@ -41,8 +41,9 @@ def add_parser(subparsers: Any, add_common: Any = None,
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if add_common is not None:
         add_common(p)
-    p.add_argument("model", metavar="MODEL",
-                   help="HF model directory or built-in config name (an MoE model)")
+    from sparsa.config.settings import add_model_argument
+
+    add_model_argument(p, "HF model directory, hub id or built-in config name (an MoE model)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", default=None, metavar="FILE",
                      help="one prompt per line (token ids like 1,5,9 if the model has no "
