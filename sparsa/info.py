@@ -260,20 +260,23 @@ def model_info(
     hf = resolved.hf_config
     ckpt_dt = checkpoint_dtype(hf)
     compute_dt = choose_dtype(dtype, hf, dev)
-    dummy = resolved.model_dir is None or load_format == "dummy"
+    dummy = not resolved.has_weights or load_format == "dummy"
+    source = resolved.gguf_file or resolved.model_dir
 
     info: dict[str, Any] = {
         "model": model,
         # a llama2.c .bin resolves to a converted cache directory: keep the user's name
         "name": Path(model).name if Path(model).expanduser().is_file() else resolved.name,
-        "model_dir": str(resolved.model_dir) if resolved.model_dir is not None else None,
-        "weights_source": "dummy (random)" if dummy else "checkpoint",
+        "model_dir": str(source) if source is not None else None,
+        "weights_source": "dummy (random)" if dummy else
+        "GGUF file (dequantized at load)" if resolved.gguf_file else "checkpoint",
         "device": str(dev),
         "checkpoint_dtype": _dtype_name(ckpt_dt),
         "compute_dtype": _dtype_name(compute_dt),
         "dtype_requested": dtype,
         **_config_fields(hf),
-        "checkpoint_files_bytes": _checkpoint_files_bytes(resolved.model_dir),
+        "checkpoint_files_bytes": resolved.gguf_file.stat().st_size if resolved.gguf_file
+        else _checkpoint_files_bytes(resolved.model_dir),
         "build_error": None,
     }
 

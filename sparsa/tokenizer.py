@@ -31,6 +31,10 @@ def load_tokenizer(path: str | Path | None, vocab_size: int | None = None):
         if not Path(path).exists() and looks_like_hub_id(str(path)):
             path = resolve_hub_id(str(path))  # tokenizer="org/name"
         p = Path(path)
+        if p.is_file() and p.suffix == ".gguf":
+            from sparsa.loader.gguf_file import gguf_tokenizer
+
+            return gguf_tokenizer(p)
         if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(p))
         log.warning("no tokenizer files in %s: text prompts are unavailable", p)

@@ -74,7 +74,7 @@ class LLMEngine:
             decoder.native_decode = dc.native_decode
         self.hf_config = self.resolved.hf_config
         self.tokenizer = load_tokenizer(
-            config.model.tokenizer or self.resolved.model_dir, self.hf_config.vocab_size
+            config.model.tokenizer or self.resolved.tokenizer_source, self.hf_config.vocab_size
         )
         self.eos_ids = eos_token_ids(self.resolved.model_dir, self.hf_config, self.tokenizer)
         max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096

@@ -27,8 +27,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ResolvedModel:
     hf_config: object
-    model_dir: Path | None  # None for built-in configs (dummy weights only)
+    model_dir: Path | None  # None for built-in configs (dummy weights only) and GGUF files
     name: str
+    gguf_file: Path | None = None  # the weights and tokenizer are in this GGUF file
+
+    @property
+    def tokenizer_source(self) -> Path | None:
+        return self.gguf_file or self.model_dir
+
+    @property
+    def has_weights(self) -> bool:
+        return self.model_dir is not None or self.gguf_file is not None
 
 
 def _config_from_dict(d: dict):
@@ -62,6 +71,14 @@ def load_hf_config(model_dir: Path):
 
 def resolve_model(mc: ModelConfig) -> ResolvedModel:
     p = Path(mc.model).expanduser()
+    from sparsa.loader.gguf_file import find_gguf, gguf_config
+
+    gguf = find_gguf(p)
+    if gguf is not None:
+        config = gguf_config(gguf)
+        for k, v in mc.hf_overrides.items():
+            setattr(config, k, v)
+        return ResolvedModel(config, None, gguf.stem, gguf_file=gguf)
     if p.is_file():
         from sparsa.loader.llama2c import is_llama2c_checkpoint, resolve_llama2c
 
@@ -178,6 +195,9 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         mc = _check_fit(mc, resolved, dtype, device,
                         mc.quant_config(checkpoint_dtype(resolved.hf_config), device))
     if mc.offload.enabled:
+        if resolved.gguf_file is not None:
+            raise ValueError("expert offloading reads experts from a safetensors checkpoint, "
+                             "not a GGUF file")
         if resolved.model_dir is None or mc.load_format == "dummy":
             raise ValueError("expert offloading reads experts from a safetensors checkpoint; "
                              "write the dummy model to disk first (sparsa write-dummy)")
@@ -203,7 +223,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
             model.quant_stats = quantize_model(model, qc)
         model.offload.reserve_buffers()
         return model, resolved, dtype
-    dummy = mc.load_format == "dummy" or resolved.model_dir is None
+    dummy = mc.load_format == "dummy" or not resolved.has_weights
     qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
     if qc.enabled and streamed:
         from sparsa.loader.quantized_load import build_streamed, finish, init_dummy_streamed
@@ -212,17 +232,25 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         if dummy:
             init_dummy_streamed(sm, mc.seed)
         else:
-            load_weights(sm.model, SafetensorsCheckpoint(resolved.model_dir),
-                         expected=sm.expected)
+            load_weights(sm.model, _checkpoint(resolved, dtype), expected=sm.expected)
         sm.model.quant_stats = finish(sm)
         return sm.model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
     if dummy:
         init_dummy_weights(model, mc.seed)
     else:
-        load_weights(model, SafetensorsCheckpoint(resolved.model_dir))
+        load_weights(model, _checkpoint(resolved, dtype))
     if qc.enabled:
         from sparsa.layers.quantization import quantize_model
 
         model.quant_stats = quantize_model(model, qc)
     return model, resolved, dtype
+
+
+def _checkpoint(resolved: ResolvedModel, dtype: torch.dtype):
+    """The checkpoint's tensors: a safetensors folder, or a GGUF file dequantized."""
+    if resolved.gguf_file is not None:
+        from sparsa.loader.gguf_file import gguf_tensors
+
+        return gguf_tensors(resolved.gguf_file, resolved.hf_config, dtype)
+    return SafetensorsCheckpoint(resolved.model_dir)

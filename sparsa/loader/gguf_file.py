@@ -1,0 +1,106 @@
+"""GGUF files (llama.cpp's, Ollama's): the config, tokenizer and weights they hold.
+
+Config and tokenizer come from the metadata through transformers' GGUF support (which builds
+the fast tokenizer, chat template and special tokens from it, as transformers' own loader
+does); the weights are dequantized by the `gguf` package into the HF names this engine's
+load rules take (q/k un-permuted as llama.cpp stored them). Weights arrive in full
+precision: `-q int8` / `-q int4` quantize them again at load (not bit-exact to the file's
+blocks), and loading holds the dequantized tensors of the whole file at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one .gguf in a folder (the
+    first shard of a split file); None when it is neither."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" else None
+    if not path.is_dir():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    firsts = [f for f in files if not _SHARD.search(f.name) or
+              _SHARD.search(f.name).group(1) == "00001"]  # type: ignore[union-attr]
+    if len(firsts) > 1:
+        raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in firsts)}):"
+                         " pass one of them")
+    return firsts[0] if firsts else None
+
+
+def _check_readable(gguf: Path) -> Any:
+    from gguf import GGUFReader
+
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{gguf} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return GGUFReader(gguf)
+    except Exception as e:  # truncated, or a layout the reader cannot parse
+        raise ValueError(f"{gguf} cannot be read as GGUF ({type(e).__name__}: {e}); the file "
+                         "may be truncated or damaged") from None
+
+
+def gguf_config(gguf: Path) -> Any:
+    """The transformers config of the model in `gguf`."""
+    from transformers import AutoConfig
+
+    reader = _check_readable(gguf)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode() \
+        if "general.architecture" in reader.fields else "?"
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{gguf}: GGUF architecture {arch!r} is not supported ({e})") from None
+    if not getattr(config, "architectures", None):  # GGUF names the family, not the class
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if cls is None:
+            raise ValueError(f"{gguf}: GGUF architecture {arch!r} has no causal LM class")
+        config.architectures = [cls]
+    return config
+
+
+def gguf_tokenizer(gguf: Path) -> Any:
+    """The fast tokenizer the GGUF metadata describes (vocabulary, merges, special tokens,
+    chat template); None for a file without one (token ids only)."""
+    from transformers import AutoTokenizer
+
+    if "tokenizer.ggml.tokens" not in _check_readable(gguf).fields:
+        log.warning("%s has no tokenizer: text prompts are unavailable", gguf)
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise ValueError(f"{gguf}: cannot build its tokenizer ({type(e).__name__}: {e})"
+                         ) from None
+
+
+def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, dequantized tensor in `dtype`) for every weight of the file."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    _check_readable(gguf)
+    with torch.device("meta"):  # only for the names: nothing is allocated
+        ref = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        out = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=ref,
+                                   torch_dtype=dtype)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise ValueError(f"{gguf}: cannot read its weights ({type(e).__name__}: {e})") from None
+    tensors = out.get("tensors", {})
+    return [(name, t if isinstance(t, torch.Tensor) else torch.as_tensor(t))
+            for name, t in tensors.items()]
