@@ -418,6 +418,21 @@ def _demo_one(title: str, model: str, args: argparse.Namespace, max_tokens: int,
     print()
 
 
+def _demo_chat(title: str, model: str, args: argparse.Namespace, question: str) -> None:
+    """One chat turn, greedy, with the chat template the model's file carries."""
+    print(f"=== {title} ===", flush=True)
+    llm = _make_llm(model, args, dtype="float32", kv_cache_memory="64MiB",
+                    num_threads=args.threads)
+    t0 = time.perf_counter()
+    out = llm.chat([{"role": "user", "content": question}],
+                   SamplingParams(temperature=0.0, max_tokens=48))
+    stats = _usage_stats(out, time.perf_counter() - t0)
+    print(f"user: {question}")
+    print(f"assistant: {out[0].outputs[0].text.strip()}")
+    print(_timing_line(stats), file=sys.stderr, flush=True)
+    print()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sparsa.tokenizer import shared_dir
 
@@ -433,6 +448,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         found = True
         _demo_one("tinymoe-stories: Mixtral MoE, 8 experts top-2, 3.5M params (1.1M active)",
                   str(moe), args, args.max_tokens)
+    chat = shared / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if chat.is_file():
+        found = True
+        _demo_chat("SmolLM2-135M-Instruct: a real chat model, llama.cpp's Q4_1 GGUF file",
+                   str(chat), args, "What is the capital of France?")
     if not found:
         print(f"note: the shared models were not found under {shared} (set SPARSA_SHARED to "
               "the shared/ directory); running the built-in mixtral-mini with RANDOM weights "
