@@ -35,6 +35,25 @@ from sparsa.config import (
 BENCH_DEFAULTS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "4GiB"}
 
 
+def model_path(model: str, cache_dir: Path) -> Path:
+    """What `--model` names, like llama-bench's -m: a GGUF file (or a folder holding one),
+    an HF folder, a hub id (from the Hugging Face cache), or a built-in config written as a
+    dummy-weight checkpoint once."""
+    from sparsa.loader.gguf_file import find_gguf
+    from sparsa.loader.hub import looks_like_hub_id, resolve_hub_id
+    from sparsa.models.builtin_configs import BUILTIN_CONFIGS
+
+    p = Path(model).expanduser()
+    gguf = find_gguf(p)
+    if gguf is not None:
+        return gguf
+    if p.is_dir():
+        return p
+    if model not in BUILTIN_CONFIGS and looks_like_hub_id(model):
+        return resolve_hub_id(model)
+    return ensure_checkpoint(model, cache_dir)
+
+
 def bench_sparsa(path: str, args) -> dict:
     from sparsa import LLM, SamplingParams
 
@@ -159,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         from sparsa.bench.real import run_suite
 
         return run_suite(args)
-    path = Path(args.model) if Path(args.model).is_dir() else \
-        ensure_checkpoint(args.model, Path(args.cache_dir))
+    path = model_path(args.model, Path(args.cache_dir))
     results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
                "workload": vars(args)}

