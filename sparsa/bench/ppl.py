@@ -67,8 +67,14 @@ def read_documents(path: str | Path, text_slice: str = "0:1", mode: str = "block
 
 @torch.inference_mode()
 def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = None,
-                        max_windows: int | None = None, label: str = "") -> PerplexityResult:
-    """Perplexity of `llm` (a `sparsa.LLM`) over `documents`, each scored on its own."""
+                        max_windows: int | None = None, label: str = "",
+                        protocol: str = "all") -> PerplexityResult:
+    """Perplexity of `llm` (a `sparsa.LLM`) over `documents`, each scored on its own.
+
+    protocol "all": windows of `context_len` overlapping by one token, every token but the
+    first predicted. "llamacpp": llama-perplexity's: the tokens cut into chunks of
+    `context_len`, each starting with BOS, and only each chunk's second half scored (the
+    first half is context), so its figure and this one can be compared."""
     from sparsa.engine.llm_engine import prompt_logits
     from sparsa.layers.quantization import module_bytes
 
@@ -82,10 +88,27 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
         raise ValueError(f"context_len must be >= 2; got {L}")
     total_nll, total_tokens, windows = 0.0, 0, 0
     t0 = time.perf_counter()
+    if protocol not in ("all", "llamacpp"):
+        raise ValueError(f"protocol must be 'all' or 'llamacpp'; got {protocol!r}")
     for doc in documents:
         ids = tok.encode(doc, add_special_tokens=False)
         if bos is not None:
             ids = [bos, *ids]
+        if protocol == "llamacpp":
+            first = L // 2
+            for c in range(len(ids) // L):
+                window = ids[c * L:(c + 1) * L]
+                if bos is not None:
+                    window[0] = bos
+                logits = prompt_logits(engine, window).float()
+                target = torch.tensor(window[first + 1:], dtype=torch.long,
+                                      device=logits.device)
+                total_nll += float(F.cross_entropy(logits[first:-1], target, reduction="sum"))
+                total_tokens += len(target)
+                windows += 1
+                if max_windows is not None and windows >= max_windows:
+                    break
+            continue
         # Windows overlap by one token so that every token but the first is predicted.
         for start in range(0, len(ids) - 1, L - 1):
             window = ids[start : start + L]
@@ -119,7 +142,8 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
                           context_len: int | None = None,
                           max_windows: int | None = None, group_size: int = 64,
                           num_threads: int | None = None,
-                          settings: dict | None = None) -> list[PerplexityResult]:
+                          settings: dict | None = None,
+                          protocol: str = "all") -> list[PerplexityResult]:
     """Load `model` once per method and score the same text with each. "int8-exact" is int8
     with `int8_activations="none"` (plain "int8" quantizes batched activation rows too);
     "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill).
@@ -140,7 +164,7 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
             "max_num_batched_tokens": max(2048, context_len or 0)})
         label = method if method != "int4" else f"int4-g{group_size}"
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,
-                                label=label)
+                                label=label, protocol=protocol)
         r.text = f"{text_path}[{text_slice}, {mode}]"
         results.append(r)
         del llm

@@ -34,6 +34,9 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
                    help="with --expert-memory (then the on-miss handlings are compared instead "
                         "of weight formats): comma-separated wait, int4, int8 (compute a miss "
                         "with that low-precision copy)")
+    p.add_argument("--protocol", default="all", choices=["all", "llamacpp"],
+                   help="all: every token scored, windows overlapping by one; llamacpp: "
+                        "llama-perplexity's chunks (BOS first, second half scored)")
     p.add_argument("--context-len", type=int, default=None,
                    help="tokens per scored window (default: the model's context)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most N windows")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.text, methods, text_slice=args.text_slice, mode=args.mode,
         context_len=args.context_len, max_windows=args.max_windows,
         group_size=base.pop("quantization_group_size", 64), num_threads=threads,
-        settings=base)
+        settings=base, protocol=args.protocol)
     return _show(results, args)
 
 

@@ -45,6 +45,9 @@ class ModelConfig:
     quantization_group_size: int = setting(
         64, "int4 only: input channels per scale/zero pair (16..256)",
         aliases=("--group-size",))
+    quantization_lm_head: Literal["same", "int8", "none"] = setting(
+        "same", "the LM head's weight form: the same as the rest, int8 (an int4 body with an "
+                "8-bit head, as llama.cpp's files keep it), or none (full precision)")
     int8_activations: Literal["dynamic", "none"] = setting(
         "dynamic", "int8 only: dynamic = batched rows (prefill) as int8 x int8 GEMMs with "
                    "activations quantized per row; none = exact activations")
@@ -96,6 +99,7 @@ class ModelConfig:
 
             bf16_prefill = method == "bf16" and cpu_has_bf16_dot()
         return QuantConfig(method=method or "none", group_size=self.quantization_group_size,
+                           lm_head=self.quantization_lm_head,
                            int8_activations=self.int8_activations,
                            bf16_prefill=bool(bf16_prefill))
 

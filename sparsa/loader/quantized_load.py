@@ -135,7 +135,7 @@ def build_streamed(hf_config, dtype: torch.dtype, device: torch.device,
         if _is_shared(mod, owners):
             sm.deferred.append(name)
             continue
-        new = empty_quantized(mod, config, device, dtype)
+        new = empty_quantized(mod, config.for_module(name), device, dtype)
         prefix = f"{name}." if name else ""
         sinks.update({prefix + k: v for k, v in _sinks(mod, new).items()})
         parent_name, _, attr = name.rpartition(".")
@@ -154,7 +154,8 @@ def finish(sm: StreamedModel) -> dict:
     for name in sm.deferred:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, quantize_linear(getattr(parent, attr), sm.config))
+        setattr(parent, attr, quantize_linear(getattr(parent, attr),
+                                              sm.config.for_module(name)))
     finish_streamed(model)
     sm.stats["bytes_after"] = sum(module_bytes(model.get_submodule(n)) for n in sm.targets)
     gc.collect()
@@ -220,8 +221,9 @@ def final_form_bytes(hf_config, dtype: torch.dtype, config: QuantConfig) -> tupl
     if config.enabled:
         owners = _owners(model)
         meta = torch.device("meta")
-        for _, mod in quantization_targets(model, config)[0]:
-            total += _param_bytes(empty_quantized(mod, config, meta, dtype).buffers())
+        for name, mod in quantization_targets(model, config)[0]:
+            total += _param_bytes(empty_quantized(mod, config.for_module(name), meta,
+                                                  dtype).buffers())
             if not _is_shared(mod, owners):  # a tied LM head's table stays, as it is
                 for p in mod._parameters.values():
                     if p is not None:

@@ -56,7 +56,7 @@ def quantization_targets(model: nn.Module, config: QuantConfig
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
         skip = (config.skip_router and is_router(name, parent)) or \
-            (config.skip_lm_head and name == "lm_head")
+            ((config.skip_lm_head or config.lm_head == "none") and name == "lm_head")
         if isinstance(mod, Linear) and skip:
             skipped.append(name)
             continue
@@ -104,7 +104,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> dict:
             stats["bytes_before"] += _tensor_bytes([mod.w13, mod.w2])
             stats["num_experts"] += 1
         else:
-            new = quantize_linear(mod, config)
+            new = quantize_linear(mod, config.for_module(name))
             stats["bytes_before"] += _tensor_bytes([mod.weight, mod.bias])
             stats["num_linear"] += 1
         stats["bytes_after"] += module_bytes(new)

@@ -50,6 +50,9 @@ class QuantConfig:
     method: str = "none"
     group_size: int = 64
     skip_lm_head: bool = False
+    # the LM head's own form: "same" as the rest, or "int8" (a 4-bit body with an 8-bit
+    # head, as llama.cpp's files keep their output/embedding tensor)
+    lm_head: str = "same"
     skip_router: bool = True
     clip_search: bool = True
     # int8 only: "dynamic" quantizes activation rows to int8 for batched matmuls (W8A8 GEMM,
@@ -68,6 +71,16 @@ class QuantConfig:
                              f"got {self.int8_activations!r}")
         if self.method is None:
             self.method = "none"
+        if self.lm_head not in ("same", "int8", "none"):
+            raise ValueError(f"lm_head must be 'same', 'int8' or 'none', got {self.lm_head!r}")
+
+    def for_module(self, name: str) -> QuantConfig:
+        """The config of module `name` (the LM head may have its own method)."""
+        if name == "lm_head" and self.lm_head == "int8" and self.method != "int8":
+            from dataclasses import replace
+
+            return replace(self, method="int8", lm_head="same")
+        return self
         self.method = str(self.method).lower()
         if self.method not in METHODS:
             raise ValueError(f"quantization method must be one of {METHODS}, got {self.method!r}")
