@@ -73,14 +73,6 @@ class QuantConfig:
             self.method = "none"
         if self.lm_head not in ("same", "int8", "none"):
             raise ValueError(f"lm_head must be 'same', 'int8' or 'none', got {self.lm_head!r}")
-
-    def for_module(self, name: str) -> QuantConfig:
-        """The config of module `name` (the LM head may have its own method)."""
-        if name == "lm_head" and self.lm_head == "int8" and self.method != "int8":
-            from dataclasses import replace
-
-            return replace(self, method="int8", lm_head="same")
-        return self
         self.method = str(self.method).lower()
         if self.method not in METHODS:
             raise ValueError(f"quantization method must be one of {METHODS}, got {self.method!r}")
@@ -90,6 +82,15 @@ class QuantConfig:
             raise ValueError(
                 f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}"
             )
+
+    def for_module(self, name: str) -> QuantConfig:
+        """The config of module `name` (the LM head may have its own method)."""
+        if name == "lm_head" and self.lm_head == "int8" and self.enabled and \
+                self.method != "int8":
+            from dataclasses import replace
+
+            return replace(self, method="int8", lm_head="same")
+        return self
 
     @property
     def enabled(self) -> bool:
