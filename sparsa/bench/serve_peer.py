@@ -70,10 +70,10 @@ def resolve_model(spec: str, cache_dir: str) -> Path:
 @contextmanager
 def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[str]:
     """`sparsa serve` in a child process on a free loopback port."""
-    from sparsa.bench.peers.llamacpp import _free_port, _wait_healthy
+    from sparsa.bench.peers.llamacpp import free_port, wait_healthy
     from sparsa.config import engine_argv, engine_kwargs
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "sparsa.cli", "serve", str(model), "--port", str(port),
            "--dtype", "float32", "--max-num-seqs", str(args.parallel),
            "--max-model-len", str(ctx), "--log-level", "warning", "--served-model-name", "bench",
@@ -85,7 +85,7 @@ def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[s
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, proc, timeout=900, name="sparsa serve")
+        wait_healthy(base, proc, timeout=900, name="sparsa serve")
         yield base
     finally:
         proc.terminate()

@@ -113,12 +113,12 @@ def build_streamed(hf_config, dtype: torch.dtype, device: torch.device,
                    config: QuantConfig) -> StreamedModel:
     """The model with empty quantized modules and uninitialised other parameters."""
     from sparsa.loader.meta import parameters_on_meta
-    from sparsa.loader.weights import _expected_entries, build_model
+    from sparsa.loader.weights import build_model, expected_entries
 
     with parameters_on_meta():
         model = build_model(hf_config, dtype, device)
     params = dict(model.named_parameters())  # tied weights once, in the order dummies use
-    sm = StreamedModel(model, config, _expected_entries(model))
+    sm = StreamedModel(model, config, expected_entries(model))
     sm.stats = {"method": config.method,
                 "group_size": config.group_size if config.method == "int4" else None,
                 "num_linear": 0, "num_experts": 0, "bytes_before": 0, "bytes_after": 0,

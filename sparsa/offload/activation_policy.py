@@ -9,7 +9,7 @@ import itertools
 
 import numpy as np
 
-from sparsa.offload.policy_base import CachePolicy, Stream, _scatter
+from sparsa.offload.policy_base import CachePolicy, Stream, scatter_mask
 
 __all__ = ["ActivationAware", "activation_library"]
 
@@ -69,7 +69,7 @@ class ActivationAware(CachePolicy):
                 mask: np.ndarray | None = None) -> None:
         if t < len(self.stream.prompt_start) and self.stream.prompt_start[t]:
             self.new_request()
-        m = _scatter((self.G, self.S), req) if mask is None else mask
+        m = scatter_mask((self.G, self.S), req) if mask is None else mask
         self.last[m] = t
         flat = self.flat_slot[np.nonzero(m)[1]]
         np.add.at(self.eam, flat, 1.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsa.offload.policy_base import CachePolicy, Stream, _scatter
+from sparsa.offload.policy_base import CachePolicy, Stream, scatter_mask
 
 __all__ = [
     "ARC",
@@ -46,7 +46,7 @@ class LRU(CachePolicy):
 
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        self.last[_scatter((self.G, self.S), req) if mask is None else mask] = t
+        self.last[scatter_mask((self.G, self.S), req) if mask is None else mask] = t
 
     def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
         self.last[mask] = t
@@ -70,7 +70,7 @@ class LFU(CachePolicy):
 
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        m = _scatter((self.G, self.S), req) if mask is None else mask
+        m = scatter_mask((self.G, self.S), req) if mask is None else mask
         self.count[m] += 1
         self.last[m] = t
 
@@ -96,7 +96,7 @@ class LRFU(CachePolicy):
 
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        m = _scatter((self.G, self.S), req) if mask is None else mask
+        m = scatter_mask((self.G, self.S), req) if mask is None else mask
         # add 2**(decay*t) (the use's weight referred to time 0) in log space
         self.log_crf[m] = np.logaddexp2(self.log_crf[m], self.decay * t)
 
@@ -129,7 +129,7 @@ class ARC(CachePolicy):
 
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        m = _scatter((self.G, self.S), req) if mask is None else mask
+        m = scatter_mask((self.G, self.S), req) if mask is None else mask
         hit_m = m & self.resident
         self.in_t2 |= hit_m  # a second use promotes to the frequency list
         self.last[m] = t
@@ -271,7 +271,7 @@ class LearnedRF(CachePolicy):
             self.count[:] = 0.0
             self.n_in = 0
         self._advance(int(self.stream.step_token[t]))
-        m = _scatter((self.G, self.S), req) if mask is None else mask
+        m = scatter_mask((self.G, self.S), req) if mask is None else mask
         self.crf[:, m] += 1.0
         self.count[m] += 1.0
 

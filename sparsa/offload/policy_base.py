@@ -56,7 +56,7 @@ class CachePolicy:
         """(G, S) bool: slots evicted at step t."""
 
 
-def _scatter(shape: tuple[int, int], req: np.ndarray) -> np.ndarray:
+def scatter_mask(shape: tuple[int, int], req: np.ndarray) -> np.ndarray:
     """(G, k) slot ids (-1 = none) -> (G, S) bool mask."""
     out = np.zeros((shape[0], shape[1] + 1), dtype=bool)
     np.put_along_axis(out, np.where(req < 0, shape[1], req), True, axis=1)

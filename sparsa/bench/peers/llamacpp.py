@@ -165,7 +165,7 @@ class LlamaCpp:
                extra: list[str] | None = None) -> Iterator[str]:
         """llama-server on a free loopback port with `parallel` slots (continuous batching);
         yields its base URL once /health answers, stops it on exit."""
-        port = _free_port()
+        port = free_port()
         cmd = [str(self.tool("llama-server")), "-m", str(gguf), "-t", str(threads),
                "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
                "-c", str(parallel * ctx_per_slot), "-cb", "-b", "2048", "-ub", "512",
@@ -173,7 +173,7 @@ class LlamaCpp:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(base, proc)
+            wait_healthy(base, proc)
             yield base
         finally:
             proc.terminate()
@@ -225,13 +225,13 @@ def _run(cmd: list[str], env: dict | None = None, capture: bool = False) -> str:
     return r.stdout if capture else ""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300,
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float = 300,
                   name: str = "llama-server") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -28,7 +28,7 @@ import numpy as np
 from sparsa.offload.lab.neural_predictor import NeuralPredictor, TokenInputs, token_inputs
 from sparsa.offload.lab.predictors import History
 from sparsa.offload.lab.trace import Trace
-from sparsa.offload.policies import CachePolicy, Stream, _scatter
+from sparsa.offload.policy_base import CachePolicy, Stream, scatter_mask
 
 __all__ = ["NextUseModel", "ScorePolicy", "future_uses", "next_use_scores",
            "oracle_next_scores"]
@@ -115,7 +115,7 @@ class ScorePolicy(CachePolicy):
 
     def observe(self, t: int, req: np.ndarray, hit: np.ndarray,
                 mask: np.ndarray | None = None) -> None:
-        self.last[_scatter((self.G, self.S), req) if mask is None else mask] = t
+        self.last[scatter_mask((self.G, self.S), req) if mask is None else mask] = t
 
     def inserted(self, t: int, mask: np.ndarray, prefetched: bool) -> None:
         self.last[mask] = t

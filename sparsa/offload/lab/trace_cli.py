@@ -112,10 +112,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise ValueError(f"output folder {out.parent} does not exist")
-    from sparsa.cli import _make_llm
+    from sparsa.config import engine_kwargs
+    from sparsa.llm import LLM
 
     # the shared model options, offloading included (--expert-memory, --offload-prefetch, ...)
-    llm = _make_llm(args.model, args, trace_experts=str(out))
+    llm = LLM(args.model, **{**engine_kwargs(args), "trace_experts": str(out)})
     engine = llm.engine
     if engine.tokenizer is None and corpus:
         raise ValueError(f"{args.model} has no tokenizer, so a text corpus cannot be traced "
