@@ -5,13 +5,15 @@ the fast tokenizer, chat template and special tokens from it, as transformers' o
 does); the weights are dequantized by the `gguf` package into the HF names this engine's
 load rules take (q/k un-permuted as llama.cpp stored them). Weights arrive in full
 precision: `-q int8` / `-q int4` quantize them again at load (not bit-exact to the file's
-blocks), and loading holds the dequantized tensors of the whole file at once.
+blocks); tensors are dequantized one at a time, so a quantized load never holds the whole
+model in full precision.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +90,40 @@ def gguf_tokenizer(gguf: Path) -> Any:
 
 
 def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
-                 ) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, dequantized tensor in `dtype`) for every weight of the file."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, dequantized tensor in `dtype`) for every weight of the file, one tensor
+    at a time: a quantized load holds one full-precision tensor at once, never the model.
 
-    _check_readable(gguf)
+    The names and the per-architecture fixes (llama's q/k un-permuted, split experts) are
+    transformers' GGUF processors, run tensor by tensor."""
+    import numpy as np
+    from gguf import dequantize
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    reader = _check_readable(gguf)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    meta = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=meta.get("config", {}))
     with torch.device("meta"):  # only for the names: nothing is allocated
         ref = AutoModelForCausalLM.from_config(hf_config)
-    try:
-        out = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=ref,
-                                   torch_dtype=dtype)
-    except (NotImplementedError, ValueError, KeyError) as e:
-        raise ValueError(f"{gguf}: cannot read its weights ({type(e).__name__}: {e})") from None
-    tensors = out.get("tensors", {})
-    return [(name, t if isinstance(t, torch.Tensor) else torch.as_tensor(t))
-            for name, t in tensors.items()]
+    mapping = get_gguf_hf_weights_map(ref, processor)
+    parsed: dict[str, Any] = {"config": meta.get("config", {}), "tensors": {}}
+    for t in reader.tensors:
+        try:
+            weights = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"{gguf}: tensor {t.name} has weight type {t.tensor_type.name}, "
+                             "which cannot be read") from None
+        result = processor.process(weights=weights, name=t.name, tensor_key_mapping=mapping,
+                                   parsed_parameters=parsed)
+        # some processors file tensors themselves (experts split per expert)
+        for name in list(parsed["tensors"]):
+            yield name, parsed["tensors"].pop(name).to(dtype)
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.copy(result.weights)).to(dtype)
