@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import copy
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -70,7 +69,7 @@ def resolve_model(spec: str, cache_dir: str) -> Path:
 @contextmanager
 def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[str]:
     """`sparsa serve` in a child process on a free loopback port."""
-    from sparsa.bench.peers.llamacpp import free_port, wait_healthy
+    from sparsa.bench.peers.llamacpp import free_port, serving_process
     from sparsa.config import engine_argv, engine_kwargs
 
     port = free_port()
@@ -82,17 +81,8 @@ def sparsa_server(model: Path, args: argparse.Namespace, ctx: int) -> Iterator[s
     given = {k: v for k, v in engine_kwargs(args).items()
              if k not in ("dtype", "max_num_seqs", "max_model_len", "kv_cache_memory")}
     cmd += engine_argv(given)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, timeout=900, name="sparsa serve")
+    with serving_process(cmd, port, timeout=900, name="sparsa serve") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @contextmanager

@@ -144,17 +144,17 @@ class OffloadConfig:
 
     def budget_bytes(self, total_expert_bytes: int, available: int | None = None) -> int:
         """The expert budget in bytes; "auto" needs `available` (what it resolves to)."""
-        if self.expert_memory == "auto":
-            if available is None:
-                raise ValueError("expert_memory='auto' is sized when the model loads")
-            return available
-        return budget(self.expert_memory, total_expert_bytes, "expert_memory")
+        return _bytes_of(self.expert_memory, "expert_memory", total_expert_bytes, available)
 
     def host_budget_bytes(self, total_expert_bytes: int, available: int | None = None) -> int:
         """The host tier's budget in bytes; "auto" needs `available` (what it resolves to)."""
-        if self.host_memory == "auto":
-            if available is None:
-                raise ValueError("host_memory='auto' is sized when the model loads")
-            return available
-        return budget(self.host_memory, total_expert_bytes, "host_memory")
+        return _bytes_of(self.host_memory, "host_memory", total_expert_bytes, available)
+
+
+def _bytes_of(value: str | int | None, name: str, total: int, available: int | None) -> int:
+    if value == "auto":
+        if available is None:
+            raise ValueError(f"{name}='auto' is sized when the model loads")
+        return available
+    return budget(value, total, name)  # type: ignore[arg-type]
 

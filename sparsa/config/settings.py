@@ -252,6 +252,14 @@ def model_from_args(args: argparse.Namespace) -> None:
         raise ValueError("no model given: pass MODEL or --model M")
 
 
+def _from_cli(s: Setting, value: Any) -> Any:
+    """A flag's value as its field takes it ("auto"/"on"/"off" of a bool-or-unset field)."""
+    inner, optional = _optional(s.type)
+    if inner is bool and optional and isinstance(value, str):
+        return BF16_PREFILL_CHOICES[value]
+    return value
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     """One flag per documented field of `cls` (a command's own options, made as the
     engine's are); `dataclass_from_args` builds `cls` back from them."""
@@ -266,10 +274,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace) -> Any:
     for s in dataclass_settings(cls):
         value = getattr(args, s.name, None)
         if value is not None:
-            inner, optional = _optional(s.type)
-            if inner is bool and optional and isinstance(value, str):
-                value = BF16_PREFILL_CHOICES[value]
-            values[s.field] = value
+            values[s.field] = _from_cli(s, value)
     return cls(**values)
 
 
@@ -283,9 +288,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, s.name, None)
         if value is None:
             continue
-        inner, optional = _optional(s.type)
-        if inner is bool and optional and isinstance(value, str):
-            value = BF16_PREFILL_CHOICES[value]
+        value = _from_cli(s, value)
         if s.shorthands and value in s.shorthands:
             out.update(s.shorthands[value])
             continue

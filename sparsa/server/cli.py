@@ -15,7 +15,7 @@ from sparsa.config.settings import (
     add_model_argument,
     dataclass_from_args,
 )
-from sparsa.server.settings import LOOPBACK_HOSTS, AdmissionConfig, ServeOptions
+from sparsa.server.settings import LOOPBACK_HOSTS, ServeOptions
 
 log = logging.getLogger(__name__)
 # where the server's defaults differ from the offline engine's
@@ -69,10 +69,7 @@ def build_from_args(args: argparse.Namespace):
     name = opts.served_model_name or default_model_name(args.model)
     settings = ServerSettings(
         model_name=name, api_key=opts.api_key or None, max_body_bytes=opts.max_body_bytes,
-        admission=AdmissionConfig(max_waiting=opts.max_waiting,
-                                  max_tokens_in_flight=opts.max_tokens_in_flight,
-                                  request_timeout=opts.request_timeout or None,
-                                  max_seqs_per_request=opts.max_seqs_per_request),
+        admission=opts.admission(),
         extra_model_names=[args.model] if name != args.model else [],
         body_timeout=opts.body_timeout or None,
         allowed_hosts=allowed_hosts(opts.allowed_hosts, opts.host),

@@ -22,6 +22,9 @@ class AdmissionConfig:
         for name in ("max_waiting", "max_seqs_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 1:
+            raise ValueError(f"max_tokens_in_flight must be >= 1, got "
+                             f"{self.max_tokens_in_flight}")
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -62,15 +65,20 @@ class ServeOptions:
         "info", "the HTTP server's log level")
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_waiting", "max_seqs_per_request", "max_body_bytes"):
+        for name in ("port", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_tokens_in_flight is not None and self.max_tokens_in_flight < 1:
-            raise ValueError(f"max_tokens_in_flight must be >= 1, got "
-                             f"{self.max_tokens_in_flight}")
         for name in ("request_timeout", "body_timeout", "keep_alive_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.admission()  # the admission limits validate themselves
+
+    def admission(self) -> AdmissionConfig:
+        """The admission limits these options set (request_timeout 0: no limit)."""
+        return AdmissionConfig(max_waiting=self.max_waiting,
+                               max_tokens_in_flight=self.max_tokens_in_flight,
+                               request_timeout=self.request_timeout or None,
+                               max_seqs_per_request=self.max_seqs_per_request)
 
 
 @dataclass

@@ -5,7 +5,6 @@ config."""
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import fields
 
 import pytest
@@ -53,19 +52,9 @@ def test_every_setting_has_exactly_one_flag(command):
 
 
 def _argv(kwargs: dict) -> list[str]:
-    argv = []
-    by_name = {s.name: s for s in settings()}
-    for key, value in kwargs.items():
-        flag = by_name[key].flag
-        if isinstance(value, bool) and by_name[key].type is bool:
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, bool) or value is None:
-            argv += [flag, {True: "on", False: "off", None: "auto"}[value]]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
+    from sparsa.config import engine_argv
+
+    return engine_argv(kwargs)
 
 
 CASES = [

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +171,8 @@ class LlamaCpp:
                "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
                "-c", str(parallel * ctx_per_slot), "-cb", "-b", "2048", "-ub", "512",
                *(extra or [])]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(base, proc)
+        with serving_process(cmd, port, stderr=subprocess.DEVNULL) as base:
             yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
     def offline(self, gguf: Path, threads: int, prompts: list[list[int]],
                 max_tokens: list[int], parallel: int = 32) -> dict:
@@ -223,6 +215,23 @@ def _run(cmd: list[str], env: dict | None = None, capture: bool = False) -> str:
         tail = (r.stderr or "")[-2000:] if capture else ""
         raise RuntimeError(f"command failed ({r.returncode}): {' '.join(cmd[:3])} ...\n{tail}")
     return r.stdout if capture else ""
+
+
+@contextmanager
+def serving_process(cmd: list[str], port: int, timeout: float = 300, name: str = "llama-server",
+                    stderr: Any = None) -> Iterator[str]:
+    """Run an HTTP server process, yield its base URL once /health answers, stop it after."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, timeout=timeout, name=name)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def free_port() -> int:
