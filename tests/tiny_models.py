@@ -50,6 +50,20 @@ TINY_CONFIGS: dict[str, dict] = {
         architectures=["OlmoeForCausalLM"], model_type="olmoe", num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=8.0, **TINY_COMMON,
     ),
+    # MLA with low-rank q, a dense first layer, a shared expert, group-limited routing with
+    # scaled weights and V2-Lite-style yarn (mscale == mscale_all_dim); every matrix row a
+    # whole number of 32-blocks, so a Q8_0 GGUF of it quantizes them all
+    "deepseek_v2": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
+        **{**TINY_COMMON, "num_key_value_heads": 4},  # MLA: every head its own K/V
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy",
+        n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                      "mscale_all_dim": 0.707},
+    ),
 }
 
 

@@ -60,10 +60,15 @@ def gguf_config(gguf: Path) -> Any:
     reader = _check_readable(gguf)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode() \
         if "general.architecture" in reader.fields else "?"
+    from sparsa.loader import gguf_arch  # architectures transformers' GGUF mapping lacks
+
+    if (own := gguf_arch.own_config(gguf, reader, arch)) is not None:
+        return own
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{gguf}: GGUF architecture {arch!r} is not supported ({e})") from None
+    gguf_arch.fix_config(reader, arch, config)
     if not getattr(config, "architectures", None):  # GGUF names the family, not the class
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -71,6 +76,7 @@ def gguf_config(gguf: Path) -> Any:
         if cls is None:
             raise ValueError(f"{gguf}: GGUF architecture {arch!r} has no causal LM class")
         config.architectures = [cls]
+    gguf_arch.check_supported(gguf, arch, config)
     return config
 
 
@@ -108,6 +114,11 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
 
     reader = _check_readable(gguf)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    from sparsa.loader import gguf_arch
+
+    if gguf_arch.reads_tensors(reader, arch):  # MoE and MLA files: see gguf_arch
+        yield from gguf_arch.own_tensors(gguf, reader, arch, hf_config, dtype)
+        return
     meta = load_gguf_checkpoint(str(gguf), return_tensors=False)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=meta.get("config", {}))
     with torch.device("meta"):  # only for the names: nothing is allocated
