@@ -250,7 +250,12 @@ def model_info(
     FileNotFoundError; a model whose architecture cannot be built still gets its config-derived
     fields, with the reason under ``build_error``.
     """
-    from sparsa.loader.model_loader import checkpoint_dtype, choose_dtype, resolve_model
+    from sparsa.loader.model_loader import (
+        checkpoint_dtype,
+        choose_dtype,
+        load_quant_config,
+        resolve_model,
+    )
 
     mc = ModelConfig(model, dtype=dtype, load_format=load_format, max_model_len=max_model_len,
                      quantization=quantization, quantization_group_size=group_size)
@@ -269,7 +274,7 @@ def model_info(
         "name": Path(model).name if Path(model).expanduser().is_file() else resolved.name,
         "model_dir": str(source) if source is not None else None,
         "weights_source": "dummy (random)" if dummy else
-        "GGUF file (dequantized at load)" if resolved.gguf_file else "checkpoint",
+        "GGUF file" if resolved.gguf_file else "checkpoint",
         "device": str(dev),
         "checkpoint_dtype": _dtype_name(ckpt_dt),
         "compute_dtype": _dtype_name(compute_dt),
@@ -291,12 +296,12 @@ def model_info(
     itemsize = compute_dt.itemsize
     info["checkpoint_weight_bytes"] = counts["total_params"] * ckpt_dt.itemsize
     info["decode_bytes_per_token"] = counts["active_params"] * itemsize
-    qc = mc.quant_config(ckpt_dt, dev)
+    qc = load_quant_config(mc, resolved, dev)
     info["quantization"] = qc.method if qc.method != "int4" else f"int4-g{qc.group_size}"
     info["weight_form"] = _weight_form(compute_dt, qc, dev)
     if qc.enabled:
         q_total, q_active = _quantizable_params(meta_model)
-        # int4: + the bf16 scale and min of each group
+        # int4: + the 16-bit scale and min of each group
         bpp = {"int8": 1.0, "bf16": 2.0}.get(qc.method, 0.5 + 4 / qc.group_size)
         saved_total = q_total * (itemsize - bpp)
         counts["weight_bytes"] = int(counts["weight_bytes"] - saved_total)

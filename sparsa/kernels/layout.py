@@ -13,6 +13,10 @@ size. Each 32-byte chunk ``c`` of a row holds weights ``64c .. 64c+31`` in its l
 per row the group scales, then the group mins (so the kernel reads 8 of either per load):
 ``w = q * scale + min``, ``q`` in [0, 15].
 
+u8g (8-bit groups of 32, GGUF's Q8_0): ``q [N, Kp]`` uint8 codes ``w / d + 128``, ``Kp``
+padded to `U8G_K_ALIGN`; ``sm [N, 2, Kp/32]`` the group scales ``d`` then mins ``-128 d``
+(fp16 from a file, exact): ``w = q * scale + min``, the int4 algebra with 8-bit codes.
+
 The kernels quantize activations to int8 per block (symmetric, round half to even, one fp32
 scale per block: `INT8_ACT_BLOCK` for int8 weights, the group size for int4 weights, with
 blocks of 32 for group 32). `quantize_activations` and the ``*_reference`` functions
@@ -28,6 +32,7 @@ BF16_K_ALIGN = 8  # one 8-wide fp32 vector per step
 INT8_ACT_BLOCK = 128
 INT4_CHUNK = 64
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+U8G_K_ALIGN = 64  # 8-bit groups of 32 (GGUF Q8_0): rows padded to whole 64-byte lines
 
 
 def pad_to(n: int, multiple: int) -> int:
@@ -87,3 +92,13 @@ def int4_gemm_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
     smd = sm.double()
     y = dots * d.double().unsqueeze(1) * smd[:, 0] + s.double().unsqueeze(1) * smd[:, 1]
     return y.sum(-1).float()
+
+
+def u8g_gemm_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """What the 8-bit-group kernel computes (activations quantized per 32), in float64."""
+    T, (N, kp) = x.shape[0], q.shape
+    xq, d, _ = quantize_activations(x, kp, 32)
+    s = sm.double()
+    w = q.double().reshape(N, kp // 32, 32) * s[:, 0].unsqueeze(-1) + s[:, 1].unsqueeze(-1)
+    dots = torch.einsum("tgk,ngk->tng", xq.double().reshape(T, kp // 32, 32), w)
+    return (dots * d.double().unsqueeze(1)).sum(-1).float()

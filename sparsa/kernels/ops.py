@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 
 from sparsa.kernels.build import load
-from sparsa.kernels.layout import BF16_K_ALIGN, INT4_CHUNK, INT4_GROUP_SIZES, INT8_K_ALIGN
+from sparsa.kernels.layout import (
+    BF16_K_ALIGN,
+    INT4_CHUNK,
+    INT4_GROUP_SIZES,
+    INT8_K_ALIGN,
+    U8G_K_ALIGN,
+)
 
 
 def _ext():
@@ -20,11 +26,13 @@ def _ext():
     return mod
 
 
-def _check(t: torch.Tensor, name: str, dtype: torch.dtype, ndim: int) -> None:
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype | tuple[torch.dtype, ...],
+           ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if t.device.type != "cpu":
@@ -38,6 +46,10 @@ def _check_x(x: torch.Tensor, k_max: int) -> torch.Tensor:
     if x.shape[1] > k_max:
         raise ValueError(f"x has {x.shape[1]} features, the weight only {k_max}")
     return x.contiguous()
+
+
+# int4 scale/min tables: bf16 (Sparsa's own quantizer) or fp16 (GGUF Q4_0/Q4_1 kept exact)
+SM_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _check_int4(q: torch.Tensor, sm: torch.Tensor, group_size: int, lead: tuple) -> None:
@@ -71,10 +83,22 @@ def int4_gemm(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
               group_size: int) -> torch.Tensor:
     """x [T, K] fp32 @ W^T for the int4 weight (q [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16)."""
     _check(q, "q", torch.uint8, 2)
-    _check(sm, "sm", torch.bfloat16, 3)
+    _check(sm, "sm", SM_DTYPES, 3)
     _check_int4(q, sm, group_size, ())
     x = _check_x(x, q.shape[1] * 2)
     return _ext().int4_gemm(x, q, sm, int(group_size))
+
+
+def u8g_gemm(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """x [T, K] fp32 @ W^T for 8-bit groups of 32 (q [N, Kp] uint8 codes, sm [N, 2, Kp/32]
+    scales then mins, fp16 or bf16; w = q * scale + min): GGUF's Q8_0 as it is."""
+    _check(q, "q", torch.uint8, 2)
+    _check(sm, "sm", SM_DTYPES, 3)
+    if q.shape[1] % U8G_K_ALIGN or tuple(sm.shape) != (q.shape[0], 2, q.shape[1] // 32):
+        raise ValueError(f"8-bit group weight K={q.shape[1]} must be a multiple of "
+                         f"{U8G_K_ALIGN} with sm [N, 2, K/32], got {tuple(sm.shape)}")
+    x = _check_x(x, q.shape[1])
+    return _ext().u8g_gemm(x, q, sm)
 
 
 def bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -202,7 +226,7 @@ def moe_int4(x: torch.Tensor, w13_q: torch.Tensor, w13_sm: torch.Tensor, w2_q: t
     for t, n in ((w13_q, "w13_q"), (w2_q, "w2_q")):
         _check(t, n, torch.uint8, 3)
     for t, n in ((w13_sm, "w13_sm"), (w2_sm, "w2_sm")):
-        _check(t, n, torch.bfloat16, 4)
+        _check(t, n, SM_DTYPES, 4)
     E, n13 = w13_q.shape[:2]
     _check_int4(w13_q, w13_sm, group_size, (E,))
     _check_int4(w2_q, w2_sm, group_size, (w2_q.shape[0],))
@@ -225,9 +249,9 @@ def int8_dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def int4_dequant(q: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16 -> fp32 [N, Kp]."""
+    """q [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16 or fp16 -> fp32 [N, Kp]."""
     _check(q, "q", torch.uint8, 2)
-    _check(sm, "sm", torch.bfloat16, 3)
+    _check(sm, "sm", SM_DTYPES, 3)
     _check_int4(q, sm, group_size, ())
     return _ext().int4_dequant(q, sm, int(group_size))
 

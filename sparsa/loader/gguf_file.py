@@ -14,10 +14,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsa.layers.quantization.blocks import Int4Rows, Int8Rows, QuantizedRows
+from sparsa.layers.quantization.schemes import QuantConfig
 
 log = logging.getLogger(__name__)
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
@@ -95,13 +99,62 @@ def gguf_tokenizer(gguf: Path) -> Any:
                          ) from None
 
 
-def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+# bytes per block of 32 and whether a fp16 min follows the fp16 scale
+_4BIT_BLOCKS = {"Q4_0": (18, False), "Q4_1": (20, True)}
+
+
+def _int4_rows(raw: Any, qtype: str) -> Int4Rows:
+    """Q4_0 / Q4_1 blocks [rows, bytes] -> codes and fp16 scale/min, values unchanged:
+    a block is its fp16 scale d (Q4_1: then its fp16 min m) and 16 bytes whose low nibbles
+    are weights 0..15 and high nibbles 16..31; w = d * (q - 8) (Q4_0) or d * q + m."""
+    import numpy as np
+
+    size, has_min = _4BIT_BLOCKS[qtype]
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0] if has_min \
+        else (d.astype(np.float32) * -8).astype(np.float16)
+    qs = blocks[..., size - 16:]
+    q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(rows, -1)
+    return Int4Rows(torch.from_numpy(q), torch.from_numpy(d.copy()), torch.from_numpy(m))
+
+
+def _int8_rows(raw: Any) -> Int8Rows:
+    """Q8_0 blocks [rows, bytes] -> int8 codes and fp16 scales: a block is its fp16 scale d
+    and 32 int8 codes, w = d * q."""
+    import numpy as np
+
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+    return Int8Rows(torch.from_numpy(q), torch.from_numpy(d))
+
+
+def blocks_kept(qc: QuantConfig) -> frozenset[str]:
+    """The GGUF block types that the weight form `qc` takes unchanged."""
+    if qc.scale_dtype != torch.float16:
+        return frozenset()
+    kept = {"Q4_0", "Q4_1"} if qc.method == "int4" and qc.group_size == 32 else set()
+    int8_head = qc.method != "int8" and qc.lm_head == "int8"
+    if qc.int8_group_size == 32 and (qc.method == "int8" or int8_head):
+        kept.add("Q8_0")
+    return frozenset(kept)
+
+
+def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype,
+                 keep: frozenset[str] = frozenset()
+                 ) -> Iterator[tuple[str, torch.Tensor | QuantizedRows]]:
     """(HF name, dequantized tensor in `dtype`) for every weight of the file, one tensor
     at a time: a quantized load holds one full-precision tensor at once, never the model.
+    2-D tensors of the block types in `keep` (Q4_0, Q4_1, Q8_0: `blocks_kept`) come as
+    their blocks (`Int4Rows`, `Int8Rows`), for a form that takes them as they are; the
+    loader decodes them where a tensor lands elsewhere (an embedding).
 
     The names and the per-architecture fixes (llama's q/k un-permuted, split experts) are
-    transformers' GGUF processors, run tensor by tensor."""
+    transformers' GGUF processors, run tensor by tensor (on the rows of raw blocks too: the
+    fixes permute rows)."""
     import numpy as np
     from gguf import dequantize
     from transformers import AutoModelForCausalLM
@@ -126,8 +179,9 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
     mapping = get_gguf_hf_weights_map(ref, processor)
     parsed: dict[str, Any] = {"config": meta.get("config", {}), "tensors": {}}
     for t in reader.tensors:
+        raw = t.tensor_type.name in keep and len(t.shape) == 2
         try:
-            weights = dequantize(t.data, t.tensor_type)
+            weights = t.data if raw else dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ValueError(f"{gguf}: tensor {t.name} has weight type {t.tensor_type.name}, "
                              "which cannot be read") from None
@@ -137,4 +191,45 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype
         for name in list(parsed["tensors"]):
             yield name, parsed["tensors"].pop(name).to(dtype)
         if result.name in mapping:
-            yield mapping[result.name], torch.from_numpy(np.copy(result.weights)).to(dtype)
+            yield mapping[result.name], (
+                (_int8_rows(result.weights) if t.tensor_type.name == "Q8_0"
+                 else _int4_rows(result.weights, t.tensor_type.name)) if raw
+                else torch.from_numpy(np.copy(result.weights)).to(dtype))
+
+
+# the weight form a file's dominant tensor type runs in when no quantization is asked for:
+# 4- and 5-bit types in int4 groups of 32 (Q4_0 / Q4_1 copied exactly; the rest re-quantized),
+# 6- and 8-bit types in int8, 16/32-bit types as an HF checkpoint of that dtype
+_FILE_FORMS = {"Q4_0": "int4", "Q4_1": "int4", "Q5_0": "int4", "Q5_1": "int4", "Q4_K": "int4",
+               "Q5_K": "int4", "Q2_K": "int4", "Q3_K": "int4", "IQ4_NL": "int4",
+               "IQ4_XS": "int4", "Q8_0": "int8", "Q6_K": "int8"}
+
+
+def gguf_weight_types(gguf: Path) -> dict[str, int]:
+    """Elements per tensor type over the file's 2-D and 3-D weights (the matmul weights)."""
+    counts: dict[str, int] = {}
+    for t in _check_readable(gguf).tensors:
+        if len(t.shape) >= 2:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return counts
+
+
+def gguf_quant_config(gguf: Path, qc: QuantConfig, asked: str | None) -> QuantConfig:
+    """The form a GGUF file's weights load in. `asked` is the quantization setting: unset
+    (None) runs the file's own form (its dominant tensor type: `_FILE_FORMS`; 8-bit as
+    groups of 32 like Q8_0, with an 8-bit LM head under a 4-bit body, as llama.cpp's files
+    keep theirs), which takes Q4_0 / Q4_1 / Q8_0 tensors unchanged. An int4 form at group
+    size 32 keeps fp16 scales, so Q4_0 / Q4_1 tensors are copied into it as well."""
+    if asked is None:
+        types = gguf_weight_types(gguf)
+        main = max(types, key=types.__getitem__) if types else "F32"
+        form = _FILE_FORMS.get(main)
+        if form == "int4":
+            qc = replace(qc, method="int4", group_size=32, int8_group_size=32,
+                         lm_head="int8" if qc.lm_head == "same" else qc.lm_head,
+                         scale_dtype=torch.float16)
+        elif form == "int8":
+            qc = replace(qc, method="int8", int8_group_size=32, scale_dtype=torch.float16)
+    if qc.method == "int4" and qc.group_size == 32:
+        qc = replace(qc, scale_dtype=torch.float16)
+    return qc

@@ -192,8 +192,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
     resolved = resolve_model(mc)
     dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
     if not mc.offload.enabled and mc.when_too_large != "ignore":
-        mc = _check_fit(mc, resolved, dtype, device,
-                        mc.quant_config(checkpoint_dtype(resolved.hf_config), device))
+        mc = _check_fit(mc, resolved, dtype, device, load_quant_config(mc, resolved, device))
     if mc.offload.enabled:
         if resolved.gguf_file is not None:
             raise ValueError("expert offloading reads experts from a safetensors checkpoint, "
@@ -212,7 +211,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         # bf16 too when asked for on a wider checkpoint (its experts are written to the store
         # in bf16); a bf16 checkpoint's experts are read as they are, bf16 already.
         ckpt_dtype = checkpoint_dtype(resolved.hf_config)
-        qc = mc.quant_config(ckpt_dtype, device)
+        qc = load_quant_config(mc, resolved, device)
         to_store = qc.method in ("int8", "int4") or \
             (mc.quantization == "bf16" and ckpt_dtype != torch.bfloat16)
         model.offload = load_offloaded(model, resolved.model_dir, mc.offload, dtype, device,
@@ -224,7 +223,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         model.offload.reserve_buffers()
         return model, resolved, dtype
     dummy = mc.load_format == "dummy" or not resolved.has_weights
-    qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
+    qc = load_quant_config(mc, resolved, device)
     if qc.enabled and streamed:
         from sparsa.loader.quantized_load import build_streamed, finish, init_dummy_streamed
 
@@ -232,7 +231,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         if dummy:
             init_dummy_streamed(sm, mc.seed)
         else:
-            load_weights(sm.model, _checkpoint(resolved, dtype), expected=sm.expected)
+            load_weights(sm.model, _checkpoint(resolved, dtype, qc), expected=sm.expected)
         sm.model.quant_stats = finish(sm)
         return sm.model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
@@ -247,10 +246,24 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
     return model, resolved, dtype
 
 
-def _checkpoint(resolved: ResolvedModel, dtype: torch.dtype):
-    """The checkpoint's tensors: a safetensors folder, or a GGUF file dequantized."""
+def load_quant_config(mc: ModelConfig, resolved: ResolvedModel,
+                      device: torch.device) -> QuantConfig:
+    """The weight form `mc` loads `resolved` in: the setting's, or for a GGUF file with
+    none asked for, the file's own (`gguf_quant_config`)."""
+    qc = mc.quant_config(checkpoint_dtype(resolved.hf_config), device)
     if resolved.gguf_file is not None:
-        from sparsa.loader.gguf_file import gguf_tensors
+        from sparsa.loader.gguf_file import gguf_quant_config
 
-        return gguf_tensors(resolved.gguf_file, resolved.hf_config, dtype)
+        qc = gguf_quant_config(resolved.gguf_file, qc, mc.quantization)
+    return qc
+
+
+def _checkpoint(resolved: ResolvedModel, dtype: torch.dtype, qc: QuantConfig | None = None):
+    """The checkpoint's tensors: a safetensors folder, or a GGUF file (dequantized, or its
+    blocks as they are where the form `qc` takes them: `blocks_kept`)."""
+    if resolved.gguf_file is not None:
+        from sparsa.loader.gguf_file import blocks_kept, gguf_tensors
+
+        keep = blocks_kept(qc) if qc is not None else frozenset()
+        return gguf_tensors(resolved.gguf_file, resolved.hf_config, dtype, keep)
     return SafetensorsCheckpoint(resolved.model_dir)

@@ -83,6 +83,10 @@ def load_weights(model: nn.Module, weights, extra_rules=None,
         if _IGNORED.search(ckpt_name):
             continue
         target, action, expert = _apply_rule(ckpt_name, rules)
+        if not isinstance(tensor, torch.Tensor):  # blocks as a file holds them (Int4Rows...)
+            owner = modules.get(target if isinstance(action, str) else target.rpartition(".")[0])
+            if not hasattr(owner, "_stream"):  # only a quantized module being streamed
+                tensor = tensor.dequantize(_param_dtype(params, target, owner))
         if isinstance(action, str):
             mod = modules.get(target)
             if mod is None or not hasattr(mod, "load_expert"):
@@ -116,6 +120,14 @@ def load_weights(model: nn.Module, weights, extra_rules=None,
         param.data.copy_(tensor)
         filled.add(target)
     _check_complete(filled, _expected_entries(model) if expected is None else expected)
+
+
+def _param_dtype(params: dict, target: str, owner: nn.Module | None) -> torch.dtype:
+    """The dtype the full-precision model holds `target` (or `owner`'s weights) in."""
+    if target in params:
+        return params[target].dtype
+    p = next(owner.parameters(), None) if owner is not None else None
+    return p.dtype if p is not None else torch.get_default_dtype()
 
 
 def _expected_entries(model: nn.Module) -> set[str]:

@@ -236,3 +236,55 @@ def test_int4_vnni_is_bitwise_avx2(G):
     finally:
         mod.set_vnni(True)
     assert torch.equal(vnni, avx2)
+
+
+def _vnni_modes() -> list[int]:
+    ext = kernels.load()
+    modes = [0]
+    for mode in (1, 2):
+        try:
+            ext.set_vnni_mode(mode)
+            modes.append(mode)
+        except RuntimeError:
+            pass
+    ext.set_vnni(True)
+    return modes
+
+
+@pytest.mark.parametrize("T", ROWS)
+@pytest.mark.parametrize("N,K", [(37, 100), (8, 576), (3, 1536)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_u8g_gemm_matches_reference_on_every_tile(T, N, K, scale_dtype):
+    """8-bit groups (GGUF Q8_0): codes over the whole 0..255 range (-128 included, where
+    the AVX2 sign trick and maddubs' int16 pair sums are at their limits), every tile."""
+    from sparsa.layers.quantization.schemes import quantize_u8g_padded
+
+    g = torch.Generator().manual_seed(N * K + T)
+    q, sm = quantize_u8g_padded(torch.randn(N, K, generator=g), scale_dtype)
+    q[:, :K:7] = 0  # w = -128 d
+    q[:, 1:K:5] = 255
+    x = torch.randn(T, K, generator=g)
+    x[:, ::3] *= 40  # activation outliers: quantized codes at +-127
+    want = layout.u8g_gemm_reference(x, q, sm)
+    ext = kernels.load()
+    try:
+        for mode in _vnni_modes():
+            ext.set_vnni_mode(mode)
+            assert _rel(ops.u8g_gemm(x, q, sm), want) < 1e-5, mode
+    finally:
+        ext.set_vnni(True)
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_int4_fp16_scales_read_as_fp16(G):
+    """int4 with an fp16 scale/min table (GGUF Q4_0 / Q4_1 kept exact) against the same
+    reference as bf16 tables, and the dequantization op."""
+    g = torch.Generator().manual_seed(G)
+    q, sm = quantize_int4_packed(torch.randn(9, 256, generator=g), G, scale_dtype=torch.float16)
+    assert sm.dtype == torch.float16
+    x = torch.randn(3, 256, generator=g)
+    assert _rel(ops.int4_gemm(x, q, sm, G), layout.int4_gemm_reference(x, q, sm.float(), G)) \
+        < 1e-5
+    from sparsa.layers.quantization.schemes import dequantize_int4_packed
+
+    assert torch.equal(ops.int4_dequant(q, sm, G), dequantize_int4_packed(q, sm))

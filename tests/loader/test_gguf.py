@@ -107,7 +107,7 @@ def test_gguf_logits_match_transformers_gguf_loader(tiny, tiny256, qtype):
                                                dtype=torch.float32).eval()
     with torch.no_grad():
         want = ref(torch.tensor([PROMPT])).logits[0]
-    llm = LLM(str(path), dtype="float32")
+    llm = LLM(str(path), dtype="float32", quantization="none")  # dequantized, as transformers
     got = prompt_logits(llm.engine, PROMPT)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -148,7 +148,123 @@ def test_the_shared_smollm2_gguf_answers_a_chat_turn():
         "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.skip(f"{path} not found (set SPARSA_SHARED)")
-    llm = LLM(str(path), dtype="float32", kv_cache_memory="64MiB")
+    # decoded to fp32 (transformers' math): in the file's 4-bit form the first token is a
+    # near tie ("The" 25.33 vs "L" 25.24) that goes to "L'Étoile" there, as in llama.cpp
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="64MiB", quantization="none")
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16))
     assert out[0].outputs[0].text.strip() == "The capital of France is Paris."
+
+
+@pytest.fixture
+def fp32_prefill(monkeypatch):
+    """Every int4 matmul through its exact path (weights decoded, fp32 GEMM): the native
+    kernels quantize activations to int8, and prefill may round them to bf16."""
+    from sparsa.layers.quantization import matmul
+
+    monkeypatch.setattr(matmul, "_policy", {**matmul.kernel_policy(), "int4": 0, "int8": 0,
+                                            "int4_bf16": matmul._NEVER})
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_4bit_blocks_load_unchanged_into_the_int4_form(tiny, qtype, fp32_prefill):
+    """With no quantization asked for, a Q4_0 / Q4_1 file runs in its own form: int4 groups
+    of 32 whose codes and fp16 scales are the file's, so every weight equals the file's
+    decoded value bit for bit, and with exact activations the logits are transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.layers.quantization.modules import Int4Linear
+
+    hf_model, out = tiny
+    path = write_llama_gguf(hf_model, out / f"tiny-{qtype}.gguf", qtype)
+    plain = LLM(str(path), dtype="float32", quantization="none")
+    llm = LLM(str(path), dtype="float32", quantization_lm_head="none")
+    mods = dict(plain.engine.model.named_modules())
+    int4 = [(n, m) for n, m in llm.engine.model.named_modules() if isinstance(m, Int4Linear)]
+    assert int4 and all(m.group_size == 32 and m.scale_min.dtype == torch.float16
+                        for _, m in int4)
+    for name, m in int4:
+        w = mods[name].weight.data
+        assert torch.equal(m.dequantize(), w.t() if mods[name].transposed else w), name
+    ref = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(prompt_logits(llm.engine, PROMPT), want, atol=1e-4, rtol=1e-4)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert llm.generate([PROMPT], params)[0].outputs[0].token_ids == \
+        plain.generate([PROMPT], params)[0].outputs[0].token_ids
+
+
+def test_the_native_kernels_on_4bit_blocks_stay_close(tiny):
+    """The file's blocks through the native int4 kernels (activations quantized to int8
+    per 32, as llama.cpp's Q8_1): bounded deviation from the exact logits."""
+    hf_model, out = tiny
+    path = write_llama_gguf(hf_model, out / "tiny-Q4_1.gguf", "Q4_1")
+    exact = prompt_logits(LLM(str(path), dtype="float32", quantization="none").engine, PROMPT)
+    got = prompt_logits(LLM(str(path), dtype="float32", quantization_lm_head="none").engine,
+                        PROMPT)
+    assert ((got - exact).norm() / exact.norm()).item() < 0.03
+
+
+@pytest.mark.parametrize("qtype,method,group,lm_head", [
+    ("F32", "none", 64, "same"), ("F16", "none", 64, "same"), ("Q8_0", "int8", 64, "same"),
+    ("Q4_0", "int4", 32, "int8"), ("Q5_1", "int4", 32, "int8")])
+def test_a_gguf_runs_in_its_own_form_unless_told(tiny, qtype, method, group, lm_head):
+    from sparsa.layers.quantization import QuantConfig
+    from sparsa.loader.gguf_file import gguf_quant_config
+
+    hf_model, out = tiny
+    path = write_llama_gguf(hf_model, out / f"form-{qtype}.gguf", qtype)
+    qc = gguf_quant_config(path, QuantConfig(), None)
+    assert (qc.method, qc.group_size, qc.lm_head) == (method, group, lm_head)
+    assert (qc.scale_dtype == torch.float16) == (method != "none")
+    assert qc.int8_group_size == (32 if method != "none" else 0)  # Q8_0's own groups
+    asked = gguf_quant_config(path, QuantConfig("int4", group_size=64), "int4")
+    assert (asked.method, asked.group_size, asked.scale_dtype) == ("int4", 64, torch.bfloat16)
+    assert gguf_quant_config(path, QuantConfig(), "none").method == "none"
+
+
+def test_q8_0_blocks_load_unchanged_into_8bit_groups(tiny, fp32_prefill):
+    """A Q8_0 file runs as 8-bit groups of 32 with the file's fp16 scales: every weight
+    (the LM head included) equals the decoded file bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.layers.quantization.modules import Int8GroupLinear
+
+    hf_model, out = tiny
+    path = write_llama_gguf(hf_model, out / "tiny-Q8_0.gguf", "Q8_0")
+    plain = LLM(str(path), dtype="float32", quantization="none")
+    llm = LLM(str(path), dtype="float32")
+    mods = dict(plain.engine.model.named_modules())
+    q8 = [(n, m) for n, m in llm.engine.model.named_modules() if isinstance(m, Int8GroupLinear)]
+    assert "lm_head" in dict(q8) and len(q8) == 1 + 4 * hf_model.config.num_hidden_layers
+    for name, m in q8:
+        assert m.scale_min.dtype == torch.float16
+        w = mods[name].weight.data
+        assert torch.equal(m.dequantize(), w.t() if mods[name].transposed else w), name
+    ref = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(prompt_logits(llm.engine, PROMPT), want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_shared_smollm2_runs_its_own_blocks():
+    """SmolLM2's Q4_1 body and its Q8_0 embedding (tied to the LM head): the int4 layers
+    and the 8-bit head hold exactly the file's decoded values."""
+    from sparsa.layers.quantization.modules import Int4Linear, Int8GroupLinear
+    from sparsa.tokenizer import shared_dir
+
+    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set SPARSA_SHARED)")
+    llm = LLM(str(path), dtype="float32", kv_cache_memory="64MiB")
+    model = llm.engine.model
+    head = model.lm_head
+    assert isinstance(head, Int8GroupLinear)
+    table = model.model.embed_tokens.weight.data
+    assert torch.equal(head.dequantize(), table)  # re-quantizing Q8_0 values is lossless
+    blocks = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(blocks) == 30 * 4 and all(m.scale_min.dtype == torch.float16 for m in blocks)

@@ -12,7 +12,7 @@
 //   int4: q [N, Kp/2] uint8 (Kp % 64 == 0 and Kp % G == 0). Each 32-byte chunk c of a row
 //         holds weights 64c..64c+31 in its low nibbles and 64c+32..64c+63 in its high ones,
 //         so one 256-bit load + and/shift yields two 32-weight vectors in activation order.
-//         sm [N, 2, Kp/G] bf16: per row the group scales, then the group mins;
+//         sm [N, 2, Kp/G] bf16 or fp16: per row the group scales, then the group mins;
 //         w = q * scale + min, q in [0, 15].
 // Work is split over output rows with at::parallel_for, so torch.set_num_threads applies.
 
@@ -64,12 +64,13 @@ using sparsa_simd::quantize_blocks;
 
 struct Mat {
   Kind kind;
-  const void* w;       // int8 [N, Kp], uint8 [N, Kp/2] or bf16 [N, Kp]
+  const void* w;       // int8 [N, Kp], uint8 [N, Kp/2] (int4), uint8 [N, Kp] (U8G), bf16
   int64_t ldw;         // bytes per row (elements for bf16)
   int64_t Kp;          // padded reduction length
   const float* scale;  // int8: [N]; null for int4 / bf16
-  const uint16_t* sm;  // int4: [N, ng, 2] bf16
-  int64_t ng, G;       // int4 groups per row, group size
+  const uint16_t* sm;  // int4, U8G: [N, 2, ng] bf16 or fp16
+  int64_t ng, G;       // int4, U8G: groups per row, group size
+  bool f16 = false;    // sm holds fp16 (GGUF blocks) rather than bf16
 };
 
 // Per row range: the prefetch offset (in units of the weight pointer) and the int4 prologue's
@@ -103,9 +104,13 @@ inline void tile(const Mat& m, int64_t n, const QAct* a, const float* const* xf,
       bf16_tile<R, TT>(static_cast<const uint16_t*>(m.w) + n * m.ldw, m.ldw, m.Kp, xf, res,
                        c.pfo);
       break;
+    case Kind::U8G:
+      u8g_tile<R, TT>(static_cast<const uint8_t*>(m.w) + n * m.ldw, m.ldw, m.sm + n * m.ng * 2,
+                      m.f16, m.ng, a, res, c.sd, c.pfo);
+      break;
     case Kind::I4:
       i4_tile<R, TT>(static_cast<const uint8_t*>(m.w) + n * m.ldw, m.ldw, m.sm + n * m.ng * 2,
-                     m.ng, m.G, a, res, c.sd, c.pfo);
+                     m.f16, m.ng, m.G, a, res, c.sd, c.pfo);
       break;
   }
 }
@@ -143,7 +148,7 @@ void rows_tt(const Mat& m, int64_t n0, int64_t n1, const QAct* a, const float* c
   float sd_stack[kStack];
   std::vector<float> sd_heap;
   float* sd = sd_stack;
-  if (m.kind == Kind::I4 && 16 * m.ng > kStack) {
+  if ((m.kind == Kind::I4 || m.kind == Kind::U8G) && 16 * m.ng > kStack) {
     sd_heap.resize(16 * m.ng);
     sd = sd_heap.data();
   }
@@ -209,10 +214,16 @@ Mat int8_mat(const torch::Tensor& q, const torch::Tensor& scale, bool f32) {
           scale.data_ptr<float>(), nullptr, 0, 0};
 }
 
+bool sm_is_f16(const torch::Tensor& sm) {
+  TORCH_CHECK(sm.scalar_type() == torch::kBFloat16 || sm.scalar_type() == torch::kHalf,
+              "int4 scale/min table must be bfloat16 or float16, got ", sm.scalar_type());
+  return sm.scalar_type() == torch::kHalf;
+}
+
 Mat int4_mat(const torch::Tensor& q, const torch::Tensor& sm, int64_t G) {
   const int64_t Kp = q.size(-1) * 2;
   return {Kind::I4, q.data_ptr(), q.size(-1), Kp, nullptr,
-          reinterpret_cast<const uint16_t*>(sm.data_ptr()), Kp / G, G};
+          reinterpret_cast<const uint16_t*>(sm.data_ptr()), Kp / G, G, sm_is_f16(sm)};
 }
 
 // y [T, N] = x [T, K] @ W^T for one weight matrix.
@@ -235,7 +246,7 @@ torch::Tensor gemm(const torch::Tensor& x, const Mat& m, int64_t N) {
       xf[t] = xpad.data() + t * m.Kp;
     }
   } else {
-    qa.init(T, m.Kp, m.kind == Kind::I4 ? m.G : kQB);
+    qa.init(T, m.Kp, m.kind == Kind::I4 || m.kind == Kind::U8G ? m.G : kQB);
     for (int64_t t = 0; t < T; ++t) qa.quantize(t, xp + t * K, K);
   }
   const QAct* a = fp32_x ? nullptr : qa.rows.data();
@@ -251,6 +262,14 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor scale, b
 
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor sm, int64_t G) {
   return gemm(x, int4_mat(q, sm, G), q.size(0));
+}
+
+// 8-bit groups of 32: q [N, Kp] uint8 codes, sm [N, 2, Kp/32] scales then mins
+torch::Tensor u8g_gemm(torch::Tensor x, torch::Tensor q, torch::Tensor sm) {
+  const int64_t Kp = q.size(1);
+  const Mat m{Kind::U8G, q.data_ptr(), Kp, Kp, nullptr,
+              reinterpret_cast<const uint16_t*>(sm.data_ptr()), Kp / 32, 32, sm_is_f16(sm)};
+  return gemm(x, m, q.size(0));
 }
 
 torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor w) {
@@ -339,7 +358,7 @@ std::vector<Mat> expert_mats(const torch::Tensor& q, const torch::Tensor* scale,
       const int64_t Kp = ldw * 2;
       const uint16_t* s =
           reinterpret_cast<const uint16_t*>(sm->data_ptr()) + e * N * (Kp / G) * 2;
-      mats.push_back({Kind::I4, w, ldw, Kp, nullptr, s, Kp / G, G});
+      mats.push_back({Kind::I4, w, ldw, Kp, nullptr, s, Kp / G, G, sm_is_f16(*sm)});
     }
   }
   return mats;
@@ -384,6 +403,7 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
   auto w = torch::empty({N, Kp}, torch::dtype(torch::kFloat32));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const uint16_t* smp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
+  const bool f16 = sm_is_f16(sm);
   float* wp = w.data_ptr<float>();
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   at::parallel_for(0, N, row_grain(Kp), [&](int64_t n0, int64_t n1) {
@@ -402,8 +422,8 @@ torch::Tensor int4_dequant(torch::Tensor q, torch::Tensor sm, int64_t G) {
           const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(nib + i))));
           _mm256_storeu_ps(wr + c * 64 + i,
-                           _mm256_fmadd_ps(f, _mm256_set1_ps(bf16_to_f32(sr[g])),
-                                           _mm256_set1_ps(bf16_to_f32(sr[ng + g]))));
+                           _mm256_fmadd_ps(f, _mm256_set1_ps(scale1(sr[g], f16)),
+                                           _mm256_set1_ps(scale1(sr[ng + g], f16))));
         }
       }
     }
@@ -450,7 +470,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                  g_pf_rows_by_kind[slot]);
         }, "(row_block, pf_rows) of one tuning slot");
   m.def("int8_gemm", &int8_gemm, "x [T,K] f32 @ (q [N,Kp] int8 * scale [N])^T");
-  m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16)");
+  m.def("int4_gemm", &int4_gemm, "x [T,K] f32 @ int4 W^T (q [N,Kp/2], sm [N,2,Kp/G] bf16 or fp16)");
+  m.def("u8g_gemm", &u8g_gemm,
+        "x [T,K] f32 @ 8-bit-group W^T (q [N,Kp] uint8, sm [N,2,Kp/32] fp16 or bf16)");
   m.def("bf16_gemm", &bf16_gemm, "x [T,K] f32 @ (w [N,Kp] bf16)^T, fp32 math");
   m.def("moe_int8", &moe_int8, "fused SwiGLU MoE over int8 experts");
   m.def("moe_int4", &moe_int4, "fused SwiGLU MoE over int4 experts");

@@ -19,14 +19,16 @@
 // rows, <= kShortRowBytes, or longer: four short rows side by side lie in one or two KB and
 // stream like one), indexed by `tuning_slot`, read once per row range (`rows_tt`); the tiles
 // get the prefetch offset `pfo` (rows x row stride) as an argument.
-enum class Kind { I8Q8 = 0, I8F32 = 1, I4 = 2, BF16 = 3 };
+enum class Kind { I8Q8 = 0, I8F32 = 1, I4 = 2, BF16 = 3, U8G = 4 };
 constexpr int64_t kShortRowBytes = 512;
 constexpr int kTuningSlots = 8;
 int64_t g_pf_rows_by_kind[kTuningSlots] = {};
 int g_row_block_by_kind[kTuningSlots] = {1, 1, 1, 1, 1, 1, 1, 1};
 
 inline int tuning_slot(Kind kind, int64_t row_bytes) {
-  return 2 * static_cast<int>(kind) + (row_bytes <= kShortRowBytes ? 1 : 0);
+  // 8-bit groups share the int8 slots: the same bytes per weight, streamed the same way
+  const int k = kind == Kind::U8G ? 0 : static_cast<int>(kind);
+  return 2 * k + (row_bytes <= kShortRowBytes ? 1 : 0);
 }
 
 // ---- int8 tiles: R weight rows x TT activation rows -> res[t * R + r] (unscaled by row) ----
@@ -177,6 +179,15 @@ inline __m256 bf16x8(const uint16_t* p) {
       _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
+inline __m256 f16x8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 16-bit scale tables are bf16 (Sparsa's own int4) or fp16 (GGUF's Q4_0/Q4_1 blocks, kept
+// exact); one widening per 8 groups, in the prologue, so the choice costs nothing per weight.
+inline __m256 scales8(const uint16_t* p, bool f16) { return f16 ? f16x8(p) : bf16x8(p); }
+inline float scale1(uint16_t v, bool f16) { return f16 ? _cvtsh_ss(v) : bf16_to_f32(v); }
+
 // Main loop of the int4 tile. CPG = 64-weight chunks per group (0: group 32, two groups per
 // chunk). For G >= 64 the activation block is the group, so the int16 maddubs sums of a whole
 // group add up before one madd/convert/FMA (<= 8 * 2*15*127 = 30480: no int16 overflow).
@@ -289,14 +300,12 @@ SPARSA_I4_VNNI_BODY(i4_body_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni",
                     _mm256_dpbusd_epi32)
 SPARSA_I4_VNNI_BODY(i4_body_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
 
-// sm rows are [2, ng] bf16: the ng group scales, then the ng group mins. A vectorized prologue
-// turns them into sd = scale * activation scale per group (read back by broadcast loads) and
-// the whole `min * sum(x)` term, so the inner loop has no scalar work.
+// sm rows are [2, ng] bf16 or fp16: the ng group scales, then the ng group mins. A vectorized
+// prologue turns them into sd = scale * activation scale per group (read back by broadcast
+// loads) and the whole `min * sum(x)` term, so the inner loop has no scalar work.
 template <int R, int TT>
-inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t ng, int64_t G,
-                    const QAct* a, float* res, float* sd, int64_t pfo) {
-  __m256 acc[TT][R];
-  float bias[TT][R];
+inline void group_prologue(const uint16_t* sm, bool f16, int64_t ng, const QAct* a, float* sd,
+                           float (&bias)[TT][R], __m256 (&acc)[TT][R]) {
   for (int r = 0; r < R; ++r) {
     const uint16_t* sr = sm + r * 2 * ng;
     const uint16_t* mr = sr + ng;
@@ -305,18 +314,27 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
       __m256 bacc = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= ng; g += 8) {
-        _mm256_storeu_ps(o + g, _mm256_mul_ps(bf16x8(sr + g), _mm256_loadu_ps(a[t].d + g)));
-        bacc = _mm256_fmadd_ps(bf16x8(mr + g), _mm256_loadu_ps(a[t].s + g), bacc);
+        _mm256_storeu_ps(o + g,
+                         _mm256_mul_ps(scales8(sr + g, f16), _mm256_loadu_ps(a[t].d + g)));
+        bacc = _mm256_fmadd_ps(scales8(mr + g, f16), _mm256_loadu_ps(a[t].s + g), bacc);
       }
       float bsum = hsum(bacc);
       for (; g < ng; ++g) {
-        o[g] = bf16_to_f32(sr[g]) * a[t].d[g];
-        bsum += bf16_to_f32(mr[g]) * a[t].s[g];
+        o[g] = scale1(sr[g], f16) * a[t].d[g];
+        bsum += scale1(mr[g], f16) * a[t].s[g];
       }
       bias[t][r] = bsum;
       acc[t][r] = _mm256_setzero_ps();
     }
   }
+}
+
+template <int R, int TT>
+inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, bool f16, int64_t ng,
+                    int64_t G, const QAct* a, float* res, float* sd, int64_t pfo) {
+  __m256 acc[TT][R];
+  float bias[TT][R];
+  group_prologue<R, TT>(sm, f16, ng, a, sd, bias, acc);
 #define SPARSA_I4_GROUPS(BODY)                               \
   switch (G) {                                               \
     case 32: BODY<R, TT, 0>(w, ldw, ng, a, sd, acc, pfo); break;  \
@@ -333,6 +351,81 @@ inline void i4_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, int64_t n
     SPARSA_I4_GROUPS(i4_body)
   }
 #undef SPARSA_I4_GROUPS
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
+}
+
+// ---- 8-bit groups (GGUF's Q8_0) -----------------------------------------------------------
+// Rows of uint8 codes u = w + 128 in groups of 32 with scale d and min -128 d (w = u * d +
+// min: the int4 form's algebra, so the int4 prologue gives sd and the min term). VNNI takes
+// u as it is (u8 x s8 into int32: no overflow). maddubs would saturate its int16 pair sums
+// (255 * 127 * 2), so the AVX2 body multiplies the signed w = u ^ 0x80 with llama.cpp's sign
+// trick and adds back the 128 * sum(x) that makes it the unsigned sum the min term expects.
+template <int R, int TT>
+inline void u8g_body(const uint8_t* w, int64_t ldw, int64_t ng, const QAct* a, const float* sd,
+                     __m256 (&acc)[TT][R], int64_t pfo) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i xv[TT], corr[TT];
+    for (int t = 0; t < TT; ++t) {
+      xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + g * 32));
+      corr[t] = _mm256_setr_epi32(128 * a[t].qs[g], 0, 0, 0, 0, 0, 0, 0);
+    }
+    for (int r = 0; r < R; ++r) {
+      if (pfo && (g & 1) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + g * 32 + pfo), _MM_HINT_T0);
+      const __m256i ws = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + g * 32)), flip);
+      const __m256i aw = _mm256_sign_epi8(ws, ws);
+      for (int t = 0; t < TT; ++t) {
+        const __m256i p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], ws)), ones);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p, corr[t])),
+                                    _mm256_broadcast_ss(sd + (t * R + r) * ng + g), acc[t][r]);
+      }
+    }
+  }
+}
+
+#define SPARSA_U8G_VNNI_BODY(NAME, TARGET, DPBUSD)                                            \
+  template <int R, int TT>                                                                    \
+  __attribute__((target(TARGET), noinline)) void NAME(const uint8_t* w, int64_t ldw,         \
+                                                      int64_t ng, const QAct* a,             \
+                                                      const float* sd, __m256 (&acc)[TT][R], \
+                                                      int64_t pfo) {                         \
+    const __m256i zero = _mm256_setzero_si256();                                              \
+    for (int64_t g = 0; g < ng; ++g) {                                                        \
+      __m256i xv[TT];                                                                         \
+      for (int t = 0; t < TT; ++t)                                                            \
+        xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].q + g * 32));        \
+      for (int r = 0; r < R; ++r) {                                                           \
+        if (pfo && (g & 1) == 0)                                                              \
+          _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + g * 32 + pfo),            \
+                       _MM_HINT_T0);                                                          \
+        const __m256i wu =                                                                    \
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ldw + g * 32));       \
+        for (int t = 0; t < TT; ++t)                                                          \
+          acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DPBUSD(zero, wu, xv[t])),            \
+                                      _mm256_broadcast_ss(sd + (t * R + r) * ng + g),         \
+                                      acc[t][r]);                                             \
+      }                                                                                       \
+    }                                                                                         \
+  }
+
+SPARSA_U8G_VNNI_BODY(u8g_body_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni",
+                     _mm256_dpbusd_epi32)
+SPARSA_U8G_VNNI_BODY(u8g_body_avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+
+template <int R, int TT>
+inline void u8g_tile(const uint8_t* w, int64_t ldw, const uint16_t* sm, bool f16, int64_t ng,
+                     const QAct* a, float* res, float* sd, int64_t pfo) {
+  __m256 acc[TT][R];
+  float bias[TT][R];
+  group_prologue<R, TT>(sm, f16, ng, a, sd, bias, acc);
+  if (g_vnni == Vnni::Avx512) u8g_body_avx512vnni<R, TT>(w, ldw, ng, a, sd, acc, pfo);
+  else if (g_vnni == Vnni::Avx) u8g_body_avxvnni<R, TT>(w, ldw, ng, a, sd, acc, pfo);
+  else u8g_body<R, TT>(w, ldw, ng, a, sd, acc, pfo);
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < R; ++r) res[t * R + r] = hsum(acc[t][r]) + bias[t][r];
 }

@@ -24,7 +24,11 @@ from torch.nn import functional as F
 
 from sparsa import kernels
 from sparsa.kernels import ops
-from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
+from sparsa.layers.quantization.schemes import (
+    dequantize_int4_packed,
+    dequantize_int8,
+    dequantize_u8g,
+)
 from sparsa.platform import cpu_has_bf16_dot
 
 _INT8_OP = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
@@ -178,13 +182,35 @@ def int4_matmul_reference(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor,
     xd = x.to(gemm_dtype or dt)
     step = max(1, _DEQUANT_BLOCK_ELEMS // kp)
     out = torch.empty(x.shape[0], N, dtype=dt, device=x.device)
-    native = (x.device.type == "cpu" and dt == torch.float32 and sm.dtype == torch.bfloat16
+    native = (x.device.type == "cpu" and dt == torch.float32 and sm.dtype in ops.SM_DTYPES
               and kernels.available())
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         w = ops.int4_dequant(q[n0:n1], sm[n0:n1], group_size) if native \
             else dequantize_int4_packed(q[n0:n1], sm[n0:n1], dtype=dt)
         out[:, n0:n1] = xd @ w.to(xd.dtype).t()
+    return out
+
+
+def u8g_matmul(x: torch.Tensor, q: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ W^T for 8-bit groups of 32 (q [N, Kp] uint8, sm [N, 2, Kp/32]) -> [T, N]
+    in x's dtype: the native kernel for decode-sized x, else row tiles decoded (exactly)
+    and a GEMM (fp32, or bf16 where `int4_matmul` would take one)."""
+    T = x.shape[0]
+    if use_native(x, T, "int8"):
+        return ops.u8g_gemm(x.float(), q, sm).to(x.dtype)
+    kp = q.shape[1]
+    if x.shape[1] != kp:
+        x = F.pad(x, (0, kp - x.shape[1]))
+    dt = _dt(x)
+    # prefill on CPUs with bf16 dot products: a bf16 GEMM, as the int4 path takes it
+    gemm_dt = torch.bfloat16 if use_bf16_gemm(x, "int4_bf16") else dt
+    xd = x.to(gemm_dt)
+    step = max(1, _DEQUANT_BLOCK_ELEMS // kp)
+    out = torch.empty(T, q.shape[0], dtype=dt, device=x.device)
+    for n0 in range(0, q.shape[0], step):
+        n1 = min(q.shape[0], n0 + step)
+        out[:, n0:n1] = xd @ dequantize_u8g(q[n0:n1], sm[n0:n1], gemm_dt).t()
     return out
 
 

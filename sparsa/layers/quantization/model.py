@@ -13,6 +13,7 @@ from sparsa.layers.quantization.experts import QuantizedExperts
 from sparsa.layers.quantization.modules import (
     Bf16Linear,
     Int4Linear,
+    Int8GroupLinear,
     Int8Linear,
 )
 from sparsa.layers.quantization.schemes import QuantConfig
@@ -65,6 +66,8 @@ def quantization_targets(model: nn.Module, config: QuantConfig
 
 
 def quantize_linear(linear: Linear, config: QuantConfig) -> nn.Module:
+    if config.method == "int8" and config.int8_group_size:
+        return Int8GroupLinear.from_linear(linear, config.scale_dtype)
     if config.method == "int8":
         return Int8Linear.from_linear(linear, config.int8_activations == "dynamic")
     if config.method == "int4":

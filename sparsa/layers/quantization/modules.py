@@ -15,12 +15,15 @@ from sparsa.layers.quantization.matmul import (
     int4_matmul,
     int8_matmul,
     native_max_rows,
+    u8g_matmul,
 )
 from sparsa.layers.quantization.schemes import (
     dequantize_int4_packed,
     dequantize_int8,
+    dequantize_u8g,
     quantize_int4_packed,
     quantize_int8_padded,
+    quantize_u8g_padded,
     to_bf16_padded,
 )
 
@@ -206,3 +209,41 @@ class Int4Linear(_QuantizedLinearBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class Int8GroupLinear(Int8Linear):
+    """Drop-in for `Linear` with 8-bit codes in groups of 32, each with its own scale (and
+    min): GGUF's Q8_0 kept as the file holds it (fp16 scales), or a weight quantized that
+    way (symmetric per group). Layout: `sparsa.kernels.layout` (u8g)."""
+
+    group_size = 32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale_dtype: torch.dtype = torch.float16):
+        nn.Module.__init__(self)
+        self._init_common(weight, bias)
+        q, sm = quantize_u8g_padded(weight, scale_dtype)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale_min", sm)
+        self.w8a8 = False
+
+    @classmethod
+    def from_linear(cls, linear: Linear, scale_dtype: torch.dtype = torch.float16
+                    ) -> Int8GroupLinear:
+        return cls._from(cls(_weight_nk(linear), linear.bias, scale_dtype), linear)
+
+    def native_rows(self) -> int:
+        return native_max_rows("int8")
+
+    def native_call(self) -> Callable[[ModuleType, torch.Tensor], torch.Tensor]:
+        q, sm = self.qweight, self.scale_min
+        return lambda ext, x: ext.u8g_gemm(x, q, sm)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return u8g_matmul(x, self.qweight, self.scale_min)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_u8g(self.qweight, self.scale_min)[:, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", group_size=32"

@@ -23,6 +23,7 @@ from sparsa.kernels.layout import (
     BF16_K_ALIGN,
     INT4_GROUP_SIZES,
     INT8_K_ALIGN,
+    U8G_K_ALIGN,
     int4_padded_k,
     pack_int4,
     pad_to,
@@ -62,6 +63,13 @@ class QuantConfig:
     # to bf16) on CPUs with bf16 dot products; False keeps fp32 math, lossless for bf16
     # checkpoints.
     bf16_prefill: bool = False
+    # int4 only: the dtype of the group scale/min tables. bf16 for Sparsa's own quantizer;
+    # fp16 when loading GGUF Q4_0/Q4_1 blocks, whose fp16 scales are then kept exactly.
+    scale_dtype: torch.dtype = torch.bfloat16
+    # int8 only: 0 = one scale per row; 32 = a scale (and min) per group of 32 in
+    # `scale_dtype`, GGUF's Q8_0 (its blocks then load unchanged). Linears only: routed
+    # experts keep per-row int8.
+    int8_group_size: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.bf16_prefill, bool):
@@ -78,6 +86,12 @@ class QuantConfig:
             raise ValueError(f"quantization method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
             raise ValueError(f"group_size must be an integer, got {self.group_size!r}")
+        if self.int8_group_size not in (0, 32):
+            raise ValueError(f"int8_group_size must be 0 (per row) or 32, got "
+                             f"{self.int8_group_size!r}")
+        if self.scale_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"scale_dtype must be torch.bfloat16 or torch.float16, got "
+                             f"{self.scale_dtype!r}")
         if self.method == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(
                 f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}"
@@ -97,8 +111,8 @@ class QuantConfig:
         return self.method != "none"
 
 
-def _round_bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.bfloat16).to(torch.float32)
+def _round_bf16(t: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return t.to(dtype).to(torch.float32)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +139,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int, clip_search: bool = True, chunk_rows: int = 2048
+    w: torch.Tensor, group_size: int, clip_search: bool = True, chunk_rows: int = 2048,
+    scale_dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] (K a multiple of group_size) -> (q uint8 [N, K] in [0, 15], scale [N, K/G],
-    min [N, K/G]) with w ~= q * scale + min per group; scale/min bf16-representable.
+    min [N, K/G]) with w ~= q * scale + min per group; scale/min representable in
+    `scale_dtype` (the table the kernels read).
 
     With clip_search each group's [min, max] range is shrunk about its centre by the factor in
     `_CLIP_RATIOS` that gives the smallest squared error (outliers get clipped when that
@@ -146,8 +162,8 @@ def quantize_int4(
         centre, half = (mx + mn) / 2, (mx - mn) / 2
         best_err = best_q = best_s = best_m = None
         for ratio in ratios:
-            scale = _round_bf16((2 * half * ratio / 15).clamp(min=_MIN_SCALE))
-            lo = _round_bf16(centre - half * ratio)
+            scale = _round_bf16((2 * half * ratio / 15).clamp(min=_MIN_SCALE), scale_dtype)
+            lo = _round_bf16(centre - half * ratio, scale_dtype)
             q = torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp_(0, 15)
             err = ((q * scale.unsqueeze(-1) + lo.unsqueeze(-1)) - wg).square_().sum(-1)
             if best_err is None:
@@ -174,17 +190,18 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor,
     return w.reshape(N, K)
 
 
-def quantize_int4_packed(weight: torch.Tensor, group_size: int,
-                         clip_search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (packed [N, Kp/2] uint8, sm [N, 2, Kp/G] bf16) in the kernel layout
-    (K zero-padded to `int4_padded_k`)."""
+def quantize_int4_packed(weight: torch.Tensor, group_size: int, clip_search: bool = True,
+                         scale_dtype: torch.dtype = torch.bfloat16
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (packed [N, Kp/2] uint8, sm [N, 2, Kp/G] in `scale_dtype`) in the
+    kernel layout (K zero-padded to `int4_padded_k`)."""
     K = weight.shape[1]
     Kp = int4_padded_k(K, group_size)
     w = weight.float()
     if Kp != K:
         w = F.pad(w, (0, Kp - K))
-    q, scale, mn = quantize_int4(w, group_size, clip_search)
-    sm = torch.stack((scale, mn), dim=1).to(torch.bfloat16).contiguous()
+    q, scale, mn = quantize_int4(w, group_size, clip_search, scale_dtype=scale_dtype)
+    sm = torch.stack((scale, mn), dim=1).to(scale_dtype).contiguous()
     return pack_int4(q).contiguous(), sm
 
 
@@ -195,6 +212,30 @@ def dequantize_int4_packed(packed: torch.Tensor, sm: torch.Tensor, n: int | None
     smf = sm.to(dtype)
     w = dequantize_int4(unpack_int4(packed), smf[:, 0], smf[:, 1], dtype)
     return w[:n, :k]
+
+
+def quantize_u8g_padded(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float16
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, Kp] uint8, sm [N, 2, Kp/32]) in the u8g layout: symmetric
+    per group of 32 as GGUF's Q8_0 (d = amax / 127 in `scale_dtype`, codes round(w / d) +
+    128, min -128 d), K zero padded to `U8G_K_ALIGN`."""
+    N, K = weight.shape
+    kp = pad_to(K, U8G_K_ALIGN)
+    w = F.pad(weight.float(), (0, kp - K)).reshape(N, kp // 32, 32)
+    d = _round_bf16((w.abs().amax(dim=-1) / 127.0), scale_dtype)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(w * inv.unsqueeze(-1)).clamp_(-127, 127) + 128
+    sm = torch.stack((d, d * -128), dim=1).to(scale_dtype)
+    return q.reshape(N, kp).to(torch.uint8).contiguous(), sm.contiguous()
+
+
+def dequantize_u8g(q: torch.Tensor, sm: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_u8g_padded`: [N, Kp] (w = q * scale + min, fp32 math)."""
+    N, kp = q.shape
+    s = sm.float()
+    w = q.reshape(N, -1, 32).float() * s[:, 0].unsqueeze(-1) + s[:, 1].unsqueeze(-1)
+    return w.reshape(N, kp).to(dtype)
 
 
 def to_bf16_padded(weight: torch.Tensor) -> torch.Tensor:
