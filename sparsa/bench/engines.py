@@ -31,8 +31,16 @@ from sparsa.config import (
 )
 
 # where the benchmark's defaults differ from the engine's: fp32 weights, as every peer
-# gets them, and a KV pool that holds the whole workload
-BENCH_DEFAULTS = {"dtype": "float32", "quantization": "none", "kv_cache_memory": "4GiB"}
+# gets them (a GGUF file: its own form, as llama.cpp runs it; see `bench_quantization`),
+# and a KV pool that holds the whole workload
+BENCH_DEFAULTS = {"dtype": "float32", "quantization": None, "kv_cache_memory": "4GiB"}
+
+
+def bench_quantization(args, path: Path) -> None:
+    """Fill in an unset quantization: a GGUF file runs in its own form (left unset: the
+    loader picks it, `gguf_quant_config`), anything else in full precision ("none")."""
+    if args.quantization is None and path.suffix != ".gguf":
+        args.quantization = "none"
 
 
 def model_path(model: str, cache_dir: Path) -> Path:
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_suite(args)
     path = model_path(args.model, Path(args.cache_dir))
+    bench_quantization(args, path)
     results = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
                "workload": vars(args)}

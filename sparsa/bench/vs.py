@@ -103,8 +103,8 @@ def run_vs(args: argparse.Namespace, path: Path, results: dict,
     threads = torch.get_num_threads()
     pairs = getattr(args, "pairs", 5)
     probe = probe or ReadProbe(threads, readings=getattr(args, "probe_readings", 5))
-    qlabel = args.quantization if args.quantization != "int4" else \
-        f"int4-g{args.quantization_group_size}"
+    qlabel = {None: "the file's own form", "int4": f"int4-g{args.quantization_group_size}"
+              }.get(args.quantization, args.quantization)
     results["quantization"] = qlabel
     results["dtype"] = getattr(args, "dtype", "float32")
     results["workload"] = {**results.get("workload", {}), "pp": w.pp, "tg": w.tg,
