@@ -10,6 +10,7 @@
     sparsa bench kernels ...         the native GEMV kernels, roofline (kernels.py)
     sparsa bench profile-decode ...  where a batch-1 decode step's time goes
     sparsa bench ppl ...             perplexity per weight form (ppl.py; also `sparsa eval-ppl`)
+    sparsa bench greedy F.gguf       greedy tokens of Sparsa and llama.cpp on one GGUF file
 
 The peers' installers and workers live in peers/.
 """
@@ -25,6 +26,7 @@ SUBCOMMANDS = {
     "kernels": "sparsa.bench.kernels",
     "profile-decode": "sparsa.bench.profile_decode",
     "ppl": "sparsa.bench.ppl_cli",
+    "greedy": "sparsa.bench.greedy",
 }
 
 

@@ -144,7 +144,8 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
                           num_threads: int | None = None,
                           settings: dict | None = None,
                           protocol: str = "all") -> list[PerplexityResult]:
-    """Load `model` once per method and score the same text with each. "int8-exact" is int8
+    """Load `model` once per method and score the same text with each. "auto" leaves the
+    weight form unset (a GGUF file's own form; a bf16 checkpoint's bf16). "int8-exact" is int8
     with `int8_activations="none"` (plain "int8" quantizes batched activation rows too);
     "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill).
     `settings`: engine settings every load shares (the method's own override them)."""
@@ -157,7 +158,7 @@ def compare_quantizations(model: str, text_path: str, methods: list[str], *,
         bf16_prefill = method == "bf16-prefill"
         q = "int8" if exact else "bf16" if bf16_prefill else method
         llm = LLM(model, **{
-            **(settings or {}), "quantization": None if q == "none" else q,
+            **(settings or {}), "quantization": None if q == "auto" else q,
             "quantization_group_size": group_size, "num_threads": num_threads,
             "int8_activations": "none" if exact else "dynamic",
             "bf16_prefill": bf16_prefill if q == "bf16" else None,

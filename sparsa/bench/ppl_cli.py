@@ -10,7 +10,7 @@ from pathlib import Path
 from sparsa.bench.ppl import compare_quantizations, format_table
 from sparsa.config.settings import add_model_argument
 
-METHODS = ("none", "int8", "int8-exact", "int4", "bf16", "bf16-prefill")
+METHODS = ("auto", "none", "int8", "int8-exact", "int4", "bf16", "bf16-prefill")
 
 
 def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
@@ -27,9 +27,11 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
                    help="blocks: score each blank-line-separated block on its own (default); "
                         "stream: the whole text as one document")
     p.add_argument("--methods", default="none,int8,int4",
-                   help="comma-separated weight formats to compare (none, int8, int8-exact, "
-                        "int4, bf16, bf16-prefill; int8-exact keeps activations exact in "
-                        "batched matmuls, bf16-prefill runs prefill GEMMs in bf16)")
+                   help="comma-separated weight formats to compare (auto, none, int8, "
+                        "int8-exact, int4, bf16, bf16-prefill; auto leaves the form unset: a "
+                        "GGUF file's own form; none is full precision; int8-exact keeps "
+                        "activations exact in batched matmuls, bf16-prefill runs prefill "
+                        "GEMMs in bf16)")
     p.add_argument("--on-miss", default="wait,int4,int8",
                    help="with --expert-memory (then the on-miss handlings are compared instead "
                         "of weight formats): comma-separated wait, int4, int8 (compute a miss "
