@@ -27,6 +27,7 @@ from sparsa.layers.quantization.model import (
     quantization_targets,
     quantize_linear,
 )
+from sparsa.layers.quantization.embedding import share_tied_table
 from sparsa.layers.quantization.schemes import QuantConfig
 from sparsa.layers.quantization.streaming import empty_quantized, finish_streamed
 
@@ -157,6 +158,7 @@ def finish(sm: StreamedModel) -> dict:
         setattr(parent, attr, quantize_linear(getattr(parent, attr),
                                               sm.config.for_module(name)))
     finish_streamed(model)
+    share_tied_table(model)
     sm.stats["bytes_after"] = sum(module_bytes(model.get_submodule(n)) for n in sm.targets)
     gc.collect()
     sm.stats["model_bytes_after"] = module_bytes(model)

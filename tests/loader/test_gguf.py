@@ -252,7 +252,9 @@ def test_q8_0_blocks_load_unchanged_into_8bit_groups(tiny, fp32_prefill):
 
 def test_the_shared_smollm2_runs_its_own_blocks():
     """SmolLM2's Q4_1 body and its Q8_0 embedding (tied to the LM head): the int4 layers
-    and the 8-bit head hold exactly the file's decoded values."""
+    and the 8-bit head hold exactly the file's decoded values, and the embedding looks its
+    rows up in the head (one table, not a second fp32 copy)."""
+    from sparsa.layers.quantization.embedding import HeadRowsEmbedding
     from sparsa.layers.quantization.modules import Int4Linear, Int8GroupLinear
     from sparsa.tokenizer import shared_dir
 
@@ -264,7 +266,11 @@ def test_the_shared_smollm2_runs_its_own_blocks():
     model = llm.engine.model
     head = model.lm_head
     assert isinstance(head, Int8GroupLinear)
-    table = model.model.embed_tokens.weight.data
+    plain = LLM(str(path), dtype="float32", quantization="none", kv_cache_memory="64MiB")
+    table = plain.engine.model.model.embed_tokens.weight.data
     assert torch.equal(head.dequantize(), table)  # re-quantizing Q8_0 values is lossless
+    assert isinstance(model.model.embed_tokens, HeadRowsEmbedding)
+    ids = torch.tensor([[0, 5, 49151], [17, 17, 2]])
+    assert torch.equal(model.model.embed_tokens(ids), table[ids])
     blocks = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(blocks) == 30 * 4 and all(m.scale_min.dtype == torch.float16 for m in blocks)

@@ -245,5 +245,11 @@ class Int8GroupLinear(Int8Linear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_u8g(self.qweight, self.scale_min)[:, : self.in_features]
 
+    def decode_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32
+                    ) -> torch.Tensor:
+        """Weight rows `rows` (int64 [n]) decoded, [n, in_features] in `dtype`."""
+        w = dequantize_u8g(self.qweight[rows], self.scale_min[rows])
+        return w[:, : self.in_features].to(dtype)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ", group_size=32"
