@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from sparsa.layers.moe import FusedExperts
+from sparsa.layers.quantization.embedding import share_tied_table
 from sparsa.layers.quantization.model import (
     _tensor_bytes,
     module_bytes,
     quantization_targets,
     quantize_linear,
 )
-from sparsa.layers.quantization.embedding import share_tied_table
 from sparsa.layers.quantization.schemes import QuantConfig
 from sparsa.layers.quantization.streaming import empty_quantized, finish_streamed
 
