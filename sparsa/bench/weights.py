@@ -49,7 +49,7 @@ def bytes_per_token(model) -> int:
                 if id(t) not in counted:
                     counted.add(id(t))
                     total += t.numel() * t.element_size() * top_k // n_exp
-    embed = model.model.embed_tokens.weight
+    embed = getattr(model.model.embed_tokens, "weight", None)  # None: rows of the head
     # the table is read per token only when it is the output projection itself; a quantized
     # head of a tied model is its own tensor (counted below), the fp32 table then a lookup
     head = getattr(getattr(model, "lm_head", None), "weight", None)
