@@ -77,6 +77,10 @@ class LLMEngine:
             config.model.tokenizer or self.resolved.tokenizer_source, self.hf_config.vocab_size
         )
         self.eos_ids = eos_token_ids(self.resolved.model_dir, self.hf_config, self.tokenizer)
+        if self.resolved.gguf_file is not None:
+            from sparsa.loader.gguf_file import release_readers
+
+            release_readers()  # the file's parsed metadata, kept only while loading
         max_pos = getattr(self.hf_config, "max_position_embeddings", None) or 4096
         self.max_model_len = min(config.model.max_model_len or max_pos, max_pos)
         self.runner = ModelRunner(

@@ -11,9 +11,12 @@ model in full precision.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,15 +46,54 @@ def find_gguf(path: Path) -> Path | None:
     return firsts[0] if firsts else None
 
 
-def _check_readable(gguf: Path) -> Any:
-    from gguf import GGUFReader
+# Parsed readers by (path, size, mtime): the `gguf` package's reader takes seconds on a file
+# with a 49k-token vocabulary (~1M small fields), and a load needs the file's metadata for
+# the config, the tokenizer, the weight form and the tensors, in transformers and here.
+_READERS: dict[tuple[str, int, int], Any] = {}
 
+
+def _reader(gguf: Path | str, *args: Any, **kwargs: Any) -> Any:
+    from gguf.gguf_reader import GGUFReader
+
+    st = os.stat(gguf)
+    key = (os.path.realpath(gguf), st.st_size, st.st_mtime_ns)
+    if args or kwargs.get("mode", "r") != "r":
+        return GGUFReader(gguf, *args, **kwargs)
+    if key not in _READERS:
+        _READERS.clear()  # one file at a time: a reader maps its whole file
+        _READERS[key] = GGUFReader(gguf)
+    return _READERS[key]
+
+
+def release_readers() -> None:
+    """Drop the parsed readers (a loaded model needs none of them)."""
+    _READERS.clear()
+
+
+@contextmanager
+def _parsed_once() -> Iterator[None]:
+    """transformers' GGUF loader reads the file with the `gguf` package each time it is
+    asked (config, tokenizer, tensor names: 3-4 parses of several seconds): inside this
+    block it gets the parsed reader, and the tensor-name tables it rebuilds for every
+    module, once."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = _reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
+def _check_readable(gguf: Path) -> Any:
     with open(gguf, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{gguf} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
     try:
-        return GGUFReader(gguf)
+        return _reader(gguf)
     except Exception as e:  # truncated, or a layout the reader cannot parse
         raise ValueError(f"{gguf} cannot be read as GGUF ({type(e).__name__}: {e}); the file "
                          "may be truncated or damaged") from None
@@ -69,7 +111,8 @@ def gguf_config(gguf: Path) -> Any:
     if (own := gguf_arch.own_config(gguf, reader, arch)) is not None:
         return own
     try:
-        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _parsed_once():
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{gguf}: GGUF architecture {arch!r} is not supported ({e})") from None
     gguf_arch.fix_config(reader, arch, config)
@@ -93,7 +136,8 @@ def gguf_tokenizer(gguf: Path) -> Any:
         log.warning("%s has no tokenizer: text prompts are unavailable", gguf)
         return None
     try:
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _parsed_once():
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as e:
         raise ValueError(f"{gguf}: cannot build its tokenizer ({type(e).__name__}: {e})"
                          ) from None
@@ -172,11 +216,13 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype,
     if gguf_arch.reads_tensors(reader, arch):  # MoE and MLA files: see gguf_arch
         yield from gguf_arch.own_tensors(gguf, reader, arch, hf_config, dtype)
         return
-    meta = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    with _parsed_once():
+        meta = load_gguf_checkpoint(str(gguf), return_tensors=False)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=meta.get("config", {}))
     with torch.device("meta"):  # only for the names: nothing is allocated
         ref = AutoModelForCausalLM.from_config(hf_config)
-    mapping = get_gguf_hf_weights_map(ref, processor)
+    with _parsed_once():
+        mapping = get_gguf_hf_weights_map(ref, processor)
     parsed: dict[str, Any] = {"config": meta.get("config", {}), "tensors": {}}
     for t in reader.tensors:
         raw = t.tensor_type.name in keep and len(t.shape) == 2
