@@ -41,9 +41,15 @@ def _random_kquant(shape: tuple[int, int], qtype: str, seed: int) -> np.ndarray:
     return raw.reshape(rows, cols // 256 * size)
 
 
-def write_llama_gguf(hf_model, path: Path, qtype: str) -> Path:
+def write_llama_gguf(hf_model, path: Path, qtype: str, odd: dict[str, str] | None = None,
+                     tokenizer_model: str | None = None) -> Path:
+    """`odd`: GGUF tensor names written as zero blocks of another type (a type the reader
+    cannot decode); `tokenizer_model`: a tokenizer.ggml.model to claim, with 8 tokens."""
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), "llama")
+    if tokenizer_model is not None:
+        w.add_tokenizer_model(tokenizer_model)
+        w.add_token_list([f"t{i}" for i in range(8)])
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -65,7 +71,12 @@ def write_llama_gguf(hf_model, path: Path, qtype: str) -> Path:
             data = _permute(data, cfg.num_key_value_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
-        if data.ndim == 2 and qtype in _K_BLOCKS:
+        if odd and name in odd:
+            kind_odd = getattr(gguf.GGMLQuantizationType, odd[name])
+            block, size = gguf.GGML_QUANT_SIZES[kind_odd]
+            raw = np.zeros((data.shape[0], data.shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_dtype=kind_odd)
+        elif data.ndim == 2 and qtype in _K_BLOCKS:
             w.add_tensor(name, _random_kquant(data.shape, qtype, len(name)), raw_dtype=kind)
         elif data.ndim == 2 and qtype != "F32":
             w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
@@ -137,6 +148,21 @@ def test_bad_gguf_files_are_one_line_errors(tiny, tmp_path):
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     with pytest.raises(ValueError, match=r"cannot be read as GGUF|truncated"):
         LLM(str(cut))
+
+
+def test_a_tensor_type_that_cannot_be_read_is_named(tiny, tmp_path):
+    hf_model, _ = tiny
+    path = write_llama_gguf(hf_model, tmp_path / "odd.gguf", "F32",
+                            odd={"blk.0.ffn_up.weight": "Q8_1"})
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight has weight type Q8_1"):
+        LLM(str(path), dtype="float32")
+
+
+def test_a_tokenizer_it_cannot_build_is_named(tiny, tmp_path):
+    hf_model, _ = tiny
+    path = write_llama_gguf(hf_model, tmp_path / "tok.gguf", "F32", tokenizer_model="wordpiece9")
+    with pytest.raises(ValueError, match=r"cannot build its tokenizer"):
+        LLM(str(path), dtype="float32")
 
 
 def test_the_shared_smollm2_gguf_answers_a_chat_turn():
