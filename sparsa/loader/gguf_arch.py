@@ -13,7 +13,7 @@ DeepSeek-V2's attn_k_b / attn_v_b joined back into kv_b_proj."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,16 +241,47 @@ def reads_tensors(reader: Any, arch: str) -> bool:
     return arch in _OWN_TENSORS or (arch == "llama" and llama_has_experts(reader))
 
 
-def own_tensors(gguf: Path, reader: Any, arch: str, config: Any, dtype: torch.dtype
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def _kept_blocks(gguf: Path, t: Any, arch: str, config: Any, to_rows: Callable
+                 ) -> Iterator[tuple[str, Any]]:
+    """A tensor whose blocks load as they are: (HF name, `to_rows(raw 2-D blocks, type)`),
+    a 3-D expert tensor per expert; the fixes on rows (llama's q/k order) apply to the
+    blocks' rows."""
+    raw, kind = t.data, t.tensor_type.name
+    if m := _EXPERTS.match(t.name):
+        for e in range(raw.shape[0]):
+            yield f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}_proj.weight", to_rows(raw[e], kind)
+        return
+    if m := _EXPERT_2D.match(t.name):
+        yield f"model.layers.{m[1]}.mlp.experts.{m[3]}.{m[2]}_proj.weight", to_rows(raw, kind)
+        return
+    name = _hf_name(t.name, config)
+    if name is None:
+        raise ValueError(f"{gguf}: tensor {t.name} has no place in a {config.architectures[0]}")
+    if arch == "llama" and re.search(r"\.attn_[qk]\.", t.name):
+        raw = _unpermute(torch.from_numpy(np.ascontiguousarray(raw)),
+                         config.num_attention_heads if ".attn_q." in t.name
+                         else config.num_key_value_heads).numpy()
+    yield name, to_rows(raw, kind)
+
+
+def own_tensors(gguf: Path, reader: Any, arch: str, config: Any, dtype: torch.dtype,
+                keep: frozenset[str] = frozenset(), to_rows: Callable | None = None
+                ) -> Iterator[tuple[str, Any]]:
     """(HF name, dequantized tensor in `dtype`) of a file `reads_tensors` takes, one GGUF
-    tensor at a time (a 3-D expert tensor yields its experts as views of it)."""
+    tensor at a time (a 3-D expert tensor yields its experts as views of it). Tensors of
+    the block types in `keep` come as `to_rows(raw blocks, type)` instead (see
+    `gguf_file.gguf_tensors`), except the ones this module reshapes (DeepSeek's k_b / v_b,
+    a shared expert's gate)."""
     from gguf import dequantize
 
     kv_b: dict[str, dict[str, torch.Tensor]] = {}  # a layer's attn_k_b / attn_v_b, until both
     for t in reader.tensors:
         if t.name == "rope_freqs.weight" or t.name.endswith(".attn_rot_embd.weight"):
             continue  # computed from the config
+        if to_rows is not None and t.tensor_type.name in keep and len(t.shape) >= 2 and \
+                not re.search(r"attn_[kv]_b\.|ffn_gate_inp_shexp\.", t.name):
+            yield from _kept_blocks(gguf, t, arch, config, to_rows)
+            continue
         try:
             a = dequantize(t.data, t.tensor_type)  # F32/F16 may be the file's read-only map
             w = torch.from_numpy(a if a.flags.writeable else np.copy(a)).to(dtype)

@@ -176,6 +176,11 @@ def _int8_rows(raw: Any) -> Int8Rows:
     return Int8Rows(torch.from_numpy(q), torch.from_numpy(d))
 
 
+def _rows_of(raw: Any, qtype: str) -> QuantizedRows:
+    """Raw 2-D blocks of a kept type as `Int4Rows` / `Int8Rows`."""
+    return _int8_rows(raw) if qtype == "Q8_0" else _int4_rows(raw, qtype)
+
+
 def blocks_kept(qc: QuantConfig) -> frozenset[str]:
     """The GGUF block types that the weight form `qc` takes unchanged."""
     if qc.scale_dtype != torch.float16:
@@ -214,7 +219,8 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype,
     from sparsa.loader import gguf_arch
 
     if gguf_arch.reads_tensors(reader, arch):  # MoE and MLA files: see gguf_arch
-        yield from gguf_arch.own_tensors(gguf, reader, arch, hf_config, dtype)
+        yield from gguf_arch.own_tensors(gguf, reader, arch, hf_config, dtype, keep,
+                                         _rows_of)
         return
     with _parsed_once():
         meta = load_gguf_checkpoint(str(gguf), return_tensors=False)
@@ -238,8 +244,7 @@ def gguf_tensors(gguf: Path, hf_config: Any, dtype: torch.dtype,
             yield name, parsed["tensors"].pop(name).to(dtype)
         if result.name in mapping:
             yield mapping[result.name], (
-                (_int8_rows(result.weights) if t.tensor_type.name == "Q8_0"
-                 else _int4_rows(result.weights, t.tensor_type.name)) if raw
+                _rows_of(result.weights, t.tensor_type.name) if raw
                 else torch.from_numpy(np.copy(result.weights)).to(dtype))
 
 

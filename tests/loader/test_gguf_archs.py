@@ -215,3 +215,25 @@ def test_deepseek_v3_routing_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match=r"deepseek2.*sigmoid.*not supported") as e:
         LLM(str(path))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "qwen3_moe", "deepseek_v2"])
+def test_4bit_expert_blocks_load_unchanged(checkpoints, tmp_path, name):
+    """A Q4_0 MoE file in its own form: every routed expert's int4 groups are the file's
+    blocks (fp16 scales), so each expert decodes to the file's weights bit for bit."""
+    from sparsa.layers.moe import FusedExperts
+    from sparsa.layers.quantization.experts import QuantizedExperts
+
+    path = write_gguf(checkpoints[name], tmp_path / f"{name}-q4.gguf", "Q4_0")
+    plain = dict(LLM(str(path), dtype="float32", quantization="none").engine.model
+                 .named_modules())
+    mods = [(n, m) for n, m in LLM(str(path), dtype="float32").engine.model.named_modules()
+            if isinstance(m, QuantizedExperts)]
+    assert mods
+    for n, m in mods:
+        ref = plain[n]
+        assert isinstance(ref, FusedExperts) and m.method == "int4" and m.group_size == 32
+        assert m.w13_sm.dtype == torch.float16
+        for e in range(m.num_experts):
+            assert torch.equal(m.dequantize("w13", e), ref.w13.data[e]), (n, e)
+            assert torch.equal(m.dequantize("w2", e), ref.w2.data[e]), (n, e)
