@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ def find_gguf(path: Path) -> Path | None:
     """The GGUF file `path` names: the file itself, or the one .gguf in a folder that is not
     an HF checkpoint (no config.json; the first shard of a split file); None otherwise."""
     if path.is_file():
-        return path if path.suffix == ".gguf" else None
+        if path.suffix != ".gguf":
+            return None
+        m = _SHARD.search(path.name)  # a later shard names the file: start at the first
+        return path.with_name(f"{path.name[:m.start()]}-00001-of-{m.group(2)}.gguf") if m \
+            else path
     if not path.is_dir() or (path / "config.json").exists():
         return None
     files = sorted(path.glob("*.gguf"))
@@ -60,9 +64,32 @@ def _reader(gguf: Path | str, *args: Any, **kwargs: Any) -> Any:
     if args or kwargs.get("mode", "r") != "r":
         return GGUFReader(gguf, *args, **kwargs)
     if key not in _READERS:
-        _READERS.clear()  # one file at a time: a reader maps its whole file
+        if len(_READERS) >= 64:  # the shards of one model; `release_readers` after a load
+            _READERS.pop(next(iter(_READERS)))
         _READERS[key] = GGUFReader(gguf)
     return _READERS[key]
+
+
+def gguf_shards(gguf: Path) -> list[Path]:
+    """The files of a model split by llama.cpp's gguf-split (NAME-0000i-of-0000N.gguf, the
+    metadata in the first), or [gguf] for a single file."""
+    m = _SHARD.search(gguf.name)
+    if m is None:
+        return [gguf]
+    n, stem = int(m.group(2)), gguf.name[:m.start()]
+    paths = [gguf.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"{gguf} is one of {n} shards; missing {', '.join(missing)}")
+    return paths
+
+
+@dataclass
+class _Shards:
+    """A split model as one reader: the first shard's metadata, every shard's tensors."""
+
+    fields: dict
+    tensors: list
 
 
 def release_readers() -> None:
@@ -88,15 +115,22 @@ def _parsed_once() -> Iterator[None]:
 
 
 def _check_readable(gguf: Path) -> Any:
-    with open(gguf, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{gguf} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        return _reader(gguf)
-    except Exception as e:  # truncated, or a layout the reader cannot parse
-        raise ValueError(f"{gguf} cannot be read as GGUF ({type(e).__name__}: {e}); the file "
-                         "may be truncated or damaged") from None
+    """The parsed file (of a split model: all its shards as one `_Shards`), or a one-line
+    ValueError naming what is wrong."""
+    readers = []
+    for shard in gguf_shards(gguf):
+        with open(shard, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{shard} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        try:
+            readers.append(_reader(shard))
+        except Exception as e:  # truncated, or a layout the reader cannot parse
+            raise ValueError(f"{shard} cannot be read as GGUF ({type(e).__name__}: {e}); the "
+                             "file may be truncated or damaged") from None
+    if len(readers) == 1:
+        return readers[0]
+    return _Shards(readers[0].fields, [t for r in readers for t in r.tensors])
 
 
 def gguf_config(gguf: Path) -> Any:
@@ -116,6 +150,9 @@ def gguf_config(gguf: Path) -> Any:
     except (ValueError, KeyError) as e:
         raise ValueError(f"{gguf}: GGUF architecture {arch!r} is not supported ({e})") from None
     gguf_arch.fix_config(reader, arch, config)
+    if isinstance(reader, _Shards):  # transformers looks for the output table in one file
+        names = {t.name for t in reader.tensors}
+        config.tie_word_embeddings = "output.weight" not in names
     if not getattr(config, "architectures", None):  # GGUF names the family, not the class
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
