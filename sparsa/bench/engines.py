@@ -59,6 +59,8 @@ def model_path(model: str, cache_dir: Path) -> Path:
         return p
     if model not in BUILTIN_CONFIGS and looks_like_hub_id(model):
         return resolve_hub_id(model)
+    if model not in BUILTIN_CONFIGS and (p.is_absolute() or model.startswith((".", "~"))):
+        raise ValueError(f"no such model file or folder: {model}")
     return ensure_checkpoint(model, cache_dir)
 
 

@@ -28,7 +28,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
 
 
 def parse_size(size: str | float) -> int:
-    """Parse '4GiB', '512MB', '1e9' or a plain number of bytes."""
+    """Parse '4GiB', '512MB', '1.5e9B' or a number of bytes (an int or float; a string needs
+    its unit: '2' is far more often a mistyped '2GiB' than two bytes)."""
     if isinstance(size, (int, float)):
         return int(size)
     s = size.strip()
@@ -41,9 +42,10 @@ def parse_size(size: str | float) -> int:
         if low.endswith(unit):
             return int(float(low[: -len(unit)]) * mult)
     try:
-        return int(float(s))
+        float(s)
     except ValueError:
         raise ValueError(f"cannot parse size {size!r}; use e.g. '4GiB' or '512MB'") from None
+    raise ValueError(f"size {size!r} needs a unit: e.g. '{s}GiB' or '{s}MB' ('{s}B' for bytes)")
 
 
 def budget(m: str | int, total: int, name: str) -> int:

@@ -89,5 +89,6 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 
 def builtin_config(name: str) -> dict:
     if name not in BUILTIN_CONFIGS:
-        raise KeyError(name)
+        raise ValueError(f"{name!r} is not a built-in model config (one of "
+                         f"{', '.join(BUILTIN_CONFIGS)}), nor a model path or cached hub id")
     return copy.deepcopy(BUILTIN_CONFIGS[name])
