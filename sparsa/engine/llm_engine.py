@@ -87,7 +87,20 @@ class LLMEngine:
             self.model, self.device, self.dtype, config.cache, self.max_model_len
         )
         # A lone sequence must always fit, or the scheduler could wait forever.
-        self.max_model_len = min(self.max_model_len, self.runner.capacity_tokens)
+        cap = self.runner.capacity_tokens
+        if cap < self.max_model_len:
+            per_token = self.runner.kv_cache_bytes / cap
+            need = f"{self.max_model_len * per_token / 2**20:.0f}MiB"
+            if config.model.max_model_len is not None:  # asked for: never cut it silently
+                raise ValueError(
+                    f"the KV cache holds {cap} tokens ({self.runner.kv_cache_bytes / 2**20:.1f}"
+                    f" MiB) but max_model_len is {self.max_model_len}: one sequence needs "
+                    f"kv_cache_memory >= {need} (or a smaller max_model_len)")
+            log.warning("the KV cache holds %d tokens, below the model's context of %d: "
+                        "sequences stop at %d tokens (kv_cache_memory >= %s holds the whole "
+                        "context; max_model_len sets a smaller one)",
+                        cap, self.max_model_len, cap, need)
+        self.max_model_len = min(self.max_model_len, cap)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
@@ -164,6 +177,11 @@ class LLMEngine:
                 f"prompt has {len(ids)} tokens but the context window is {self.max_model_len} "
                 "tokens (prompt plus at least one generated token must fit)"
             )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            log.warning("request %s: max_tokens=%d does not fit the context window of %d "
+                        "with its %d prompt tokens: it stops after at most %d tokens",
+                        request_id, params.max_tokens, self.max_model_len, len(ids),
+                        self.max_model_len - len(ids))
         seqs = [
             Sequence(request_id, list(ids), params, priority=priority, index=i)
             for i in range(params.n)

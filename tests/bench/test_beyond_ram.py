@@ -106,7 +106,7 @@ def test_run_isolated_keeps_partial_results():
 
 def test_parse_caps_one_per_budget():
     assert br.parse_caps(None, ["25%"]) == {}
-    assert br.parse_caps("12GiB, 1e9", ["25%", "50%"]) == {"25%": 12 << 30, "50%": 10**9}
+    assert br.parse_caps("12GiB, 1e9B", ["25%", "50%"]) == {"25%": 12 << 30, "50%": 10**9}
     with pytest.raises(ValueError, match="one size per budget"):
         br.parse_caps("12GiB", ["25%", "50%"])
     a = br.build_parser().parse_args(["/m", "--llamacpp-caps", "1GiB,2GiB",
