@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -501,7 +502,22 @@ def _split_bench(argv: list[str]) -> tuple[list[str], list[str]] | None:
 def _one_line(e: BaseException) -> str:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     msg = " ".join(str(msg).split())
-    return msg or type(e).__name__
+    return _as_flags(msg) or type(e).__name__
+
+
+def _as_flags(msg: str) -> str:
+    """The Python names of settings and sampling parameters in an error, as the flags the
+    user typed (`top_p must be in (0, 1]` -> `--top-p must be ...`). Only names with an
+    underscore and a few unmistakable ones, so ordinary words stay words."""
+    import dataclasses
+
+    from sparsa.config import settings
+
+    names = {s.name for s in settings()} | {f.name for f in dataclasses.fields(SamplingParams)}
+    names = {n for n in names if "_" in n or n in ("temperature", "logprobs", "quantization")}
+    pattern = r"(?<![\w.\-'\"])(" + "|".join(sorted(map(re.escape, names), key=len,
+                                                   reverse=True)) + r")(?![\w(])"
+    return re.sub(pattern, lambda m: "--" + m.group(1).replace("_", "-"), msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

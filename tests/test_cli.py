@@ -259,3 +259,18 @@ def test_generate_with_int8_weights(capsys):
                        "--temperature", "0", "--max-tokens", "12")
     assert rc == 0, err
     assert out.startswith("Once upon a time"), out
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--max-model-len", "512", "--kv-cache-memory", "64KiB"],
+     "but --max-model-len is 512: one sequence needs --kv-cache-memory >="),
+    (["--kv-cache-memory", "2"], "'2' needs a unit"),
+])
+def test_errors_name_the_flags_the_user_typed(capsys, argv, said):
+    """Issue 19: a bad value is reported under its flag, not its Python name."""
+    rc, _, err = run(capsys, "generate", "mixtral-mini", "--load-format", "dummy",
+                     "--hf-overrides", '{"num_hidden_layers": 1}', "--prompt-ids", "1",
+                     *argv)
+    assert rc == 2 and said in err, err
