@@ -162,9 +162,15 @@ def _default_kv_budget(device: torch.device) -> int | None:
 
 
 def _checkpoint_files_bytes(model_dir: Path | None) -> int | None:
+    """The checkpoint files' size, after checking every header against its file (a truncated
+    or malformed file is a CheckpointError here, not a size reported as if it were fine)."""
     if model_dir is None:
         return None
     files = list(model_dir.glob("*.safetensors"))
+    if files:
+        from sparsa.loader.safetensors_reader import SafetensorsCheckpoint
+
+        SafetensorsCheckpoint(model_dir)
     return sum(f.stat().st_size for f in files) if files else None
 
 

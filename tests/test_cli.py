@@ -124,9 +124,9 @@ def test_bad_sampling_values_exit_2_before_loading(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "_make_llm", no_load)
     rc, _, err = run(capsys, "generate", "mixtral-mini", "--temperature", "-1")
-    assert_usage_error(rc, err, "temperature")
+    assert_usage_error(rc, err, "--temperature")
     rc, _, err = run(capsys, "generate", "mixtral-mini", "--top-p", "1.5")
-    assert_usage_error(rc, err, "top_p")
+    assert_usage_error(rc, err, "--top-p")
     rc, _, err = run(capsys, "generate", "mixtral-mini", "--prompt-ids", "1,x")
     assert_usage_error(rc, err, "--prompt-ids")
     rc, _, err = run(capsys, "generate", "mixtral-mini", "--chat", "--prompt-ids", "1")

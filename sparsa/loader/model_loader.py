@@ -56,7 +56,10 @@ def _config_from_dict(d: dict):
 def load_hf_config(model_dir: Path):
     path = model_dir / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json")
+        bins = sorted(model_dir.glob("*.bin"))
+        hint = f"; it holds {bins[0].name}: for a llama2.c checkpoint pass that file " \
+            f"({model_dir / bins[0].name})" if bins else ""
+        raise FileNotFoundError(f"{model_dir} has no config.json{hint}")
     try:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:

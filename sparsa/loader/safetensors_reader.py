@@ -24,6 +24,7 @@ _DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024
+_FP8_HINT = "; an FP8 checkpoint needs its bf16 or fp16 original (or a GGUF of it)"
 
 
 class CheckpointError(ValueError):
@@ -57,6 +58,11 @@ def _read_header(path: Path) -> tuple[dict, int]:
     header.pop("__metadata__", None)
     data_start = 8 + n
     for name, info in header.items():
+        kind = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(kind, str) and kind not in _DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {kind}, which Sparsa does not load "
+                f"(supported: {', '.join(_DTYPES)}){_FP8_HINT if kind.startswith('F8') else ''}")
         try:
             begin, end = info["data_offsets"]
             dtype = _DTYPES[info["dtype"]]
