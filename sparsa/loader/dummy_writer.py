@@ -184,6 +184,19 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_all(hf, tmp, torch_dtype, limit, seed, std)
+    except BaseException:  # a failed or interrupted write leaves nothing half-written
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _write_all(hf: dict, tmp: Path, torch_dtype: torch.dtype, limit: int, seed: int,
+               std: float) -> None:
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in tensor_shapes(hf):
@@ -207,10 +220,6 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
     cfg["torch_dtype"] = str(torch_dtype).replace("torch.", "")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
     add_tokenizer(tmp, int(hf["vocab_size"]))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def add_tokenizer(model_dir: Path, vocab_size: int) -> bool:

@@ -146,3 +146,16 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="shard_size must be positive"):
         write_dummy_checkpoint("mixtral-mini", tmp_path / "x", shard_size=0)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_failed_write_leaves_no_partial_folder(tmp_path, monkeypatch):
+    """Issue 19: a write that fails midway removes its DIR.partial."""
+    from sparsa.loader import dummy_writer
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dummy_writer, "_write_shard", boom)
+    with pytest.raises(OSError, match="disk full"):
+        dummy_writer.write_dummy_checkpoint("mixtral-mini", tmp_path / "m")
+    assert not (tmp_path / "m.partial").exists() and not (tmp_path / "m").exists()
