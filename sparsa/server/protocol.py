@@ -1,5 +1,8 @@
 """Request bodies of the OpenAI API (plus vLLM's extra sampling fields), and their mapping
-to SamplingParams. Unknown fields are ignored, as OpenAI clients send some we don't use.
+to SamplingParams. A field Sparsa does not implement is a 400 that names it (a constraint
+such as `response_format` or `guided_json` silently dropped would return unconstrained
+text with a 200), except the few that change nothing about the answer (`IGNORED`) and
+those at the value that means "off" (`tool_choice: "none"`, `response_format: text`).
 
 Types are strict, as OpenAI's are: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not
 coerced (an int is still a valid float). Text that cannot be UTF-8 encoded (a lone UTF-16
@@ -34,6 +37,18 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 _STRICT = ConfigDict(extra="ignore", strict=True)
+# top-level bodies keep unknown fields, to refuse them by name (`refuse_unknown`)
+_BODY = ConfigDict(extra="allow", strict=True)
+
+# Fields that do not change what is generated: bookkeeping for OpenAI's own platform
+# (storage, tiers, caching hints, end-user ids) that clients send by default.
+IGNORED = frozenset({"metadata", "store", "service_tier", "safety_identifier",
+                     "prompt_cache_key", "prompt_cache_retention", "user"})
+# Fields accepted only at the value that means "nothing asked for".
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "modalities": (["text"],),
+}
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -47,7 +62,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = _STRICT
+    model_config = _BODY
 
     model: Text
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
@@ -77,7 +92,22 @@ class _Sampling(BaseModel):
     def params_stop(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def refuse_unknown(self) -> None:
+        """A 400 naming the first field Sparsa does not implement (see the module doc)."""
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED:
+                continue
+            if name in _OFF_VALUES and value in _OFF_VALUES[name]:
+                continue
+            what = {"response_format": "structured output (response_format)",
+                    "guided_json": "guided decoding", "guided_regex": "guided decoding",
+                    "guided_choice": "guided decoding", "guided_grammar": "guided decoding",
+                    "tool_choice": "tool calling"}.get(name)
+            raise bad_request(f"{name} is not supported by this server"
+                              + (f" ({what} is not implemented yet)" if what else ""), name)
+
     def check_unsupported(self) -> None:
+        self.refuse_unknown()
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
         if self.stream_options is not None and not self.stream:
