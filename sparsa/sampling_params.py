@@ -68,6 +68,8 @@ class SamplingParams:
             the chosen token; None returns none.
         skip_special_tokens: drop special tokens when detokenizing.
         include_stop_str_in_output: keep the matched stop string in the output text.
+        guided_decoding: hold the output to a JSON schema, JSON object, regex, choice
+            list or grammar (`sparsa.structured.GuidedDecoding`, or a dict of its fields).
     """
 
     n: int = 1
@@ -87,10 +89,17 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: a `sparsa.structured.GuidedDecoding` or a dict of its fields
+    # (json / json_object / regex / choice / grammar); None generates freely
+    guided_decoding: Any = None
 
     def __post_init__(self) -> None:
         self._normalize_types()
         self._verify_ranges()
+        if self.guided_decoding is not None:
+            from sparsa.structured.guided import GuidedDecoding
+
+            self.guided_decoding = GuidedDecoding.from_value(self.guided_decoding)
 
     def _normalize_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):

@@ -20,6 +20,7 @@ from sparsa.layers.sampler import Sampler
 from sparsa.loader.model_loader import load_model
 from sparsa.outputs import CompletionOutput, RequestOutput
 from sparsa.sampling_params import SamplingParams
+from sparsa.structured.matcher import Guides
 from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class LLMEngine:
                                           config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.eos_ids)
+        self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
         self.tracer = None
@@ -187,6 +189,14 @@ class LLMEngine:
             for i in range(params.n)
         ]
         req = _Request(request_id, text, list(ids), params, seqs)
+        if params.guided_decoding is not None:  # before any state: a bad grammar adds nothing
+            try:
+                for s in seqs:
+                    self.guides.add(s.seq_id, params.guided_decoding)
+            except Exception:
+                for s in seqs:
+                    self.guides.drop(s.seq_id)
+                raise
         for s in seqs:
             if params.seed is not None:
                 g = torch.Generator(device=self.device)
@@ -212,6 +222,7 @@ class LLMEngine:
                 self.scheduler.abort(s)
                 s.finish_reason = "abort"
             self._seq_to_req.pop(s.seq_id, None)
+            self.guides.drop(s.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -228,6 +239,8 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         if sampled:
             reqs = [self._seq_to_req[s.seq_id] for s in sampled]
+            if self.guides.matchers:
+                self.guides.mask(logits, [s.seq_id for s in sampled])
             out = self.sampler(
                 logits,
                 [r.params for r in reqs],
@@ -254,6 +267,7 @@ class LLMEngine:
 
     def _fail_request(self, req: _Request, exc: BaseException) -> None:
         for s in req.seqs:
+            self.guides.drop(s.seq_id)
             if not s.is_finished:
                 self.scheduler.abort(s)
                 s.finish_reason = "error"
@@ -272,6 +286,8 @@ class LLMEngine:
         n_out = len(seq.output_token_ids)
         reason, stop_reason = None, None
         stops_here = (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids
+        if self.guides.advance(sid, tok) and not stops_here:
+            reason = "stop"  # the grammar is complete: nothing more may follow
         if n_out >= p.min_tokens and stops_here:
             reason, stop_reason = "stop", tok
         detok = req.detok.get(sid)
@@ -294,6 +310,7 @@ class LLMEngine:
             seq.finish_reason = reason
             req.stop_reason[sid] = stop_reason
             self.scheduler.finish(seq)
+            self.guides.drop(sid)
 
     @staticmethod
     def _find_stop(text: str, old_len: int, stops: list[str]):

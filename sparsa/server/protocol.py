@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI API (plus vLLM's extra sampling fields), and their mapping
 to SamplingParams. A field Sparsa does not implement is a 400 that names it (a constraint
-such as `response_format` or `guided_json` silently dropped would return unconstrained
-text with a 200), except the few that change nothing about the answer (`IGNORED`) and
-those at the value that means "off" (`tool_choice: "none"`, `response_format: text`).
+silently dropped would return unconstrained text with a 200), except the few that change
+nothing about the answer (`IGNORED`) and those at the value that means "off"
+(`tool_choice: "none"`). Structured output: `response_format` and vLLM's `guided_*`.
 
 Types are strict, as OpenAI's are: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not
 coerced (an int is still a valid float). Text that cannot be UTF-8 encoded (a lone UTF-16
@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sparsa.sampling_params import SamplingParams
 from sparsa.server.errors import bad_request
+from sparsa.structured.guided import from_request
 
 # Bounds that keep a request from asking for absurd work; the engine re-checks its own.
 MAX_N = 16
@@ -46,8 +47,7 @@ IGNORED = frozenset({"metadata", "store", "service_tier", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention", "user"})
 # Fields accepted only at the value that means "nothing asked for".
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "tool_choice": ("none",), "parallel_tool_calls": (True, False),
-    "response_format": ({"type": "text"},), "modalities": (["text"],),
+    "tool_choice": ("none",), "parallel_tool_calls": (True, False), "modalities": (["text"],),
 }
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -86,6 +86,12 @@ class _Sampling(BaseModel):
                               Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format, vLLM's guided_* (at most one)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(min_length=1, max_length=256)] | None = None
+    guided_grammar: Text | None = None
     # lower runs first under --scheduling-policy priority; refused under fcfs
     priority: Annotated[int, Field(ge=INT32[0], le=INT32[1])] = 0
 
@@ -99,10 +105,9 @@ class _Sampling(BaseModel):
                 continue
             if name in _OFF_VALUES and value in _OFF_VALUES[name]:
                 continue
-            what = {"response_format": "structured output (response_format)",
-                    "guided_json": "guided decoding", "guided_regex": "guided decoding",
-                    "guided_choice": "guided decoding", "guided_grammar": "guided decoding",
-                    "tool_choice": "tool calling"}.get(name)
+            what = {"tool_choice": "tool calling", "structured_outputs": "structured_outputs "
+                    "(use response_format or guided_json / guided_regex / guided_choice / "
+                    "guided_grammar)"}.get(name)
             raise bad_request(f"{name} is not supported by this server"
                               + (f" ({what} is not implemented yet)" if what else ""), name)
 
@@ -126,6 +131,14 @@ class _Sampling(BaseModel):
                         presence_penalty=self.presence_penalty,
                         frequency_penalty=self.frequency_penalty)
         kw.update({k: v for k, v in optional.items() if v is not None})
+        guided = {k: getattr(self, k) for k in ("response_format", "guided_json",
+                                                "guided_regex", "guided_choice",
+                                                "guided_grammar")}
+        try:
+            kw["guided_decoding"] = from_request(guided)
+        except ValueError as e:
+            given = [k for k, v in guided.items() if v is not None]
+            raise bad_request(str(e), given[0] if given else None) from None
         try:
             return SamplingParams(**kw)
         except ValueError as e:

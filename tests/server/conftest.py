@@ -114,7 +114,8 @@ def make_server(model_dir: Path, **overrides) -> LiveServer:
     model = overrides.pop("model", {})  # more ModelConfig fields (e.g. offload=...)
     extra = overrides.pop("engine", {})  # more EngineConfig fields (e.g. trace_experts=...)
     engine = LLMEngine(EngineConfig(
-        model=ModelConfig(str(model_dir), dtype="float32", max_model_len=256, **model),
+        model=ModelConfig(str(model_dir), **{"dtype": "float32", "max_model_len": 256,
+                                             **model}),
         cache=CacheConfig(**{"block_size": 16, "num_blocks": 256,
                              "enable_prefix_caching": True, **cache}),
         scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512),
