@@ -11,6 +11,7 @@
     sparsa bench profile-decode ...  where a batch-1 decode step's time goes
     sparsa bench ppl ...             perplexity per weight form (ppl.py; also `sparsa eval-ppl`)
     sparsa bench greedy F.gguf       greedy tokens of Sparsa and llama.cpp on one GGUF file
+    sparsa bench structured M        the cost of a JSON-schema constraint (structured.py)
 
 The peers' installers and workers live in peers/.
 """
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "profile-decode": "sparsa.bench.profile_decode",
     "ppl": "sparsa.bench.ppl_cli",
     "greedy": "sparsa.bench.greedy",
+    "structured": "sparsa.bench.structured",
 }
 
 
