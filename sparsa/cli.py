@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also return the top-N log-probabilities of each generated token")
     g.add_argument("--json", action="store_true",
                    help="print a JSON document with token ids, finish reasons and logprobs")
+    g.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print the text when it is complete (one prompt with one sample "
+                        "streams its tokens as they come by default)")
     _add_model_options(g)
 
     i = sub.add_parser("info", help="parameters, active parameters, memory plan of a model",
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTERNAL_COMMANDS = ["sparsa.bench.ppl_cli", "sparsa.server.cli",
+_EXTERNAL_COMMANDS = ["sparsa.chat_cli", "sparsa.bench.ppl_cli", "sparsa.server.cli",
                       "sparsa.offload.lab.cache_sim_cli", "sparsa.loader.dummy_writer_cli",
                       "sparsa.offload.lab.trace_cli"]
 
@@ -359,7 +362,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             conv = [{"role": "system", "content": args.system}] if args.system else []
             conv.append({"role": "user", "content": p})
             convs.append(conv)
-        outputs = llm.chat(convs, params, chat_template=template)
+        prompts = [llm.chat_prompt(c, template) for c in convs]
+    streamed = (args.stream and not args.json and len(prompts) == 1 and params.n == 1
+                and tokenizer is not None and args.logprobs is None)
+    if streamed:
+        if args.echo:
+            print(prompts[0] if isinstance(prompts[0], str)
+                  else tokenizer.decode(prompts[0], skip_special_tokens=True), end="")
+        text = ""
+        for out in llm.stream(prompts[0], params):
+            piece = out.outputs[0].text[len(text):]
+            text = out.outputs[0].text
+            print(piece, end="", flush=True)
+        print()
+        outputs = [out]
     else:
         outputs = llm.generate(prompts, params)
     seconds = time.perf_counter() - t0
@@ -373,7 +389,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "usage": stats,
         }
         print(json.dumps(doc, indent=2))
-    else:
+    elif not streamed:
         _print_text(outputs, tokenizer, args.echo, args.logprobs)
     print(_timing_line(stats, getattr(llm.engine, "load_seconds", None)), file=sys.stderr)
     return EXIT_OK

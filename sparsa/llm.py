@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -98,12 +99,58 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", unit="prompt")
         results: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.finished:
-                    results[out.request_id] = out
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [results[r] for r in ids]
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Generate for one prompt (text, token ids or a {"prompt"...} dict), yielding its
+        `RequestOutput` after every step that adds tokens (text and token ids so far; the
+        last has `finished`). Leaving the loop early aborts the request."""
+        (item,) = self._normalize(prompt)
+        if isinstance(item, dict):
+            item = item.get("prompt_token_ids", item.get("prompt"))
+        rid = self.engine.add_request(item, sampling_params or SamplingParams())
+        done = False
+        try:
+            while not done and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.engine.abort_request(rid)
+
+    def chat_prompt(self, messages: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of one conversation under the tokenizer's chat template (or
+        `chat_template`)."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so chat is unavailable")
+        if not getattr(tok, "chat_template", None) and chat_template is None:
+            raise ValueError("the tokenizer has no chat template; pass chat_template=")
+        ids = tok.apply_chat_template(messages, chat_template=chat_template, tokenize=True,
+                                      add_generation_prompt=add_generation_prompt)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
 
     def chat(
         self,
@@ -114,17 +161,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the tokenizer's chat template (or `chat_template`) to one conversation
         (a list of {"role", "content"} messages) or a list of them, and generate."""
-        tok = self.engine.tokenizer
-        if tok is None:
-            raise ValueError("this model has no tokenizer, so chat() is unavailable")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in convs:
-            if not getattr(tok, "chat_template", None) and chat_template is None:
-                raise ValueError("the tokenizer has no chat template; pass chat_template=")
-            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                          add_generation_prompt=add_generation_prompt)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            prompts.append(list(ids))
+        prompts = [self.chat_prompt(conv, chat_template, add_generation_prompt)
+                   for conv in convs]
         return self.generate(prompts, sampling_params)
