@@ -26,9 +26,15 @@ from sparsa.engine.llm_engine import LLMEngine
 from sparsa.server.async_engine import AsyncEngine, EngineFailed
 from sparsa.server.errors import APIError
 from sparsa.server.metrics import ServerMetrics
-from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
+from sparsa.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from sparsa.server.serving import ClientGone, OpenAIServing
 from sparsa.server.settings import ServerSettings
+from sparsa.server.tokenize import detokenize, tokenize
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -322,6 +328,14 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", responses=_GENERATE_RESPONSES)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         return await serving.chat(body, request)
+
+    @app.post("/tokenize", responses=_ERRORS)
+    async def tokenize_endpoint(body: TokenizeRequest) -> JSONResponse:
+        return JSONResponse(await tokenize(serving, body))
+
+    @app.post("/detokenize", responses=_ERRORS)
+    async def detokenize_endpoint(body: DetokenizeRequest) -> JSONResponse:
+        return JSONResponse(await detokenize(serving, body))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -217,3 +217,23 @@ class ChatCompletionRequest(_Sampling):
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages under the chat template."""
+
+    model_config = _STRICT
+    model: Text
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model_config = _STRICT
+    model: Text
+    tokens: list[Annotated[int, Field(ge=0, le=INT32[1])]]

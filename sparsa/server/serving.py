@@ -316,6 +316,29 @@ class OpenAIServing:
             await self._close(events, jobs)
         yield sse("[DONE]")
 
+    async def render_chat(self, conv: list[dict[str, str]], add_generation_prompt: bool
+                          ) -> list[int]:
+        """A conversation's token ids under the chat template, off the event loop; the
+        template's refusals and failures are 400s on `messages`."""
+        tok = self._need_tokenizer()
+
+        def render() -> list[int]:
+            ids = tok.apply_chat_template(conv, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+
+        try:
+            return await asyncio.to_thread(render)
+        except TemplateError as e:  # the template refuses it (raise_exception(...))
+            raise bad_request(f"the chat template refused these messages: {e}",
+                              "messages") from None
+        except Exception as e:  # anything else is ours: say what, not its internals
+            log.warning("chat template failed: %s: %s", type(e).__name__, e)
+            raise bad_request("cannot apply the chat template to these messages",
+                              "messages") from None
+
     # ---- /v1/chat/completions --------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
         self._check_request(req, raw, 1)
@@ -330,22 +353,7 @@ class OpenAIServing:
                               "more than fit in it. Please reduce the length of the messages.",
                               "messages")
 
-        def render() -> list[int]:
-            ids = tok.apply_chat_template(conv, tokenize=True,
-                                          add_generation_prompt=req.add_generation_prompt)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-
-        try:
-            ids = await asyncio.to_thread(render)
-        except TemplateError as e:  # the template refuses it (raise_exception(...))
-            raise bad_request(f"the chat template refused these messages: {e}",
-                              "messages") from None
-        except Exception as e:  # anything else is ours: say what, not its internals
-            log.warning("chat template failed: %s: %s", type(e).__name__, e)
-            raise bad_request("cannot apply the chat template to these messages",
-                              "messages") from None
+        ids = await self.render_chat(conv, req.add_generation_prompt)
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = req.sampling_params(self._resolve_max_tokens(ids, max_tokens, "messages"),
                                      req.engine_logprobs())
