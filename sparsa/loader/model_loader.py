@@ -226,6 +226,11 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         model.offload.reserve_buffers()
         return model, resolved, dtype
     dummy = mc.load_format == "dummy" or not resolved.has_weights
+    if dummy:
+        log.warning("%s runs with RANDOM weights (%s): its output is noise; pass a checkpoint "
+                    "folder, a GGUF file or a hub id for a trained model", resolved.name,
+                    "load_format='dummy'" if mc.load_format == "dummy"
+                    else "a built-in config has no weights")
     qc = load_quant_config(mc, resolved, device)
     if qc.enabled and streamed:
         from sparsa.loader.quantized_load import build_streamed, finish, init_dummy_streamed
@@ -263,10 +268,17 @@ def load_quant_config(mc: ModelConfig, resolved: ResolvedModel,
 
 def _checkpoint(resolved: ResolvedModel, dtype: torch.dtype, qc: QuantConfig | None = None):
     """The checkpoint's tensors: a safetensors folder, or a GGUF file (dequantized, or its
-    blocks as they are where the form `qc` takes them: `blocks_kept`)."""
+    blocks as they are where the form `qc` takes them: `blocks_kept`), with a progress bar
+    on a terminal."""
+    from tqdm import tqdm
+
     if resolved.gguf_file is not None:
         from sparsa.loader.gguf_file import blocks_kept, gguf_tensors
 
         keep = blocks_kept(qc) if qc is not None else frozenset()
-        return gguf_tensors(resolved.gguf_file, resolved.hf_config, dtype, keep)
-    return SafetensorsCheckpoint(resolved.model_dir)
+        tensors = gguf_tensors(resolved.gguf_file, resolved.hf_config, dtype, keep)
+        return tqdm(tensors, desc="Loading GGUF tensors", unit=" tensors", disable=None,
+                    leave=False)
+    ckpt = SafetensorsCheckpoint(resolved.model_dir)
+    return tqdm(ckpt, total=len(ckpt.names()), desc="Loading weights", unit=" tensors",
+                disable=None, leave=False)

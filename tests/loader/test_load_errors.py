@@ -43,3 +43,11 @@ def test_info_flags_a_truncated_checkpoint(tmp_path, capsys):
         fh.truncate(f.stat().st_size // 2)
     assert main(["info", str(dst)]) == 2
     assert "truncated" in capsys.readouterr().err
+
+
+def test_random_weights_are_announced(caplog):
+    """Issue 19: a built-in config or load_format='dummy' says its output is noise."""
+    with caplog.at_level("WARNING"):
+        LLM("mixtral-mini", load_format="dummy", hf_overrides={"num_hidden_layers": 1},
+            max_model_len=64)
+    assert "RANDOM weights" in caplog.text
