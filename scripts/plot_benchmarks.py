@@ -121,14 +121,15 @@ def plot_llamacpp_ratios(data: Data, path: Path) -> Path:
         ax.set_ylim(0, max(r["pp512_ratio"] for r in rows) * 1.12 if metric == "pp512"
                     else max(r["tg128_ratio"][2] for r in rows) * 1.12)
     handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8.5, loc="lower center", ncol=len(labels),
-               bbox_to_anchor=(0.5, 0.045))
+    fig.legend(handles, labels, fontsize=8.5, loc="lower center",
+               ncol=min(len(labels), 4), bbox_to_anchor=(0.5, 0.06))
     fig.suptitle(f"{sec['title']}, 2 threads\n{_machine(data, sec['machine'])}, {sec['date']}; "
                  f"{sec['peer']}", fontsize=10.5)
     _note(fig, "qwen3moe-mini int4 measured at 14:37 UTC with the fused batched int4 MoE; its "
           "pp512 is noisy (0.81-1.42x across the day's runs). SmolLM2-135M shape: int8 only. "
-          "Commands per row: BENCHMARKS.md, table (a).")
-    fig.tight_layout(rect=(0, 0.1, 1, 0.98))
+          "SmolLM2 GGUF: llama.cpp's own files, Sparsa in the file's form. Commands per row: "
+          "BENCHMARKS.md, table (a).")
+    fig.tight_layout(rect=(0, 0.17, 1, 0.98))
     return _save(fig, path)
 
 
