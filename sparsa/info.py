@@ -174,6 +174,14 @@ def _checkpoint_files_bytes(model_dir: Path | None) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 
+def _bytes_per_param(qc: Any) -> float:
+    """Bytes per weight of a quantized form: int4 carries a 16-bit scale and min per group,
+    8-bit groups (GGUF's Q8_0 form) the same per 32."""
+    if qc.method == "int8":
+        return 1.0 + (4 / qc.int8_group_size if qc.int8_group_size else 0.0)
+    return {"bf16": 2.0}.get(qc.method, 0.5 + 4 / qc.group_size)
+
+
 def _quantizable_params(model: nn.Module) -> tuple[int, int]:
     """(total, active per token) parameters that weight-only quantization replaces: every
     Linear except MoE routers, and routed experts (active at their top_k share)."""
@@ -308,8 +316,15 @@ def model_info(
     if qc.enabled:
         q_total, q_active = _quantizable_params(meta_model)
         # int4: + the 16-bit scale and min of each group
-        bpp = {"int8": 1.0, "bf16": 2.0}.get(qc.method, 0.5 + 4 / qc.group_size)
+        bpp = _bytes_per_param(qc)
         saved_total = q_total * (itemsize - bpp)
+        # an LM head in its own form (int8 under an int4 body): the difference, read per token
+        head = getattr(getattr(meta_model, "lm_head", None), "weight", None)
+        head_cfg = qc.for_module("lm_head")
+        if head is not None and head_cfg.method != qc.method:
+            more = head.numel() * (_bytes_per_param(head_cfg) - bpp)
+            saved_total -= more
+            q_active -= more / (itemsize - bpp)
         counts["weight_bytes"] = int(counts["weight_bytes"] - saved_total)
         info["weight_bytes"] = counts["weight_bytes"]
         info["decode_bytes_per_token"] = int(info["decode_bytes_per_token"]
@@ -433,8 +448,9 @@ def format_info(d: dict[str, Any]) -> str:
                             + (f" ({_bytes(d['checkpoint_weight_bytes'])} in checkpoint "
                                f"{d['checkpoint_dtype']})"
                                if d["checkpoint_dtype"] != d["compute_dtype"] else "")
-                            + (f"; {_bytes(d['checkpoint_files_bytes'])} of safetensors on disk"
-                               if d.get("checkpoint_files_bytes") else "")))
+                            + (f"; {_bytes(d['checkpoint_files_bytes'])} of "
+                               f"{'GGUF' if d['weights_source'] == 'GGUF file' else 'safetensors'}"
+                               " on disk" if d.get("checkpoint_files_bytes") else "")))
     rows.append(("decode read", f"{_bytes(d['decode_bytes_per_token'])} of weights per token "
                                 "(roofline: bandwidth / this)"))
     rows.append(("KV cache", f"{_bytes(d['kv_bytes_per_token'])} per token "
