@@ -40,9 +40,10 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | None,
                        request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """The request's output after every step that adds tokens (text and token ids so
-        far; the last is `finished`). Leaving the loop early aborts the request; a busy
-        engine raises `OverloadedError` at once rather than queueing without bound."""
+        """The request's output as steps add tokens (cumulative: text and token ids so far;
+        a consumer slower than the engine gets the latest, several steps at once; the last
+        is `finished`). Leaving the loop early aborts the request; a busy engine raises
+        `OverloadedError` at once rather than queueing without bound."""
         self._started()
         params = sampling_params or SamplingParams()
         if isinstance(prompt, str):

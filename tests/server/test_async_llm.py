@@ -16,8 +16,10 @@ def test_async_generate_streams_and_matches_the_offline_engine(model_dir):
 
     async def one(llm, prompt, rid):
         outs = [o async for o in llm.generate(prompt, params, rid)]
-        assert outs[-1].finished and len(outs) == 12
-        assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 13))
+        # cumulative outputs; a consumer slower than the engine sees several steps at once
+        counts = [len(o.outputs[0].token_ids) for o in outs]
+        assert outs[-1].finished and counts[-1] == 12 and len(outs) > 1
+        assert all(a < b for a, b in zip(counts, counts[1:]))
         return outs[-1].outputs[0].token_ids
 
     async def main():
