@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from sparsa import LLM, SamplingParams
 from sparsa.server.async_llm import AsyncLLM
@@ -19,7 +20,7 @@ def test_async_generate_streams_and_matches_the_offline_engine(model_dir):
         # cumulative outputs; a consumer slower than the engine sees several steps at once
         counts = [len(o.outputs[0].token_ids) for o in outs]
         assert outs[-1].finished and counts[-1] == 12 and len(outs) > 1
-        assert all(a < b for a, b in zip(counts, counts[1:]))
+        assert all(a < b for a, b in itertools.pairwise(counts))
         return outs[-1].outputs[0].token_ids
 
     async def main():
