@@ -76,10 +76,11 @@ def compare(model: Path, prompts: list[str], max_tokens: int, threads: int,
 def main(argv: list[str] | None = None) -> int:
     from sparsa.bench.peers.llamacpp import LlamaCpp, default_cache
     from sparsa.config import physical_cores
+    from sparsa.config.settings import add_model_argument, model_from_args
     from sparsa.loader.gguf_file import find_gguf
 
     ap = argparse.ArgumentParser(prog="sparsa bench greedy", description=__doc__.split("\n")[0])
-    ap.add_argument("model", help="a GGUF file (or a folder holding one)")
+    add_model_argument(ap, help="a GGUF file (or a folder holding one)")
     ap.add_argument("--prompt", action="append", default=None,
                     help="a prompt (repeatable; default: a few built-in ones)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
+    model_from_args(args)
     path = find_gguf(Path(args.model).expanduser())
     if path is None:
         ap.error(f"{args.model} is not a GGUF file (llama.cpp runs GGUF files only)")

@@ -71,10 +71,11 @@ def run_one(model: str, budget: str | None, args, on_miss: tuple[str, str] = ("w
 
 def main(argv: list[str] | None = None) -> int:
     from sparsa.config import add_engine_arguments
+    from sparsa.config.settings import add_model_argument, model_from_args
 
     ap = argparse.ArgumentParser(prog="sparsa bench offload",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("model")
+    add_model_argument(ap)
     ap.add_argument("--budgets", default="25%,all",
                     help="comma-separated expert_memory values; 'all' = no offloading")
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None)
     add_engine_arguments(ap, exclude=SWEPT)
     args = ap.parse_args(argv)
+    model_from_args(args)
     from sparsa.offload.low_precision import parse_on_miss
 
     variants = parse_on_miss(args.on_miss)

@@ -58,14 +58,16 @@ def profile(llm, tokens: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from sparsa.config import add_engine_arguments, engine_kwargs
+    from sparsa.config.settings import add_model_argument, model_from_args
 
     ap = argparse.ArgumentParser(prog="sparsa bench profile-decode",
                                  description=__doc__.splitlines()[0])
-    ap.add_argument("model")
+    add_model_argument(ap)
     ap.add_argument("--tokens", type=int, default=128)
     add_engine_arguments(ap, defaults={"dtype": "float32", "quantization": "int8",
                                        "kv_cache_memory": "256MiB"})
     args = ap.parse_args(argv)
+    model_from_args(args)
     from sparsa import LLM, kernels
 
     if not kernels.available():

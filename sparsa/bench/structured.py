@@ -50,14 +50,17 @@ def run(model: str, requests: int, max_tokens: int, rounds: int, threads: int | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsa.config.settings import add_model_argument, model_from_args
+
     ap = argparse.ArgumentParser(prog="sparsa bench structured",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("model")
+    add_model_argument(ap)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    model_from_args(args)
     if args.requests < 1 or args.max_tokens < 1 or args.rounds < 1:
         ap.error("--requests, --max-tokens and --rounds must be >= 1")
     r = run(args.model, args.requests, args.max_tokens, args.rounds, args.threads)
