@@ -202,6 +202,24 @@ def test_the_shared_smollm2_gguf_answers_a_chat_turn():
     assert out[0].outputs[0].text.strip() == "The capital of France is Paris."
 
 
+def _assert_same_weights(quantized: list, plain: LLM) -> None:
+    """Each (name, quantized module) decodes to the decoded file's weight, bit for bit."""
+    mods = dict(plain.engine.model.named_modules())
+    for name, m in quantized:
+        w = mods[name].weight.data
+        assert torch.equal(m.dequantize(), w.t() if mods[name].transposed else w), name
+
+
+def _assert_logits_are_transformers_gguf(llm: LLM, out: Path, path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name,
+                                               dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(prompt_logits(llm.engine, PROMPT), want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture
 def fp32_prefill(monkeypatch):
     """Every int4 matmul through its exact path (weights decoded, fp32 GEMM): the native
@@ -217,7 +235,6 @@ def test_4bit_blocks_load_unchanged_into_the_int4_form(tiny, qtype, fp32_prefill
     """With no quantization asked for, a Q4_0 / Q4_1 file runs in its own form: int4 groups
     of 32 whose codes and fp16 scales are the file's, so every weight equals the file's
     decoded value bit for bit, and with exact activations the logits are transformers'."""
-    from transformers import AutoModelForCausalLM
 
     from sparsa.layers.quantization.modules import Int4Linear
 
@@ -225,18 +242,11 @@ def test_4bit_blocks_load_unchanged_into_the_int4_form(tiny, qtype, fp32_prefill
     path = write_llama_gguf(hf_model, out / f"tiny-{qtype}.gguf", qtype)
     plain = LLM(str(path), dtype="float32", quantization="none")
     llm = LLM(str(path), dtype="float32", quantization_lm_head="none")
-    mods = dict(plain.engine.model.named_modules())
     int4 = [(n, m) for n, m in llm.engine.model.named_modules() if isinstance(m, Int4Linear)]
     assert int4 and all(m.group_size == 32 and m.scale_min.dtype == torch.float16
                         for _, m in int4)
-    for name, m in int4:
-        w = mods[name].weight.data
-        assert torch.equal(m.dequantize(), w.t() if mods[name].transposed else w), name
-    ref = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name,
-                                               dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = ref(torch.tensor([PROMPT])).logits[0]
-    torch.testing.assert_close(prompt_logits(llm.engine, PROMPT), want, atol=1e-4, rtol=1e-4)
+    _assert_same_weights(int4, plain)
+    _assert_logits_are_transformers_gguf(llm, out, path)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert llm.generate([PROMPT], params)[0].outputs[0].token_ids == \
         plain.generate([PROMPT], params)[0].outputs[0].token_ids
@@ -274,7 +284,6 @@ def test_a_gguf_runs_in_its_own_form_unless_told(tiny, qtype, method, group, lm_
 def test_q8_0_blocks_load_unchanged_into_8bit_groups(tiny, fp32_prefill):
     """A Q8_0 file runs as 8-bit groups of 32 with the file's fp16 scales: every weight
     (the LM head included) equals the decoded file bit for bit."""
-    from transformers import AutoModelForCausalLM
 
     from sparsa.layers.quantization.modules import Int8GroupLinear
 
@@ -282,18 +291,11 @@ def test_q8_0_blocks_load_unchanged_into_8bit_groups(tiny, fp32_prefill):
     path = write_llama_gguf(hf_model, out / "tiny-Q8_0.gguf", "Q8_0")
     plain = LLM(str(path), dtype="float32", quantization="none")
     llm = LLM(str(path), dtype="float32")
-    mods = dict(plain.engine.model.named_modules())
     q8 = [(n, m) for n, m in llm.engine.model.named_modules() if isinstance(m, Int8GroupLinear)]
     assert "lm_head" in dict(q8) and len(q8) == 1 + 4 * hf_model.config.num_hidden_layers
-    for name, m in q8:
-        assert m.scale_min.dtype == torch.float16
-        w = mods[name].weight.data
-        assert torch.equal(m.dequantize(), w.t() if mods[name].transposed else w), name
-    ref = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name,
-                                               dtype=torch.float32).eval()
-    with torch.no_grad():
-        want = ref(torch.tensor([PROMPT])).logits[0]
-    torch.testing.assert_close(prompt_logits(llm.engine, PROMPT), want, atol=1e-4, rtol=1e-4)
+    assert all(m.scale_min.dtype == torch.float16 for _, m in q8)
+    _assert_same_weights(q8, plain)
+    _assert_logits_are_transformers_gguf(llm, out, path)
 
 
 def test_the_shared_smollm2_runs_its_own_blocks():
