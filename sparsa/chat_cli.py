@@ -110,6 +110,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         text, tokens, stopped = _answer(llm, ids, params)
         seconds = time.perf_counter() - t0
-        print(" [stopped]" if stopped else "")
+        print(" [stopped]" if stopped else "", flush=True)  # before the stderr line
         print(f"({tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tok/s)", file=sys.stderr)
         history.append({"role": "assistant", "content": text})

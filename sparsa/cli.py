@@ -374,7 +374,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             piece = out.outputs[0].text[len(text):]
             text = out.outputs[0].text
             print(piece, end="", flush=True)
-        print()
+        print(flush=True)  # before the timing line on stderr
         outputs = [out]
     else:
         outputs = llm.generate(prompts, params)
