@@ -66,6 +66,9 @@ class SamplingParams:
         ignore_eos: keep generating after EOS.
         logprobs: number of top log-probabilities to return per position besides
             the chosen token; None returns none.
+        prompt_logprobs: number of top log-probabilities to return per prompt position
+            besides the prompt's own token (0: just that token's); None returns none. The
+            prompt is then computed in full (no prefix-cache hits), to have its logits.
         skip_special_tokens: drop special tokens when detokenizing.
         include_stop_str_in_output: keep the matched stop string in the output text.
         guided_decoding: hold the output to a JSON schema, JSON object, regex, choice
@@ -87,6 +90,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured output: a `sparsa.structured.GuidedDecoding` or a dict of its fields
@@ -107,7 +111,7 @@ class SamplingParams:
             if not _is_int(value):
                 raise ValueError(f"{name} must be an int, got {value!r} ({_type_name(value)}).")
             setattr(self, name, int(value))
-        for name in ("max_tokens", "logprobs", "seed"):
+        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
             value = getattr(self, name)
             if value is not None:
                 if not _is_int(value):
@@ -202,6 +206,9 @@ class SamplingParams:
             raise ValueError(
                 f"logprobs must be in [0, {_MAX_LOGPROBS}] or None, got {self.logprobs}."
             )
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= _MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {_MAX_LOGPROBS}] or None, "
+                             f"got {self.prompt_logprobs}.")
         if self.is_greedy and self.n > 1:
             # All n greedy completions would be identical.
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")

@@ -135,8 +135,9 @@ class BlockManager:
 
         The last token is never taken from the cache: the step needs to run it to get the
         logits of the next token, so at most (num_tokens - 1) // block_size blocks match.
+        A sequence that needs the logits of its whole prompt takes nothing.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.needs_prompt_logits:
             return []
         limit = (seq.num_tokens - 1) // self.block_size
         blocks: list[int] = []

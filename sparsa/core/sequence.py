@@ -39,6 +39,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_registered_blocks: int = 0
     num_cached_tokens: int = 0
+    # the logits of every prompt position are wanted (prompt logprobs): the prompt is
+    # computed, not taken from the prefix cache, until they have been read
+    needs_prompt_logits: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

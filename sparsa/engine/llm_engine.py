@@ -41,6 +41,14 @@ class _Request:
         self.cum_logprob: dict[int, float] = {s.seq_id: 0.0 for s in seqs}
         self.stop_reason: dict[int, int | str | None] = {}
         self.generators: dict[int, torch.Generator | None] = {}
+        # per prompt position: {token: logprob} with the prompt's token and the top-k
+        # (None at position 0, which nothing predicts), and the prompt token's rank
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_ranks: list[int | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(prompt_ids)
+            self.prompt_ranks = [None] * len(prompt_ids)
+            seqs[0].needs_prompt_logits = len(prompt_ids) > 1  # the n samples share it
 
 
 _thread_modes = threading.local()
@@ -234,9 +242,12 @@ class LLMEngine:
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
-        logits, sampled = self.runner.execute(sched)
+        result = self.runner.execute(sched)
+        logits, sampled = result.logits, result.sampled
         self.scheduler.mark_computed(sched)
         touched: dict[str, _Request] = {}
+        for pl in result.prompt_logprobs:
+            self._record_prompt_logprobs(pl)
         if sampled:
             reqs = [self._seq_to_req[s.seq_id] for s in sampled]
             if self.guides.matchers:
@@ -264,6 +275,22 @@ class LLMEngine:
                     self._fail_request(req, e)
                 touched[req.request_id] = req
         return [self._make_output(r) for r in touched.values()]
+
+    def _record_prompt_logprobs(self, pl) -> None:
+        seq = pl.seq
+        req = self._seq_to_req.get(seq.seq_id)
+        if req is None or req.prompt_logprobs is None:
+            return
+        for i, (lp, rank, ids, lps) in enumerate(zip(pl.token_logprobs, pl.ranks, pl.top_ids,
+                                                     pl.top_logprobs)):
+            pos = pl.first + i
+            entry = {seq.prompt_token_ids[pos]: lp}
+            for t, v in zip(ids, lps):
+                entry.setdefault(t, v)
+            req.prompt_logprobs[pos] = entry
+            req.prompt_ranks[pos] = rank  # type: ignore[index]
+        if pl.first + len(pl.token_logprobs) >= seq.num_prompt_tokens:
+            seq.needs_prompt_logits = False  # all read: a recompute may use the cache again
 
     def _fail_request(self, req: _Request, exc: BaseException) -> None:
         for s in req.seqs:
@@ -348,7 +375,9 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
             for s in req.seqs:
                 self._seq_to_req.pop(s.seq_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, metrics,
+                             prompt_logprobs=req.prompt_logprobs,
+                             prompt_logprob_ranks=req.prompt_ranks)
 
     def stats(self) -> dict:
         return {

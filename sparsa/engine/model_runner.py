@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,6 +13,33 @@ from sparsa.core.scheduler import SchedulerOutput
 from sparsa.layers.attention import AttentionMetadata, KVCache, PrefillChunk
 
 log = logging.getLogger(__name__)
+
+# Prompt rows turned into log-probabilities at a time: each row is a vocabulary of fp32.
+_PROMPT_ROWS_PER_PASS = 128
+
+
+@dataclass
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens [first, first + len(token_logprobs)) of `seq`,
+    each from the logits of the position before it; `top_ids`/`top_logprobs` hold the
+    best k per position ([n, k], k may be 0) and `ranks` each prompt token's rank (1 best)."""
+
+    seq: object
+    first: int
+    token_logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
+class StepResult:
+    """What a step computed: the logits of the sequences that sample ([n, V] fp32, or
+    None), those sequences, and the prompt log-probabilities of the chunks that asked."""
+
+    logits: torch.Tensor | None
+    sampled: list = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 def total_memory_bytes(device: torch.device) -> int:
@@ -89,6 +117,10 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         sample_rows: list[int] = []
         sampled = []
+        # (seq, first row, first prompt position predicted, rows): a row's logits score the
+        # next position's token, so the chunk [start, start+n) scores prompt tokens
+        # start+1 .. min(start+n, P-1)
+        self._prompt_rows: list[tuple[object, int, int, int]] = []
         for item in items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -105,6 +137,10 @@ class ModelRunner:
                 prefills.append(
                     PrefillChunk(q_start, n, start + n, torch.tensor(table, dtype=torch.long))
                 )
+            if seq.needs_prompt_logits:
+                count = min(start + n, seq.num_prompt_tokens - 1) - start
+                if count > 0:
+                    self._prompt_rows.append((seq, q_start, start + 1, count))
             if item.samples:
                 sample_rows.append(len(tokens) - 1)
                 sampled.append(seq)
@@ -132,8 +168,9 @@ class ModelRunner:
         return ([self.tracer] if self.tracer is not None else []) + self.offload_observers
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput):
-        """Runs one step; returns (logits [n_sampled, V] fp32, the sequences they belong to)."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Runs one step: the logits of the sequences that sample, and the prompt
+        log-probabilities of chunks whose sequence asked for them."""
         input_ids, positions, meta, rows, sampled = self._prepare(out)
         try:
             hidden = self.model(input_ids, positions, meta)
@@ -143,9 +180,34 @@ class ModelRunner:
             raise
         for obs in self._step_observers():
             obs.end_step()
+        prompt = [self._prompt_logprobs(hidden, *r) for r in self._prompt_rows]
         if not rows:
-            return None, []
+            return StepResult(None, [], prompt)
         if len(rows) < hidden.shape[0]:  # all rows in a decode step: no gather needed
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
             hidden = hidden.index_select(0, idx)
-        return self.model.compute_logits(hidden), sampled
+        return StepResult(self.model.compute_logits(hidden), sampled, prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seq, row: int, first: int,
+                         count: int) -> PromptLogprobs:
+        """Log-softmax of the rows [row, row+count), a pass of rows at a time so a long
+        prompt never holds [T, V] logits at once."""
+        k = seq.params.prompt_logprobs if seq.params is not None else 0
+        k = k or 0
+        out = PromptLogprobs(seq, first, [], [], [], [])
+        for lo in range(row, row + count, _PROMPT_ROWS_PER_PASS):
+            hi = min(lo + _PROMPT_ROWS_PER_PASS, row + count)
+            logp = torch.log_softmax(self.model.compute_logits(hidden[lo:hi]).float(), dim=-1)
+            target = torch.tensor(seq.prompt_token_ids[first + lo - row:first + hi - row],
+                                  dtype=torch.long, device=logp.device)
+            chosen = logp.gather(1, target[:, None])
+            out.token_logprobs += chosen[:, 0].tolist()
+            out.ranks += ((logp > chosen).sum(dim=1) + 1).tolist()
+            if k:
+                top = logp.topk(k, dim=1)
+                out.top_ids += top.indices.tolist()
+                out.top_logprobs += top.values.tolist()
+            else:
+                out.top_ids += [[] for _ in range(hi - lo)]
+                out.top_logprobs += [[] for _ in range(hi - lo)]
+        return out

@@ -235,6 +235,10 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, k: int, tt:
         tid = out.token_ids[i]
         entry = out.logprobs[i] if out.logprobs else {tid: 0.0}
         tokens.append(tt(tid))
+        if entry is None:  # a prompt's first token: nothing before it predicts it
+            lps.append(None)
+            tops.append(None)
+            continue
         lps.append(entry.get(tid))
         tops.append({tt(t): lp for t, lp in _top(entry, tid, k)} if k else None)
     if tt.tokenizer is None:  # no text to index: the strings' lengths, as always
@@ -246,6 +250,46 @@ def completion_logprobs(out: CompletionOutput, start: int, end: int, k: int, tt:
         offsets = tt.offsets(out.token_ids, start, end, out.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def echo_logprobs(out: RequestOutput, prompt_text: str, c: CompletionOutput | None, k: int,
+                  tt: TokenText) -> dict[str, Any]:
+    """Legacy logprobs of the prompt (echo) followed by the tokens of completion `c` (None:
+    the prompt alone), offsets counted in the echoed text: what lm-evaluation-harness
+    reads to score a continuation."""
+    ids, lps = list(out.prompt_token_ids), list(out.prompt_logprobs or [])
+    text = prompt_text
+    if c is not None:
+        ids += c.token_ids
+        lps += c.logprobs or [{t: 0.0} for t in c.token_ids]
+        text += c.text
+    joined = CompletionOutput(0, text, ids, logprobs=lps)
+    return completion_logprobs(joined, 0, len(ids), k, tt, 0)
+
+
+def shift_offsets(lp: dict[str, Any] | None, chars: int) -> dict[str, Any] | None:
+    """Streamed logprobs after an echoed prompt: offsets count the prompt's characters."""
+    if lp is not None and chars:
+        lp["text_offset"] = [o + chars for o in lp["text_offset"]]
+    return lp
+
+
+def vllm_prompt_logprobs(out: RequestOutput, tt: TokenText) -> list[Any] | None:
+    """vLLM's `prompt_logprobs` of a choice: per prompt position None (the first) or
+    {token id: {logprob, rank, decoded_token}} with the prompt's token and the top-k."""
+    if out.prompt_logprobs is None:
+        return None
+    ranks = out.prompt_logprob_ranks or [None] * len(out.prompt_logprobs)
+    result: list[Any] = []
+    for tid, entry, rank in zip(out.prompt_token_ids, out.prompt_logprobs, ranks):
+        if entry is None:
+            result.append(None)
+            continue
+        order = sorted(entry.items(), key=lambda kv: -kv[1])
+        result.append({str(t): {"logprob": lp, "rank": rank if t == tid else i + 1,
+                                "decoded_token": tt(t)}
+                       for i, (t, lp) in enumerate(order)})
+    return result
 
 
 def chat_logprobs(out: CompletionOutput, start: int, end: int, k: int,
@@ -283,6 +327,7 @@ class DeltaTracker:
 
     def __init__(self, holdback: int):
         self.holdback = holdback
+        self.echoed = 0  # characters of an echoed prompt sent before the completion
         self.sent_chars = 0
         self.sent_tokens = 0
         self.done = False

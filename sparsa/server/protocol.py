@@ -2,7 +2,8 @@
 to SamplingParams. A field Sparsa does not implement is a 400 that names it (a constraint
 silently dropped would return unconstrained text with a 200), except the few that change
 nothing about the answer (`IGNORED`) and those at the value that means "off"
-(`tool_choice: "none"`). Structured output: `response_format` and vLLM's `guided_*`.
+(`modalities: ["text"]`). Structured output: `response_format` and vLLM's `guided_*`;
+tool calling: `tools`, `tool_choice`, `parallel_tool_calls` (sparsa/server/tools.py).
 
 Types are strict, as OpenAI's are: `"stream": "yes"` or `"max_tokens": "5"` is a 400, not
 coerced (an int is still a valid float). Text that cannot be UTF-8 encoded (a lone UTF-16
@@ -46,9 +47,7 @@ _BODY = ConfigDict(extra="allow", strict=True)
 IGNORED = frozenset({"metadata", "store", "service_tier", "safety_identifier",
                      "prompt_cache_key", "prompt_cache_retention", "user"})
 # Fields accepted only at the value that means "nothing asked for".
-_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "tool_choice": ("none",), "parallel_tool_calls": (True, False), "modalities": (["text"],),
-}
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {"modalities": (["text"],)}
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -105,7 +104,7 @@ class _Sampling(BaseModel):
                 continue
             if name in _OFF_VALUES and value in _OFF_VALUES[name]:
                 continue
-            what = {"tool_choice": "tool calling", "structured_outputs": "structured_outputs "
+            what = {"structured_outputs": "structured_outputs "
                     "(use response_format or guided_json / guided_regex / guided_choice / "
                     "guided_grammar)"}.get(name)
             raise bad_request(f"{name} is not supported by this server"
@@ -119,9 +118,11 @@ class _Sampling(BaseModel):
             raise bad_request("stream_options is only allowed when stream is true",
                               "stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         kw: dict[str, Any] = dict(
             n=self.n, max_tokens=max_tokens, logprobs=logprobs, seed=self.seed,
+            prompt_logprobs=prompt_logprobs,
             stop=self.stop, stop_token_ids=self.stop_token_ids, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -151,9 +152,13 @@ class CompletionRequest(_Sampling):
     prompt: (Text | Annotated[list[int], Field(min_length=1)]
              | Annotated[list[Text], Field(min_length=1)]
              | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    # 0 generates nothing: with echo and logprobs it scores the prompt (lm-eval's
+    # loglikelihood requests)
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+    # vLLM's extension: top-k log-probabilities of every prompt token, in choices[i]
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: Text | None = None
 
@@ -166,6 +171,13 @@ class CompletionRequest(_Sampling):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+    def wants_prompt_logprobs(self) -> int | None:
+        """How many top log-probabilities each prompt token needs: echo with logprobs puts
+        the prompt's in the choice's logprobs, prompt_logprobs in its own field."""
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs)
+                 if k is not None]
+        return max(asked) if asked else None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -182,11 +194,28 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+
+    model_config = _STRICT
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns
+    tool_call_id: Text | None = None  # tool turns: the call this result answers
 
     def text(self) -> str:
         if self.content is None:
@@ -196,19 +225,52 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
+# OpenAI's rule for function names (plus "."): the name is matched literally in the
+# constraint and in the client's code
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the constraint always holds the schema when it applies
+
+
+class ChatTool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    model_config = _STRICT
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise bad_request("tools are not supported", "tools")
+        from sparsa.server.tools import check_tool_request
+
+        check_tool_request(self)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 

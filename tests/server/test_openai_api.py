@@ -147,7 +147,7 @@ def test_unknown_model(client):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(temperature=5.0), dict(top_p=0.0), dict(n=0), dict(max_tokens=0),
+    dict(temperature=5.0), dict(top_p=0.0), dict(n=0), dict(max_tokens=-1),
     dict(presence_penalty=3.0), dict(logprobs=50), dict(stop=[""]),
     dict(n=2, temperature=0.0), dict(extra_body={"top_k": -5}), dict(seed="abc"),
     dict(extra_body={"logit_bias": {"5": 1.0}}),
