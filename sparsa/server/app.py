@@ -35,6 +35,7 @@ from sparsa.server.protocol import (
 from sparsa.server.serving import ClientGone, OpenAIServing
 from sparsa.server.settings import ServerSettings
 from sparsa.server.tokenize import detokenize, tokenize
+from sparsa.server.tool_parser import get_tool_parser
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -241,7 +242,8 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 
     metrics = ServerMetrics(stats)
     names = [settings.model_name, *settings.extra_model_names]
-    serving = OpenAIServing(async_engine, names, metrics)
+    serving = OpenAIServing(async_engine, names, metrics,
+                            get_tool_parser(settings.tool_call_parser))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

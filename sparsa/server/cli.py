@@ -73,6 +73,7 @@ def build_from_args(args: argparse.Namespace):
         extra_model_names=[args.model] if name != args.model else [],
         body_timeout=opts.body_timeout or None,
         allowed_hosts=allowed_hosts(opts.allowed_hosts, opts.host),
+        tool_call_parser=opts.tool_call_parser,
     )
     return build_app(engine, settings), engine
 

@@ -268,7 +268,7 @@ class ChatCompletionRequest(_Sampling):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        from sparsa.server.tools import check_tool_request
+        from sparsa.server.tools import check_tool_request  # tools.py imports this module
 
         check_tool_request(self)
         if self.top_logprobs is not None and not self.logprobs:
@@ -276,9 +276,6 @@ class ChatCompletionRequest(_Sampling):
 
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class TokenizeRequest(BaseModel):

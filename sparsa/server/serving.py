@@ -34,6 +34,8 @@ from sparsa.server.formatting import (
 from sparsa.server.metrics import ServerMetrics
 from sparsa.server.protocol import ChatCompletionRequest, CompletionRequest
 from sparsa.server.sse import SSEResponse
+from sparsa.server.tool_parser import HermesToolParser, ToolParser
+from sparsa.server.tools import ToolSetup, build_prompt, prompt_chars, tool_setup
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,10 @@ async def _wait_disconnect(raw: Request) -> None:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics):
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics,
+                 tool_parser: type[ToolParser] = HermesToolParser):
         self.engine = engine
+        self.tool_parser = tool_parser  # reads tool calls under tool_choice "auto"
         self.llm = engine.engine
         self.model_names = model_names
         self.metrics = metrics
@@ -344,14 +348,14 @@ class OpenAIServing:
             await self._close(events, jobs)
         yield sse("[DONE]")
 
-    async def render_chat(self, conv: list[dict[str, str]], add_generation_prompt: bool
-                          ) -> list[int]:
+    async def render_chat(self, conv: list[dict[str, Any]], add_generation_prompt: bool,
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         """A conversation's token ids under the chat template, off the event loop; the
         template's refusals and failures are 400s on `messages`."""
         tok = self._need_tokenizer()
 
         def render() -> list[int]:
-            ids = tok.apply_chat_template(conv, tokenize=True,
+            ids = tok.apply_chat_template(conv, tools=tools, tokenize=True,
                                           add_generation_prompt=add_generation_prompt)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
@@ -373,41 +377,41 @@ class OpenAIServing:
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise bad_request("this model has no chat template; use /v1/completions")
-        conv = req.conversation()
-        chars = sum(len(m["content"]) for m in conv)
+        conv, tools = build_prompt(req, tok)
+        chars = prompt_chars(conv, tools)
         if chars > self.max_prompt_chars():
             raise bad_request(f"This model's maximum context length is {self.max_model_len} "
                               f"tokens. However, your messages have {chars} characters, "
                               "more than fit in it. Please reduce the length of the messages.",
                               "messages")
 
-        ids = await self.render_chat(conv, req.add_generation_prompt)
+        ids = await self.render_chat(conv, req.add_generation_prompt, tools)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = req.sampling_params(self._resolve_max_tokens(ids, max_tokens, "messages"),
-                                     req.engine_logprobs())
+        setup = tool_setup(req, self.tool_parser)
+        params = setup.apply(req.sampling_params(
+            self._resolve_max_tokens(ids, max_tokens, "messages"), req.engine_logprobs()))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         jobs = self._submit([(ids, None)], [params], req.priority, rid)
         created = int(time.time())
         if req.stream:
-            return SSEResponse(self._stream_chat(req, jobs, rid, created),
+            return SSEResponse(self._stream_chat(req, jobs, rid, created, setup),
                                on_close=_closer(jobs))
         out = (await self._collect(jobs, raw))[0]
         self._check_finish(out)
         k = req.top_logprobs or 0
-        choices = [{"index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": c.index, **setup.answer(c),
                     "logprobs": chat_logprobs(c, 0, len(c.token_ids), k, self.token_text)
-                    if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                    if req.logprobs else None}
                    for c in out.outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": req.model, "choices": choices, "usage": usage([out])})
 
     async def _stream_chat(self, req: ChatCompletionRequest, jobs: list[_Job], rid: str,
-                           created: int) -> AsyncIterator[str]:
+                           created: int, setup: ToolSetup) -> AsyncIterator[str]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        holdback = max((len(s) for s in req.params_stop()), default=1) - 1
+        holdback = max((len(s) for s in req.params_stop() + setup.stops()), default=1) - 1
         trackers: dict[int, DeltaTracker] = {}
+        streams = {i: setup.stream() for i in range(req.n)}
         k = req.top_logprobs or 0
 
         def chunk(index: int, delta: dict, lp: Any, finish: str | None) -> str:
@@ -430,8 +434,14 @@ class OpenAIServing:
                     if not delta and not done:
                         continue
                     lp = chat_logprobs(c, t0, t1, k, self.token_text) if req.logprobs else None
-                    yield chunk(c.index, {"content": delta} if delta else {}, lp,
-                                c.finish_reason if done else None)
+                    st = streams[c.index]
+                    # content and whole tool calls; text that may be a call waits
+                    deltas = st.feed(delta, done) or ([{}] if done or lp else [])
+                    for j, d in enumerate(deltas):
+                        last = j == len(deltas) - 1
+                        yield chunk(c.index, d, lp if j == 0 else None,
+                                    st.finish_reason(c.finish_reason) if done and last
+                                    else None)
             if include_usage:
                 yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
                            "model": req.model, "choices": [],

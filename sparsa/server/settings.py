@@ -63,6 +63,9 @@ class ServeOptions:
               "domain; unset: loopback names when bound to loopback, else any)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = setting(
         "info", "the HTTP server's log level")
+    tool_call_parser: str = setting(
+        "hermes", "how tool calls are read from the model's output under tool_choice auto "
+                  "(sparsa.server.tool_parser.TOOL_PARSERS)")
 
     def __post_init__(self) -> None:
         for name in ("port", "max_body_bytes"):
@@ -72,6 +75,9 @@ class ServeOptions:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.admission()  # the admission limits validate themselves
+        from sparsa.server.tool_parser import get_tool_parser
+
+        get_tool_parser(self.tool_call_parser)  # an unknown name fails at start-up
 
     def admission(self) -> AdmissionConfig:
         """The admission limits these options set (request_timeout 0: no limit)."""
@@ -93,6 +99,7 @@ class ServerSettings:
     # Host header values accepted ("*" any): a browser page on another site can reach a
     # loopback server through DNS rebinding, and the Host header is what tells them apart.
     allowed_hosts: list[str] = field(default_factory=lambda: ["*"])
+    tool_call_parser: str = "hermes"  # a key of sparsa.server.tool_parser.TOOL_PARSERS
 
     def host_allowed(self, host_header: str) -> bool:
         if "*" in self.allowed_hosts:

@@ -18,7 +18,7 @@ _VALUES = {"audio": {"voice": "alloy", "format": "wav"}, "function_call": "auto"
            "functions": [{"name": "f", "parameters": {"type": "object"}}],
            "modalities": ["text", "audio"], "moderation": {"type": "auto"},
            "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low",
-           "response_format": {"type": "json_object"}, "tool_choice": "required",
+           "response_format": {"type": "json_object"},
            "verbosity": "low", "web_search_options": {}, "prompt_cache_options": {"x": 1}}
 
 
