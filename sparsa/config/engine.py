@@ -9,6 +9,7 @@ import torch
 
 from sparsa.config.base import check_choice, setting
 from sparsa.config.offload import OffloadConfig
+from sparsa.config.speculative import SpeculativeConfig
 from sparsa.config.units import parse_dtype, parse_size
 
 WHEN_TOO_LARGE = ("offload", "error", "ignore")
@@ -206,7 +207,19 @@ class EngineConfig:
     trace_experts: str | None = setting(
         None, "record every computed token's routed experts at every MoE layer to this "
               "trace (.csv or .csv.gz), written at shutdown")
+    speculative_config: dict[str, Any] = setting(
+        {}, "speculative decoding, as JSON (e.g. '{\"method\": \"ngram\", "
+            "\"num_speculative_tokens\": 4}'; unset: off)")
 
     def __post_init__(self) -> None:
         if self.trace_experts is not None:
             self.trace_experts = str(self.trace_experts)  # a Path is welcome too
+        self.speculative  # noqa: B018  (validates it now, not at the first step)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """The speculative decoding settings, or None when off."""
+        d = self.speculative_config
+        if isinstance(d, SpeculativeConfig):
+            return d
+        return SpeculativeConfig.from_dict(d) if d else None

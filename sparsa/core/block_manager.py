@@ -100,6 +100,16 @@ class BlockManager:
         for _ in range(n):
             seq.block_table.append(self._take_free_block())
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past those that hold `seq`'s computed tokens (rejected
+        proposals' slots: never registered, so never shared)."""
+        keep = max(self.blocks_for(seq.num_computed_tokens), seq.num_registered_blocks)
+        while len(seq.block_table) > keep:
+            b = seq.block_table.pop()
+            self._ref_counts[b] -= 1
+            if self._ref_counts[b] == 0:
+                self._free.append(b)
+
     def free(self, seq: Sequence) -> None:
         # Check every block before touching any, so a double free leaves the pool intact.
         drops = Counter(seq.block_table)

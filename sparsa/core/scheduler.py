@@ -33,7 +33,14 @@ class ScheduledSequence:
     @property
     def samples(self) -> bool:
         """The chunk reaches the end of the known tokens, so a next token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        seq = self.seq
+        return seq.num_computed_tokens + self.num_new_tokens == \
+            seq.num_tokens + len(seq.spec_token_ids)
+
+    @property
+    def num_verified(self) -> int:
+        """Proposed tokens this chunk verifies (0 for plain decodes and prompt chunks)."""
+        return len(self.seq.spec_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -100,10 +108,29 @@ class Scheduler:
 
     def mark_computed(self, out: SchedulerOutput) -> None:
         """After the step ran: advance each scheduled sequence and register its newly
-        completed blocks in the prefix cache."""
+        completed blocks in the prefix cache. A chunk that verified proposals waits for
+        `mark_verified`, which knows how many of them hold."""
         for item in out.scheduled:
+            if item.num_verified:
+                continue
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_computed(item.seq)
+
+    def mark_verified(self, item: ScheduledSequence, num_accepted: int) -> None:
+        """After verification: the last sampled token and the first `num_accepted`
+        proposals are computed; the rejected ones' K/V slots are given up (their trailing
+        blocks freed, none of them ever registered in the prefix cache). The caller then
+        clears `spec_token_ids` and outputs the accepted tokens."""
+        seq = item.seq
+        proposed = len(seq.spec_token_ids)
+        if not 0 <= num_accepted <= proposed:
+            raise ValueError(f"accepted {num_accepted} of {proposed} proposed tokens")
+        seq.num_computed_tokens += item.num_new_tokens - (proposed - num_accepted)
+        # the accepted ones stay readable (token_at) until the caller outputs them, so the
+        # prefix cache can hash the blocks they complete
+        del seq.spec_token_ids[num_accepted:]
+        self.blocks.trim(seq)
+        self.blocks.register_computed(seq)
 
     def _num_new_tokens(self, seq: Sequence, budget: int, n: int | None = None) -> int:
         """Tokens of `seq` to schedule with `budget` left this step; 0 means it must wait.
@@ -124,6 +151,9 @@ class Scheduler:
         for seq in sorted(self.running, key=self._key):
             if seq not in self.running or budget <= 0:
                 continue
+            if seq.spec_token_ids and (seq.num_uncomputed_tokens > budget or not
+                                       self.blocks.can_allocate(seq, seq.num_uncomputed_tokens)):
+                seq.spec_token_ids = []  # proposals are optional: never worth a preemption
             n = self._num_new_tokens(seq, budget)
             if n == 0:
                 continue

@@ -42,6 +42,9 @@ class Sequence:
     # the logits of every prompt position are wanted (prompt logprobs): the prompt is
     # computed, not taken from the prefix cache, until they have been read
     needs_prompt_logits: bool = False
+    # speculative decoding: proposed next tokens, computed (and verified) in the next step
+    # after the last sampled token; they are not output until the target accepts them
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,7 +60,8 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens the next steps must compute, proposed ones included."""
+        return self.num_tokens + len(self.spec_token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -65,4 +69,8 @@ class Sequence:
 
     def token_at(self, i: int) -> int:
         p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+        if i < p:
+            return self.prompt_token_ids[i]
+        i -= p
+        out = self.output_token_ids
+        return out[i] if i < len(out) else self.spec_token_ids[i - len(out)]

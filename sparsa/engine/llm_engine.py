@@ -20,6 +20,7 @@ from sparsa.layers.sampler import Sampler
 from sparsa.loader.model_loader import load_model
 from sparsa.outputs import CompletionOutput, RequestOutput
 from sparsa.sampling_params import SamplingParams
+from sparsa.spec.proposers import make_proposer
 from sparsa.structured.matcher import Guides
 from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
@@ -115,6 +116,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.eos_ids)
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
+        self.speculative = config.speculative
+        self.proposer = make_proposer(self.speculative) if self.speculative else None
+        self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0}
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
         self.tracer = None
@@ -238,6 +242,8 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         compute_thread_modes(self.device)
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
@@ -252,22 +258,37 @@ class LLMEngine:
             reqs = [self._seq_to_req[s.seq_id] for s in sampled]
             if self.guides.matchers:
                 self.guides.mask(logits, [s.seq_id for s in sampled])
+            # a sequence verifying k proposals has k + 1 rows; row j is sampled as if the
+            # first j proposals were already output (penalties, min_tokens see them)
+            verifying = {it.seq.seq_id: (it, it.num_verified) for it in sched.scheduled
+                         if it.num_verified}
+            contexts, row_in_seq = [], []
+            for i, seq in enumerate(sampled):
+                j = row_in_seq[-1] + 1 if i and sampled[i - 1] is seq else 0
+                row_in_seq.append(j)
+                contexts.append(seq.output_token_ids + seq.spec_token_ids[:j] if j
+                                else seq.output_token_ids)
             out = self.sampler(
                 logits,
                 [r.params for r in reqs],
                 [s.prompt_token_ids for s in sampled],
-                [s.output_token_ids for s in sampled],
+                contexts,
                 [r.generators[s.seq_id] for s, r in zip(sampled, reqs)],
             )
             now = time.monotonic()
             for i, (seq, req) in enumerate(zip(sampled, reqs)):
+                if row_in_seq[i]:
+                    continue  # a later row of a verifying sequence: read with its first
                 if req.first_token_time is None:
                     req.first_token_time = now
                 if req.request_id not in self.requests:
                     continue  # failed earlier in this step (another of its n samples)
                 try:
-                    self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
-                                       out.top_logprobs[i])
+                    if seq.seq_id in verifying:
+                        self._accept(seq, req, *verifying[seq.seq_id], out, i)
+                    else:
+                        self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
+                                           out.top_logprobs[i])
                 except Exception as e:
                     # One request's bad post-processing (detokenizer, stop check) must not
                     # take the others down: fail just that request and free its blocks.
@@ -275,6 +296,56 @@ class LLMEngine:
                     self._fail_request(req, e)
                 touched[req.request_id] = req
         return [self._make_output(r) for r in touched.values()]
+
+    # ---- speculative decoding ---------------------------------------------------------
+    def _propose(self) -> None:
+        """Proposals for the running sequences that are decoding, before scheduling (the
+        scheduler budgets each one's proposals, and drops them where they do not fit)."""
+        spec = self.speculative
+        running = self.scheduler.running
+        if spec.disable_by_batch_size is not None and len(running) >= spec.disable_by_batch_size:
+            return
+        seqs, limits = [], []
+        for seq in running:
+            req = self._seq_to_req.get(seq.seq_id)
+            if (req is None or seq.spec_token_ids or seq.num_uncomputed_tokens != 1
+                    or seq.seq_id in self.guides.matchers):
+                continue  # structured output: proposals would need the grammar's masks
+            p = req.params
+            left = p.max_tokens - len(seq.output_token_ids) if p.max_tokens is not None \
+                else self.max_model_len
+            # the step computes positions up to num_tokens - 1 + k, all inside the context
+            k = min(spec.num_speculative_tokens, left - 1, self.max_model_len - seq.num_tokens)
+            if k >= 1:
+                seqs.append(seq)
+                limits.append(k)
+        if not seqs:
+            return
+        for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
+            seq.spec_token_ids = list(toks[:k])
+
+    def _accept(self, seq: Sequence, req: _Request, item, proposed: int, out, row: int
+                ) -> None:
+        """Verification: the target's token at each row is sampled as usual; proposals
+        are accepted while they equal it, then the target's own token follows. With
+        deterministic proposals (n-gram, greedy drafts) this is the rejection-sampling rule
+        (accept with p/q, q one-hot; else draw from the residual), so the output follows
+        the target's distribution exactly, and equals plain greedy decoding at T=0."""
+        drafts = seq.spec_token_ids
+        toks = out.token_ids[row:row + proposed + 1]
+        m = 0
+        while m < proposed and toks[m] == drafts[m]:
+            m += 1
+        self.scheduler.mark_verified(item, m)
+        seq.spec_token_ids = []
+        self.spec_stats["proposed"] += proposed
+        self.spec_stats["accepted"] += m
+        self.spec_stats["verify_steps"] += 1
+        for j in range(m + 1):
+            self._append_token(seq, req, toks[j], out.logprobs[row + j],
+                               out.top_logprobs[row + j])
+            if seq.finish_reason is not None:
+                break
 
     def _record_prompt_logprobs(self, pl) -> None:
         seq = pl.seq
@@ -391,6 +462,7 @@ class LLMEngine:
             "prefix_cache_query_tokens": self.block_manager.prefix_query_tokens,
             "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
             "num_preemptions": self.num_preemptions,
+            **({"speculative": dict(self.spec_stats)} if self.proposer is not None else {}),
             **({"offload": offload.report()}
                if (offload := getattr(self.model, "offload", None)) is not None else {}),
         }

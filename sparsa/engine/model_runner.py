@@ -34,8 +34,9 @@ class PromptLogprobs:
 
 @dataclass
 class StepResult:
-    """What a step computed: the logits of the sequences that sample ([n, V] fp32, or
-    None), those sequences, and the prompt log-probabilities of the chunks that asked."""
+    """What a step computed: the logits of the rows that sample ([n, V] fp32, or None),
+    the sequence of each row (a sequence verifying k proposals has k + 1 rows, in order),
+    and the prompt log-probabilities of the chunks that asked."""
 
     logits: torch.Tensor | None
     sampled: list = field(default_factory=list)
@@ -107,8 +108,9 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput):
         bs = self.block_size
-        # decodes (one new token) first so attention can batch them in one call
-        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # decodes (one new token, or a token and the proposals it verifies) first so
+        # attention can batch them in one call
+        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1 and not s.num_verified)
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -130,9 +132,12 @@ class ModelRunner:
                 tokens.append(seq.token_at(pos))
                 positions.append(pos)
                 slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(start + 1)
+            if n == 1 or item.num_verified:
+                # a verified proposal is one more decode row of the same sequence whose
+                # context ends at its own position: causal, and on the decode kernels
+                for j in range(n):
+                    decode_tables.append(table)
+                    decode_lens.append(start + j + 1)
             else:
                 prefills.append(
                     PrefillChunk(q_start, n, start + n, torch.tensor(table, dtype=torch.long))
@@ -141,9 +146,10 @@ class ModelRunner:
                 count = min(start + n, seq.num_prompt_tokens - 1) - start
                 if count > 0:
                     self._prompt_rows.append((seq, q_start, start + 1, count))
-            if item.samples:
-                sample_rows.append(len(tokens) - 1)
-                sampled.append(seq)
+            if item.samples:  # a verifying chunk samples at every proposal too
+                rows = item.num_verified + 1
+                sample_rows.extend(range(len(tokens) - rows, len(tokens)))
+                sampled.extend([seq] * rows)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
         if decode_tables:

@@ -1,0 +1,63 @@
+"""Speculative decoding settings, given as vLLM takes them: one `speculative_config`
+(a dict on `LLM(...)`, JSON on the command line and in `sparsa serve`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sparsa.config.base import check_choice
+
+METHODS = ("ngram",)
+# named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
+PLANNED = ("draft_model", "medusa", "eagle", "self")
+
+
+@dataclass
+class SpeculativeConfig:
+    """How proposals are made and verified.
+
+    method: "ngram" (prompt lookup): the continuation of the latest earlier occurrence of
+        the last n tokens (n from prompt_lookup_max down to prompt_lookup_min) in the
+        prompt and output so far.
+    num_speculative_tokens: proposals per step (k); the target verifies them, plus its
+        own next token, in one forward pass, so a step emits 1 to k + 1 tokens.
+    disable_by_batch_size: no proposals while this many sequences run (a large batch is
+        compute-bound: verifying proposals would cost more than it saves); None: always.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 5
+    disable_by_batch_size: int | None = 8
+
+    def __post_init__(self) -> None:
+        if self.method in PLANNED:
+            raise ValueError(f"speculative method {self.method!r} is not implemented yet "
+                             f"(available: {', '.join(METHODS)})")
+        check_choice("speculative_config method", self.method, METHODS)
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"speculative_config {name} must be an int >= 1; got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("speculative_config prompt_lookup_min must be <= "
+                             f"prompt_lookup_max; got {self.prompt_lookup_min} > "
+                             f"{self.prompt_lookup_max}")
+        v = self.disable_by_batch_size
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError("speculative_config disable_by_batch_size must be an int >= 1 "
+                             f"or null; got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM-style keys; an unknown key is an error naming it."""
+        if not isinstance(d, dict):
+            raise ValueError("speculative_config must be a dict (JSON object)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown key(s) {unknown} (known: "
+                             f"{', '.join(sorted(known))})")
+        return cls(**d)
