@@ -75,7 +75,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks instead of one-line errors")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="log engine and transformers messages at INFO level")
+                   help="log Sparsa's decisions (weight form, kernels, KV cache, offload "
+                        "budget, threads) on stderr")
 
 
 def _add_model_options(p: argparse.ArgumentParser, **kw: Any) -> None:
@@ -165,10 +166,21 @@ _EXTERNAL_COMMANDS = ["sparsa.chat_cli", "sparsa.bench.ppl_cli", "sparsa.server.
 # ---- helpers ---------------------------------------------------------------------------------
 
 
+class _LogFormat(logging.Formatter):
+    """`sparsa: message` for Sparsa's -v lines, `sparsa: warning: message` above INFO;
+    another library's records carry its logger's name instead of `sparsa`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "sparsa" if record.name.partition(".")[0] == "sparsa" else record.name
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"{who}: {level}{super().format(record)}"
+
+
 @contextlib.contextmanager
 def _log_levels(verbose: bool) -> Iterator[None]:
-    """Quiet transformers' warnings (unless verbose) and set sparsa's level, restoring both
-    afterwards so in-process callers (tests, notebooks) keep their own settings."""
+    """Sparsa's own decisions at INFO when verbose, and transformers at ERROR (WARNING when
+    verbose): its INFO is a dump of every config it reads, noise next to our lines.
+    Both are restored afterwards so in-process callers (tests, notebooks) keep theirs."""
     ours = logging.getLogger("sparsa")
     old_ours = ours.level
     ours.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -177,7 +189,7 @@ def _log_levels(verbose: bool) -> Iterator[None]:
         from transformers.utils import logging as hf_logging
     old_hf = hf_logging.get_verbosity() if hf_logging is not None else None
     if hf_logging is not None:
-        hf_logging.set_verbosity(logging.INFO if verbose else logging.ERROR)
+        hf_logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
     try:
         yield
     finally:
@@ -551,12 +563,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="sparsa: %(levelname)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # a host program's own logging setup is left alone
+        handler = logging.StreamHandler()  # stderr
+        handler.setFormatter(_LogFormat())
+        root.addHandler(handler)
 
     try:
         if bench is not None:
-            return cmd_bench(bench[1])
+            with _log_levels(verbose or debug):  # `sparsa -v bench ...`
+                return cmd_bench(bench[1])
         commands = {"generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
         func = getattr(args, "func", None) or commands[args.command]
         if hasattr(args, "model_flag"):  # MODEL or --model M

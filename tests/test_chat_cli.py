@@ -45,6 +45,62 @@ def test_a_chat_session_in_a_terminal(model):
     assert child.exitstatus == 0
 
 
+@pytest.fixture(scope="module")
+def endless_model(tmp_path_factory):
+    """A chat model whose greedy answers never end on their own: its LM head is zero but
+    for the rows of `a` and `b` (v and -v), so the argmax is `a` or `b` (or, on an exact
+    tie, <unk>), never EOS, and an answer runs until max tokens (a few seconds here)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.server.conftest import CHARS, SPECIALS, build_char_tokenizer
+    from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
+
+    out = tmp_path_factory.mktemp("endless")
+    cfg = dict(TINY_CONFIGS["llama"], vocab_size=len(SPECIALS) + len(CHARS),
+               max_position_embeddings=8192)
+    build_tiny_checkpoint("llama", out, config=cfg, std=0.1)
+    build_char_tokenizer(out)
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    head = tensors["lm_head.weight"]
+    a, b = (len(SPECIALS) + CHARS.index(c) for c in "ab")
+    v = head[a].clone()
+    head.zero_()
+    head[a], head[b] = v, -v
+    save_file(tensors, f, metadata={"format": "pt"})
+    return out
+
+
+def test_ctrl_c_stops_the_answer_and_not_the_program(endless_model):
+    """Ctrl-C while an answer streams: the answer stops (marked), the prompt comes back and
+    the next question is answered in full."""
+    child = pexpect.spawn(sys.executable, ["-m", "sparsa", "chat", str(endless_model),
+                                           "--max-tokens", "4000", "--temperature", "0",
+                                           "--dtype", "float32", "--max-model-len", "8192",
+                                           "--kv-cache-memory", "64MiB"],
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Tell me a long story")
+        child.expect("[ab]{20}")  # the answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped]")
+        child.expect(r"\((\d+) tokens, [0-9.]+ tok/s\)")
+        assert 20 <= int(child.match.group(1)) < 4000
+        child.expect_exact(">>> ")
+        assert child.isalive()
+        child.sendline("And another")
+        child.expect(r"\((\d+) tokens, [0-9.]+ tok/s\)")
+        assert int(child.match.group(1)) == 4000, "the second answer was cut short"
+        assert "[stopped]" not in child.before
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_stream_yields_growing_outputs_and_aborts_when_left(model):
     from sparsa import LLM, SamplingParams
 

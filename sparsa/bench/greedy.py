@@ -46,6 +46,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def compare(model: Path, prompts: list[str], max_tokens: int, threads: int,
             quantization: str | None = None) -> list[GreedyRow]:
     import llama_cpp
+    from tqdm import tqdm
 
     from sparsa import LLM, SamplingParams
 
@@ -55,7 +56,8 @@ def compare(model: Path, prompts: list[str], max_tokens: int, threads: int,
                kv_cache_memory="256MiB")
     tok = ours.get_tokenizer()
     rows = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="Greedy prompts", unit=" prompts", disable=None,
+                       leave=False):
         ids = tok.encode(prompt)
         theirs_prompt = ref.tokenize(prompt.encode(), add_bos=bool(ids) and ids[0] ==
                                      tok.bos_token_id, special=False)

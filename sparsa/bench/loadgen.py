@@ -147,27 +147,35 @@ async def send_request(http: Any, args: argparse.Namespace, req: BenchRequest
 async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest]
                         ) -> tuple[list[RequestResult], float]:
     import httpx
+    from tqdm import tqdm
 
     rng = np.random.default_rng(args.seed)
     sem = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # completed requests, as vLLM's benchmark_serving shows them
+    bar = tqdm(total=len(requests), desc="Requests", unit=" req", disable=None, leave=False)
 
     async def limited(http, req):
-        if sem is None:
-            return await send_request(http, args, req)
-        async with sem:
-            return await send_request(http, args, req)
+        try:
+            if sem is None:
+                return await send_request(http, args, req)
+            async with sem:
+                return await send_request(http, args, req)
+        finally:
+            bar.update(1)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as http:
-        start = time.perf_counter()
-        tasks = []
-        for req in requests:
-            tasks.append(asyncio.create_task(limited(http, req)))
-            if math.isfinite(args.request_rate):
-                # Poisson arrivals: exponential gaps with mean 1/rate
-                await asyncio.sleep(float(rng.exponential(1.0 / args.request_rate)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    with bar:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout),
+                                     limits=limits) as http:
+            start = time.perf_counter()
+            tasks = []
+            for req in requests:
+                tasks.append(asyncio.create_task(limited(http, req)))
+                if math.isfinite(args.request_rate):
+                    # Poisson arrivals: exponential gaps with mean 1/rate
+                    await asyncio.sleep(float(rng.exponential(1.0 / args.request_rate)))
+            results = await asyncio.gather(*tasks)
+            duration = time.perf_counter() - start
     return list(results), duration
 
 

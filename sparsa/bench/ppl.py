@@ -90,10 +90,10 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
     t0 = time.perf_counter()
     if protocol not in ("all", "llamacpp"):
         raise ValueError(f"protocol must be 'all' or 'llamacpp'; got {protocol!r}")
-    for doc in documents:
-        ids = tok.encode(doc, add_special_tokens=False)
-        if bos is not None:
-            ids = [bos, *ids]
+    encoded = [([bos] if bos is not None else []) + tok.encode(doc, add_special_tokens=False)
+               for doc in documents]
+    bar = _window_bar(encoded, L, protocol, max_windows, label)
+    for ids in encoded:
         if protocol == "llamacpp":
             first = L // 2
             for c in range(len(ids) // L):
@@ -106,6 +106,7 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
                 total_nll += float(F.cross_entropy(logits[first:-1], target, reduction="sum"))
                 total_tokens += len(target)
                 windows += 1
+                bar.update(1)
                 if max_windows is not None and windows >= max_windows:
                     break
             continue
@@ -119,10 +120,12 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
             total_nll += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
             total_tokens += len(window) - 1
             windows += 1
+            bar.update(1)
             if max_windows is not None and windows >= max_windows:
                 break
         if max_windows is not None and windows >= max_windows:
             break
+    bar.close()
     if total_tokens == 0:
         raise ValueError("nothing to score: the text has fewer than 2 tokens")
     seconds = time.perf_counter() - t0
@@ -135,6 +138,17 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
         offload=state.report() if (state := getattr(engine.runner.model, "offload", None))
         else None,
     )
+
+
+def _window_bar(encoded: list[list[int]], L: int, protocol: str, max_windows: int | None,
+                label: str):
+    """A progress bar over the windows `evaluate_perplexity` will score (on a terminal)."""
+    from tqdm import tqdm
+
+    total = sum(len(ids) // L if protocol == "llamacpp" else len(range(0, len(ids) - 1, L - 1))
+                for ids in encoded)
+    return tqdm(total=total if max_windows is None else min(total, max_windows),
+                desc=f"Perplexity {label}".strip(), unit=" windows", disable=None, leave=False)
 
 
 def compare_quantizations(model: str, text_path: str, methods: list[str], *,

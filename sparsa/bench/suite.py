@@ -50,12 +50,19 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
     """`llm` must allow max(batches) * batched_prompt tokens per step and as many sequences.
     `after_each_tg()` runs after each of the 3 tg repetitions: a peer's tg run there is
     interleaved with ours, so both see the same (shared, drifting) memory bandwidth."""
+    from tqdm import tqdm
+
     from sparsa import SamplingParams
 
     vocab = llm.engine.hf_config.vocab_size
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     llm.generate(random_prompts(1, 16, vocab, 99), greedy)  # warm-up
     res: dict = {}
+    # one step per workload run (the offline one alone takes minutes on a large model);
+    # updated between timed runs only
+    runs = (3 if "pp" in parts else 0) + (3 if "tg" in parts else 0) + \
+        (len(w.batches) if "batched" in parts else 0) + ("offline" in parts)
+    bar = tqdm(total=runs, desc="Sparsa workloads", unit=" runs", disable=None, leave=False)
     if "pp" in parts:
         prompt = random_prompts(1, w.pp, vocab, 1)[0]
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -65,11 +72,13 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
             t = time.perf_counter()
             llm.generate([prompt], one)
             times.append(time.perf_counter() - t)
+            bar.update(1)
         res[f"pp{w.pp}"] = w.pp / (sum(times) / len(times))
     if "tg" in parts:
         rates = []
         for _ in range(3):  # mean of 3, as llama-bench -r 3 reports
             rates.append(sparsa_tg_once(llm, w.tg))
+            bar.update(1)
             if after_each_tg is not None:
                 after_each_tg()
         res[f"tg{w.tg}"] = sum(rates) / len(rates)
@@ -81,6 +90,7 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
             first = max(o.metrics["first_token_time"] for o in outs)
             last = max(o.metrics["finished_time"] for o in outs)
             res[f"decode_b{b}"] = b * (w.batched_gen - 1) / (last - first)
+            bar.update(1)
     if "offline" in parts:
         prompts, olens = offline_requests(w, vocab)
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in olens]
@@ -92,6 +102,8 @@ def run_sparsa(llm, w: Workload, parts: set[str], after_each_tg=None) -> dict:
         res["offline_output_tok_s"] = n_out / wall
         res["offline_total_tok_s"] = (n_out + n_in) / wall
         res["offline_wall_s"] = wall
+        bar.update(1)
+    bar.close()
     return res
 
 

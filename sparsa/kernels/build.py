@@ -26,12 +26,15 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
+# the int8 dot-product instructions the kernels picked at build time (`vnni()`)
+_ISA = {0: "AVX2", 1: "AVX-512 VNNI", 2: "AVX-VNNI"}
 # called with the module once it is loaded (the package registers tuning.apply: this
 # machine's cached choice of rows per tile and prefetch), so the loader imports no tuner
 _on_load: list = []
 _module: ModuleType | None = None
 _tried = False
 _reason = ""
+_said_off = False
 
 
 def _build_dir() -> Path:
@@ -51,8 +54,11 @@ def _cpu_ok() -> str:
 def load(verbose: bool = False, force: bool = False) -> ModuleType | None:
     """The compiled module, building it if needed; None (and a one-time info log) if the
     kernels cannot be used. `force` builds even when SPARSA_KERNELS=0."""
-    global _module, _tried, _reason
+    global _module, _tried, _reason, _said_off
     if not force and os.environ.get("SPARSA_KERNELS", "1").strip() in ("0", "false", "off"):
+        if not _said_off:  # once: this runs at every decode step
+            _said_off = True
+            logger.info("native kernels disabled by SPARSA_KERNELS; using PyTorch paths")
         return None
     if _tried:
         return _module
@@ -73,8 +79,10 @@ def load(verbose: bool = False, force: bool = False) -> ModuleType | None:
                 _reason = f"build failed: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
                 _module = None
         if _module is None:
-            logger.info("sparsa native kernels unavailable (%s); using PyTorch paths", _reason)
+            logger.info("native kernels unavailable (%s); using PyTorch paths", _reason)
         else:
+            logger.info("native CPU kernels loaded (AVX2/FMA build; int8 dot products: %s)",
+                        _ISA.get(int(_module.vnni()), "AVX2"))
             for hook in _on_load:
                 hook(_module)
         _tried = True
@@ -103,4 +111,4 @@ def int8_dot_isa() -> str:
     mod = load()
     if mod is None:
         return ""
-    return {0: "AVX2", 1: "AVX-512 VNNI", 2: "AVX-VNNI"}.get(int(mod.vnni()), "AVX2")
+    return _ISA.get(int(mod.vnni()), "AVX2")

@@ -131,11 +131,17 @@ def apply(ext: ModuleType) -> dict[str, tuple[int, int]]:
     """Set the kernels' tuning: the environment override, else this machine's cached
     choice, else the defaults. Returns what is in use."""
     choices = dict(DEFAULTS)
-    choices.update(cached() or {})
+    mine = cached()
+    choices.update(mine or {})
     env = os.environ.get("SPARSA_KERNEL_TUNING", "").strip()
     if env:
         choices.update(parse_override(env))
     set_choices(ext, choices)
+    source = ("SPARSA_KERNEL_TUNING" if env else "tuned on this machine" if mine
+              else "defaults: run `python -m sparsa.kernels tune` to measure this machine")
+    log.info("kernel tiles (rows per tile, prefetch rows) %s (%s)",
+             ", ".join(f"{k} {r}:{pf}" for k, (r, pf) in choices.items()
+                       if k in ("int8", "int4", "bf16")), source)
     return choices
 
 

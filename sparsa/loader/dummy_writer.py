@@ -44,6 +44,7 @@ def _save_template(hf_dict: dict, vocab: int, experts: int
     many layers it has."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     d = dict(hf_dict)
     mt = d.pop("model_type")
@@ -62,7 +63,14 @@ def _save_template(hf_dict: dict, vocab: int, experts: int
     config = AutoConfig.for_model(mt, **d)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        # a stand-in's save takes a blink: its progress bar would only be noise beside ours
+        was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if was_on:
+                hf_logging.enable_progress_bar()
         del model
         out: dict[str, tuple[int, ...]] = {}
         for f in sorted(Path(tmp).glob("*.safetensors")):
@@ -141,8 +149,9 @@ def _write_tensor(f, name: str, numel: int, pool: torch.Tensor, seed: int) -> No
 
 
 def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-                 pool: torch.Tensor, seed: int) -> int:
-    """One safetensors file of `tensors` in file order; returns its data bytes."""
+                 pool: torch.Tensor, seed: int, progress=None) -> int:
+    """One safetensors file of `tensors` in file order; returns its data bytes. `progress`
+    (a tqdm bar counting bytes) advances by each tensor written."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in tensors:
@@ -157,6 +166,8 @@ def _write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: 
         f.write(raw)
         for name, shape in tensors:
             _write_tensor(f, name, math.prod(shape), pool, seed)
+            if progress is not None:
+                progress.update(math.prod(shape) * dtype.itemsize)
     return offset
 
 
@@ -197,6 +208,8 @@ def write_dummy_checkpoint(name_or_config: str | dict, out_dir: str | Path,
 
 def _write_all(hf: dict, tmp: Path, torch_dtype: torch.dtype, limit: int, seed: int,
                std: float) -> None:
+    from tqdm import tqdm
+
     shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, shape in tensor_shapes(hf):
@@ -210,10 +223,15 @@ def _write_all(hf: dict, tmp: Path, torch_dtype: torch.dtype, limit: int, seed: 
     pool = (torch.randn(_POOL, generator=g) * std).to(torch_dtype)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, tensors in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_shard(tmp / fname, tensors, torch_dtype, pool, seed)
-        weight_map.update(dict.fromkeys((n for n, _ in tensors), fname))
+    # bytes, not tensors: one expert-stacked tensor can be most of a shard (a large model's
+    # write takes minutes)
+    nbytes = sum(math.prod(s) for t in shards for _, s in t) * torch_dtype.itemsize
+    with tqdm(total=nbytes, desc="Writing dummy weights", unit="B", unit_scale=True,
+              unit_divisor=1024, disable=None, leave=False) as bar:
+        for i, tensors in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            total += _write_shard(tmp / fname, tensors, torch_dtype, pool, seed, bar)
+            weight_map.update(dict.fromkeys((n for n, _ in tensors), fname))
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     cfg = dict(hf)

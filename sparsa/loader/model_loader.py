@@ -114,7 +114,10 @@ def resolve_model(mc: ModelConfig) -> ResolvedModel:
 
 
 def checkpoint_dtype(hf_config) -> torch.dtype:
-    dt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers 5's `torch_dtype` is a property that warns it is deprecated: read the
+    # attribute only where an older transformers stored it
+    dt = getattr(hf_config, "dtype", None) or \
+        getattr(hf_config, "__dict__", {}).get("torch_dtype")
     if isinstance(dt, str):
         dt = parse_dtype(dt) if dt != "auto" else None
     return dt if isinstance(dt, torch.dtype) else torch.float32
@@ -194,6 +197,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
     the full-precision model)."""
     resolved = resolve_model(mc)
     dtype = choose_dtype(mc.dtype, resolved.hf_config, device)
+    _log_plan(mc, resolved, dtype, device)
     if not mc.offload.enabled and mc.when_too_large != "ignore":
         mc = _check_fit(mc, resolved, dtype, device, load_quant_config(mc, resolved, device))
     if mc.offload.enabled:
@@ -223,6 +227,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
             from sparsa.layers.quantization import quantize_model
 
             model.quant_stats = quantize_model(model, qc)
+            _log_quantized(model.quant_stats)
         model.offload.reserve_buffers()
         return model, resolved, dtype
     dummy = mc.load_format == "dummy" or not resolved.has_weights
@@ -241,6 +246,7 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         else:
             load_weights(sm.model, _checkpoint(resolved, dtype, qc), expected=sm.expected)
         sm.model.quant_stats = finish(sm)
+        _log_quantized(sm.model.quant_stats)
         return sm.model, resolved, dtype
     model = build_model(resolved.hf_config, dtype, device)
     if dummy:
@@ -251,7 +257,64 @@ def load_model(mc: ModelConfig, device: torch.device, streamed: bool = True
         from sparsa.layers.quantization import quantize_model
 
         model.quant_stats = quantize_model(model, qc)
+        _log_quantized(model.quant_stats)
     return model, resolved, dtype
+
+
+def _log_plan(mc: ModelConfig, resolved: ResolvedModel, dtype: torch.dtype,
+              device: torch.device) -> None:
+    """The -v lines of what loading decided: source, device and threads, compute dtype,
+    weight form (a GGUF file's tensor types with it)."""
+    if not log.isEnabledFor(logging.INFO):
+        return  # the weight form of a GGUF file reads its header: only when it is shown
+    source = (f"GGUF file {resolved.gguf_file}" if resolved.gguf_file is not None
+              else "random weights" if mc.load_format == "dummy" or not resolved.has_weights
+              else f"safetensors in {resolved.model_dir}")
+    n = torch.get_num_threads()
+    threads = f" with {n} thread{'s' * (n != 1)}" if device.type == "cpu" else ""
+    log.info("loading %s (%s) on %s%s", resolved.name, source, device, threads)
+    ckpt = checkpoint_dtype(resolved.hf_config)
+    why = ("asked for" if parse_dtype(mc.dtype) is not None
+           else "the checkpoint's" if dtype == ckpt
+           else f"the checkpoint's {ckpt} has no fast GEMM on this CPU")
+    log.info("compute dtype %s (%s)", str(dtype).removeprefix("torch."), why)
+    qc = load_quant_config(mc, resolved, device)
+    log.info("weight form: %s", describe_form(qc))
+    if resolved.gguf_file is not None:
+        from sparsa.loader.gguf_file import blocks_kept, gguf_weight_types
+
+        types = gguf_weight_types(resolved.gguf_file)
+        kept = sorted(blocks_kept(qc) & set(types))
+        log.info("GGUF matmul weights: %s; %s", ", ".join(
+            f"{t} {k / 1e6:.1f}M" for t, k in sorted(types.items(), key=lambda kv: -kv[1])),
+            f"{', '.join(kept)} blocks kept as they are" if kept else "all decoded")
+
+
+def describe_form(qc: QuantConfig) -> str:
+    """A weight form in words: `int4 (groups of 32, float16 scales), LM head int8, ...`."""
+    if not qc.enabled:
+        return "full precision (no quantization)"
+    detail = {"int4": f"groups of {qc.group_size}, {str(qc.scale_dtype)[6:]} scales",
+              "int8": (f"groups of {qc.int8_group_size}" if qc.int8_group_size
+                       else "a scale per row") + f", activations {qc.int8_activations}",
+              "bf16": "bf16 prefill GEMM" if qc.bf16_prefill else "fp32 math"}[qc.method]
+    head = "full precision" if qc.skip_lm_head or qc.lm_head == "none" else \
+        ("int8" if qc.lm_head == "int8" else qc.method)
+    router = "full precision" if qc.skip_router else qc.method
+    return f"{qc.method} ({detail}), LM head {head}, routers {router}"
+
+
+def _log_quantized(stats: dict) -> None:
+    mib = 2 ** 20
+    skipped = stats.get("skipped") or []
+    routers = sum(name != "lm_head" for name in skipped)
+    kept = ([f"{routers} routers"] if routers else []) + \
+        (["the LM head"] if "lm_head" in skipped else [])
+    log.info("quantized %d linear layers and %d expert blocks to %s: %.1f MiB -> %.1f MiB, "
+             "model %.1f MiB%s", stats.get("num_linear", 0), stats.get("num_experts", 0),
+             stats.get("method"), stats.get("bytes_before", 0) / mib,
+             stats.get("bytes_after", 0) / mib, stats.get("model_bytes_after", 0) / mib,
+             f" ({' and '.join(kept)} left in full precision)" if kept else "")
 
 
 def load_quant_config(mc: ModelConfig, resolved: ResolvedModel,

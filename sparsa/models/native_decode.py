@@ -20,6 +20,7 @@ hooked expert block, another device) takes the module path. `DeviceConfig.native
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from types import ModuleType
 
@@ -38,6 +39,8 @@ from sparsa.layers.quantization.modules import (
     Int4Linear,
     Int8Linear,
 )
+
+log = logging.getLogger(__name__)
 
 # (ext, x [T, K]) -> y [T, N]
 Step = Callable[[ModuleType, torch.Tensor], torch.Tensor]
@@ -190,9 +193,14 @@ class NativeDecodePlan:
     @classmethod
     def build(cls, model: nn.Module) -> NativeDecodePlan | None:
         try:
-            return cls(model)
-        except Unsupported:
+            plan = cls(model)
+        except Unsupported as e:
+            log.info("native decode plan: not used (%s); decode steps run module by module", e)
             return None
+        log.info("native decode plan: %d layers as straight native calls, %s", len(plan.layers),
+                 f"batches of up to {plan.max_rows} rows" if plan.max_rows < 1 << 20
+                 else "any batch size")
+        return plan
 
     def covers(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         T = x.shape[0]

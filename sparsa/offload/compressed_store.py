@@ -269,7 +269,8 @@ def build_compressed(path: Path, identity: dict, reader: ExpertReader,
         layers.setdefault(layer, []).append(e)
     files = {}
     with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="sparsa-zstd") as pool:
-        stream = stream_experts(reader, sorted(keys), lambda w: _compress_expert(w, pool))
+        stream = stream_experts(reader, sorted(keys), lambda w: _compress_expert(w, pool),
+                                "Compressing experts")
         for layer, experts in layers.items():
             # room for the header of the raw sizes (no part is larger stored), a pad each
             bound = len(layer_header(layer, [(e, raw_spec) for e in experts], _FORMAT))

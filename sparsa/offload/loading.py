@@ -4,6 +4,7 @@ quantization, from the quantized expert store (sparsa.offload.quantized_store) i
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     pass
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -272,10 +274,28 @@ def load_offloaded(model: nn.Module, model_dir: Path, oc: OffloadConfig, dtype: 
                                        history=history, history_topk=oc.history_topk or 0,
                                        host=host if oc.on_miss == "host" else None,
                                        host_compute_max_rows=oc.host_compute_max_rows)
+    _log_offload(oc, locations, expert_bytes, budget, cache, reader, store, host)
     return OffloadState(cache, stats, total, budget, oc.on_miss, lowp, store,
                         reserve_slabs=reserve if oc.reserve_buffers else 0,
                         io_threads=oc.io_threads, history=history,
                         history_stats=hstats if history is not None else None, host=host)
+
+
+def _log_offload(oc: OffloadConfig, locations: dict, expert_bytes: int, budget: int,
+                 cache: ExpertCache, reader: ExpertReader, store, host) -> None:
+    """The -v lines of what offloading decided: budget, where experts come from, policy."""
+    mib = 2 ** 20
+    total = len(locations) * expert_bytes
+    log.info("offload: %d routed experts of %.2f MiB (%.1f MiB in all); expert_memory=%s "
+             "-> budget %.1f MiB, %d experts cached (%.0f%%)", len(locations),
+             expert_bytes / mib, total / mib, oc.expert_memory, budget / mib, cache.capacity,
+             100 * cache.capacity / max(1, len(locations)))
+    log.info("offload: experts read from %s, layout %s, %d I/O threads; policy %s, on a miss "
+             "%s%s%s", type(store).__name__ if store is not None else "the checkpoint",
+             reader.layout, oc.io_threads, oc.policy, oc.on_miss,
+             f", host tier {host.budget_bytes / mib:.1f} MiB ({host.capacity} experts)"
+             if host is not None else "",
+             f", history prefetch (top {oc.history_topk})" if oc.history else "")
 
 
 def _available_bytes(device: torch.device) -> int:

@@ -119,11 +119,15 @@ class LowPrecisionExperts:
               io_threads: int = 2) -> LowPrecisionExperts:
         """Read every expert in `keys` once through `reader` (reads run ahead on
         `io_threads` threads while the previous experts are quantized) and quantize it."""
+        from tqdm import tqdm
+
         tier = cls(method, intermediate_size, group_size)
         t0 = time.perf_counter()
         keys = sorted(keys)
         window = max(2, 2 * io_threads)  # full-precision experts in memory at once, at most
-        with ThreadPoolExecutor(io_threads, thread_name_prefix="sparsa-lowp-read") as pool:
+        bar = tqdm(total=len(keys), desc=f"Low-precision ({method}) expert copies",
+                   unit=" experts", disable=None, leave=False)
+        with bar, ThreadPoolExecutor(io_threads, thread_name_prefix="sparsa-lowp-read") as pool:
             pending: deque = deque()
             it = iter(keys)
             for key in it:
@@ -141,6 +145,7 @@ class LowPrecisionExperts:
                 else:
                     tier.add(*key, *w)
                 del w
+                bar.update(1)
         tier.build_seconds = time.perf_counter() - t0
         return tier
 

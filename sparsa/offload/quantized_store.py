@@ -141,16 +141,22 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def stream_experts(reader: ExpertReader, keys: list[tuple[int, int]],
-                   convert: Callable[[tuple[torch.Tensor, ...]], Any]) -> Iterator[tuple]:
+                   convert: Callable[[tuple[torch.Tensor, ...]], Any],
+                   desc: str = "Building expert store") -> Iterator[tuple]:
     """(key, convert(the expert's weights)) in key order; the next expert is read on a thread
-    while this one is converted (two full-precision experts in memory at most)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="sparsa-store-read") as pool:
+    while this one is converted (two full-precision experts in memory at most). A progress
+    bar on a terminal: a first build reads every expert of the checkpoint (minutes)."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(1, thread_name_prefix="sparsa-store-read") as pool, \
+            tqdm(total=len(keys), desc=desc, unit=" experts", disable=None, leave=False) as bar:
         nxt = pool.submit(reader.load, *keys[0]) if keys else None
         for i, key in enumerate(keys):
             w = nxt.result()
             nxt = pool.submit(reader.load, *keys[i + 1]) if i + 1 < len(keys) else None
             q = convert(w)
             del w
+            bar.update(1)  # before the yield: a caller stops at the last expert
             yield key, q
 
 
@@ -226,7 +232,8 @@ def build_store(path: Path, identity: dict, reader: ExpertReader,
                 keys: list[tuple[int, int]], qc: QuantConfig, dtype: torch.dtype) -> None:
     """Quantize every expert in `keys` (read through `reader`, native layout) into `path`."""
     prepare_dir(path)
-    stream = stream_experts(reader, sorted(keys), lambda w: quantize_expert(*w, qc, dtype))
+    stream = stream_experts(reader, sorted(keys), lambda w: quantize_expert(*w, qc, dtype),
+                            f"Quantizing experts to {qc.method}")
     first = next(stream, None)
     if first is None:
         raise ValueError("no experts to store")

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.server.conftest import API_KEY
+from tests.server.conftest import API_KEY, make_server
 
 CHROMIUM = os.environ.get("SPARSA_CHROMIUM") or shutil.which("chromium") or \
     shutil.which("chromium-browser")
@@ -67,4 +67,57 @@ def test_chat_page_streams_an_answer(server, browser):
     page.click("#send")
     page.wait_for_function("document.querySelectorAll('.msg[data-state=done]').length == 2",
                            timeout=60_000)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    from sparsa.tokenizer import shared_dir
+
+    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set SPARSA_SHARED to the shared folder)")
+    # weights decoded to fp32 (quantization "none"): transformers' arithmetic, whose greedy
+    # answer to the first question is known ("The capital of France is Paris.")
+    with make_server(path, model={"quantization": "none", "max_model_len": 1024},
+                     cache={"num_blocks": 128}) as s:
+        yield s
+
+
+def _ask(page, text: str, turn: int) -> str:
+    page.fill("#input", text)
+    page.click("#send")
+    page.wait_for_function(f"document.querySelectorAll('.msg[data-state=done]').length == "
+                           f"{turn}", timeout=120_000)
+    return page.locator(".msg.assistant").nth(turn - 1).text_content()
+
+
+def test_chat_page_holds_a_two_turn_conversation_with_smollm2(smol_server, browser):
+    """Issue 19: the page keeps the conversation: the second request carries the first
+    question and its answer, and the real chat model answers it in context."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data))
+            if r.method == "POST" and r.url.endswith("/v1/chat/completions") else None)
+    page.goto(smol_server.url + "/")
+    page.click("summary")
+    page.fill("#api-key", API_KEY)
+    page.fill("#max-tokens", "24")
+    page.fill("#temperature", "0")
+    first = _ask(page, "What is the capital of France?", 1)
+    assert "Paris" in first, first
+    second = _ask(page, "And of Germany?", 2)
+    # "And of Germany?" means the capital only in the context of the first turn
+    assert "Berlin" in second and not errors, (second, errors)
+    assert len(bodies) == 2, bodies
+    assert [m["role"] for m in bodies[0]["messages"]] == ["user"]
+    assert bodies[1]["messages"] == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And of Germany?"}]
+    assert [page.locator(".msg.user").nth(i).text_content() for i in (0, 1)] == [
+        "You: What is the capital of France?", "You: And of Germany?"]
     page.close()

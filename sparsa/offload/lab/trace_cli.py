@@ -129,10 +129,15 @@ def run(args: argparse.Namespace) -> int:
         ids = ids[: min(args.prompt_len, room)] if corpus else ids[:room]
         n_prompt += len(ids)
         engine.add_request(ids, params, request_id=str(args.offset + i))
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                n_gen += sum(len(c.token_ids) for c in o.outputs)
+    from tqdm import tqdm
+
+    with tqdm(total=len(texts), desc="Tracing prompts", unit=" prompts", disable=None,
+              leave=False) as bar:
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    n_gen += sum(len(c.token_ids) for c in o.outputs)
+                    bar.update(1)
     seconds = time.perf_counter() - t0
     rows = len(engine.tracer)
     llm.close()
