@@ -194,3 +194,31 @@ def test_fused_decode_step_with_per_head_qk_norm():
     torch.testing.assert_close(kc2, kc, atol=1e-5, rtol=1e-5)
     want = _reference(q, kc, vc, tables, lens, d ** -0.5, None).reshape(2, hq * d)
     torch.testing.assert_close(out.double(), want, atol=5e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("ctx", [30, 1600])  # one thread, and the threaded per-head path
+def test_fused_decode_step_rows_of_one_sequence(ctx):
+    """A token and the proposals it verifies are decode rows of one sequence, each
+    attending to the rows before it: every row's K/V must be written before any row
+    attends (the threaded path once let a later row read a slot not yet written)."""
+    hq, hkv, d, bs, rows = 16, 4, 64, 16, 5
+    lens = [ctx + j for j in range(1, rows + 1)]
+    nblocks = -(-lens[-1] // bs) + 2
+    kc, vc = _pools(nblocks, bs, hkv, d, d)
+    table = _tables([lens[-1]], bs, nblocks)[0]
+    tables = table.expand(rows, -1).contiguous()
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=g)
+    ang = torch.rand(rows, d // 2, generator=g) * 6
+    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+    slots = torch.tensor([int(table[(n - 1) // bs]) * bs + (n - 1) % bs for n in lens])
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = ops.decode_attention_step(qkv, cos, sin, d, kc2, vc2, slots, tables,
+                                    torch.tensor(lens), d ** -0.5, None, hq)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    q = _rope_ref(q.reshape(rows, hq, d), cos, sin, d)
+    kc.view(-1, hkv, d)[slots] = _rope_ref(k.reshape(rows, hkv, d), cos, sin, d)
+    vc.view(-1, hkv, d)[slots] = v.reshape(rows, hkv, d)
+    want = _reference(q, kc, vc, tables, lens, d ** -0.5, None).reshape(rows, hq * d)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)

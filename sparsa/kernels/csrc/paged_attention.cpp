@@ -235,17 +235,26 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
     sparsa_simd::rope_neox_head(src, dst, c, sn, half);
     for (int64_t i = rd; i < D; ++i) dst[i] = src[i];
   };
+  // Every row's K/V is written before any row attends: rows of one sequence (a token and
+  // the proposals it verifies) read each other's K/V, and the attention below runs rows in
+  // parallel. The writes are S * Hkv small rotations: serial is cheap.
+  {
+    std::vector<float> tmp(D);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const float* row = xp + s * ld;
+        rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, cp + s * rd, sp + s * rd, kn,
+             tmp.data());
+        std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
+                  vp + sl[s] * tok + h * D);
+      }
+  }
   for_each_sequence(S, Hkv, total * Hq * 2 * D,
                     [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
     std::vector<float> q((h1 - h0) * group * D), tmp(D);
     const float* row = xp + s * ld;
     const float* c = cp + s * rd;
     const float* sn = sp + s * rd;
-    for (int64_t h = h0; h < h1; ++h) {
-      rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, c, sn, kn, tmp.data());
-      std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
-                vp + sl[s] * tok + h * D);
-    }
     for (int64_t i = 0; i < (h1 - h0) * group; ++i)
       rope(row + (h0 * group + i) * D, q.data() + i * D, c, sn, qn, tmp.data());
     attend(q.data(), h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D, D, sc,
