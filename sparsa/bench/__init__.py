@@ -12,6 +12,7 @@
     sparsa bench ppl ...             perplexity per weight form (ppl.py; also `sparsa eval-ppl`)
     sparsa bench greedy F.gguf       greedy tokens of Sparsa and llama.cpp on one GGUF file
     sparsa bench structured M        the cost of a JSON-schema constraint (structured.py)
+    sparsa bench spec M              speculative decoding vs plain, batch 1 (speculative.py)
 
 The peers' installers and workers live in peers/.
 """
@@ -29,6 +30,7 @@ SUBCOMMANDS = {
     "ppl": "sparsa.bench.ppl_cli",
     "greedy": "sparsa.bench.greedy",
     "structured": "sparsa.bench.structured",
+    "spec": "sparsa.bench.speculative",
 }
 
 

@@ -118,7 +118,8 @@ class LLMEngine:
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
         self.speculative = config.speculative
         self.proposer = make_proposer(self.speculative) if self.speculative else None
-        self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0}
+        # proposals made and accepted, steps that verified some, forward passes in all
+        self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
         self.tracer = None
@@ -249,6 +250,7 @@ class LLMEngine:
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)
+        self.spec_stats["passes"] += 1
         logits, sampled = result.logits, result.sampled
         self.scheduler.mark_computed(sched)
         touched: dict[str, _Request] = {}

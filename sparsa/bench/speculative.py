@@ -1,0 +1,123 @@
+"""`sparsa bench spec MODEL`: speculative decoding against plain decoding, batch 1, greedy,
+the same prompts on two engines in one process (alternating rounds). Prints output tok/s
+of each (median and range), their ratio, and the speculation counters: acceptance rate,
+tokens per verifying step, target passes per output token.
+
+Workloads: `copy` asks the model to copy, rewrite or correct a passage of
+../shared/corpora/wikitext2_test.txt (text that n-gram lookup can find); `chat` asks open
+questions (little to find)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+CHAT = ["What are three good habits for staying healthy?",
+        "Explain how a rainbow forms.",
+        "Write a short poem about the sea.",
+        "Why do cats purr?",
+        "Give me tips for learning a new language."]
+TASKS = ["Copy the following text exactly, word for word:\n\n{}",
+         "Rewrite the following text, keeping every sentence:\n\n{}",
+         "Correct any mistakes in the following text and return the whole text:\n\n{}"]
+
+
+def copy_prompts(n: int, words: int = 90) -> list[str]:
+    from sparsa.tokenizer import shared_dir
+
+    path = shared_dir() / "corpora" / "wikitext2_test.txt"
+    text = path.read_text(encoding="utf-8")
+    paras = [p.strip() for p in text.split("\n") if len(p.split()) > words and "=" not in p]
+    out = []
+    for i in range(n):
+        para = re.sub(r" @(.)@ ", r"\1", paras[i * 7 % len(paras)]).replace("<unk>", "X")
+        out.append(TASKS[i % len(TASKS)].format(" ".join(para.split()[:words])))
+    return out
+
+
+def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int,
+        threads: int | None) -> dict:
+    from sparsa import LLM, SamplingParams
+
+    engines = {"plain": LLM(model, num_threads=threads),
+               "spec": LLM(model, num_threads=threads, speculative_config=spec)}
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    rates: dict[str, list[float]] = {k: [] for k in engines}
+    outputs: dict[str, list[list[int]]] = {}
+
+    def one_round(name: str) -> float:
+        llm = engines[name]
+        tokens, seconds, outs = 0, 0.0, []
+        for m in msgs:  # batch 1: one request at a time
+            t0 = time.perf_counter()
+            o = llm.chat([m], params)[0].outputs[0]
+            seconds += time.perf_counter() - t0
+            tokens += len(o.token_ids)
+            outs.append(o.token_ids)
+        outputs[name] = outs
+        return tokens / seconds
+
+    for name in engines:  # warm-up: kernels, caches
+        one_round(name)
+    start = dict(engines["spec"].engine.spec_stats)
+    for _ in range(rounds):
+        for name in engines:
+            rates[name].append(one_round(name))
+    stats = {k: v - start[k] for k, v in engines["spec"].engine.spec_stats.items()}
+    emitted = sum(len(t) for t in outputs["spec"]) * rounds
+    return {"model": model, "speculative_config": spec, "prompts": len(prompts),
+            "max_tokens": max_tokens, "plain_tok_s": rates["plain"],
+            "spec_tok_s": rates["spec"],
+            "ratio": statistics.median(rates["spec"]) / statistics.median(rates["plain"]),
+            "same_tokens": outputs["plain"] == outputs["spec"],
+            "acceptance": stats["accepted"] / max(stats["proposed"], 1),
+            "tokens_per_verify_step": (stats["accepted"] + stats["verify_steps"])
+            / max(stats["verify_steps"], 1),
+            "passes_per_token": stats["passes"] / max(emitted, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sparsa.config.settings import add_model_argument, model_from_args
+
+    ap = argparse.ArgumentParser(prog="sparsa bench spec", description=__doc__.split("\n")[0])
+    add_model_argument(ap)
+    ap.add_argument("--speculative-config", default='{"method": "ngram", '
+                    '"num_speculative_tokens": 4}', help="JSON, as for generate/serve")
+    ap.add_argument("--workload", choices=("copy", "chat"), default="copy")
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args(argv)
+    model_from_args(args)
+    try:
+        spec = json.loads(args.speculative_config)
+    except json.JSONDecodeError as e:
+        ap.error(f"--speculative-config is not JSON: {e}")
+    if args.prompts < 1 or args.max_tokens < 1 or args.rounds < 1:
+        ap.error("--prompts, --max-tokens and --rounds must be >= 1")
+    prompts = copy_prompts(args.prompts) if args.workload == "copy" else \
+        [CHAT[i % len(CHAT)] for i in range(args.prompts)]
+    r = run(args.model, spec, prompts, args.max_tokens, args.rounds, args.threads)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    spread = lambda xs: f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"  # noqa: E731
+    print(f"{args.model}: {args.workload} workload, {args.prompts} prompts at batch 1, "
+          f"{args.max_tokens} max tokens, greedy, {args.rounds} alternating rounds")
+    print(f"speculative_config: {json.dumps(spec)}")
+    print(f"plain:       {spread(r['plain_tok_s'])} output tok/s")
+    print(f"speculative: {spread(r['spec_tok_s'])} output tok/s ({r['ratio']:.2f}x)")
+    print(f"acceptance {r['acceptance']:.2f}, {r['tokens_per_verify_step']:.2f} tokens per "
+          f"verifying step, {r['passes_per_token']:.2f} target passes per token, "
+          f"same tokens as plain: {r['same_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
