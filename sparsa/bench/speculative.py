@@ -39,11 +39,13 @@ def copy_prompts(n: int, words: int = 90) -> list[str]:
 
 
 def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int,
-        threads: int | None) -> dict:
+        settings: dict) -> dict:
+    """Both engines take `settings` (engine keywords); only one speculates."""
     from sparsa import LLM, SamplingParams
 
-    engines = {"plain": LLM(model, num_threads=threads),
-               "spec": LLM(model, num_threads=threads, speculative_config=spec)}
+    settings = {k: v for k, v in settings.items() if k != "speculative_config"}
+    engines = {"plain": LLM(model, **settings),
+               "spec": LLM(model, **settings, speculative_config=spec)}
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     rates: dict[str, list[float]] = {k: [] for k in engines}
@@ -81,29 +83,31 @@ def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsa.config.settings import add_model_argument, model_from_args
+    from sparsa.config.settings import (
+        add_engine_arguments,
+        add_model_argument,
+        engine_kwargs,
+        model_from_args,
+    )
 
     ap = argparse.ArgumentParser(prog="sparsa bench spec", description=__doc__.split("\n")[0])
     add_model_argument(ap)
-    ap.add_argument("--speculative-config", default='{"method": "ngram", '
-                    '"num_speculative_tokens": 4}', help="JSON, as for generate/serve")
+    add_engine_arguments(ap, defaults={"speculative_config": {
+        "method": "ngram", "num_speculative_tokens": 4}})
     ap.add_argument("--workload", choices=("copy", "chat"), default="copy")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     model_from_args(args)
-    try:
-        spec = json.loads(args.speculative_config)
-    except json.JSONDecodeError as e:
-        ap.error(f"--speculative-config is not JSON: {e}")
+    settings = engine_kwargs(args)
+    spec = settings["speculative_config"]
     if args.prompts < 1 or args.max_tokens < 1 or args.rounds < 1:
         ap.error("--prompts, --max-tokens and --rounds must be >= 1")
     prompts = copy_prompts(args.prompts) if args.workload == "copy" else \
         [CHAT[i % len(CHAT)] for i in range(args.prompts)]
-    r = run(args.model, spec, prompts, args.max_tokens, args.rounds, args.threads)
+    r = run(args.model, spec, prompts, args.max_tokens, args.rounds, settings)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0

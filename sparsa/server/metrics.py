@@ -46,6 +46,15 @@ class _EngineCollector(Collector):
                                   value=s.get("num_preemptions", 0))
         if "offload" in s:
             yield from _offload_metrics(s["offload"])
+        if "speculative" in s:  # vLLM's names for the same counters
+            sp = s["speculative"]
+            for name, key, doc in (
+                    ("sparsa_spec_decode_num_draft_tokens", "proposed", "Tokens proposed"),
+                    ("sparsa_spec_decode_num_accepted_tokens", "accepted",
+                     "Proposed tokens the target accepted"),
+                    ("sparsa_spec_decode_num_drafts", "verify_steps",
+                     "Sequence steps that verified proposals")):
+                yield CounterMetricFamily(name, doc, value=sp[key])
 
 
 # (name, report key, help) of the expert cache's metrics, when experts are offloaded
