@@ -8,9 +8,9 @@ from typing import Any
 
 from sparsa.config.base import check_choice
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft_model")
 # named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
-PLANNED = ("draft_model", "medusa", "eagle", "self")
+PLANNED = ("medusa", "eagle", "self")
 
 
 @dataclass
@@ -22,6 +22,9 @@ class SpeculativeConfig:
         prompt and output so far.
     num_speculative_tokens: proposals per step (k); the target verifies them, plus its
         own next token, in one forward pass, so a step emits 1 to k + 1 tokens.
+    model: draft_model only: the draft (a path or built-in name, the target's vocabulary);
+        it proposes greedily, with its own KV cache of as many blocks as the target's.
+    quantization: the draft's weight form (as the target's `quantization`).
     disable_by_batch_size: no proposals while this many sequences run (a large batch is
         compute-bound: verifying proposals would cost more than it saves); None: always.
     """
@@ -31,6 +34,8 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = 8
+    model: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.method in PLANNED:
@@ -45,6 +50,12 @@ class SpeculativeConfig:
             raise ValueError("speculative_config prompt_lookup_min must be <= "
                              f"prompt_lookup_max; got {self.prompt_lookup_min} > "
                              f"{self.prompt_lookup_max}")
+        if self.method == "draft_model" and not self.model:
+            raise ValueError("speculative_config method 'draft_model' needs \"model\": the "
+                             "draft's path or name")
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(f"speculative_config \"model\" is for method 'draft_model', "
+                             f"not {self.method!r}")
         v = self.disable_by_batch_size
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError("speculative_config disable_by_batch_size must be an int >= 1 "

@@ -117,7 +117,7 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_ids)
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
         self.speculative = config.speculative
-        self.proposer = make_proposer(self.speculative) if self.speculative else None
+        self.proposer = make_proposer(self.speculative, self) if self.speculative else None
         # proposals made and accepted, steps that verified some, forward passes in all
         self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
         self.requests: dict[str, _Request] = {}
@@ -305,6 +305,7 @@ class LLMEngine:
         scheduler budgets each one's proposals, and drops them where they do not fit)."""
         spec = self.speculative
         running = self.scheduler.running
+        self.proposer.retain({s.seq_id for s in running})
         if spec.disable_by_batch_size is not None and len(running) >= spec.disable_by_batch_size:
             return
         seqs, limits = [], []

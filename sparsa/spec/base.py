@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from collections.abc import Sequence as Seq
 
 from sparsa.core.sequence import Sequence
@@ -15,3 +16,7 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, seqs: Seq[Sequence], max_tokens: Seq[int]) -> list[list[int]]:
         """Up to max_tokens[i] proposals for seqs[i] (fewer, or none, when unsure)."""
+
+    def retain(self, seq_ids: Collection[int]) -> None:
+        """Forget any state of sequences not among `seq_ids` (the running ones)."""
+        return None  # a stateless proposer keeps nothing

@@ -126,9 +126,9 @@ def _run_n(llm, prompt, n):
 
 def test_sampling_distribution_unchanged(tmp_path):
     """20,000 samples of the second and third generated tokens, which speculation
-    produces by verification (every token of this prompt recurs in it, so every step
-    proposes): a chi-square homogeneity test against plain sampling passes, while a
-    check against a biased sampler (temperature 0.7) fails."""
+    produces by verification (n-gram: every token of this prompt recurs in it, so every
+    step proposes; and a draft model): a chi-square homogeneity test against plain
+    sampling passes for both, while one against a biased sampler (temperature 0.7) fails."""
     from scipy.stats import chi2_contingency
 
     cfg = dict(TINY_CONFIGS["llama"], vocab_size=24)
@@ -137,11 +137,18 @@ def test_sampling_distribution_unchanged(tmp_path):
     prompt = [1] + rng.sample(range(3, 24), 21) + rng.sample(range(3, 24), 21)
     n_req, n = 250, 80  # 20,000 samples
 
+    small = dict(cfg, num_hidden_layers=1)
+    _, draft = build_tiny_checkpoint("llama", tmp_path / "d", config=small, std=0.15)
+    draft_spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2,
+                  "disable_by_batch_size": None}
+
     def sample(spec, temperature=1.0, seed=0):
         # the global generator: per-request seeds give the n samples seeds seed + index,
         # which overlap between requests and correlate them
         torch.manual_seed(seed)
         kw = {"speculative_config": {**SPEC, "num_speculative_tokens": 2}} if spec else {}
+        if spec == "draft":
+            kw = {"speculative_config": draft_spec}
         llm = LLM(str(path), dtype="float32", num_kv_blocks=2048, max_num_seqs=256,
                   enable_prefix_caching=True, **kw)
         params = SamplingParams(temperature=temperature, n=n, max_tokens=3, ignore_eos=True)
@@ -151,6 +158,8 @@ def test_sampling_distribution_unchanged(tmp_path):
 
     base, _ = sample(False)
     spec, stats = sample(True, seed=1)
+    assert stats["verify_steps"] > 1000 and 0 < stats["accepted"] < stats["proposed"]
+    drafted, stats = sample("draft", seed=3)
     assert stats["verify_steps"] > 1000 and 0 < stats["accepted"] < stats["proposed"]
     biased, _ = sample(True, temperature=0.7, seed=2)
 
@@ -162,4 +171,5 @@ def test_sampling_distribution_unchanged(tmp_path):
 
     for pos in (1, 2):
         assert p_value(base, spec, pos) > 1e-3
+        assert p_value(base, drafted, pos) > 1e-3
         assert p_value(base, biased, pos) < 1e-6
