@@ -22,6 +22,9 @@ class SpeculativeConfig:
         prompt and output so far.
     num_speculative_tokens: proposals per step (k); the target verifies them, plus its
         own next token, in one forward pass, so a step emits 1 to k + 1 tokens.
+    adaptive: propose up to num_speculative_tokens per sequence, as many as pay for
+        themselves given its measured acceptance and the measured cost of a step with
+        more rows (sparsa/spec/dynamic.py); false: always num_speculative_tokens.
     model: draft_model only: the draft (a path or built-in name, the target's vocabulary);
         it proposes greedily, with its own KV cache of as many blocks as the target's.
     quantization: the draft's weight form (as the target's `quantization`).
@@ -34,6 +37,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = 8
+    adaptive: bool = True
     model: str | None = None
     quantization: str | None = None
 
@@ -56,6 +60,9 @@ class SpeculativeConfig:
         if self.method != "draft_model" and self.model is not None:
             raise ValueError(f"speculative_config \"model\" is for method 'draft_model', "
                              f"not {self.method!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config adaptive must be true or false; got "
+                             f"{self.adaptive!r}")
         v = self.disable_by_batch_size
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError("speculative_config disable_by_batch_size must be an int >= 1 "

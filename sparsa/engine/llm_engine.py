@@ -20,6 +20,7 @@ from sparsa.layers.sampler import Sampler
 from sparsa.loader.model_loader import load_model
 from sparsa.outputs import CompletionOutput, RequestOutput
 from sparsa.sampling_params import SamplingParams
+from sparsa.spec.dynamic import SpecController
 from sparsa.spec.proposers import make_proposer
 from sparsa.structured.matcher import Guides
 from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
@@ -118,6 +119,8 @@ class LLMEngine:
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
         self.speculative = config.speculative
         self.proposer = make_proposer(self.speculative, self) if self.speculative else None
+        self.spec_control = (SpecController(self.speculative.num_speculative_tokens)
+                             if self.speculative and self.speculative.adaptive else None)
         # proposals made and accepted, steps that verified some, forward passes in all
         self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
         self.requests: dict[str, _Request] = {}
@@ -249,7 +252,11 @@ class LLMEngine:
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(sched)
+        if self.spec_control is not None and all(
+                it.num_new_tokens == 1 or it.num_verified for it in sched.scheduled):
+            self.spec_control.observe_step(sched.num_tokens, time.perf_counter() - t0)
         self.spec_stats["passes"] += 1
         logits, sampled = result.logits, result.sampled
         self.scheduler.mark_computed(sched)
@@ -305,7 +312,10 @@ class LLMEngine:
         scheduler budgets each one's proposals, and drops them where they do not fit)."""
         spec = self.speculative
         running = self.scheduler.running
-        self.proposer.retain({s.seq_id for s in running})
+        live = {s.seq_id for s in running}
+        self.proposer.retain(live)
+        if self.spec_control is not None:
+            self.spec_control.forget(live)
         if spec.disable_by_batch_size is not None and len(running) >= spec.disable_by_batch_size:
             return
         seqs, limits = [], []
@@ -319,6 +329,8 @@ class LLMEngine:
                 else self.max_model_len
             # the step computes positions up to num_tokens - 1 + k, all inside the context
             k = min(spec.num_speculative_tokens, left - 1, self.max_model_len - seq.num_tokens)
+            if self.spec_control is not None and k >= 1:
+                k = self.spec_control.choose_k(seq.seq_id, len(running), k)
             if k >= 1:
                 seqs.append(seq)
                 limits.append(k)
@@ -344,6 +356,8 @@ class LLMEngine:
         self.spec_stats["proposed"] += proposed
         self.spec_stats["accepted"] += m
         self.spec_stats["verify_steps"] += 1
+        if self.spec_control is not None:
+            self.spec_control.observe_verify(seq.seq_id, proposed, m)
         for j in range(m + 1):
             self._append_token(seq, req, toks[j], out.logprobs[row + j],
                                out.top_logprobs[row + j])

@@ -34,7 +34,7 @@ def _greedy(llm, prompts, n=30):
 def test_draft_model_is_lossless_batched_and_preempted(pair):
     target, draft = pair
     spec = {"method": "draft_model", "model": draft, "num_speculative_tokens": 3,
-            "disable_by_batch_size": None}
+            "disable_by_batch_size": None, "adaptive": False}
     prompts = _prompts(6)
     want = _greedy(LLM(target, dtype="float32", num_kv_blocks=256), prompts)
     llm = LLM(target, dtype="float32", num_kv_blocks=256, speculative_config=spec)

@@ -14,7 +14,7 @@ from sparsa import LLM, SamplingParams
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
-        "prompt_lookup_max": 3, "disable_by_batch_size": None}
+        "prompt_lookup_max": 3, "disable_by_batch_size": None, "adaptive": False}
 MAX_TOKENS = 40
 
 
@@ -140,7 +140,7 @@ def test_sampling_distribution_unchanged(tmp_path):
     small = dict(cfg, num_hidden_layers=1)
     _, draft = build_tiny_checkpoint("llama", tmp_path / "d", config=small, std=0.15)
     draft_spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2,
-                  "disable_by_batch_size": None}
+                  "disable_by_batch_size": None, "adaptive": False}
 
     def sample(spec, temperature=1.0, seed=0):
         # the global generator: per-request seeds give the n samples seeds seed + index,
