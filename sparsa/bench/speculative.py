@@ -65,11 +65,11 @@ def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int
 
     for name in engines:  # warm-up: kernels, caches
         one_round(name)
-    start = dict(engines["spec"].engine.spec_stats)
+    start = dict(engines["spec"].engine.speculation.stats)
     for _ in range(rounds):
         for name in engines:
             rates[name].append(one_round(name))
-    stats = {k: v - start[k] for k, v in engines["spec"].engine.spec_stats.items()}
+    stats = {k: v - start[k] for k, v in engines["spec"].engine.speculation.stats.items()}
     emitted = sum(len(t) for t in outputs["spec"]) * rounds
     return {"model": model, "speculative_config": spec, "prompts": len(prompts),
             "max_tokens": max_tokens, "plain_tok_s": rates["plain"],

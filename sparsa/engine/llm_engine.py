@@ -16,12 +16,11 @@ from sparsa.core.block_manager import BlockManager
 from sparsa.core.scheduler import Scheduler
 from sparsa.core.sequence import Sequence
 from sparsa.engine.model_runner import ModelRunner
+from sparsa.engine.speculation import Speculation
 from sparsa.layers.sampler import Sampler
 from sparsa.loader.model_loader import load_model
 from sparsa.outputs import CompletionOutput, RequestOutput
 from sparsa.sampling_params import SamplingParams
-from sparsa.spec.dynamic import SpecController
-from sparsa.spec.proposers import make_proposer
 from sparsa.structured.matcher import Guides
 from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
@@ -117,12 +116,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.eos_ids)
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
-        self.speculative = config.speculative
-        self.proposer = make_proposer(self.speculative, self) if self.speculative else None
-        self.spec_control = (SpecController(self.speculative.num_speculative_tokens)
-                             if self.speculative and self.speculative.adaptive else None)
-        # proposals made and accepted, steps that verified some, forward passes in all
-        self.spec_stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
+        spec = config.speculative
+        self.speculation = Speculation(spec, self) if spec is not None else None
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
         self.tracer = None
@@ -246,18 +241,17 @@ class LLMEngine:
     # ---- stepping -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         compute_thread_modes(self.device)
-        if self.proposer is not None:
-            self._propose()
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running, self._speculating_params,
+                                     self.max_model_len)
         sched = self.scheduler.schedule()
         self.num_preemptions += len(sched.preempted)
         if sched.is_empty:
             return []
         t0 = time.perf_counter()
         result = self.runner.execute(sched)
-        if self.spec_control is not None and all(
-                it.num_new_tokens == 1 or it.num_verified for it in sched.scheduled):
-            self.spec_control.observe_step(sched.num_tokens, time.perf_counter() - t0)
-        self.spec_stats["passes"] += 1
+        if self.speculation is not None:
+            self.speculation.timed_step(sched, t0)
         logits, sampled = result.logits, result.sampled
         self.scheduler.mark_computed(sched)
         touched: dict[str, _Request] = {}
@@ -307,57 +301,19 @@ class LLMEngine:
         return [self._make_output(r) for r in touched.values()]
 
     # ---- speculative decoding ---------------------------------------------------------
-    def _propose(self) -> None:
-        """Proposals for the running sequences that are decoding, before scheduling (the
-        scheduler budgets each one's proposals, and drops them where they do not fit)."""
-        spec = self.speculative
-        running = self.scheduler.running
-        live = {s.seq_id for s in running}
-        self.proposer.retain(live)
-        if self.spec_control is not None:
-            self.spec_control.forget(live)
-        if spec.disable_by_batch_size is not None and len(running) >= spec.disable_by_batch_size:
-            return
-        seqs, limits = [], []
-        for seq in running:
-            req = self._seq_to_req.get(seq.seq_id)
-            if (req is None or seq.spec_token_ids or seq.num_uncomputed_tokens != 1
-                    or seq.seq_id in self.guides.matchers):
-                continue  # structured output: proposals would need the grammar's masks
-            p = req.params
-            left = p.max_tokens - len(seq.output_token_ids) if p.max_tokens is not None \
-                else self.max_model_len
-            # the step computes positions up to num_tokens - 1 + k, all inside the context
-            k = min(spec.num_speculative_tokens, left - 1, self.max_model_len - seq.num_tokens)
-            if self.spec_control is not None and k >= 1:
-                k = self.spec_control.choose_k(seq.seq_id, len(running), k)
-            if k >= 1:
-                seqs.append(seq)
-                limits.append(k)
-        if not seqs:
-            return
-        for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
-            seq.spec_token_ids = list(toks[:k])
+    def _speculating_params(self, seq: Sequence) -> SamplingParams | None:
+        req = self._seq_to_req.get(seq.seq_id)
+        if req is None or seq.seq_id in self.guides.matchers:
+            return None  # structured output: proposals would need the grammar's masks
+        return req.params
 
     def _accept(self, seq: Sequence, req: _Request, item, proposed: int, out, row: int
                 ) -> None:
-        """Verification: the target's token at each row is sampled as usual; proposals
-        are accepted while they equal it, then the target's own token follows. With
-        deterministic proposals (n-gram, greedy drafts) this is the rejection-sampling rule
-        (accept with p/q, q one-hot; else draw from the residual), so the output follows
-        the target's distribution exactly, and equals plain greedy decoding at T=0."""
-        drafts = seq.spec_token_ids
+        """Verification: outputs the accepted proposals and the target's next token."""
         toks = out.token_ids[row:row + proposed + 1]
-        m = 0
-        while m < proposed and toks[m] == drafts[m]:
-            m += 1
+        m = self.speculation.judge(seq, toks)
         self.scheduler.mark_verified(item, m)
         seq.spec_token_ids = []
-        self.spec_stats["proposed"] += proposed
-        self.spec_stats["accepted"] += m
-        self.spec_stats["verify_steps"] += 1
-        if self.spec_control is not None:
-            self.spec_control.observe_verify(seq.seq_id, proposed, m)
         for j in range(m + 1):
             self._append_token(seq, req, toks[j], out.logprobs[row + j],
                                out.top_logprobs[row + j])
@@ -479,7 +435,8 @@ class LLMEngine:
             "prefix_cache_query_tokens": self.block_manager.prefix_query_tokens,
             "prefix_cache_hit_tokens": self.block_manager.prefix_hit_tokens,
             "num_preemptions": self.num_preemptions,
-            **({"speculative": dict(self.spec_stats)} if self.proposer is not None else {}),
+            **({"speculative": dict(self.speculation.stats)}
+               if self.speculation is not None else {}),
             **({"offload": offload.report()}
                if (offload := getattr(self.model, "offload", None)) is not None else {}),
         }

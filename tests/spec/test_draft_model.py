@@ -46,7 +46,7 @@ def test_draft_model_is_lossless_batched_and_preempted(pair):
                 max_num_batched_tokens=20, speculative_config=spec)
     assert _greedy(tight, prompts) == want
     tight.engine.step()  # an idle step lets the proposer forget finished sequences
-    proposer = tight.engine.proposer
+    proposer = tight.engine.speculation.proposer
     assert not proposer.mirrors and proposer.blocks.num_free_blocks == proposer.blocks.num_blocks
 
 

@@ -59,4 +59,4 @@ def test_adaptive_engine_is_lossless(tmp_path):
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1})
     got = [llm.generate([q], p)[0].outputs[0].token_ids for q in prompts]
     assert got == want
-    assert llm.engine.spec_control.seconds  # step costs were measured
+    assert llm.engine.speculation.control.seconds  # step costs were measured
