@@ -5,7 +5,8 @@ tokens per verifying step, target passes per output token.
 
 Workloads: `copy` asks the model to copy, rewrite or correct a passage of
 ../shared/corpora/wikitext2_test.txt (text that n-gram lookup can find); `chat` asks open
-questions (little to find)."""
+questions (little to find); `story` gives story openings as plain prompts (for models
+without a chat template, such as the llama2.c pairs in ../shared)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ CHAT = ["What are three good habits for staying healthy?",
         "Write a short poem about the sea.",
         "Why do cats purr?",
         "Give me tips for learning a new language."]
+STORIES = ["Once upon a time", "The little dog", "Lily and Tom went to the park",
+           "One day, a big"]
 TASKS = ["Copy the following text exactly, word for word:\n\n{}",
          "Rewrite the following text, keeping every sentence:\n\n{}",
          "Correct any mistakes in the following text and return the whole text:\n\n{}"]
@@ -39,7 +42,7 @@ def copy_prompts(n: int, words: int = 90) -> list[str]:
 
 
 def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int,
-        settings: dict) -> dict:
+        settings: dict, story: bool = False) -> dict:
     """Both engines take `settings` (engine keywords); only one speculates."""
     from sparsa import LLM, SamplingParams
 
@@ -47,16 +50,21 @@ def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int
     engines = {"plain": LLM(model, **settings),
                "spec": LLM(model, **settings, speculative_config=spec)}
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    chat = not story
+
+    def ask(llm, p):
+        if chat:
+            return llm.chat([[{"role": "user", "content": p}]], params)[0].outputs[0]
+        return llm.generate([p], params)[0].outputs[0]
     rates: dict[str, list[float]] = {k: [] for k in engines}
     outputs: dict[str, list[list[int]]] = {}
 
     def one_round(name: str) -> float:
         llm = engines[name]
         tokens, seconds, outs = 0, 0.0, []
-        for m in msgs:  # batch 1: one request at a time
+        for p in prompts:  # batch 1: one request at a time
             t0 = time.perf_counter()
-            o = llm.chat([m], params)[0].outputs[0]
+            o = ask(llm, p)
             seconds += time.perf_counter() - t0
             tokens += len(o.token_ids)
             outs.append(o.token_ids)
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_argument(ap)
     add_engine_arguments(ap, defaults={"speculative_config": {
         "method": "ngram", "num_speculative_tokens": 4}})
-    ap.add_argument("--workload", choices=("copy", "chat"), default="copy")
+    ap.add_argument("--workload", choices=("copy", "chat", "story"), default="copy")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
@@ -105,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = settings["speculative_config"]
     if args.prompts < 1 or args.max_tokens < 1 or args.rounds < 1:
         ap.error("--prompts, --max-tokens and --rounds must be >= 1")
-    prompts = copy_prompts(args.prompts) if args.workload == "copy" else \
-        [CHAT[i % len(CHAT)] for i in range(args.prompts)]
-    r = run(args.model, spec, prompts, args.max_tokens, args.rounds, settings)
+    pool = {"chat": CHAT, "story": STORIES}.get(args.workload)
+    prompts = copy_prompts(args.prompts) if pool is None else \
+        [pool[i % len(pool)] for i in range(args.prompts)]
+    r = run(args.model, spec, prompts, args.max_tokens, args.rounds, settings,
+            story=args.workload == "story")
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
