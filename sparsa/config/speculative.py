@@ -8,9 +8,9 @@ from typing import Any
 
 from sparsa.config.base import check_choice
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "self")
 # named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
-PLANNED = ("medusa", "eagle", "self")
+PLANNED = ("medusa", "eagle")
 
 
 @dataclass
@@ -28,6 +28,10 @@ class SpeculativeConfig:
     model: draft_model only: the draft (a path or built-in name, the target's vocabulary);
         it proposes greedily, with its own KV cache of as many blocks as the target's.
     quantization: the draft's weight form (as the target's `quantization`).
+    draft_top_k, draft_layers: "self" only (MoE self-speculation): the target drafts for
+        itself with its weights shared, routing each token to draft_top_k experts instead
+        of its top-k, and/or running only its first draft_layers layers (then the final
+        norm and LM head); the draft keeps its own KV cache.
     disable_by_batch_size: no proposals while this many sequences run (a large batch is
         compute-bound: verifying proposals would cost more than it saves); None: always.
     """
@@ -40,6 +44,8 @@ class SpeculativeConfig:
     adaptive: bool = True
     model: str | None = None
     quantization: str | None = None
+    draft_top_k: int = 1
+    draft_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.method in PLANNED:
@@ -60,6 +66,13 @@ class SpeculativeConfig:
         if self.method != "draft_model" and self.model is not None:
             raise ValueError(f"speculative_config \"model\" is for method 'draft_model', "
                              f"not {self.method!r}")
+        v = self.draft_top_k
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"speculative_config draft_top_k must be an int >= 1; got {v!r}")
+        v = self.draft_layers
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"speculative_config draft_layers must be an int >= 1 or null; "
+                             f"got {v!r}")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative_config adaptive must be true or false; got "
                              f"{self.adaptive!r}")

@@ -29,27 +29,39 @@ class _Mirror:
 
 
 class DraftModelProposer(Proposer):
-    def __init__(self, config: SpeculativeConfig, device: torch.device, target_vocab: int,
-                 block_size: int, num_blocks: int, max_model_len: int):
+    """Proposals from `model` (any DecoderForCausalLM-like module with the target's
+    vocabulary), greedy, with its own KV pool of `num_blocks` blocks."""
+
+    def __init__(self, model, dtype: torch.dtype, device: torch.device, block_size: int,
+                 num_blocks: int, max_len: int, name: str = "draft"):
         from sparsa.engine.model_runner import ModelRunner
+
+        self.model = model
+        self.max_len = max_len
+        self.runner = ModelRunner(model, device, dtype,
+                                  CacheConfig(block_size=block_size, num_blocks=num_blocks),
+                                  max_len)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.mirrors: dict[int, _Mirror] = {}
+        log.info("%s: %s, %d KV blocks", name, dtype, num_blocks)
+
+    @classmethod
+    def load(cls, config: SpeculativeConfig, device: torch.device, target_vocab: int,
+             block_size: int, num_blocks: int, max_model_len: int) -> DraftModelProposer:
+        """The draft `config.model`, loaded (in `config.quantization`'s form)."""
         from sparsa.loader.model_loader import load_model
 
         mc = ModelConfig(config.model, quantization=config.quantization,
                          max_model_len=max_model_len)
-        self.model, resolved, dtype = load_model(mc, device)
+        model, resolved, dtype = load_model(mc, device)
         vocab = resolved.hf_config.vocab_size
         if vocab != target_vocab:
             raise ValueError(f"draft model {config.model} has a vocabulary of {vocab} tokens "
                              f"and the target {target_vocab}: a draft must share the "
                              "target's tokenizer")
         draft_len = getattr(resolved.hf_config, "max_position_embeddings", None) or max_model_len
-        self.max_len = min(draft_len, max_model_len)
-        self.runner = ModelRunner(self.model, device, dtype,
-                                  CacheConfig(block_size=block_size, num_blocks=num_blocks),
-                                  self.max_len)
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.mirrors: dict[int, _Mirror] = {}
-        log.info("draft model %s: %s, %d KV blocks", config.model, dtype, num_blocks)
+        return cls(model, dtype, device, block_size, num_blocks,
+                   min(draft_len, max_model_len), f"draft model {config.model}")
 
     def retain(self, seq_ids: Collection[int]) -> None:
         for sid in [s for s in self.mirrors if s not in seq_ids]:

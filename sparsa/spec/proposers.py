@@ -15,6 +15,17 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
         from sparsa.spec.draft import DraftModelProposer
 
         runner = engine.runner
-        return DraftModelProposer(config, engine.device, engine.hf_config.vocab_size,
-                                  runner.block_size, runner.num_blocks, engine.max_model_len)
+        return DraftModelProposer.load(config, engine.device, engine.hf_config.vocab_size,
+                                       runner.block_size, runner.num_blocks,
+                                       engine.max_model_len)
+    if config.method == "self":
+        from sparsa.spec.draft import DraftModelProposer
+        from sparsa.spec.self_draft import cheaper_copy
+
+        runner = engine.runner
+        model = cheaper_copy(engine.model, config.draft_top_k, config.draft_layers)
+        return DraftModelProposer(model, engine.dtype, engine.device, runner.block_size,
+                                  runner.num_blocks, engine.max_model_len,
+                                  f"self-draft (top-{config.draft_top_k} routing, "
+                                  f"{config.draft_layers or 'all'} layers)")
     raise ValueError(f"no proposer for speculative method {config.method!r}")
