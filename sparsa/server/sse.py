@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from sparsa.server.errors import APIError
+
+log = logging.getLogger("sparsa.server.serving")  # where these messages always came from
 
 
 class SSEResponse(StreamingResponse):
@@ -46,3 +52,20 @@ class SSEResponse(StreamingResponse):
                     await close()
             if self.on_close is not None:  # a generator closed before it ran ran no cleanup
                 self.on_close()
+
+
+def closer(jobs: list) -> Callable[[], None]:
+    """Aborts a streamed request's jobs when its response ends for any reason, even when
+    the client left before the stream started (its generator then never runs)."""
+    def close() -> None:
+        for j in jobs:
+            j.handle.close()
+    return close
+
+
+def error_event(e: Exception) -> dict[str, Any]:
+    """An error that happens after the stream started goes out as an SSE event."""
+    if isinstance(e, APIError):
+        return e.body()
+    log.warning("request failed mid-stream: %s: %s", type(e).__name__, e)
+    return APIError(500, f"{type(e).__name__}: {e}").body()
