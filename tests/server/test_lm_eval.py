@@ -22,13 +22,14 @@ BUILT_IN = ["The little dog ran to the park and played with a red ball.",
             "Tom wanted to eat a big cake, but his mother said no.",
             "The sun was warm and the birds sang in the tall green trees.",
             "Lily found a shiny stone near the river and took it home.",
-            "The old man sat on the bench and fed the hungry ducks."]
+            "The old man sat on the bench and fed the hungry ducks.",
+            "Mia painted a bright yellow sun on the wall of her room."]
 
 
 def _sentences(n: int) -> list[str]:
     path = shared_dir() / "corpora" / "tinystories_val.txt"
     if not path.exists():
-        return BUILT_IN
+        return BUILT_IN[:n]
     text = path.read_text(encoding="utf-8", errors="ignore")[:200_000]
     found = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
     ok = [s for s in found if 40 <= len(s) <= 90 and s.isascii() and " " in s[10:]]
