@@ -71,14 +71,19 @@ def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int
         outputs[name] = outs
         return tokens / seconds
 
+    def disk_bytes(name: str) -> float:  # experts read from disk, when offloaded
+        return engines[name].engine.stats().get("offload", {}).get("disk_bytes_read", 0.0)
+
     for name in engines:  # warm-up: kernels, caches
         one_round(name)
     start = dict(engines["spec"].engine.speculation.stats)
+    read0 = {name: disk_bytes(name) for name in engines}
     for _ in range(rounds):
         for name in engines:
             rates[name].append(one_round(name))
     stats = {k: v - start[k] for k, v in engines["spec"].engine.speculation.stats.items()}
     emitted = sum(len(t) for t in outputs["spec"]) * rounds
+    read = {name: (disk_bytes(name) - read0[name]) / max(emitted, 1) for name in engines}
     return {"model": model, "speculative_config": spec, "prompts": len(prompts),
             "max_tokens": max_tokens, "plain_tok_s": rates["plain"],
             "spec_tok_s": rates["spec"],
@@ -87,7 +92,8 @@ def run(model: str, spec: dict, prompts: list[str], max_tokens: int, rounds: int
             "acceptance": stats["accepted"] / max(stats["proposed"], 1),
             "tokens_per_verify_step": (stats["accepted"] + stats["verify_steps"])
             / max(stats["verify_steps"], 1),
-            "passes_per_token": stats["passes"] / max(emitted, 1)}
+            "passes_per_token": stats["passes"] / max(emitted, 1),
+            "expert_bytes_per_token": read}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"acceptance {r['acceptance']:.2f}, {r['tokens_per_verify_step']:.2f} tokens per "
           f"verifying step, {r['passes_per_token']:.2f} target passes per token, "
           f"same tokens as plain: {r['same_tokens']}")
+    read = r["expert_bytes_per_token"]
+    if read["plain"] or read["spec"]:
+        print(f"experts read from disk per output token: plain {read['plain'] / 2**20:.2f} MiB, "
+              f"speculative {read['spec'] / 2**20:.2f} MiB")
     return 0
 
 
