@@ -38,6 +38,9 @@ class Speculation:
         if cap is not None and len(running) >= cap:
             return
         seqs, limits = [], []
+        # the step as planned so far: a row and an expected token per running sequence,
+        # plus what each proposal adds (the adaptive k prices the whole step)
+        rows, tokens = len(running), float(len(running))
         for seq in running:
             p = params_of(seq)
             if p is None or seq.spec_token_ids or seq.num_uncomputed_tokens != 1:
@@ -48,7 +51,9 @@ class Speculation:
             k = min(self.config.num_speculative_tokens, left - 1,
                     max_model_len - seq.num_tokens)
             if self.control is not None and k >= 1:
-                k = self.control.choose_k(seq.seq_id, len(running), k)
+                k = self.control.choose_k(seq.seq_id, rows, k, tokens)
+                rows += k
+                tokens += self.control.expected(seq.seq_id, k) - 1
             if k >= 1:
                 seqs.append(seq)
                 limits.append(k)

@@ -54,13 +54,21 @@ class SpecController:
         near = min(self.seconds, key=lambda r: abs(r - rows))
         return self.seconds[near] * (1.0 + _ROW_COST * (rows - 1)) / (1.0 + _ROW_COST * (near - 1))
 
-    def choose_k(self, seq_id: int, rows: int, limit: int) -> int:
-        """Proposals for one sequence in a step of `rows` decode rows without them."""
+    def expected(self, seq_id: int, k: int) -> float:
+        """Tokens a step yields for this sequence with k proposals (its own one included)."""
         a = min(self.acceptance(seq_id), 0.99)
-        base = self._time(rows)
-        best_k, best = 0, 1.0 / base
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def choose_k(self, seq_id: int, rows: int, limit: int, tokens: float | None = None
+                 ) -> int:
+        """Proposals for one sequence, given the step so far: `rows` decode rows that
+        yield `tokens` expected tokens (batch 1: one row, one token). k is the one that
+        gives the whole step the most tokens per second, so in a batch one sequence's
+        extra rows are charged for slowing every other row down too."""
+        tokens = float(rows) if tokens is None else tokens
+        best_k, best = 0, tokens / self._time(rows)
         for k in range(1, min(self.max_k, limit) + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / self._time(rows + k)
+            rate = (tokens + self.expected(seq_id, k) - 1) / self._time(rows + k)
             if rate > best:
                 best_k, best = k, rate
         if best_k == 0 and limit >= 1:

@@ -60,3 +60,16 @@ def test_adaptive_engine_is_lossless(tmp_path):
     got = [llm.generate([q], p)[0].outputs[0].token_ids for q in prompts]
     assert got == want
     assert llm.engine.speculation.control.seconds  # step costs were measured
+
+
+def test_a_compute_bound_batch_turns_speculation_off():
+    """Eight rows whose step time grows with every row: a proposal that is right 70% of
+    the time would slow the other seven more than it gains, so k is 0 there, while the
+    same sequence alone takes proposals."""
+    c = _controller({r: float(r) for r in range(1, 14)})
+    _accepting(c, 3, 0.7)
+    assert c.choose_k(3, rows=8, limit=4, tokens=8.0) in (0, 1)  # 0, or a periodic probe
+    assert [c.choose_k(3, rows=8, limit=4, tokens=8.0) for _ in range(6)].count(0) >= 5
+    flat = _controller({r: 1.0 + 0.05 * (r - 1) for r in range(1, 14)})
+    _accepting(flat, 3, 0.7)
+    assert flat.choose_k(3, rows=1, limit=4, tokens=1.0) >= 2
