@@ -8,9 +8,9 @@ from typing import Any
 
 from sparsa.config.base import check_choice
 
-METHODS = ("ngram", "draft_model", "self")
+METHODS = ("ngram", "draft_model", "self", "medusa")
 # named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
-PLANNED = ("medusa", "eagle")
+PLANNED = ("eagle",)
 
 
 @dataclass
@@ -25,8 +25,9 @@ class SpeculativeConfig:
     adaptive: propose up to num_speculative_tokens per sequence, as many as pay for
         themselves given its measured acceptance and the measured cost of a step with
         more rows (sparsa/spec/dynamic.py); false: always num_speculative_tokens.
-    model: draft_model only: the draft (a path or built-in name, the target's vocabulary);
-        it proposes greedily, with its own KV cache of as many blocks as the target's.
+    model: draft_model: the draft (a path or built-in name, the target's vocabulary); it
+        proposes greedily, with its own KV cache of as many blocks as the target's.
+        medusa: the folder of heads `sparsa train-draft` wrote (k <= their number).
     quantization: the draft's weight form (as the target's `quantization`).
     draft_top_k, draft_layers: "self" only (MoE self-speculation): the target drafts for
         itself with its weights shared, routing each token to draft_top_k experts instead
@@ -60,12 +61,12 @@ class SpeculativeConfig:
             raise ValueError("speculative_config prompt_lookup_min must be <= "
                              f"prompt_lookup_max; got {self.prompt_lookup_min} > "
                              f"{self.prompt_lookup_max}")
-        if self.method == "draft_model" and not self.model:
-            raise ValueError("speculative_config method 'draft_model' needs \"model\": the "
-                             "draft's path or name")
-        if self.method != "draft_model" and self.model is not None:
-            raise ValueError(f"speculative_config \"model\" is for method 'draft_model', "
-                             f"not {self.method!r}")
+        if self.method in ("draft_model", "medusa") and not self.model:
+            raise ValueError(f"speculative_config method {self.method!r} needs \"model\": "
+                             "the draft's (or the heads') path")
+        if self.method not in ("draft_model", "medusa") and self.model is not None:
+            raise ValueError(f"speculative_config \"model\" is for methods 'draft_model' and "
+                             f"'medusa', not {self.method!r}")
         v = self.draft_top_k
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"speculative_config draft_top_k must be an int >= 1; got {v!r}")

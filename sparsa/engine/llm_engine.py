@@ -287,11 +287,15 @@ class LLMEngine:
                 if req.request_id not in self.requests:
                     continue  # failed earlier in this step (another of its n samples)
                 try:
+                    m = 0
                     if seq.seq_id in verifying:
-                        self._accept(seq, req, *verifying[seq.seq_id], out, i)
+                        m = self._accept(seq, req, *verifying[seq.seq_id], out, i)
                     else:
                         self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
                                            out.top_logprobs[i])
+                    if self.speculation is not None and result.hidden is not None:
+                        # the state whose LM head gave the last token (Medusa heads' input)
+                        self.speculation.note_hidden(seq, result.hidden[i + m])
                 except Exception as e:
                     # One request's bad post-processing (detokenizer, stop check) must not
                     # take the others down: fail just that request and free its blocks.
@@ -308,8 +312,9 @@ class LLMEngine:
         return req.params
 
     def _accept(self, seq: Sequence, req: _Request, item, proposed: int, out, row: int
-                ) -> None:
-        """Verification: outputs the accepted proposals and the target's next token."""
+                ) -> int:
+        """Verification: outputs the accepted proposals and the target's next token;
+        returns how many proposals held."""
         toks = out.token_ids[row:row + proposed + 1]
         m = self.speculation.judge(seq, toks)
         self.scheduler.mark_verified(item, m)
@@ -319,6 +324,7 @@ class LLMEngine:
                                out.top_logprobs[row + j])
             if seq.finish_reason is not None:
                 break
+        return m
 
     def _record_prompt_logprobs(self, pl) -> None:
         seq = pl.seq
@@ -445,6 +451,14 @@ class LLMEngine:
 def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
     """Logits at every position of one prompt ([T, V] fp32): for parity tests and
     perplexity. Needs an idle engine (it borrows KV blocks for the duration)."""
+    hidden = prompt_hidden(engine, token_ids)
+    with torch.inference_mode():
+        return engine.runner.model.compute_logits(hidden)
+
+
+def prompt_hidden(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
+    """Final hidden states at every position of one prompt ([T, H]), as `prompt_logits`
+    (for training heads on them)."""
     from sparsa.core.scheduler import ScheduledSequence, SchedulerOutput
 
     if engine.has_unfinished_requests():
@@ -459,7 +473,6 @@ def prompt_logits(engine: LLMEngine, token_ids: list[int]) -> torch.Tensor:
         sched = SchedulerOutput([ScheduledSequence(seq, len(token_ids))])
         input_ids, positions, meta, _, _ = runner._prepare(sched)
         with torch.inference_mode():
-            hidden = runner.model(input_ids, positions, meta)
-            return runner.model.compute_logits(hidden)
+            return runner.model(input_ids, positions, meta)
     finally:
         engine.block_manager.free(seq)

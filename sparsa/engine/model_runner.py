@@ -41,6 +41,8 @@ class StepResult:
     logits: torch.Tensor | None
     sampled: list = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # the final hidden states of those rows (what Medusa-style heads propose from)
+    hidden: torch.Tensor | None = None
 
 
 def total_memory_bytes(device: torch.device) -> int:
@@ -192,7 +194,7 @@ class ModelRunner:
         if len(rows) < hidden.shape[0]:  # all rows in a decode step: no gather needed
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
             hidden = hidden.index_select(0, idx)
-        return StepResult(self.model.compute_logits(hidden), sampled, prompt)
+        return StepResult(self.model.compute_logits(hidden), sampled, prompt, hidden)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq, row: int, first: int,
                          count: int) -> PromptLogprobs:

@@ -61,6 +61,12 @@ class Speculation:
             for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
                 seq.spec_token_ids = list(toks[:k])
 
+    def note_hidden(self, seq: Sequence, hidden: Any) -> None:
+        """A sequence's latest final hidden state, for proposers that read it."""
+        note = getattr(self.proposer, "note_hidden", None)
+        if note is not None and not seq.is_finished:
+            note(seq.seq_id, hidden)
+
     def timed_step(self, sched: SchedulerOutput, started: float) -> None:
         """After a forward pass: count it, and time it when it was all decode rows."""
         self.stats["passes"] += 1

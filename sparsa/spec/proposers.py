@@ -18,6 +18,12 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
         return DraftModelProposer.load(config, engine.device, engine.hf_config.vocab_size,
                                        runner.block_size, runner.num_blocks,
                                        engine.max_model_len)
+    if config.method == "medusa":
+        from sparsa.spec.medusa import MedusaProposer
+
+        hc = engine.hf_config
+        return MedusaProposer(config.model, engine.model, hc.hidden_size, hc.vocab_size,
+                              engine.dtype)
     if config.method == "self":
         from sparsa.spec.draft import DraftModelProposer
         from sparsa.spec.self_draft import cheaper_copy

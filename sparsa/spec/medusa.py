@@ -1,0 +1,111 @@
+"""Medusa heads: small residual blocks on the target's final hidden state, one per future
+position, that share the target's LM head (Medusa-1). Head i reads h_t, the state whose LM
+head gave the last token x_{t+1}, and guesses x_{t+1+i}; the guesses are the proposals.
+Trained by `sparsa train-draft` on the target's own answers; stored as
+`medusa_heads.safetensors` beside `medusa_config.json`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsa.core.sequence import Sequence
+from sparsa.spec.base import Proposer
+
+CONFIG = "medusa_config.json"
+WEIGHTS = "medusa_heads.safetensors"
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size)
+                                    for _ in range(num_heads))
+        for layer in self.layers:  # start as the LM head itself (a residual of zero)
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+        """[n_heads, B, H]: each head's features, for the LM head."""
+        layers = list(self.layers)[: heads or len(self.layers)]
+        return torch.stack([h + F.silu(layer(h)) for layer in layers])
+
+    def save(self, out: str | Path, base_model: str, vocab_size: int) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                  str(out / WEIGHTS))
+        (out / CONFIG).write_text(json.dumps({
+            "num_heads": len(self.layers), "hidden_size": self.layers[0].in_features,
+            "vocab_size": vocab_size, "base_model": base_model}, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, hidden_size: int, vocab_size: int) -> MedusaHeads:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, weights = path / CONFIG, path / WEIGHTS
+        if not cfg_file.is_file() or not weights.is_file():
+            raise ValueError(f"{path} holds no Medusa heads ({CONFIG} and {WEIGHTS}); "
+                             "train them with `sparsa train-draft`")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+            n, h, v = int(cfg["num_heads"]), int(cfg["hidden_size"]), int(cfg["vocab_size"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{cfg_file} is not a Medusa config: {e}") from None
+        if h != hidden_size or v != vocab_size:
+            raise ValueError(f"the Medusa heads in {path} were trained for hidden size {h} and "
+                             f"a vocabulary of {v}; this model has {hidden_size} and "
+                             f"{vocab_size}")
+        heads = cls(h, n)
+        try:
+            heads.load_state_dict(load_file(str(weights)))
+        except RuntimeError as e:
+            raise ValueError(f"{weights} does not match its config: {e}") from None
+        return heads.eval()
+
+
+class MedusaProposer(Proposer):
+    """Proposals from the heads on each sequence's last hidden state (the engine hands
+    it over after every step), through the target's own LM head, greedy."""
+
+    def __init__(self, path: str, model: nn.Module, hidden_size: int, vocab_size: int,
+                 dtype: torch.dtype):
+        self.heads = MedusaHeads.load(path, hidden_size, vocab_size).to(dtype)
+        self.model = model
+        self.hidden: dict[int, torch.Tensor] = {}
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads.layers)
+
+    def note_hidden(self, seq_id: int, h: torch.Tensor) -> None:
+        self.hidden[seq_id] = h
+
+    def retain(self, seq_ids: Collection[int]) -> None:
+        for sid in [s for s in self.hidden if s not in seq_ids]:
+            del self.hidden[sid]
+
+    @torch.inference_mode()
+    def propose(self, seqs: Seq[Sequence], max_tokens: Seq[int]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in seqs]
+        rows = [i for i, s in enumerate(seqs) if s.seq_id in self.hidden]
+        if not rows:
+            return out
+        k = min(max(max_tokens[i] for i in rows), self.num_heads)
+        h = torch.stack([self.hidden[seqs[i].seq_id] for i in rows])
+        feats = self.heads(h, k)  # [k, B, H]
+        toks = self.model.compute_logits(feats.reshape(-1, h.shape[-1])).argmax(-1)
+        toks = toks.view(k, len(rows)).t().tolist()
+        for r, i in enumerate(rows):
+            out[i] = toks[r][: max_tokens[i]]
+        return out
