@@ -73,6 +73,8 @@ class SamplingParams:
         include_stop_str_in_output: keep the matched stop string in the output text.
         guided_decoding: hold the output to a JSON schema, JSON object, regex, choice
             list or grammar (`sparsa.structured.GuidedDecoding`, or a dict of its fields).
+        speculate: with an engine built with `speculative_config`, False keeps this
+            request on plain decoding (its outputs are the same either way).
     """
 
     n: int = 1
@@ -96,6 +98,7 @@ class SamplingParams:
     # structured output: a `sparsa.structured.GuidedDecoding` or a dict of its fields
     # (json / json_object / regex / choice / grammar); None generates freely
     guided_decoding: Any = None
+    speculate: bool = True
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -134,7 +137,8 @@ class SamplingParams:
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}.")
             setattr(self, name, value)
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "speculate"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r} ({_type_name(value)}).")

@@ -43,7 +43,8 @@ class Speculation:
         rows, tokens = len(running), float(len(running))
         for seq in running:
             p = params_of(seq)
-            if p is None or seq.spec_token_ids or seq.num_uncomputed_tokens != 1:
+            if (p is None or not p.speculate or seq.spec_token_ids
+                    or seq.num_uncomputed_tokens != 1):
                 continue
             left = p.max_tokens - len(seq.output_token_ids) if p.max_tokens is not None \
                 else max_model_len

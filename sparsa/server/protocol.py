@@ -91,6 +91,8 @@ class _Sampling(BaseModel):
     guided_regex: Text | None = None
     guided_choice: Annotated[list[Text], Field(min_length=1, max_length=256)] | None = None
     guided_grammar: Text | None = None
+    # Sparsa's: false keeps this request off speculative decoding (same outputs)
+    speculate: bool = True
     # lower runs first under --scheduling-policy priority; refused under fcfs
     priority: Annotated[int, Field(ge=INT32[0], le=INT32[1])] = 0
 
@@ -126,6 +128,7 @@ class _Sampling(BaseModel):
             stop=self.stop, stop_token_ids=self.stop_token_ids, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            speculate=self.speculate,
         )
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                         min_p=self.min_p, repetition_penalty=self.repetition_penalty,

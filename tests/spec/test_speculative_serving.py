@@ -43,3 +43,21 @@ def test_server_speculates_and_reports_it(tmp_path):
         drafts = [line for line in text.splitlines()
                   if line.startswith("sparsa_spec_decode_num_draft_tokens_total")]
         assert drafts and float(drafts[0].split()[-1]) > 0
+
+
+def test_a_request_can_stay_off_speculation(tmp_path):
+    from tests.tiny_models import build_tiny_checkpoint
+
+    _, path = build_tiny_checkpoint("llama", tmp_path / "m")
+    llm = LLM(str(path), dtype="float32", num_kv_blocks=64, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+        "adaptive": False})
+    prompt = [1] + [5, 6, 7] * 6
+    off = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, speculate=False)
+    a = llm.generate([prompt], off)[0].outputs[0].token_ids
+    assert llm.engine.stats()["speculative"]["proposed"] == 0
+    on = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    assert llm.generate([prompt], on)[0].outputs[0].token_ids == a
+    assert llm.engine.stats()["speculative"]["proposed"] > 0
+    with pytest.raises(ValueError, match="speculate must be a bool"):
+        SamplingParams(speculate="no")
