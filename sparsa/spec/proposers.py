@@ -16,7 +16,7 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
 
         runner = engine.runner
         return DraftModelProposer.load(config, engine.device, engine.hf_config.vocab_size,
-                                       runner.block_size, runner.num_blocks,
+                                       runner.block_size, _draft_blocks(config, engine),
                                        engine.max_model_len)
     if config.method == "medusa":
         from sparsa.spec.medusa import MedusaProposer
@@ -31,7 +31,19 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
         runner = engine.runner
         model = cheaper_copy(engine.model, config.draft_top_k, config.draft_layers)
         return DraftModelProposer(model, engine.dtype, engine.device, runner.block_size,
-                                  runner.num_blocks, engine.max_model_len,
+                                  _draft_blocks(config, engine), engine.max_model_len,
                                   f"self-draft (top-{config.draft_top_k} routing, "
                                   f"{config.draft_layers or 'all'} layers)")
     raise ValueError(f"no proposer for speculative method {config.method!r}")
+
+
+def _draft_blocks(config: SpeculativeConfig, engine) -> int:
+    """The draft's KV pool: as many blocks as the sequences that can speculate at once
+    (below disable_by_batch_size, at most max_num_seqs) need for a whole context, never
+    more than the target's pool (a self-draft's K/V are as large as the target's)."""
+    runner = engine.runner
+    seqs = engine.config.scheduler.max_num_seqs
+    if config.disable_by_batch_size is not None:
+        seqs = min(seqs, config.disable_by_batch_size - 1)
+    per_seq = -(-engine.max_model_len // runner.block_size)
+    return max(1, min(runner.num_blocks, max(seqs, 1) * per_seq))
