@@ -13,6 +13,7 @@
     sparsa bench greedy F.gguf       greedy tokens of Sparsa and llama.cpp on one GGUF file
     sparsa bench structured M        the cost of a JSON-schema constraint (structured.py)
     sparsa bench spec M              speculative decoding vs plain, batch 1 (speculative.py)
+    sparsa bench cascade ...         a small -> large cascade's speed and quality (cascade.py)
 
 The peers' installers and workers live in peers/.
 """
@@ -31,6 +32,7 @@ SUBCOMMANDS = {
     "greedy": "sparsa.bench.greedy",
     "structured": "sparsa.bench.structured",
     "spec": "sparsa.bench.speculative",
+    "cascade": "sparsa.bench.cascade",
 }
 
 
