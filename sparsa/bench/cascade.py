@@ -19,7 +19,7 @@ PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park"
 
 def _perplexity(llm, outs) -> float:
     """The large model's perplexity of the answers (given their prompts)."""
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
 
     nll, n = 0.0, 0
     for o in outs:

@@ -75,7 +75,7 @@ def evaluate_perplexity(llm, documents: list[str], *, context_len: int | None = 
     first predicted. "llamacpp": llama-perplexity's: the tokens cut into chunks of
     `context_len`, each starting with BOS, and only each chunk's second half scored (the
     first half is context), so its figure and this one can be compared."""
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
     from sparsa.layers.quantization import module_bytes
 
     engine = llm.engine

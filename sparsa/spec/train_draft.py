@@ -59,7 +59,7 @@ def collect(llm, prompts: list[str], answer_tokens: int, heads: int
     """(hidden [N, H], labels [N, heads]): at each answer position t, h_t and the tokens
     x_{t+2} .. x_{t+1+heads} (-100 past the end)."""
     from sparsa import SamplingParams
-    from sparsa.engine.llm_engine import prompt_hidden
+    from sparsa.engine.scoring import prompt_hidden
 
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     outs = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=answer_tokens))

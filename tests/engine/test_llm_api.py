@@ -88,7 +88,7 @@ def test_stop_strings_and_stop_token_ids(moe):
 
 
 def test_logprobs_match_log_softmax(moe):
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
 
     out = moe.generate([[1, 400, 300]], SamplingParams(temperature=0, max_tokens=2,
                                                        logprobs=3, ignore_eos=True))[0]
@@ -186,7 +186,7 @@ def test_missing_and_corrupt_tensors(tiny, tmp_path):
 def test_sharded_checkpoint_loads_identically(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
 
     hf = AutoModelForCausalLM.from_pretrained(str(tiny))
     sharded = tmp_path / "sharded"

@@ -8,7 +8,7 @@ import torch
 
 from sparsa import LLM
 from sparsa.config import ModelConfig
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from sparsa.layers.quantization.modules import Int4Linear, Int8Linear
 from sparsa.loader.model_loader import load_model
 from tests.tiny_models import build_tiny_checkpoint

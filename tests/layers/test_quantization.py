@@ -156,7 +156,7 @@ def test_quantize_model_stats_and_bytes():
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_tiny_moe_model_logits_close(method, tmp_path):
     from sparsa import LLM
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
     from tests.tiny_models import build_tiny_checkpoint
 
     _, path = build_tiny_checkpoint("mixtral", tmp_path / "m")
@@ -202,7 +202,7 @@ def test_bf16_checkpoint_keeps_bf16_weights_and_matches_transformers(arch, tmp_p
     from transformers import AutoModelForCausalLM
 
     from sparsa import LLM, SamplingParams
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
     from tests.tiny_models import build_tiny_checkpoint
 
     hf, _ = build_tiny_checkpoint(arch, tmp_path / "fp32")

@@ -96,7 +96,7 @@ def test_streamed_dummy_matches_transformers(tmp_path, name, dtype):
     shapes) and Sparsa's fp32 logits on it match transformers' within 1e-4."""
     from transformers import AutoModelForCausalLM
 
-    from sparsa.engine.llm_engine import prompt_logits
+    from sparsa.engine.scoring import prompt_logits
 
     cfg = DEEPSEEK_V2 if name == "deepseek_v2" else dict(TINY_CONFIGS[name],
                                                         num_hidden_layers=3)

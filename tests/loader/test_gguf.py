@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsa import LLM, SamplingParams
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from tests.tiny_models import build_tiny_checkpoint
 
 gguf = pytest.importorskip("gguf")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sparsa import LLM, SamplingParams
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from sparsa.loader.gguf_file import gguf_config
 from tests.loader.gguf_writer import write_gguf
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig
 
 from sparsa import LLM, SamplingParams
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from sparsa.models.builtin_configs import builtin_config
 from sparsa.models.deepseek_v2 import (
     DeepseekV2MoE,

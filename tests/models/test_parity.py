@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsa import LLM, SamplingParams
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 ATOL = 1e-4

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from sparsa import LLM
 from sparsa.config import OffloadConfig
-from sparsa.engine.llm_engine import prompt_logits
+from sparsa.engine.scoring import prompt_logits
 from sparsa.layers.moe import moe_blocks
 from sparsa.layers.quantization import matmul as qmatmul
 from sparsa.layers.quantization.schemes import dequantize_int4_packed, dequantize_int8
