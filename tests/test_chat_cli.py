@@ -13,17 +13,21 @@ from tests.server.conftest import build_tiny_chat_model
 pexpect = pytest.importorskip("pexpect")
 
 
+def _chat(model, *args: str):
+    """`sparsa chat MODEL` in a pseudo-terminal, greedy and in fp32."""
+    return pexpect.spawn(sys.executable, ["-m", "sparsa", "chat", str(model), "--temperature",
+                                          "0", "--dtype", "float32", *args],
+                         encoding="utf-8", timeout=120)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return build_tiny_chat_model(tmp_path_factory.mktemp("chat"))
 
 
 def test_a_chat_session_in_a_terminal(model):
-    child = pexpect.spawn(sys.executable, ["-m", "sparsa", "chat", str(model),
-                                           "--max-tokens", "12", "--temperature", "0",
-                                           "--dtype", "float32", "--kv-cache-memory", "8MiB",
-                                           "--system", "Be brief."],
-                          encoding="utf-8", timeout=120)
+    child = _chat(model, "--max-tokens", "12", "--kv-cache-memory", "8MiB",
+                  "--system", "Be brief.")
     try:
         child.expect_exact(">>> ")
         child.sendline("Hello there")
@@ -74,11 +78,8 @@ def endless_model(tmp_path_factory):
 def test_ctrl_c_stops_the_answer_and_not_the_program(endless_model):
     """Ctrl-C while an answer streams: the answer stops (marked), the prompt comes back and
     the next question is answered in full."""
-    child = pexpect.spawn(sys.executable, ["-m", "sparsa", "chat", str(endless_model),
-                                           "--max-tokens", "4000", "--temperature", "0",
-                                           "--dtype", "float32", "--max-model-len", "8192",
-                                           "--kv-cache-memory", "64MiB"],
-                          encoding="utf-8", timeout=120)
+    child = _chat(endless_model, "--max-tokens", "4000", "--max-model-len", "8192",
+                  "--kv-cache-memory", "64MiB")
     try:
         child.expect_exact(">>> ")
         child.sendline("Tell me a long story")

@@ -264,13 +264,15 @@ class LLMEngine:
             # a sequence verifying k proposals has k + 1 rows; row j is sampled as if the
             # first j proposals were already output (penalties, min_tokens see them)
             verifying = {it.seq.seq_id: (it, it.num_verified) for it in sched.scheduled
-                         if it.num_verified}
-            contexts, row_in_seq = [], []
-            for i, seq in enumerate(sampled):
-                j = row_in_seq[-1] + 1 if i and sampled[i - 1] is seq else 0
-                row_in_seq.append(j)
-                contexts.append(seq.output_token_ids + seq.spec_token_ids[:j] if j
-                                else seq.output_token_ids)
+                         if it.num_verified} if self.speculation is not None else {}
+            contexts = [s.output_token_ids for s in sampled]
+            row_in_seq = [0] * len(sampled)
+            if verifying:  # only then does a sequence have more than one row
+                for i in range(1, len(sampled)):
+                    if sampled[i - 1] is sampled[i]:
+                        j = row_in_seq[i] = row_in_seq[i - 1] + 1
+                        seq = sampled[i]
+                        contexts[i] = seq.output_token_ids + seq.spec_token_ids[:j]
             out = self.sampler(
                 logits,
                 [r.params for r in reqs],
@@ -293,7 +295,7 @@ class LLMEngine:
                     else:
                         self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
                                            out.top_logprobs[i])
-                    if self.speculation is not None and result.hidden is not None:
+                    if self.speculation is not None and self.speculation.wants_hidden:
                         # the state whose LM head gave the last token (Medusa heads' input)
                         self.speculation.note_hidden(seq, result.hidden[i + m])
                 except Exception as e:

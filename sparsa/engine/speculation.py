@@ -21,6 +21,8 @@ class Speculation:
         self.proposer = make_proposer(config, engine)
         self.control = SpecController(config.num_speculative_tokens) if config.adaptive \
             else None
+        # proposers that read each sequence's last hidden state (Medusa heads) take it here
+        self._note_hidden = getattr(self.proposer, "note_hidden", None)
         # proposals made and accepted, steps that verified some, forward passes in all
         self.stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
 
@@ -62,11 +64,14 @@ class Speculation:
             for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
                 seq.spec_token_ids = list(toks[:k])
 
+    @property
+    def wants_hidden(self) -> bool:
+        return self._note_hidden is not None
+
     def note_hidden(self, seq: Sequence, hidden: Any) -> None:
         """A sequence's latest final hidden state, for proposers that read it."""
-        note = getattr(self.proposer, "note_hidden", None)
-        if note is not None and not seq.is_finished:
-            note(seq.seq_id, hidden)
+        if self._note_hidden is not None and not seq.is_finished:
+            self._note_hidden(seq.seq_id, hidden)
 
     def timed_step(self, sched: SchedulerOutput, started: float) -> None:
         """After a forward pass: count it, and time it when it was all decode rows."""

@@ -50,6 +50,17 @@ def build_tiny_chat_model(out_dir: Path, arch: str = "llama") -> Path:
     return out_dir
 
 
+def smollm2_gguf(hint: str = "set SPARSA_SHARED") -> Path:
+    """The real chat model's GGUF file in ../shared; skips the test when it is missing."""
+    from sparsa.tokenizer import shared_dir
+
+    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
+        "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not found ({hint})")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

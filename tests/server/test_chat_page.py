@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.server.conftest import API_KEY, make_server
+from tests.server.conftest import API_KEY, make_server, smollm2_gguf
 
 CHROMIUM = os.environ.get("SPARSA_CHROMIUM") or shutil.which("chromium") or \
     shutil.which("chromium-browser")
@@ -72,12 +72,7 @@ def test_chat_page_streams_an_answer(server, browser):
 
 @pytest.fixture(scope="module")
 def smol_server():
-    from sparsa.tokenizer import shared_dir
-
-    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set SPARSA_SHARED to the shared folder)")
+    path = smollm2_gguf("set SPARSA_SHARED to the shared folder")
     # weights decoded to fp32 (quantization "none"): transformers' arithmetic, whose greedy
     # answer to the first question is known ("The capital of France is Paris.")
     with make_server(path, model={"quantization": "none", "max_model_len": 1024},

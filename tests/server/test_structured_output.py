@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.server.conftest import API_KEY, MODEL, make_server
+from tests.server.conftest import API_KEY, MODEL, make_server, smollm2_gguf
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -59,12 +59,7 @@ QUESTIONS = ["Describe a person.", "Tell me about a city.", "Give some tags for 
 
 @pytest.fixture(scope="module")
 def smol():
-    from sparsa.tokenizer import shared_dir
-
-    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set SPARSA_SHARED)")
+    path = smollm2_gguf()
     with make_server(path, model={"quantization": None, "max_model_len": 1024},
                      cache={"num_blocks": 512}) as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key=API_KEY, max_retries=0,

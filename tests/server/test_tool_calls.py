@@ -12,7 +12,7 @@ import pytest
 
 from sparsa.outputs import CompletionOutput
 from sparsa.server.tool_parser import HermesToolParser, get_tool_parser
-from tests.server.conftest import API_KEY, MODEL, make_server
+from tests.server.conftest import API_KEY, MODEL, make_server, smollm2_gguf
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llguidance")
@@ -365,12 +365,7 @@ def test_auto_parses_calls_end_to_end(tiny, stream, parallel):
 # ---- SmolLM2-135M-Instruct -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smol():
-    from sparsa.tokenizer import shared_dir
-
-    path = shared_dir() / "models" / "smollm2-135m-instruct" / \
-        "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found (set SPARSA_SHARED)")
+    path = smollm2_gguf()
     with make_server(path, model={"quantization": None, "max_model_len": 2048},
                      cache={"num_blocks": 512}) as s:
         yield openai.OpenAI(base_url=s.url + "/v1", api_key=API_KEY, max_retries=0,
