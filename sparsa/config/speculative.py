@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from sparsa.config.base import check_choice
+from sparsa.spec.tree import check_tree_shape
 
 METHODS = ("ngram", "draft_model", "self", "medusa")
 # named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
@@ -33,12 +34,17 @@ class SpeculativeConfig:
         itself with its weights shared, routing each token to draft_top_k experts instead
         of its top-k, and/or running only its first draft_layers layers (then the final
         norm and LM head); the draft keeps its own KV cache.
+    token_tree: "ngram" and "medusa": verify a tree of candidates instead of one chain,
+        given as Medusa's choices / vLLM's speculative_token_tree: each node is the path of
+        candidate ranks leading to it ([0] the best first token, [0, 1] the second best
+        after it; a parent before its children). num_speculative_tokens (default: the
+        node count) keeps the first nodes; every node costs a row of the verifying pass.
     disable_by_batch_size: no proposals while this many sequences run (a large batch is
         compute-bound: verifying proposals would cost more than it saves); None: always.
     """
 
     method: str = "ngram"
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int | None = None  # None: 4, or the token tree's node count
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 5
     disable_by_batch_size: int | None = 8
@@ -47,16 +53,33 @@ class SpeculativeConfig:
     quantization: str | None = None
     draft_top_k: int = 1
     draft_layers: int | None = None
+    token_tree: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if self.method in PLANNED:
             raise ValueError(f"speculative method {self.method!r} is not implemented yet "
                              f"(available: {', '.join(METHODS)})")
         check_choice("speculative_config method", self.method, METHODS)
+        if self.token_tree is not None:
+            if self.method not in ("ngram", "medusa"):
+                raise ValueError("speculative_config token_tree is for methods 'ngram' and "
+                                 f"'medusa', not {self.method!r}")
+            if not isinstance(self.token_tree, (list, tuple)):
+                raise ValueError("speculative_config token_tree must be a list of rank "
+                                 f"paths; got {self.token_tree!r}")
+            self.token_tree = [list(p) for p in check_tree_shape(self.token_tree)]
+            if self.num_speculative_tokens is None:
+                self.num_speculative_tokens = len(self.token_tree)
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = 4
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"speculative_config {name} must be an int >= 1; got {v!r}")
+        if self.token_tree is not None and self.num_speculative_tokens > len(self.token_tree):
+            raise ValueError(f"speculative_config num_speculative_tokens "
+                             f"({self.num_speculative_tokens}) is more than the token_tree's "
+                             f"{len(self.token_tree)} nodes")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("speculative_config prompt_lookup_min must be <= "
                              f"prompt_lookup_max; got {self.prompt_lookup_min} > "

@@ -95,7 +95,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.spec_token_ids = []
+        seq.clear_proposals()
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -128,6 +128,8 @@ class Scheduler:
         seq.num_computed_tokens += item.num_new_tokens - (proposed - num_accepted)
         # the accepted ones stay readable (token_at) until the caller outputs them, so the
         # prefix cache can hash the blocks they complete
+        if seq.spec_parents is not None:
+            raise ValueError("a token tree's accepted path must be made a chain first")
         del seq.spec_token_ids[num_accepted:]
         self.blocks.trim(seq)
         self.blocks.register_computed(seq)
@@ -153,7 +155,7 @@ class Scheduler:
                 continue
             if seq.spec_token_ids and (seq.num_uncomputed_tokens > budget or not
                                        self.blocks.can_allocate(seq, seq.num_uncomputed_tokens)):
-                seq.spec_token_ids = []  # proposals are optional: never worth a preemption
+                seq.clear_proposals()  # proposals are optional: never worth a preemption
             n = self._num_new_tokens(seq, budget)
             if n == 0:
                 continue

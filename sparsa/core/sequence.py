@@ -45,6 +45,9 @@ class Sequence:
     # speculative decoding: proposed next tokens, computed (and verified) in the next step
     # after the last sampled token; they are not output until the target accepts them
     spec_token_ids: list[int] = field(default_factory=list)
+    # a token tree's parents (index into spec_token_ids, -1: the last sampled token), in
+    # topological order; None: the proposals are a chain
+    spec_parents: list[int] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -62,6 +65,14 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         """Tokens the next steps must compute, proposed ones included."""
         return self.num_tokens + len(self.spec_token_ids) - self.num_computed_tokens
+
+    def set_proposals(self, tokens: list[int], parents: list[int] | None = None) -> None:
+        self.spec_token_ids = tokens
+        self.spec_parents = parents
+
+    def clear_proposals(self) -> None:
+        self.spec_token_ids = []
+        self.spec_parents = None
 
     @property
     def is_finished(self) -> bool:

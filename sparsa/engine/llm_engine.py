@@ -257,6 +257,8 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for pl in result.prompt_logprobs:
             self._record_prompt_logprobs(pl)
+        for seq, pos, hidden in result.prompt_hidden:
+            self.speculation.note_hidden(seq, hidden, pos)
         if sampled:
             reqs = [self._seq_to_req[s.seq_id] for s in sampled]
             if self.guides.matchers:
@@ -272,7 +274,8 @@ class LLMEngine:
                     if sampled[i - 1] is sampled[i]:
                         j = row_in_seq[i] = row_in_seq[i - 1] + 1
                         seq = sampled[i]
-                        contexts[i] = seq.output_token_ids + seq.spec_token_ids[:j]
+                        contexts[i] = (seq.output_token_ids
+                                       + self.speculation.row_context(seq, j))
             out = self.sampler(
                 logits,
                 [r.params for r in reqs],
@@ -289,15 +292,18 @@ class LLMEngine:
                 if req.request_id not in self.requests:
                     continue  # failed earlier in this step (another of its n samples)
                 try:
-                    m = 0
+                    rows = [0]  # the rows (from i) of the tokens output
+                    pos = seq.num_computed_tokens - 1  # the position row i computed
                     if seq.seq_id in verifying:
-                        m = self._accept(seq, req, *verifying[seq.seq_id], out, i)
+                        rows = self._accept(seq, req, *verifying[seq.seq_id], out, i)
+                        pos = seq.num_computed_tokens - len(rows)
                     else:
                         self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
                                            out.top_logprobs[i])
                     if self.speculation is not None and self.speculation.wants_hidden:
-                        # the state whose LM head gave the last token (Medusa heads' input)
-                        self.speculation.note_hidden(seq, result.hidden[i + m])
+                        # the states whose LM head gave the tokens output (the heads' input)
+                        idx = torch.tensor(rows, device=result.hidden.device) + i
+                        self.speculation.note_hidden(seq, result.hidden[idx], pos)
                 except Exception as e:
                     # One request's bad post-processing (detokenizer, stop check) must not
                     # take the others down: fail just that request and free its blocks.
@@ -316,17 +322,33 @@ class LLMEngine:
     def _accept(self, seq: Sequence, req: _Request, item, proposed: int, out, row: int
                 ) -> int:
         """Verification: outputs the accepted proposals and the target's next token;
-        returns how many proposals held."""
+        returns the rows (from `row`) whose tokens were output."""
         toks = out.token_ids[row:row + proposed + 1]
-        m = self.speculation.judge(seq, toks)
-        self.scheduler.mark_verified(item, m)
-        seq.spec_token_ids = []
-        for j in range(m + 1):
-            self._append_token(seq, req, toks[j], out.logprobs[row + j],
-                               out.top_logprobs[row + j])
+        path = self.speculation.judge(seq, toks)
+        rows = [0] + [n + 1 for n in path]  # the rows whose sampled tokens are output
+        if seq.spec_parents is not None:
+            self._chain_path(seq, path)
+        self.scheduler.mark_verified(item, len(path))
+        seq.clear_proposals()
+        for r in rows:
+            self._append_token(seq, req, toks[r], out.logprobs[row + r],
+                               out.top_logprobs[row + r])
             if seq.finish_reason is not None:
                 break
-        return m
+        return rows
+
+    def _chain_path(self, seq: Sequence, path: list[int]) -> None:
+        """A token tree's accepted path becomes the chain plain decoding would have made:
+        its nodes' K/V move to the slots after the last token, and its tokens lead the
+        proposals (the scheduler keeps the first len(path) of them)."""
+        root = seq.num_computed_tokens  # the last sampled token's slot; node i is in root+1+i
+        moved = [(root + 1 + n, root + 1 + d) for d, n in enumerate(path) if n != d]
+        if moved:
+            self.runner.move_kv(seq, [a for a, _ in moved], [b for _, b in moved])
+        toks = seq.spec_token_ids
+        chosen = set(path)
+        seq.set_proposals([toks[n] for n in path]
+                          + [t for n, t in enumerate(toks) if n not in chosen])
 
     def _record_prompt_logprobs(self, pl) -> None:
         seq = pl.seq

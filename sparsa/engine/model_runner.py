@@ -11,6 +11,7 @@ from torch import nn
 from sparsa.config import CacheConfig, parse_size
 from sparsa.core.scheduler import SchedulerOutput
 from sparsa.layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from sparsa.spec import tree
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class StepResult:
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     # the final hidden states of those rows (what Medusa-style heads propose from)
     hidden: torch.Tensor | None = None
+    # with `ModelRunner.keep_prompt_hidden`: each prompt chunk's sequence, first position
+    # and final hidden states [n, H] (EAGLE-style drafts read every position's state)
+    prompt_hidden: list[tuple[object, int, torch.Tensor]] = field(default_factory=list)
 
 
 def total_memory_bytes(device: torch.device) -> int:
@@ -76,6 +80,8 @@ class ModelRunner:
         self.expert_history = getattr(offload, "history", None)
         self.offload_observers = offload.step_observers() if offload is not None else []
         self.dtype = dtype
+        # hand back every prompt chunk's hidden states (StepResult.prompt_hidden)
+        self.keep_prompt_hidden = False
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
         bytes_per_block = sum(
@@ -125,6 +131,8 @@ class ModelRunner:
         # next position's token, so the chunk [start, start+n) scores prompt tokens
         # start+1 .. min(start+n, P-1)
         self._prompt_rows: list[tuple[object, int, int, int]] = []
+        self._chunks: list[tuple[object, int, int, int]] = []  # (seq, row, position, n)
+        tree_rows: list[tuple[int, int]] = []  # per decode row, once a token tree is seen
         for item in items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
@@ -136,14 +144,27 @@ class ModelRunner:
                 slots.append(table[pos // bs] * bs + pos % bs)
             if n == 1 or item.num_verified:
                 # a verified proposal is one more decode row of the same sequence whose
-                # context ends at its own position: causal, and on the decode kernels
+                # context ends at its own slot: causal, and on the decode kernels
                 for j in range(n):
                     decode_tables.append(table)
                     decode_lens.append(start + j + 1)
+                parents = seq.spec_parents if item.num_verified else None
+                if parents is not None:
+                    # a token tree: node i sits in slot start + 1 + i at its depth's
+                    # position and sees the prefix, its ancestors and itself
+                    if not tree_rows:
+                        tree_rows = [(1 << 62, 0)] * (len(decode_lens) - n)
+                    for i, d in enumerate(tree.depths(parents)):
+                        positions[q_start + 1 + i] = start + d
+                    tree_rows.append((1 << 62, 0))
+                    tree_rows += [(start + 1, b) for b in tree.visible_bits(parents)]
+                elif tree_rows:
+                    tree_rows += [(1 << 62, 0)] * n
             else:
                 prefills.append(
                     PrefillChunk(q_start, n, start + n, torch.tensor(table, dtype=torch.long))
                 )
+                self._chunks.append((seq, q_start, start, n))
             if seq.needs_prompt_logits:
                 count = min(start + n, seq.num_prompt_tokens - 1) - start
                 if count > 0:
@@ -161,6 +182,8 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
             meta.decode_max_len = max(decode_lens)
+            if tree_rows:
+                meta.decode_tree = torch.tensor(tree_rows, dtype=torch.long, device=dev)
         for p in prefills:
             p.block_table = p.block_table.to(dev)
         meta.prefills = prefills
@@ -189,12 +212,26 @@ class ModelRunner:
         for obs in self._step_observers():
             obs.end_step()
         prompt = [self._prompt_logprobs(hidden, *r) for r in self._prompt_rows]
+        chunks = [(seq, pos, hidden[row:row + n]) for seq, row, pos, n in self._chunks] \
+            if self.keep_prompt_hidden else []
         if not rows:
-            return StepResult(None, [], prompt)
+            return StepResult(None, [], prompt, None, chunks)
         if len(rows) < hidden.shape[0]:  # all rows in a decode step: no gather needed
             idx = torch.tensor(rows, dtype=torch.long, device=self.device)
             hidden = hidden.index_select(0, idx)
-        return StepResult(self.model.compute_logits(hidden), sampled, prompt, hidden)
+        return StepResult(self.model.compute_logits(hidden), sampled, prompt, hidden, chunks)
+
+    @torch.inference_mode()
+    def move_kv(self, seq, src: list[int], dst: list[int]) -> None:
+        """Copies the K/V of positions `src` of `seq` to positions `dst` in every layer (a
+        token tree's accepted path, moved to the consecutive slots plain decoding uses)."""
+        bs, table = self.block_size, seq.block_table
+        idx = [torch.tensor([table[p // bs] * bs + p % bs for p in ps], dtype=torch.long,
+                            device=self.device) for ps in (src, dst)]
+        for layer in self.model.attention_layers():
+            for pool in (layer.kv_cache.k, layer.kv_cache.v):
+                flat = pool.view(-1, *pool.shape[2:])
+                flat.index_copy_(0, idx[1], flat.index_select(0, idx[0]))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq, row: int, first: int,
                          count: int) -> PromptLogprobs:

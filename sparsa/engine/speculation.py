@@ -11,6 +11,7 @@ from typing import Any
 from sparsa.config.speculative import SpeculativeConfig
 from sparsa.core.scheduler import SchedulerOutput
 from sparsa.core.sequence import Sequence
+from sparsa.spec import tree
 from sparsa.spec.dynamic import SpecController
 from sparsa.spec.proposers import make_proposer
 
@@ -19,10 +20,15 @@ class Speculation:
     def __init__(self, config: SpeculativeConfig, engine: Any):
         self.config = config
         self.proposer = make_proposer(config, engine)
+        # a token tree's shape (rank paths), or None for chains
+        self.shape = [tuple(p) for p in config.token_tree] if config.token_tree else None
         self.control = SpecController(config.num_speculative_tokens) if config.adaptive \
             else None
-        # proposers that read each sequence's last hidden state (Medusa heads) take it here
+        # proposers that read the target's hidden states (Medusa, EAGLE) take them here;
+        # those that read every position's (EAGLE) get the prompt's too
         self._note_hidden = getattr(self.proposer, "note_hidden", None)
+        engine.runner.keep_prompt_hidden = bool(getattr(self.proposer, "wants_prompt_hidden",
+                                                        False))
         # proposals made and accepted, steps that verified some, forward passes in all
         self.stats = {"proposed": 0, "accepted": 0, "verify_steps": 0, "passes": 0}
 
@@ -60,18 +66,28 @@ class Speculation:
             if k >= 1:
                 seqs.append(seq)
                 limits.append(k)
-        if seqs:
-            for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
-                seq.spec_token_ids = list(toks[:k])
+        if not seqs:
+            return
+        if self.shape is not None:
+            for seq, k, (toks, parents) in zip(seqs, limits,
+                                               self.proposer.propose_tree(seqs, self.shape)):
+                toks, parents = tree.prune(toks, parents, k)
+                seq.set_proposals(toks, None if tree.is_chain(parents) else parents)
+            return
+        for seq, k, toks in zip(seqs, limits, self.proposer.propose(seqs, limits)):
+            seq.set_proposals(list(toks[:k]))
 
     @property
     def wants_hidden(self) -> bool:
         return self._note_hidden is not None
 
-    def note_hidden(self, seq: Sequence, hidden: Any) -> None:
-        """A sequence's latest final hidden state, for proposers that read it."""
+    def note_hidden(self, seq: Sequence, hidden: Any, first_pos: int) -> None:
+        """Final hidden states [r, H] of `seq` at positions first_pos .. first_pos + r - 1
+        (the state at p is the one whose LM head scores token p + 1), for proposers that
+        read them. Positions come in order; a repeated one (recomputation after a
+        preemption) replaces what the proposer had from there on."""
         if self._note_hidden is not None and not seq.is_finished:
-            self._note_hidden(seq.seq_id, hidden)
+            self._note_hidden(seq.seq_id, hidden, first_pos)
 
     def timed_step(self, sched: SchedulerOutput, started: float) -> None:
         """After a forward pass: count it, and time it when it was all decode rows."""
@@ -80,20 +96,34 @@ class Speculation:
                                             for it in sched.scheduled):
             self.control.observe_step(sched.num_tokens, time.perf_counter() - started)
 
-    def judge(self, seq: Sequence, sampled: list[int]) -> int:
-        """How many of `seq`'s proposals hold, given the target's token at each of its
-        rows. The target's tokens are sampled as usual, and proposals are accepted while
-        they equal them, then the target's own token follows: for deterministic proposals
-        (n-gram, greedy drafts) this is the rejection-sampling rule (accept with p/q, q
-        one-hot; else draw from the residual), so the output follows the target's
-        distribution exactly, and equals plain greedy decoding at T=0."""
+    @staticmethod
+    def row_context(seq: Sequence, row: int) -> list[int]:
+        """The proposals a verifying sequence's row `row` comes after (row 0: none): the
+        first `row` of a chain, or the path to node row - 1 of a tree."""
+        if seq.spec_parents is None:
+            return seq.spec_token_ids[:row]
+        return [seq.spec_token_ids[n] for n in tree.path_to(seq.spec_parents, row - 1)]
+
+    def judge(self, seq: Sequence, sampled: list[int]) -> list[int]:
+        """Which of `seq`'s proposals hold, given the target's token at each of its rows
+        (row 0 after the last token, row 1 + i after proposal i): the accepted nodes, in
+        order. The target's tokens are sampled as usual; a proposal is accepted when it
+        equals the target's token at its parent, then the target's own token follows. For
+        deterministic proposals (n-gram, greedy drafts and heads, chains or trees) this is
+        the rejection-sampling rule (accept with p/q, q one-hot; else draw from the
+        residual), so the output follows the target's distribution exactly, and equals
+        plain greedy decoding at T=0."""
         drafts = seq.spec_token_ids
-        m = 0
-        while m < len(drafts) and sampled[m] == drafts[m]:
-            m += 1
+        if seq.spec_parents is None:
+            m = 0
+            while m < len(drafts) and sampled[m] == drafts[m]:
+                m += 1
+            path = list(range(m))
+        else:
+            path = tree.walk(drafts, seq.spec_parents, sampled)
         self.stats["proposed"] += len(drafts)
-        self.stats["accepted"] += m
+        self.stats["accepted"] += len(path)
         self.stats["verify_steps"] += 1
         if self.control is not None:
-            self.control.observe_verify(seq.seq_id, len(drafts), m)
-        return m
+            self.control.observe_verify(seq.seq_id, len(drafts), len(path))
+        return path

@@ -36,6 +36,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [S_d, max_blocks] long
     decode_context_lens: torch.Tensor | None = None  # [S_d] long
     decode_max_len: int = 0
+    # token-tree verification [S_d, 2] long: a decode row attends to every position before
+    # decode_tree[s, 0] and, from there, only to positions whose bit is set in
+    # decode_tree[s, 1] (its ancestors in the tree and itself); None: all rows plain
+    decode_tree: torch.Tensor | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     # masks depend only on the layout and the window: built once per step, reused by layers
     _mask_cache: dict = field(default_factory=dict, repr=False)
@@ -60,8 +64,16 @@ def _decode_mask(meta: AttentionMetadata, length: int, window: int | None) -> to
         ctx = meta.decode_context_lens
         pos = torch.arange(length, device=ctx.device)
         mask = pos[None, :] < ctx[:, None]
+        tree = meta.decode_tree
+        if tree is not None:
+            off = pos[None, :] - tree[:, :1]
+            in_tree = (off >= 0) & (off < 64)
+            bit = (tree[:, 1:] >> off.clamp(0, 63)) & 1
+            mask &= ~in_tree | (bit == 1)
         if window is not None:
-            mask &= pos[None, :] >= (ctx[:, None] - window)
+            # the last `window` positions the row attends to (a tree node skips siblings)
+            seen = mask.flip(-1).cumsum(-1).flip(-1)
+            mask &= seen <= window
         mask = mask[:, None, None, :]
         meta._mask_cache[key] = mask
     return mask
@@ -105,7 +117,7 @@ def paged_attention(
     if nd and native_decode(q, kc, vc):
         out[:nd] = ops.paged_decode_attention(
             q[:nd].contiguous(), kc, vc, meta.decode_block_tables, meta.decode_context_lens,
-            scale, sliding_window)
+            scale, sliding_window, meta.decode_tree)
     elif nd:
         bt = meta.decode_block_tables
         nblk = (meta.decode_max_len + bs - 1) // bs

@@ -131,7 +131,7 @@ class Attention(nn.Module):
             cos, sin = rotary.tables_2d(positions)
             return ext.decode_attention_step(
                 qkv, cos, sin, rd, k_pool, v_pool, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens, scale, window, heads, *norms)
+                meta.decode_context_lens, scale, window, heads, *norms, meta.decode_tree)
 
         return step
 

@@ -88,8 +88,8 @@ class MedusaProposer(Proposer):
     def num_heads(self) -> int:
         return len(self.heads.layers)
 
-    def note_hidden(self, seq_id: int, h: torch.Tensor) -> None:
-        self.hidden[seq_id] = h
+    def note_hidden(self, seq_id: int, h: torch.Tensor, first_pos: int) -> None:
+        self.hidden[seq_id] = h[-1]  # the heads read the latest state only
 
     def retain(self, seq_ids: Collection[int]) -> None:
         for sid in [s for s in self.hidden if s not in seq_ids]:
@@ -108,4 +108,26 @@ class MedusaProposer(Proposer):
         toks = toks.view(k, len(rows)).t().tolist()
         for r, i in enumerate(rows):
             out[i] = toks[r][: max_tokens[i]]
+        return out
+
+    @torch.inference_mode()
+    def propose_tree(self, seqs: Seq[Sequence], shape: Seq[tuple[int, ...]]
+                     ) -> list[tuple[list[int], list[int]]]:
+        """Medusa's tree: the node at rank path (r1, .., rd) is head d's r_d-th best token
+        (heads guess each position on their own, so a node's token is its depth's)."""
+        out: list[tuple[list[int], list[int]]] = [([], []) for _ in seqs]
+        rows = [i for i, s in enumerate(seqs) if s.seq_id in self.hidden]
+        if not rows:
+            return out
+        shape = [p for p in shape if len(p) <= self.num_heads]
+        depth = max(len(p) for p in shape)
+        width = max(p[-1] for p in shape) + 1
+        h = torch.stack([self.hidden[seqs[i].seq_id] for i in rows])
+        feats = self.heads(h, depth)  # [depth, B, H]
+        logits = self.model.compute_logits(feats.reshape(-1, h.shape[-1]))
+        top = logits.topk(width, dim=-1).indices.view(depth, len(rows), width).tolist()
+        index = {p: n for n, p in enumerate(shape)}
+        parents = [index[p[:-1]] if len(p) > 1 else -1 for p in shape]
+        for r, i in enumerate(rows):
+            out[i] = ([top[len(p) - 1][r][p[-1]] for p in shape], list(parents))
         return out

@@ -22,8 +22,13 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
         from sparsa.spec.medusa import MedusaProposer
 
         hc = engine.hf_config
-        return MedusaProposer(config.model, engine.model, hc.hidden_size, hc.vocab_size,
-                              engine.dtype)
+        medusa = MedusaProposer(config.model, engine.model, hc.hidden_size, hc.vocab_size,
+                                engine.dtype)
+        deepest = max((len(p) for p in config.token_tree or ()), default=0)
+        if deepest > medusa.num_heads:
+            raise ValueError(f"speculative_config token_tree is {deepest} deep; the Medusa "
+                             f"heads in {config.model} guess {medusa.num_heads} positions")
+        return medusa
     if config.method == "self":
         from sparsa.spec.draft import DraftModelProposer
         from sparsa.spec.self_draft import cheaper_copy

@@ -61,6 +61,16 @@ def test_train_draft_then_speculate_losslessly(chat_model, tmp_path, capsys):
     got = [llm.generate([q], p)[0].outputs[0].token_ids for q in prompts]
     assert got == want
     assert llm.engine.stats()["speculative"]["proposed"] > 0
+    # a Medusa tree (the top-3 first guesses, the top-2 second ones after the best),
+    # batched: still plain greedy decoding's tokens
+    tree = LLM(str(chat_model), dtype="float32", speculative_config={
+        "method": "medusa", "model": str(out), "adaptive": False,
+        "token_tree": [[0], [1], [2], [0, 0], [0, 1], [1, 0]]})
+    assert [o.outputs[0].token_ids for o in tree.generate(prompts, p)] == want
+    assert tree.engine.stats()["speculative"]["proposed"] > 0
+    with pytest.raises(ValueError, match="token_tree is 3 deep"):
+        LLM(str(chat_model), speculative_config={"method": "medusa", "model": str(out),
+                                                 "token_tree": [[0], [0, 0], [0, 0, 0]]})
 
 
 def test_bad_heads_fail_at_construction(chat_model, tmp_path):

@@ -15,6 +15,10 @@ from tests.tiny_models import TINY_CONFIGS, build_tiny_checkpoint
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
         "prompt_lookup_max": 3, "disable_by_batch_size": None, "adaptive": False}
+# a token tree (n-gram: a branch per distinct earlier continuation), verified in one pass
+TREE_SPEC = {**SPEC, "num_speculative_tokens": None,
+             "token_tree": [[0], [1], [0, 0], [1, 0], [2], [0, 0, 0], [0, 1], [1, 0, 0],
+                            [0, 0, 0, 0]]}
 MAX_TOKENS = 40
 
 
@@ -49,13 +53,30 @@ def plain(ckpt):
     return _run(llm, _prompts(), logprobs=0)
 
 
+@pytest.fixture(params=["chain", "tree"])
+def spec(request):
+    return SPEC if request.param == "chain" else TREE_SPEC
+
+
 def _check_equal(got, want):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
-def test_greedy_equal_batched_with_logprobs(ckpt, plain):
-    llm = LLM(ckpt, dtype="float32", num_kv_blocks=256, speculative_config=SPEC)
+def test_greedy_equal_batched_with_logprobs(ckpt, plain, spec, monkeypatch):
+    from sparsa.engine.speculation import Speculation
+
+    off_path = []  # accepted paths that left the first branch (a tree was needed)
+    judge = Speculation.judge
+
+    def counting(self, seq, sampled):
+        path = judge(self, seq, sampled)
+        off_path.append(any(n != d for d, n in enumerate(path)))
+        return path
+
+    monkeypatch.setattr(Speculation, "judge", counting)
+    llm = LLM(ckpt, dtype="float32", num_kv_blocks=256, speculative_config=spec)
     got = _run(llm, _prompts(), logprobs=0)
+    assert any(off_path) == (spec is TREE_SPEC)
     _check_equal(got, plain)
     for g, w in zip(got, plain):
         for a, b, t in zip(g.logprobs, w.logprobs, g.token_ids):
@@ -66,14 +87,14 @@ def test_greedy_equal_batched_with_logprobs(ckpt, plain):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_greedy_equal_alone_chunked_preempted(ckpt, plain):
+def test_greedy_equal_alone_chunked_preempted(ckpt, plain, spec):
     prompts = _prompts()
-    alone = LLM(ckpt, dtype="float32", num_kv_blocks=64, speculative_config=SPEC)
+    alone = LLM(ckpt, dtype="float32", num_kv_blocks=64, speculative_config=spec)
     _check_equal([_run(alone, [p])[0] for p in prompts], plain)
     # a small KV pool forces preemption; a small budget chunks prompts and drops proposals
     tight = LLM(ckpt, dtype="float32", num_kv_blocks=24, block_size=8,
                 max_num_batched_tokens=20, enable_chunked_prefill=True,
-                speculative_config=SPEC)
+                speculative_config=spec)
     engine = tight.engine
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
@@ -89,13 +110,13 @@ def test_greedy_equal_alone_chunked_preempted(ckpt, plain):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_prefix_cache_never_holds_rejected_tokens(tmp_path):
+def test_prefix_cache_never_holds_rejected_tokens(tmp_path, spec):
     """Cached blocks after speculation must hold the tokens that were output: a later
     request whose prompt is that output reuses them and still decodes as plain does."""
     _, path = build_tiny_checkpoint("llama", tmp_path / "m")
     prompts = _prompts(4)
     llm = LLM(str(path), dtype="float32", num_kv_blocks=128, block_size=4,
-              enable_prefix_caching=True, speculative_config=SPEC)
+              enable_prefix_caching=True, speculative_config=spec)
     first = _run(llm, prompts)
     follow = [p + c.token_ids for p, c in zip(prompts, first)]
     plain = LLM(str(path), dtype="float32", num_kv_blocks=128, block_size=4)
@@ -127,7 +148,8 @@ def _run_n(llm, prompt, n):
 def test_sampling_distribution_unchanged(tmp_path):
     """20,000 samples of the second and third generated tokens, which speculation
     produces by verification (n-gram: every token of this prompt recurs in it, so every
-    step proposes; and a draft model): a chi-square homogeneity test against plain
+    step proposes; n-gram token trees: it recurs twice, with two continuations; and a
+    draft model): a chi-square homogeneity test against plain
     sampling passes for both, while one against a biased sampler (temperature 0.7) fails."""
     from scipy.stats import chi2_contingency
 
@@ -149,6 +171,8 @@ def test_sampling_distribution_unchanged(tmp_path):
         kw = {"speculative_config": {**SPEC, "num_speculative_tokens": 2}} if spec else {}
         if spec == "draft":
             kw = {"speculative_config": draft_spec}
+        if spec == "tree":
+            kw = {"speculative_config": {**TREE_SPEC, "token_tree": [[0], [1], [0, 0]]}}
         llm = LLM(str(path), dtype="float32", num_kv_blocks=2048, max_num_seqs=256,
                   enable_prefix_caching=True, **kw)
         params = SamplingParams(temperature=temperature, n=n, max_tokens=3, ignore_eos=True)
@@ -161,6 +185,8 @@ def test_sampling_distribution_unchanged(tmp_path):
     assert stats["verify_steps"] > 1000 and 0 < stats["accepted"] < stats["proposed"]
     drafted, stats = sample("draft", seed=3)
     assert stats["verify_steps"] > 1000 and 0 < stats["accepted"] < stats["proposed"]
+    branched, stats = sample("tree", seed=4)
+    assert stats["verify_steps"] > 1000 and 0 < stats["accepted"] < stats["proposed"]
     biased, _ = sample(True, temperature=0.7, seed=2)
 
     def p_value(a, b, pos):
@@ -172,4 +198,5 @@ def test_sampling_distribution_unchanged(tmp_path):
     for pos in (1, 2):
         assert p_value(base, spec, pos) > 1e-3
         assert p_value(base, drafted, pos) > 1e-3
+        assert p_value(base, branched, pos) > 1e-3
         assert p_value(base, biased, pos) < 1e-6

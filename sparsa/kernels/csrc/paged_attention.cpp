@@ -111,21 +111,38 @@ int64_t check_tables(const int64_t* bt, const int64_t* cl, int64_t S, int64_t W,
   return total;
 }
 
+// The positions one row attends to when it is a node of a token tree (speculative decoding
+// verifies several candidates per position in one pass): every position before the tree's
+// first node `tree[0]`, then the tree nodes [tree[0], ctx) whose bit is set in `tree[1]`
+// (the node's ancestors and itself), the last `window` of them when window > 0. The
+// accepted path's K/V are later moved to consecutive slots, so a node attends to exactly
+// what it will attend to as a plain decode row, in the same order (bit-identical sums).
+void tree_positions(const int64_t* tree, int64_t ctx, int64_t window, std::vector<int64_t>& out) {
+  out.clear();
+  const int64_t start = std::min(tree[0], ctx);
+  const uint64_t bits = static_cast<uint64_t>(tree[1]);
+  for (int64_t p = 0; p < start; ++p) out.push_back(p);
+  for (int64_t p = start; p < ctx && p - start < 64; ++p)
+    if ((bits >> (p - start)) & 1) out.push_back(p);
+  if (window > 0 && static_cast<int64_t>(out.size()) > window)
+    out.erase(out.begin(), out.end() - window);
+}
+
 // Attention of the query heads of kv heads [h0, h1) over one sequence's cached positions
-// (the last `window` when window > 0): q [(h1 - h0) * group, Dk] -> o [.., Dv]. Each
-// position's K (then V) row piece of those heads is read in one go; with all heads that is
-// the whole row, front to back through each block, which the hardware prefetchers follow
-// well even when the cache is cold after a step's weight streaming (one head's 256-byte
-// pieces 1 KB apart they follow badly).
+// (the last `window` when window > 0; or the `n_tree` positions `tree_pos` of a tree node):
+// q [(h1 - h0) * group, Dk] -> o [.., Dv]. Each position's K (then V) row piece of those
+// heads is read in one go; with all heads that is the whole row, front to back through each
+// block, which the hardware prefetchers follow well even when the cache is cold after a
+// step's weight streaming (one head's 256-byte pieces 1 KB apart they follow badly).
 void attend(const float* q, int64_t h0, int64_t h1, int64_t group, const float* kp,
             const float* vp, const int64_t* table, int64_t ctx, int64_t window, int64_t bs,
             int64_t Hkv, int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores,
-            float* o) {
+            float* o, const int64_t* tree_pos = nullptr, int64_t n_tree = 0) {
   const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
-  const int64_t n = ctx - first, nq = (h1 - h0) * group;
+  const int64_t n = tree_pos ? n_tree : ctx - first, nq = (h1 - h0) * group;
   scores.resize(static_cast<size_t>(nq * n));
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first + j;
+    const int64_t pos = tree_pos ? tree_pos[j] : first + j;
     const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk + h0 * Dk;
     for (int64_t i = 0; i < nq; ++i)
       scores[i * n + j] = dot(q + i * Dk, kr + (i / group) * Dk, Dk) * scale;
@@ -133,11 +150,34 @@ void attend(const float* q, int64_t h0, int64_t h1, int64_t group, const float* 
   for (int64_t i = 0; i < nq; ++i) softmax_(scores.data() + i * n, n);
   std::fill(o, o + nq * Dv, 0.f);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = first + j;
+    const int64_t pos = tree_pos ? tree_pos[j] : first + j;
     const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv + h0 * Dv;
     for (int64_t i = 0; i < nq; ++i)
       axpy(scores[i * n + j], vr + (i / group) * Dv, o + i * Dv, Dv);
   }
+}
+
+// attend() for row s, through its tree positions when `tree` ([S, 2]: first node, bits)
+// marks it a tree node.
+void attend_row(int64_t s, const int64_t* tree, const float* q, int64_t h0, int64_t h1,
+                int64_t group, const float* kp, const float* vp, const int64_t* table,
+                int64_t ctx, int64_t window, int64_t bs, int64_t Hkv, int64_t Dk, int64_t Dv,
+                float scale, std::vector<float>& scores, float* o) {
+  if (tree == nullptr || tree[2 * s] >= ctx) {
+    attend(q, h0, h1, group, kp, vp, table, ctx, window, bs, Hkv, Dk, Dv, scale, scores, o);
+    return;
+  }
+  std::vector<int64_t> pos;
+  tree_positions(tree + 2 * s, ctx, window, pos);
+  attend(q, h0, h1, group, kp, vp, table, ctx, window, bs, Hkv, Dk, Dv, scale, scores, o,
+         pos.data(), static_cast<int64_t>(pos.size()));
+}
+
+const int64_t* tree_ptr(const c10::optional<torch::Tensor>& tree, int64_t S) {
+  if (!tree.has_value()) return nullptr;
+  TORCH_CHECK(tree->scalar_type() == torch::kInt64 && tree->dim() == 2 && tree->size(0) == S &&
+              tree->size(1) == 2 && tree->is_contiguous(), "tree must be [S, 2] int64");
+  return tree->data_ptr<int64_t>();
 }
 
 // Runs body(s, h0, h1, scores) over every sequence s. Threads only pay off once a step holds
@@ -165,7 +205,8 @@ void for_each_sequence(int64_t S, int64_t Hkv, int64_t work, const F& body) {
 // Returns [S, Hq, Dv].
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
-                                     double scale, int64_t window) {
+                                     double scale, int64_t window,
+                                     c10::optional<torch::Tensor> tree) {
   const int64_t S = q.size(0), Hq = q.size(1), Dk = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), Dv = vc.size(3);
   const int64_t W = block_tables.size(1);
@@ -179,11 +220,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::T
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t total = check_tables(bt, cl, S, W, bs, kc.size(0));
+  const int64_t* tr = tree_ptr(tree, S);
   for_each_sequence(S, Hkv, total * Hq * (Dk + Dv),
                     [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
     const int64_t q0 = s * Hq + h0 * group;
-    attend(qp + q0 * Dk, h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, Dk, Dv,
-           sc, scores, op + q0 * Dv);
+    attend_row(s, tr, qp + q0 * Dk, h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv,
+               Dk, Dv, sc, scores, op + q0 * Dv);
   });
   return out;
 }
@@ -198,7 +240,8 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
                                     torch::Tensor slots, torch::Tensor block_tables,
                                     torch::Tensor context_lens, double scale, int64_t window,
                                     int64_t Hq, c10::optional<torch::Tensor> q_norm,
-                                    c10::optional<torch::Tensor> k_norm, double eps) {
+                                    c10::optional<torch::Tensor> k_norm, double eps,
+                                    c10::optional<torch::Tensor> tree) {
   const int64_t S = qkv.size(0);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), D = kc.size(3);
   const int64_t W = block_tables.size(1), NB = kc.size(0);
@@ -208,6 +251,7 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t total = check_tables(bt, cl, S, W, bs, NB);
+  const int64_t* tr = tree_ptr(tree, S);
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(sl[s] >= 0 && sl[s] < NB * bs, "slot ", sl[s], " outside the pool");
   auto out = torch::empty({S, Hq * D}, qkv.options());
@@ -257,8 +301,8 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
     const float* sn = sp + s * rd;
     for (int64_t i = 0; i < (h1 - h0) * group; ++i)
       rope(row + (h0 * group + i) * D, q.data() + i * D, c, sn, qn, tmp.data());
-    attend(q.data(), h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D, D, sc,
-           scores, op + s * Hq * D + h0 * group * D);
+    attend_row(s, tr, q.data(), h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D,
+               D, sc, scores, op + s * Hq * D + h0 * group * D);
   });
   return out;
 }
