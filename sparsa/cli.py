@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _EXTERNAL_COMMANDS = ["sparsa.chat_cli", "sparsa.bench.ppl_cli", "sparsa.server.cli",
                       "sparsa.offload.lab.cache_sim_cli", "sparsa.loader.dummy_writer_cli",
-                      "sparsa.offload.lab.trace_cli", "sparsa.spec.train_draft"]
+                      "sparsa.offload.lab.trace_cli", "sparsa.spec.train_draft",
+                      "sparsa.compress.cli"]
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@
     sparsa bench structured M        the cost of a JSON-schema constraint (structured.py)
     sparsa bench spec M              speculative decoding vs plain, batch 1 (speculative.py)
     sparsa bench cascade ...         a small -> large cascade's speed and quality (cascade.py)
+    sparsa bench early-exit M        CALM-style early exit's speed and quality (early_exit.py)
+    sparsa bench ab M --variant J..  batch-1 decode under several engine settings (ab.py)
 
 The peers' installers and workers live in peers/.
 """
@@ -33,6 +35,8 @@ SUBCOMMANDS = {
     "structured": "sparsa.bench.structured",
     "spec": "sparsa.bench.speculative",
     "cascade": "sparsa.bench.cascade",
+    "early-exit": "sparsa.bench.early_exit",
+    "ab": "sparsa.bench.ab",
 }
 
 

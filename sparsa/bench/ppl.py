@@ -33,6 +33,13 @@ class PerplexityResult:
     seconds: float
     weight_bytes: int
     offload: dict | None = None  # the offload report when experts were offloaded
+    # MoE layers' mean routed experts per token (dynamic routing changes it), the weight
+    # bytes a batch-1 decode token reads (dense weights + its experts), decode speed
+    # (batch 1, greedy) and the process's resident memory after the run
+    experts_per_token: float | None = None
+    bytes_per_token: float | None = None
+    decode_tok_s: float | None = None
+    rss_bytes: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -151,39 +158,101 @@ def _window_bar(encoded: list[list[int]], L: int, protocol: str, max_windows: in
                 desc=f"Perplexity {label}".strip(), unit=" windows", disable=None, leave=False)
 
 
-def compare_quantizations(model: str, text_path: str, methods: list[str], *,
-                          text_slice: str = "0:1", mode: str = "blocks",
-                          context_len: int | None = None,
-                          max_windows: int | None = None, group_size: int = 64,
-                          num_threads: int | None = None,
-                          settings: dict | None = None,
-                          protocol: str = "all") -> list[PerplexityResult]:
-    """Load `model` once per method and score the same text with each. "auto" leaves the
-    weight form unset (a GGUF file's own form; a bf16 checkpoint's bf16). "int8-exact" is int8
-    with `int8_activations="none"` (plain "int8" quantizes batched activation rows too);
-    "bf16-prefill" is bf16 weights with `bf16_prefill=True` (bf16 GEMMs for prefill).
-    `settings`: engine settings every load shares (the method's own override them)."""
+def compare_methods(model: str, text_path: str, methods: list[str], *,
+                    text_slice: str = "0:1", mode: str = "blocks",
+                    context_len: int | None = None,
+                    max_windows: int | None = None, group_size: int = 64,
+                    num_threads: int | None = None,
+                    settings: dict | None = None,
+                    protocol: str = "all", decode_tokens: int = 0,
+                    calibration: str | None = None) -> list[PerplexityResult]:
+    """Load `model` once per method (sparsa/bench/methods.py: a weight form and lossy
+    settings such as dynamic routing) and score the same text with each. "auto" leaves the
+    weight form unset (a GGUF file's own form; a bf16 checkpoint's bf16). `settings`:
+    engine settings every load shares (the method's own override them). With
+    `decode_tokens`, also times that many greedy batch-1 tokens after the text's start.
+    `calibration`: the text prune=/merge= methods record routing on."""
+    from sparsa.bench.methods import parse_method
     from sparsa.llm import LLM
 
+    # every method checked first
+    parsed = [parse_method(m, group_size, calibration) for m in methods]
     documents = read_documents(text_path, text_slice, mode)
     results = []
-    for method in methods:
-        exact = method == "int8-exact"
-        bf16_prefill = method == "bf16-prefill"
-        q = "int8" if exact else "bf16" if bf16_prefill else method
-        llm = LLM(model, **{
-            **(settings or {}), "quantization": None if q == "auto" else q,
-            "quantization_group_size": group_size, "num_threads": num_threads,
-            "int8_activations": "none" if exact else "dynamic",
-            "bf16_prefill": bf16_prefill if q == "bf16" else None,
-            "max_num_batched_tokens": max(2048, context_len or 0)})
-        label = method if method != "int4" else f"int4-g{group_size}"
+    for label, own in parsed:
+        llm = LLM(model, **{**(settings or {}), **own, "num_threads": num_threads,
+                            "max_num_batched_tokens": max(2048, context_len or 0)})
         r = evaluate_perplexity(llm, documents, context_len=context_len, max_windows=max_windows,
                                 label=label, protocol=protocol)
         r.text = f"{text_path}[{text_slice}, {mode}]"
+        _decode_figures(llm, r, documents[0], decode_tokens)
         results.append(r)
         del llm
     return results
+
+
+def _decode_figures(llm, r: PerplexityResult, document: str, decode_tokens: int) -> None:
+    """Experts per token, bytes per decode token, decode tok/s and RSS into `r`."""
+    from sparsa.layers.dynamic_routing import expert_nbytes
+    from sparsa.sampling_params import SamplingParams
+
+    engine = llm.engine
+    model = engine.runner.model
+    blocks = [m for m in model.modules() if hasattr(m, "routing_policy")]
+    routed = engine.stats().get("dynamic_routing")
+    if blocks:
+        per_block = [expert_nbytes(b.experts, b.num_routed_experts) for b in blocks]
+        k = routed["experts_per_token"] if routed else \
+            sum(b.top_k for b in blocks) / len(blocks)
+        experts = sum(e * b.num_routed_experts for e, b in zip(per_block, blocks))
+        r.experts_per_token = k
+        r.bytes_per_token = r.weight_bytes - experts + k * sum(per_block)
+    else:
+        r.bytes_per_token = r.weight_bytes
+    if decode_tokens > 0:
+        prompt = engine.tokenizer.encode(document, add_special_tokens=True)[:32]
+        params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4))  # warm up
+        t0 = time.perf_counter()
+        out = llm.generate([prompt], params)[0].outputs[0]
+        r.decode_tok_s = len(out.token_ids) / (time.perf_counter() - t0)
+    try:
+        import psutil
+
+        r.rss_bytes = int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+
+
+def plot_methods(results: list[PerplexityResult], path: str) -> None:
+    """Perplexity against bytes per decode token, and against decode tok/s (if timed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if r.bytes_per_token is not None]
+    if not results:
+        raise ValueError("nothing to plot: no result has bytes per token")
+    timed = all(r.decode_tok_s for r in results)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10 if timed else 5, 3.8),
+                             squeeze=False)
+    panels = [("bytes_per_token", "weight MB read per decode token", 1e-6)]
+    if timed:
+        panels.append(("decode_tok_s", "decode tok/s (batch 1)", 1.0))
+    for ax, (field, xlabel, scale) in zip(axes[0], panels):
+        for r in results:
+            x = getattr(r, field) * scale
+            ax.scatter(x, r.perplexity)
+            ax.annotate(r.quantization, (x, r.perplexity), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity")
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(results[0].model).name + ": quality against cost", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def compare_offload(model: str, text_path: str, expert_memory: str,
@@ -215,14 +284,22 @@ def compare_offload(model: str, text_path: str, expert_memory: str,
 
 def format_table(results: list[PerplexityResult]) -> str:
     base = results[0].perplexity if results else float("nan")
-    lines = ["| model | weights | tokens | perplexity | vs first | weight MB | s |",
-             "|---|---|---|---|---|---|---|"]
+    extra = [(name, f) for name, f in (
+        ("experts/token", lambda r: f"{r.experts_per_token:.3f}"
+         if r.experts_per_token is not None else "-"),
+        ("MB read/token", lambda r: f"{r.bytes_per_token / 1e6:.2f}"
+         if r.bytes_per_token is not None else "-"),
+        ("decode tok/s", lambda r: f"{r.decode_tok_s:.1f}" if r.decode_tok_s else "-"),
+        ("RSS MB", lambda r: f"{r.rss_bytes / 1e6:.0f}" if r.rss_bytes else "-"))
+        if any(f(r) != "-" for r in results)]
+    head = ["model", "method", "tokens", "perplexity", "vs first", "weight MB",
+            *[n for n, _ in extra], "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        lines.append(
-            f"| {Path(r.model).name} | {r.quantization} | {r.tokens} | {r.perplexity:.4f} | "
-            f"{(r.perplexity / base - 1) * 100:+.2f}% | {r.weight_bytes / 1e6:.2f} | "
-            f"{r.seconds:.1f} |"
-        )
+        cells = [Path(r.model).name, r.quantization, str(r.tokens), f"{r.perplexity:.4f}",
+                 f"{(r.perplexity / base - 1) * 100:+.2f}%", f"{r.weight_bytes / 1e6:.2f}",
+                 *[f(r) for _, f in extra], f"{r.seconds:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     for r in results:
         o = r.offload
         if o:

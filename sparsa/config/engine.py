@@ -8,7 +8,10 @@ from typing import Any, Literal
 import torch
 
 from sparsa.config.base import check_choice, setting
+from sparsa.config.compress import CompressConfig
+from sparsa.config.early_exit import EarlyExitConfig
 from sparsa.config.offload import OffloadConfig
+from sparsa.config.routing import RoutingConfig
 from sparsa.config.speculative import SpeculativeConfig
 from sparsa.config.units import parse_dtype, parse_size
 
@@ -132,6 +135,9 @@ class CacheConfig:
     enable_prefix_caching: bool = setting(
         False, "reuse the KV blocks of prompt prefixes seen before (on in `sparsa serve`)",
         aliases=("--prefix-caching",))
+    kv_cache_dtype: Literal["auto", "int8"] = setting(
+        "auto", "KV cache storage: auto (the model's dtype) or int8 (lossy: per token and "
+                "head scales; ~4x smaller than fp32)")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -142,6 +148,7 @@ class CacheConfig:
             raise ValueError("kv_cache_memory must be positive")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1; got {self.num_blocks}")
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, ("auto", "int8"))
 
 
 @dataclass
@@ -210,11 +217,35 @@ class EngineConfig:
     speculative_config: dict[str, Any] = setting(
         {}, "speculative decoding, as JSON (e.g. '{\"method\": \"ngram\", "
             "\"num_speculative_tokens\": 4}'; unset: off)")
+    early_exit_config: dict[str, Any] = setting(
+        {}, "early exit (CALM-style, lossy): decode steps stop after a layer once the LM head "
+            "is confident there, as JSON (e.g. '{\"exit_layers\": \"every 2\", \"threshold\": "
+            "0.9, \"confidence\": \"softmax\"}'; unset: off)")
+
+    dynamic_routing: dict[str, Any] = setting(
+        {}, "dynamic routing (lossy): fewer experts per token, as JSON (e.g. '{\"top_p\": "
+            "0.7}', '{\"skip_threshold\": 0.3}', '{\"layer_top_k\": [2, 1, 1, 2]}'; keys "
+            "top_p, min_k, max_k, skip_threshold, renormalize, layer_top_k; unset: off)")
+    expert_pruning: dict[str, Any] = setting(
+        {}, "expert pruning (lossy): drop each MoE layer's least-used experts, measured on "
+            "calibration text; the engine loads a pruned copy of the checkpoint (cached), as "
+            "JSON (e.g. '{\"fraction\": 0.25, \"calibration\": \"text.txt\"}'; keys "
+            "fraction or count, calibration, calibration_tokens, criterion; unset: off)")
+    expert_merging: dict[str, Any] = setting(
+        {}, "expert merging (lossy): merge each MoE layer's similar experts into fewer, as "
+            "expert_pruning (e.g. '{\"fraction\": 0.25, \"calibration\": \"text.txt\"}'; "
+            "more keys: similarity, grouping, router, align, similarity_tokens; unset: off)")
 
     def __post_init__(self) -> None:
+        self.routing  # noqa: B018  (validates it now)
+        self.compression  # noqa: B018  (validates it now)
         if self.trace_experts is not None:
             self.trace_experts = str(self.trace_experts)  # a Path is welcome too
         self.speculative  # noqa: B018  (validates it now, not at the first step)
+        if self.early_exit is not None and self.speculative is not None:
+            # verification rows must come from the full model, or greedy would not be exact
+            raise ValueError("early_exit_config cannot be combined with speculative_config: "
+                             "speculative decoding verifies proposals with the full model")
 
     @property
     def speculative(self) -> SpeculativeConfig | None:
@@ -223,3 +254,32 @@ class EngineConfig:
         if isinstance(d, SpeculativeConfig):
             return d
         return SpeculativeConfig.from_dict(d) if d else None
+
+    @property
+    def early_exit(self) -> EarlyExitConfig | None:
+        """The early-exit settings, or None when off."""
+        d = self.early_exit_config
+        if isinstance(d, EarlyExitConfig):
+            return d
+        return EarlyExitConfig.from_dict(d) if d else None
+
+    @property
+    def routing(self) -> RoutingConfig | None:
+        """The dynamic routing settings, or None when off."""
+        d = self.dynamic_routing
+        if isinstance(d, RoutingConfig):
+            return d
+        return RoutingConfig.from_dict(d) if d else None
+
+    @property
+    def compression(self) -> CompressConfig | None:
+        """The expert pruning or merging settings, or None when both are off."""
+        if self.expert_pruning and self.expert_merging:
+            raise ValueError("expert_pruning and expert_merging cannot both be set: each "
+                             "reduces the experts to a target count (pick one)")
+        for d, method in ((self.expert_pruning, "prune"), (self.expert_merging, "merge")):
+            if isinstance(d, CompressConfig):
+                return d
+            if d:
+                return CompressConfig.from_dict(d, method)
+        return None

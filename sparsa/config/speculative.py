@@ -9,9 +9,11 @@ from typing import Any
 from sparsa.config.base import check_choice
 from sparsa.spec.tree import check_tree_shape
 
-METHODS = ("ngram", "draft_model", "self", "medusa")
+METHODS = ("ngram", "draft_model", "self", "medusa", "eagle")
 # named in the issue tracker and by vLLM, not built yet: refused by name, not ignored
-PLANNED = ("eagle",)
+PLANNED: tuple[str, ...] = ()
+# methods that read a "model": the draft, or the folder of trained heads
+_WITH_MODEL = ("draft_model", "medusa", "eagle")
 
 
 @dataclass
@@ -29,12 +31,14 @@ class SpeculativeConfig:
     model: draft_model: the draft (a path or built-in name, the target's vocabulary); it
         proposes greedily, with its own KV cache of as many blocks as the target's.
         medusa: the folder of heads `sparsa train-draft` wrote (k <= their number).
+        eagle: the folder of the EAGLE head `sparsa train-draft --method eagle` wrote (one
+        decoder layer on the target's features that drafts autoregressively: any k).
     quantization: the draft's weight form (as the target's `quantization`).
     draft_top_k, draft_layers: "self" only (MoE self-speculation): the target drafts for
         itself with its weights shared, routing each token to draft_top_k experts instead
         of its top-k, and/or running only its first draft_layers layers (then the final
         norm and LM head); the draft keeps its own KV cache.
-    token_tree: "ngram" and "medusa": verify a tree of candidates instead of one chain,
+    token_tree: "ngram", "medusa", "eagle": verify a tree of candidates instead of one chain,
         given as Medusa's choices / vLLM's speculative_token_tree: each node is the path of
         candidate ranks leading to it ([0] the best first token, [0, 1] the second best
         after it; a parent before its children). num_speculative_tokens (default: the
@@ -61,9 +65,9 @@ class SpeculativeConfig:
                              f"(available: {', '.join(METHODS)})")
         check_choice("speculative_config method", self.method, METHODS)
         if self.token_tree is not None:
-            if self.method not in ("ngram", "medusa"):
-                raise ValueError("speculative_config token_tree is for methods 'ngram' and "
-                                 f"'medusa', not {self.method!r}")
+            if self.method not in ("ngram", "medusa", "eagle"):
+                raise ValueError("speculative_config token_tree is for methods 'ngram', "
+                                 f"'medusa' and 'eagle', not {self.method!r}")
             if not isinstance(self.token_tree, (list, tuple)):
                 raise ValueError("speculative_config token_tree must be a list of rank "
                                  f"paths; got {self.token_tree!r}")
@@ -84,12 +88,12 @@ class SpeculativeConfig:
             raise ValueError("speculative_config prompt_lookup_min must be <= "
                              f"prompt_lookup_max; got {self.prompt_lookup_min} > "
                              f"{self.prompt_lookup_max}")
-        if self.method in ("draft_model", "medusa") and not self.model:
+        if self.method in _WITH_MODEL and not self.model:
             raise ValueError(f"speculative_config method {self.method!r} needs \"model\": "
                              "the draft's (or the heads') path")
-        if self.method not in ("draft_model", "medusa") and self.model is not None:
-            raise ValueError(f"speculative_config \"model\" is for methods 'draft_model' and "
-                             f"'medusa', not {self.method!r}")
+        if self.method not in _WITH_MODEL and self.model is not None:
+            raise ValueError(f"speculative_config \"model\" is for methods 'draft_model', "
+                             f"'medusa' and 'eagle', not {self.method!r}")
         v = self.draft_top_k
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"speculative_config draft_top_k must be an int >= 1; got {v!r}")

@@ -11,16 +11,19 @@ import weakref
 
 import torch
 
+from sparsa.compress import compressed_model
 from sparsa.config import EngineConfig, physical_cores
 from sparsa.core.block_manager import BlockManager
 from sparsa.core.scheduler import Scheduler
 from sparsa.core.sequence import Sequence
 from sparsa.engine.model_runner import ModelRunner
 from sparsa.engine.speculation import Speculation
+from sparsa.layers import dynamic_routing
 from sparsa.layers.sampler import Sampler
 from sparsa.loader.model_loader import load_model
 from sparsa.outputs import CompletionOutput, RequestOutput
 from sparsa.sampling_params import SamplingParams
+from sparsa.spec import early_exit
 from sparsa.structured.matcher import Guides
 from sparsa.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
@@ -76,7 +79,9 @@ class LLMEngine:
         if self.device.type == "cpu":
             torch.set_num_threads(dc.num_threads or physical_cores())
         t0 = time.perf_counter()
-        self.model, self.resolved, self.dtype = load_model(config.model, self.device)
+        # expert pruning / merging (lossy; sparsa/compress): a compressed copy of the checkpoint
+        model_config = compressed_model(config, LLMEngine)
+        self.model, self.resolved, self.dtype = load_model(model_config, self.device)
         self.load_seconds = time.perf_counter() - t0
         self.num_preemptions = 0  # sequences preempted (blocks freed, recomputed later)
         decoder = getattr(self.model, "model", None)
@@ -118,6 +123,12 @@ class LLMEngine:
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))
         spec = config.speculative
         self.speculation = Speculation(spec, self) if spec is not None else None
+        # CALM-style early exit of decode steps (lossy; sparsa/spec/early_exit.py)
+        self.early_exit = early_exit.attach(self.model, config.early_exit) \
+            if config.early_exit is not None else None
+        # dynamic routing (lossy; sparsa/layers/dynamic_routing.py): a policy per MoE layer
+        self.routing = dynamic_routing.attach(self.model, config.routing) \
+            if config.routing is not None else None
         self.requests: dict[str, _Request] = {}
         self._seq_to_req: dict[int, _Request] = {}
         self.tracer = None
@@ -467,6 +478,9 @@ class LLMEngine:
             "num_preemptions": self.num_preemptions,
             **({"speculative": dict(self.speculation.stats)}
                if self.speculation is not None else {}),
+            **({"early_exit": self.early_exit.stats()} if self.early_exit is not None else {}),
+            **({"dynamic_routing": dynamic_routing.stats(self.routing)}
+               if self.routing is not None else {}),
             **({"offload": offload.report()}
                if (offload := getattr(self.model, "offload", None)) is not None else {}),
         }

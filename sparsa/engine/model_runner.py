@@ -84,8 +84,10 @@ class ModelRunner:
         self.keep_prompt_hidden = False
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
+        # int8: each token's K and V per head as int8 plus an fp32 scale each
+        self.kv_int8 = cache_config.kv_cache_dtype == "int8"
         bytes_per_block = sum(
-            self.block_size * h * (dk + dv) * dtype.itemsize
+            self.block_size * h * ((dk + dv + 8) if self.kv_int8 else (dk + dv) * dtype.itemsize)
             for h, dk, dv in (a.kv_shape for a in layers)
         )
         if cache_config.num_blocks is not None:
@@ -102,11 +104,15 @@ class ModelRunner:
             num_blocks = min(num_blocks, 256 * (-(-max_model_len // self.block_size)))
         self.num_blocks = int(num_blocks)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        kv_dtype = torch.int8 if self.kv_int8 else dtype
         for a in layers:
             h, dk, dv = a.kv_shape
-            k = torch.zeros(self.num_blocks, self.block_size, h, dk, dtype=dtype, device=device)
-            v = torch.zeros(self.num_blocks, self.block_size, h, dv, dtype=dtype, device=device)
-            a.kv_cache = KVCache(k, v)
+            shape = (self.num_blocks, self.block_size, h)
+            k = torch.zeros(*shape, dk, dtype=kv_dtype, device=device)
+            v = torch.zeros(*shape, dv, dtype=kv_dtype, device=device)
+            scales = [torch.zeros(shape, dtype=torch.float32, device=device)
+                      for _ in range(2)] if self.kv_int8 else [None, None]
+            a.kv_cache = KVCache(k, v, *scales)
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.kv_cache_bytes / 2**20)
 
@@ -229,9 +235,11 @@ class ModelRunner:
         idx = [torch.tensor([table[p // bs] * bs + p % bs for p in ps], dtype=torch.long,
                             device=self.device) for ps in (src, dst)]
         for layer in self.model.attention_layers():
-            for pool in (layer.kv_cache.k, layer.kv_cache.v):
-                flat = pool.view(-1, *pool.shape[2:])
-                flat.index_copy_(0, idx[1], flat.index_select(0, idx[0]))
+            c = layer.kv_cache
+            for pool in (c.k, c.v, c.k_scale, c.v_scale):
+                if pool is not None:
+                    flat = pool.view(-1, *pool.shape[2:])
+                    flat.index_copy_(0, idx[1], flat.index_select(0, idx[0]))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, seq, row: int, first: int,
                          count: int) -> PromptLogprobs:

@@ -259,15 +259,20 @@ def int4_dequant(q: torch.Tensor, sm: torch.Tensor, group_size: int) -> torch.Te
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float, window: int | None,
-                           tree: torch.Tensor | None = None) -> torch.Tensor:
+                           tree: torch.Tensor | None = None,
+                           k_scales: torch.Tensor | None = None,
+                           v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over the paged fp32 KV pools, in place (no gather): q [S, Hq, Dk],
     k_cache [NB, bs, Hkv, Dk], v_cache [NB, bs, Hkv, Dv], block_tables [S, W] int64,
     context_lens [S] int64 -> [S, Hq, Dv]. tree [S, 2] int64 (token-tree verification):
     row s attends to positions before tree[s, 0], then only to positions tree[s, 0] + b
     with bit b of tree[s, 1] set (rows with tree[s, 0] >= their context are plain).
+    int8 pools carry fp32 scales [NB, bs, Hkv] (k_scales, v_scales): a row is q * scale.
     Checks are the cheap shape/dtype ones; block ids are checked in C++."""
-    for t, n, nd in ((q, "q", 3), (k_cache, "k_cache", 4), (v_cache, "v_cache", 4)):
-        _check(t, n, torch.float32, nd)
+    _check(q, "q", torch.float32, 3)
+    kv = torch.int8 if k_scales is not None else torch.float32
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        _check(t, n, kv, 4)
     _check(block_tables, "block_tables", torch.int64, 2)
     _check(context_lens, "context_lens", torch.int64, 1)
     S, hq, dk = q.shape
@@ -278,7 +283,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.shape[0] != S or context_lens.shape[0] != S:
         raise ValueError("block_tables and context_lens need one row per query")
     return _ext().paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                         float(scale), int(window or 0), tree)
+                                         float(scale), int(window or 0), tree, k_scales,
+                                         v_scales)
 
 
 def quantize_rows_int8(x: torch.Tensor, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,17 +312,21 @@ def decode_attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                           context_lens: torch.Tensor, scale: float, window: int | None,
                           num_heads: int, q_norm: torch.Tensor | None = None,
                           k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-                          tree: torch.Tensor | None = None) -> torch.Tensor:
+                          tree: torch.Tensor | None = None,
+                          k_scales: torch.Tensor | None = None,
+                          v_scales: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of standard attention (all rows decodes): NeoX rotary on q/k from
     the fused qkv [S, (Hq + 2 Hkv) D], K/V written into the pools at `slots`, attention over
     each sequence's blocks -> [S, Hq * D]. q_norm / k_norm ([D] weights): per-head RMSNorm
-    of q and k before the rotation (Qwen3); tree: as paged_decode_attention's. fp32, CPU;
-    block ids are checked in C++."""
+    of q and k before the rotation (Qwen3); tree, k_scales, v_scales: as
+    paged_decode_attention's (int8 pools: K/V quantized per token and head as written).
+    CPU; block ids are checked in C++."""
     _check(qkv, "qkv", torch.float32, 2)
     for t, n in ((cos, "cos"), (sin, "sin")):
         _check(t, n, torch.float32, 2)
+    kv = torch.int8 if k_scales is not None else torch.float32
     for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        _check(t, n, torch.float32, 4)
+        _check(t, n, kv, 4)
     for t, n, nd in ((slots, "slots", 1), (block_tables, "block_tables", 2),
                      (context_lens, "context_lens", 1)):
         _check(t, n, torch.int64, nd)
@@ -334,4 +344,4 @@ def decode_attention_step(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return _ext().decode_attention_step(qkv, cos, sin, int(rotary_dim), k_cache, v_cache,
                                         slots, block_tables, context_lens, float(scale),
                                         int(window or 0), int(num_heads), q_norm, k_norm,
-                                        float(eps), tree)
+                                        float(eps), tree, k_scales, v_scales)

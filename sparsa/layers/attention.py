@@ -46,11 +46,21 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """One layer's paged K and V pools: [num_blocks, block_size, kv_heads, head_dim]."""
+    """One layer's paged K and V pools: [num_blocks, block_size, kv_heads, head_dim]. An int8
+    cache (`kv_cache_dtype="int8"`) holds each token's K and V per head as int8 with an fp32
+    scale beside it (k_scale, v_scale [num_blocks, block_size, kv_heads]): a quarter of fp32's
+    bytes plus 4 per head and token."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
         self.k = k
         self.v = v
+        self.k_scale = k_scale
+        self.v_scale = v_scale
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     @property
     def block_size(self) -> int:
@@ -89,10 +99,30 @@ def _prefill_mask(chunk: PrefillChunk, window: int | None, device) -> torch.Tens
 
 
 def native_decode(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> bool:
-    """Whether decode attention over these pools can run natively (fp32 on the CPU)."""
-    return (kc.device.type == "cpu" and kc.dtype == torch.float32 and vc.dtype == torch.float32
-            and q.dtype == torch.float32 and not (q.requires_grad and torch.is_grad_enabled())
-            and kernels.available())
+    """Whether decode attention over these pools can run natively (fp32 or int8 pools, fp32
+    queries, on the CPU)."""
+    return (kc.device.type == "cpu" and kc.dtype in (torch.float32, torch.int8)
+            and vc.dtype == kc.dtype and q.dtype == torch.float32
+            and not (q.requires_grad and torch.is_grad_enabled()) and kernels.available())
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H, D] -> int8 [T, H, D] and fp32 scales [T, H], x ~= q * scale per token and
+    head (symmetric; the native decode step quantizes with the same arithmetic)."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round((x * inv[..., None]).clamp(-127, 127)).to(torch.int8)
+    return q, amax / 127.0
+
+
+def _gather(pool: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The pool's rows of `blocks` [n, bs, H, D], dequantized for an int8 cache."""
+    rows = pool.index_select(0, blocks)
+    if scales is None:
+        return rows
+    return (rows.to(dtype) * scales.index_select(0, blocks)[..., None].to(dtype))
 
 
 def paged_attention(
@@ -106,18 +136,24 @@ def paged_attention(
 ) -> torch.Tensor:
     """Writes this step's K/V into the cache and returns attention output [T, Hq, Dv]."""
     kc, vc = cache.k, cache.v
+    ks, vs = cache.k_scale, cache.v_scale
     bs = kc.shape[1]
+    if ks is not None:  # int8 cache: each token's K/V per head as int8 and a scale
+        (k, k_sc), (v, v_sc) = quantize_kv(k), quantize_kv(v)
+        ks.view(-1, ks.shape[2]).index_copy_(0, meta.slot_mapping, k_sc)
+        vs.view(-1, vs.shape[2]).index_copy_(0, meta.slot_mapping, v_sc)
     kc.view(-1, *kc.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
     vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
     T, Hq, _ = q.shape
     out = q.new_empty(T, Hq, vc.shape[-1])
     gqa = Hq != kc.shape[2]
+    dtype = q.dtype
 
     nd = meta.num_decodes
     if nd and native_decode(q, kc, vc):
         out[:nd] = ops.paged_decode_attention(
             q[:nd].contiguous(), kc, vc, meta.decode_block_tables, meta.decode_context_lens,
-            scale, sliding_window, meta.decode_tree)
+            scale, sliding_window, meta.decode_tree, ks, vs)
     elif nd:
         bt = meta.decode_block_tables
         nblk = (meta.decode_max_len + bs - 1) // bs
@@ -126,8 +162,8 @@ def paged_attention(
         flat = bt.reshape(-1)
         # index_select on the block dim is a plain memcpy gather; advanced indexing with a
         # 2-D index takes a much slower generic path on CPU.
-        kd = kc.index_select(0, flat).view(nd, length, kc.shape[2], kc.shape[3]).transpose(1, 2)
-        vd = vc.index_select(0, flat).view(nd, length, vc.shape[2], vc.shape[3]).transpose(1, 2)
+        kd = _gather(kc, ks, flat, dtype).view(nd, length, kc.shape[2], kc.shape[3]).transpose(1, 2)
+        vd = _gather(vc, vs, flat, dtype).view(nd, length, vc.shape[2], vc.shape[3]).transpose(1, 2)
         mask = _decode_mask(meta, length, sliding_window)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2).to(kd.dtype), kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa
@@ -137,20 +173,21 @@ def paged_attention(
     for ch in meta.prefills:
         s, n, c = ch.query_start, ch.query_len, ch.context_len
         qs = q[s : s + n].transpose(0, 1).unsqueeze(0)
-        if c == n:
-            # Whole prompt in this chunk: attend to the fresh K/V, no cache gather needed.
-            ks = k[s : s + n].transpose(0, 1).unsqueeze(0)
-            vs = v[s : s + n].transpose(0, 1).unsqueeze(0)
+        if c == n and ks is None:
+            # Whole prompt in this chunk: attend to the fresh K/V, no cache gather needed
+            # (an int8 cache is read back, so a prompt sees the K/V its decode steps see).
+            kk = k[s : s + n].transpose(0, 1).unsqueeze(0)
+            vv = v[s : s + n].transpose(0, 1).unsqueeze(0)
         else:
             nblk = (c + bs - 1) // bs
             blocks = ch.block_table[:nblk]
-            ks = kc.index_select(0, blocks).view(-1, kc.shape[2], kc.shape[3])[:c]
-            vs = vc.index_select(0, blocks).view(-1, vc.shape[2], vc.shape[3])[:c]
-            ks = ks.transpose(0, 1).unsqueeze(0)
-            vs = vs.transpose(0, 1).unsqueeze(0)
+            kk = _gather(kc, ks, blocks, dtype).view(-1, kc.shape[2], kc.shape[3])[:c]
+            vv = _gather(vc, vs, blocks, dtype).view(-1, vc.shape[2], vc.shape[3])[:c]
+            kk = kk.transpose(0, 1).unsqueeze(0)
+            vv = vv.transpose(0, 1).unsqueeze(0)
         if sliding_window is None and c == n:
             o = F.scaled_dot_product_attention(
-                qs.to(ks.dtype), ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+                qs.to(kk.dtype), kk, vv, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
             key = ("prefill", s, sliding_window)
@@ -159,7 +196,7 @@ def paged_attention(
                 mask = _prefill_mask(ch, sliding_window, q.device)
                 meta._mask_cache[key] = mask
             o = F.scaled_dot_product_attention(
-                qs.to(ks.dtype), ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa
+                qs.to(kk.dtype), kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa
             )
         out[s : s + n] = o.squeeze(0).transpose(0, 1).to(out.dtype)
     return out

@@ -124,6 +124,7 @@ class Attention(nn.Module):
         native decode plan (no nn.Module attribute lookups per step)."""
         rotary, rd = self.rotary, self.rotary.rotary_dim
         k_pool, v_pool = self.kv_cache.k, self.kv_cache.v
+        k_scales, v_scales = self.kv_cache.k_scale, self.kv_cache.v_scale
         scale, window, heads = self.scale, self.sliding_window or 0, self.num_heads
         norms = self._head_norms()
 
@@ -131,7 +132,8 @@ class Attention(nn.Module):
             cos, sin = rotary.tables_2d(positions)
             return ext.decode_attention_step(
                 qkv, cos, sin, rd, k_pool, v_pool, meta.slot_mapping, meta.decode_block_tables,
-                meta.decode_context_lens, scale, window, heads, *norms, meta.decode_tree)
+                meta.decode_context_lens, scale, window, heads, *norms, meta.decode_tree,
+                k_scales, v_scales)
 
         return step
 
@@ -194,6 +196,16 @@ class SparseMoeBlock(nn.Module):
             MLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
         )
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_gate else None
+        # sparsa.layers.dynamic_routing.DynamicRouting when dynamic routing is on
+        self.routing_policy = None
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.gate.weight.shape[1] if self.gate.transposed else self.gate.weight.shape[0]
+
+    @property
+    def renormalizes_top_k(self) -> bool:
+        return self.renormalize
 
     def native_router_weight(self) -> torch.Tensor | None:
         """The router's [H, E] fp32 weight when the native `moe_route` can apply it (a plain
@@ -204,7 +216,16 @@ class SparseMoeBlock(nn.Module):
             return gate.weight
         return None
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, guess: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, ids) [T, k]; guess=True: a lookahead's guess (dynamic routing does not
+        count it)."""
+        policy = self.routing_policy
+        if policy is None:
+            return self._route(x, self.top_k, self.renormalize)
+        return policy.apply(*self._route(x, policy.route_k, False), count=not guess)
+
+    def _route(self, x: torch.Tensor, top_k: int, renormalize: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         if (x.dim() == 2 and x.shape[0] <= ROUTE_NATIVE_MAX_ROWS and x.dtype == torch.float32
                 and x.device.type == "cpu" and x.is_contiguous()
                 and not (x.requires_grad and torch.is_grad_enabled())):
@@ -213,8 +234,8 @@ class SparseMoeBlock(nn.Module):
             if ext is not None:
                 # one call for GEMV + softmax + top-k, as the native decode step routes; torch's
                 # blocked GEMM is 3x faster from a few dozen rows on (prefill)
-                return ext.moe_route(x, w, self.top_k, self.renormalize)
-        return softmax_topk(self.gate(x), self.top_k, self.renormalize)
+                return ext.moe_route(x, w, top_k, renormalize)
+        return softmax_topk(self.gate(x), top_k, renormalize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)

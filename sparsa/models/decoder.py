@@ -56,6 +56,9 @@ class DecoderModel(nn.Module):
         # pools are in place by then); False when the model is not one it covers, or off.
         self.native_decode = True
         self._plan = None
+        # sparsa.spec.early_exit.EarlyExit when early exit is on: called after each layer of
+        # an all-decode step, it returns the final hidden state where the step stops early
+        self.early_exit = None
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
@@ -63,9 +66,14 @@ class DecoderModel(nn.Module):
             plan = self._native_plan()
             ext = kernels.load() if plan else None
             if ext is not None and plan.covers(x, meta):
-                return plan.run(ext, x, positions, meta)
-        for layer in self.layers:
+                return plan.run(ext, x, positions, meta, self.early_exit)
+        exit_test = self.early_exit
+        if exit_test is not None and (meta.prefills or meta.num_decodes != x.shape[0]):
+            exit_test = None  # prompt rows run every layer
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions, meta)
+            if exit_test is not None and (out := exit_test(i, x, positions, meta)) is not None:
+                return out
         return self.norm(x)
 
     def _native_plan(self):
@@ -98,6 +106,9 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        ee = self.model.early_exit
+        if ee is not None and (kept := ee.logits_for(hidden)) is not None:
+            return kept  # an early exit's state: its exit test computed these already
         return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list[nn.Module]:

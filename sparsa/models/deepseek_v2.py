@@ -186,6 +186,10 @@ class DeepseekV2MoE(nn.Module):
                 "expected 'greedy' or 'group_limited_greedy'"
             )
         self.routed_scaling_factor = float(cfg(config, "routed_scaling_factor", 1.0))
+        self.num_routed_experts = num_experts
+        self.renormalizes_top_k = False
+        # sparsa.layers.dynamic_routing.DynamicRouting when dynamic routing is on
+        self.routing_policy = None
         hidden, inter = config.hidden_size, config.moe_intermediate_size
         self.gate = Linear(hidden, num_experts)
         self.experts = FusedExperts(num_experts, hidden, inter)
@@ -195,16 +199,21 @@ class DeepseekV2MoE(nn.Module):
             if n_shared else None
         )
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] fp32, expert ids [T, k])."""
+    def route(self, x: torch.Tensor, guess: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, expert ids [T, k]); guess: as SparseMoeBlock.route's."""
         # Router logits in fp32 like transformers: bf16 logits can flip near-tied choices.
         logits = x.float() @ self.gate.weight.float()
+        policy = self.routing_policy
+        k = self.top_k if policy is None else policy.route_k
         if self.topk_method == "greedy":
-            weights, ids = softmax_topk(logits, self.top_k, renormalize=False)
+            weights, ids = softmax_topk(logits, k, renormalize=False)
         else:
             weights, ids = grouped_topk(
-                logits, self.top_k, self.n_group, self.topk_group, renormalize=False
+                logits, k, self.n_group, self.topk_group, renormalize=False
             )
+        if policy is not None:  # it reads the ranking best first
+            weights, order = weights.sort(dim=-1, descending=True)
+            weights, ids = policy.apply(weights, ids.gather(-1, order), count=not guess)
         return weights * self.routed_scaling_factor, ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,9 @@ def _attention(attn: nn.Module) -> tuple[Callable, int]:
     if not attn.fused_decode_options():
         raise Unsupported("attention options outside the fused decode kernel")
     cache = attn.kv_cache
-    if cache is None or cache.k.dtype != torch.float32 or cache.k.device.type != "cpu":
-        raise Unsupported("KV cache not fp32 on the CPU")
+    if (cache is None or cache.k.device.type != "cpu"
+            or cache.k.dtype != (torch.int8 if cache.quantized else torch.float32)):
+        raise Unsupported("KV cache not fp32 or int8 on the CPU")
     qkv, qkv_rows = _linear(attn.qkv_proj)
     o_proj, o_rows = _linear(attn.o_proj)
     fused = attn.fused_decode_call()
@@ -122,15 +123,22 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
         raise Unsupported("router is not a plain fp32 linear")
     experts = block.experts
     k, renorm = block.top_k, block.renormalize
+    policy = block.routing_policy
+    if policy is not None:  # dynamic routing: the raw ranking, narrowed by the policy
+        k, renorm = policy.route_k, False
     # the module path routes natively up to ROUTE_NATIVE_MAX_ROWS rows, torch beyond
     rows = min(native_max_rows("moe"), ROUTE_NATIVE_MAX_ROWS)
+    def route(ext, h):
+        weights, ids = ext.moe_route(h, router_w, k, renorm)
+        return (weights, ids) if policy is None else policy.apply(weights, ids)
+
     if type(experts) is FusedExperts or (type(experts) is QuantizedExperts
                                          and experts.method == "bf16") or _offloaded(experts):
         # offloaded experts: their module (cache, prefetch, lookahead) for the MoE part only
         rows = ROUTE_NATIVE_MAX_ROWS  # their forward picks its own path for any row count
 
         def routed(ext, h):
-            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            weights, ids = route(ext, h)
             return experts.forward(h, weights, ids)
     elif type(experts) is not QuantizedExperts:
         raise Unsupported(f"experts {type(experts).__name__}")
@@ -138,14 +146,14 @@ def _moe(block: nn.Module) -> tuple[Step, int, nn.Module]:
         w13, s13, w2, s2 = experts.w13_q, experts.w13_s, experts.w2_q, experts.w2_s
 
         def routed(ext, h):
-            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            weights, ids = route(ext, h)
             return ext.moe_int8(h, w13, s13, w2, s2, ids, weights)
     else:
         w13, s13, w2, s2 = experts.w13_q, experts.w13_sm, experts.w2_q, experts.w2_sm
         g = experts.group_size
 
         def routed(ext, h):
-            weights, ids = ext.moe_route(h, router_w, k, renorm)
+            weights, ids = route(ext, h)
             return ext.moe_int4(h, w13, s13, w2, s2, g, ids, weights)
     if block.shared_expert is None:
         return routed, rows, experts
@@ -209,13 +217,18 @@ class NativeDecodePlan:
                 and not any(e._forward_hooks or e._forward_pre_hooks for e in self.hooked))
 
     def run(self, ext: ModuleType, x: torch.Tensor, positions: torch.Tensor,
-            meta: AttentionMetadata) -> torch.Tensor:
+            meta: AttentionMetadata, early_exit: Callable | None = None) -> torch.Tensor:
         """x: the embedded tokens [T, H] (used as the residual stream, updated in place);
-        returns the final-normed hidden states."""
+        returns the final-normed hidden states. `early_exit(layer, residual, positions,
+        meta)` (sparsa.spec.early_exit), called after every layer, may end the step early
+        by returning its final hidden state."""
         residual = x
         w, eps = self.first_norm
         h = ext.rms_norm(x, w, eps)
-        for attn, (w_post, eps_post), ffn, (w_next, eps_next) in self.layers:
+        for i, (attn, (w_post, eps_post), ffn, (w_next, eps_next)) in enumerate(self.layers):
             h = ext.add_rms_norm_(residual, attn(ext, h, positions, meta), w_post, eps_post)
             h = ext.add_rms_norm_(residual, ffn(ext, h), w_next, eps_next)
+            if early_exit is not None and (out := early_exit(i, residual, positions,
+                                                             meta)) is not None:
+                return out
         return h

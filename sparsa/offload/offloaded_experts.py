@@ -182,7 +182,7 @@ class OffloadedExperts(GroupedExperts):
         """The next MoE layer's router on this layer's input: its top-k, plus the next
         `lookahead_extra` experts by router score (more recall, less precision)."""
         block = self._next[0]
-        _, nxt = block.route(x)
+        _, nxt = block.route(x, guess=True)
         guess = set(nxt.reshape(-1).tolist())
         gate = getattr(block, "gate", None)
         if self.lookahead_extra and gate is not None:

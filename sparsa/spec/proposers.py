@@ -29,6 +29,12 @@ def make_proposer(config: SpeculativeConfig, engine) -> Proposer:
             raise ValueError(f"speculative_config token_tree is {deepest} deep; the Medusa "
                              f"heads in {config.model} guess {medusa.num_heads} positions")
         return medusa
+    if config.method == "eagle":
+        from sparsa.spec.eagle import EagleProposer
+
+        hc = engine.hf_config
+        return EagleProposer(config.model, engine.model, hc.hidden_size, hc.vocab_size,
+                             engine.dtype, engine.device)
     if config.method == "self":
         from sparsa.spec.draft import DraftModelProposer
         from sparsa.spec.self_draft import cheaper_copy

@@ -1,8 +1,9 @@
-"""`sparsa train-draft MODEL --out DIR`: Medusa heads for MODEL, trained on its own answers
-(self-distillation). The model answers prompts made from a text file (default:
-../shared/corpora), its final hidden state at every answer position is read once, and
-each head learns to give, through the model's own LM head (frozen), the token 1 + i
-places after the next one. Minutes on a CPU for a model of SmolLM2-135M's size."""
+"""`sparsa train-draft MODEL --out DIR`: Medusa heads (or, with `--method eagle`, an EAGLE
+head: sparsa/spec/train_eagle.py) for MODEL, trained on its own answers (self-distillation).
+The model answers prompts made from a text file (default: ../shared/corpora), its final
+hidden state at every answer position is read once, and each head learns to give, through
+the model's own LM head (frozen), the token 1 + i places after the next one. Minutes on a
+CPU for a model of SmolLM2-135M's size."""
 
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ log = logging.getLogger(__name__)
 ASKS = ["Tell me more about this: {}", "Explain this in simple words: {}",
         "Write a short story that begins: {}", "What questions does this raise? {}",
         "Summarize and comment: {}"]
+# open requests about a word of the text (--prompt-style questions): answers in the
+# assistant's own general style, as a chat user gets them
+QUESTIONS = ["What is {}? Explain simply.", "Write a short poem about {}.",
+             "Give me some tips about {}.", "Why does {} matter?",
+             "What are three facts about {}?", "Tell me a short story about {}.",
+             "How does {} work?", "Describe {} to a child."]
 
 
 def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
-    p = sub.add_parser("train-draft", help="train Medusa heads for speculative decoding",
+    p = sub.add_parser("train-draft", help="train Medusa heads or an EAGLE head for "
+                       "speculative decoding",
                        description=__doc__.split("\n\n")[0])
     from sparsa.config.settings import add_model_argument
 
@@ -35,15 +43,32 @@ def add_parser(sub, add_common: Callable, add_model_options: Callable) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="where the heads are written")
     p.add_argument("--corpus", default=None, metavar="FILE",
                    help="text to make prompts from (default: ../shared/corpora)")
-    p.add_argument("--heads", type=int, default=3, help="proposals per step it can make")
+    p.add_argument("--method", choices=("medusa", "eagle"), default="medusa",
+                   help="medusa: one residual block per future position; eagle: one decoder "
+                   "layer on the model's features and token embeddings")
+    p.add_argument("--prompt-style", choices=("sentences", "questions", "mixed"),
+                   default="sentences", help="sentences: comment on a sentence of the text; "
+                   "questions: open requests about one of its words; mixed: half each")
+    p.add_argument("--heads", type=int, default=3,
+                   help="medusa: proposals per step it can make")
     p.add_argument("--prompts", type=int, default=96, help="answers to learn from")
     p.add_argument("--answer-tokens", type=int, default=128)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--draft-vocab", type=int, default=4096,
+                   help="eagle: the LM head rows it drafts with, the tokens the model emits "
+                   "most in training (0: the whole vocabulary)")
+    p.add_argument("--eagle-intermediate", type=int, default=None,
+                   help="eagle: the draft layer's MLP width (default: the model's)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="eagle: Gaussian noise on the input features, relative to their "
+                   "spread")
     p.set_defaults(func=run)
 
 
-def _prompts(corpus: Path, n: int, seed: int = 0) -> list[str]:
+def _prompts(corpus: Path, n: int, seed: int = 0, style: str = "sentences") -> list[str]:
+    """n prompts from the text: a sentence to comment on ("sentences"), an open request
+    about one of its words ("questions"), or half of each ("mixed")."""
     text = corpus.read_text(encoding="utf-8", errors="ignore")[:2_000_000]
     text = re.sub(r" @(.)@ ", r"\1", text).replace("<unk>", "")
     sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text)]
@@ -51,7 +76,14 @@ def _prompts(corpus: Path, n: int, seed: int = 0) -> list[str]:
     if len(sents) < n:
         raise ValueError(f"{corpus} has only {len(sents)} usable sentences for {n} prompts")
     rng = random.Random(seed)
-    return [ASKS[i % len(ASKS)].format(s) for i, s in enumerate(rng.sample(sents, n))]
+    out = []
+    for i, s in enumerate(rng.sample(sents, n)):
+        if style == "questions" or (style == "mixed" and i % 2):
+            words = re.findall(r"\b[a-z]{5,}\b", s) or ["life"]
+            out.append(rng.choice(QUESTIONS).format(rng.choice(words)))
+        else:
+            out.append(ASKS[i % len(ASKS)].format(s))
+    return out
 
 
 def collect(llm, prompts: list[str], answer_tokens: int, heads: int
@@ -123,7 +155,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--corpus {corpus} is not a file")
     t0 = time.perf_counter()
     llm: LLM = _make_llm(args.model, args)
-    prompts = _prompts(corpus, args.prompts)
+    prompts = _prompts(corpus, args.prompts, style=args.prompt_style)
+    if args.method == "eagle":
+        from sparsa.spec import train_eagle
+
+        return train_eagle.run(args, llm, prompts, t0)
     hidden, labels = collect(llm, prompts, args.answer_tokens, args.heads)
     # the LM head as a dense [V, H] matrix, whatever form it runs in: its rows of logits
     # for the unit vectors (the head has no bias)

@@ -27,7 +27,7 @@ def test_lookup(tokens, k, n_min, n_max, want):
 
 @pytest.mark.parametrize("bad,msg", [
     (dict(method="nope"), "method must be one of"),
-    (dict(method="eagle"), "not implemented yet"),
+    (dict(method="eagle"), 'needs "model"'),
     (dict(num_speculative_tokens=0), "num_speculative_tokens must be an int >= 1"),
     (dict(prompt_lookup_min=4, prompt_lookup_max=2), "prompt_lookup_min must be <="),
     (dict(disable_by_batch_size=0), "disable_by_batch_size"),

@@ -70,6 +70,43 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// int8 K/V rows (per-token, per-head scale applied by the caller): 8 int8 -> 8 fp32 at once
+inline __m256 load_i8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float dot(const float* a, const int8_t* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_i8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_i8(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_i8(b + i), acc0);
+  float s = hsum8(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
+  return s;
+}
+
+inline void axpy(float a, const int8_t* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_i8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * static_cast<float>(x[i]);
+}
+
+// x [n] -> q [n] int8 with x ~= q * scale (symmetric, round to nearest even); returns scale.
+inline float quantize_row(const float* x, int8_t* q, int64_t n) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  for (int64_t i = 0; i < n; ++i)
+    q[i] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x[i] * inv))));
+  return scale;
+}
+
 // softmax of s[0..n) in place; returns nothing, s holds probabilities
 void softmax_(float* s, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
@@ -134,43 +171,69 @@ void tree_positions(const int64_t* tree, int64_t ctx, int64_t window, std::vecto
 // heads is read in one go; with all heads that is the whole row, front to back through each
 // block, which the hardware prefetchers follow well even when the cache is cold after a
 // step's weight streaming (one head's 256-byte pieces 1 KB apart they follow badly).
-void attend(const float* q, int64_t h0, int64_t h1, int64_t group, const float* kp,
-            const float* vp, const int64_t* table, int64_t ctx, int64_t window, int64_t bs,
-            int64_t Hkv, int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores,
-            float* o, const int64_t* tree_pos = nullptr, int64_t n_tree = 0) {
+template <typename T>
+void attend(const float* q, int64_t h0, int64_t h1, int64_t group, const T* kp,
+            const T* vp, const float* ks, const float* vs, const int64_t* table, int64_t ctx,
+            int64_t window, int64_t bs, int64_t Hkv, int64_t Dk, int64_t Dv, float scale,
+            std::vector<float>& scores, float* o, const int64_t* tree_pos = nullptr,
+            int64_t n_tree = 0) {
   const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
   const int64_t n = tree_pos ? n_tree : ctx - first, nq = (h1 - h0) * group;
   scores.resize(static_cast<size_t>(nq * n));
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = tree_pos ? tree_pos[j] : first + j;
-    const float* kr = kp + (table[pos / bs] * bs + pos % bs) * Hkv * Dk + h0 * Dk;
-    for (int64_t i = 0; i < nq; ++i)
-      scores[i * n + j] = dot(q + i * Dk, kr + (i / group) * Dk, Dk) * scale;
+    const int64_t slot = table[pos / bs] * bs + pos % bs;
+    const T* kr = kp + slot * Hkv * Dk + h0 * Dk;
+    for (int64_t i = 0; i < nq; ++i) {
+      // int8 rows carry a scale per (slot, kv head); fp32 rows none
+      const float sc = ks ? scale * ks[slot * Hkv + h0 + i / group] : scale;
+      scores[i * n + j] = dot(q + i * Dk, kr + (i / group) * Dk, Dk) * sc;
+    }
   }
   for (int64_t i = 0; i < nq; ++i) softmax_(scores.data() + i * n, n);
   std::fill(o, o + nq * Dv, 0.f);
   for (int64_t j = 0; j < n; ++j) {
     const int64_t pos = tree_pos ? tree_pos[j] : first + j;
-    const float* vr = vp + (table[pos / bs] * bs + pos % bs) * Hkv * Dv + h0 * Dv;
-    for (int64_t i = 0; i < nq; ++i)
-      axpy(scores[i * n + j], vr + (i / group) * Dv, o + i * Dv, Dv);
+    const int64_t slot = table[pos / bs] * bs + pos % bs;
+    const T* vr = vp + slot * Hkv * Dv + h0 * Dv;
+    for (int64_t i = 0; i < nq; ++i) {
+      const float p = vs ? scores[i * n + j] * vs[slot * Hkv + h0 + i / group] : scores[i * n + j];
+      axpy(p, vr + (i / group) * Dv, o + i * Dv, Dv);
+    }
   }
 }
 
 // attend() for row s, through its tree positions when `tree` ([S, 2]: first node, bits)
 // marks it a tree node.
+template <typename T>
 void attend_row(int64_t s, const int64_t* tree, const float* q, int64_t h0, int64_t h1,
-                int64_t group, const float* kp, const float* vp, const int64_t* table,
-                int64_t ctx, int64_t window, int64_t bs, int64_t Hkv, int64_t Dk, int64_t Dv,
-                float scale, std::vector<float>& scores, float* o) {
+                int64_t group, const T* kp, const T* vp, const float* ks, const float* vs,
+                const int64_t* table, int64_t ctx, int64_t window, int64_t bs, int64_t Hkv,
+                int64_t Dk, int64_t Dv, float scale, std::vector<float>& scores, float* o) {
   if (tree == nullptr || tree[2 * s] >= ctx) {
-    attend(q, h0, h1, group, kp, vp, table, ctx, window, bs, Hkv, Dk, Dv, scale, scores, o);
+    attend(q, h0, h1, group, kp, vp, ks, vs, table, ctx, window, bs, Hkv, Dk, Dv, scale,
+           scores, o);
     return;
   }
   std::vector<int64_t> pos;
   tree_positions(tree + 2 * s, ctx, window, pos);
-  attend(q, h0, h1, group, kp, vp, table, ctx, window, bs, Hkv, Dk, Dv, scale, scores, o,
-         pos.data(), static_cast<int64_t>(pos.size()));
+  attend(q, h0, h1, group, kp, vp, ks, vs, table, ctx, window, bs, Hkv, Dk, Dv, scale, scores,
+         o, pos.data(), static_cast<int64_t>(pos.size()));
+}
+
+// The int8 pools' scales [NB, bs, Hkv] fp32, or nullptr for fp32 pools (checked against them).
+const float* scales_ptr(const c10::optional<torch::Tensor>& sc, const torch::Tensor& pool,
+                        const char* name) {
+  const bool i8 = pool.scalar_type() == torch::kChar;
+  TORCH_CHECK(i8 || pool.scalar_type() == torch::kFloat, name, " pool must be fp32 or int8");
+  TORCH_CHECK(i8 == sc.has_value(), name, i8 ? " int8 pool needs its scales"
+                                             : " fp32 pool takes no scales");
+  if (!i8) return nullptr;
+  TORCH_CHECK(sc->scalar_type() == torch::kFloat && sc->is_contiguous() && sc->dim() == 3 &&
+                  sc->size(0) == pool.size(0) && sc->size(1) == pool.size(1) &&
+                  sc->size(2) == pool.size(2),
+              name, " scales must be fp32 [NB, bs, Hkv] like the pool");
+  return sc->data_ptr<float>();
 }
 
 const int64_t* tree_ptr(const c10::optional<torch::Tensor>& tree, int64_t S) {
@@ -206,47 +269,63 @@ void for_each_sequence(int64_t S, int64_t Hkv, int64_t work, const F& body) {
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
                                      torch::Tensor block_tables, torch::Tensor context_lens,
                                      double scale, int64_t window,
-                                     c10::optional<torch::Tensor> tree) {
+                                     c10::optional<torch::Tensor> tree,
+                                     c10::optional<torch::Tensor> k_scales,
+                                     c10::optional<torch::Tensor> v_scales) {
   const int64_t S = q.size(0), Hq = q.size(1), Dk = q.size(2);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), Dv = vc.size(3);
   const int64_t W = block_tables.size(1);
   const int64_t group = Hq / Hkv;
+  const float* ks = scales_ptr(k_scales, kc, "k");
+  const float* vs = scales_ptr(v_scales, vc, "v");
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "k and v pools differ in dtype");
   auto out = torch::empty({S, Hq, Dv}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const int64_t total = check_tables(bt, cl, S, W, bs, kc.size(0));
   const int64_t* tr = tree_ptr(tree, S);
-  for_each_sequence(S, Hkv, total * Hq * (Dk + Dv),
-                    [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
-    const int64_t q0 = s * Hq + h0 * group;
-    attend_row(s, tr, qp + q0 * Dk, h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv,
-               Dk, Dv, sc, scores, op + q0 * Dv);
-  });
+  auto run = [&](auto* kp, auto* vp) {
+    for_each_sequence(S, Hkv, total * Hq * (Dk + Dv),
+                      [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
+      const int64_t q0 = s * Hq + h0 * group;
+      attend_row(s, tr, qp + q0 * Dk, h0, h1, group, kp, vp, ks, vs, bt + s * W, cl[s], window,
+                 bs, Hkv, Dk, Dv, sc, scores, op + q0 * Dv);
+    });
+  };
+  if (ks)
+    run(static_cast<const int8_t*>(kc.data_ptr<int8_t>()),
+        static_cast<const int8_t*>(vc.data_ptr<int8_t>()));
+  else
+    run(static_cast<const float*>(kc.data_ptr<float>()),
+        static_cast<const float*>(vc.data_ptr<float>()));
   return out;
 }
 
 // A whole decode step of standard attention in one call, for a batch that is all decodes:
 // qkv [S, (Hq + 2 Hkv) D] straight from the fused projection; NeoX rotary on the first rd
-// dims of each q/k head (cos/sin [S, rd]); this step's K/V written to `slots`; then the
-// attention above. Each task writes only its own kv heads' slot before reading, so tasks
-// never race. Returns [S, Hq * D].
+// dims of each q/k head (cos/sin [S, rd]); this step's K/V written to `slots` (int8 pools:
+// quantized per token and head, the scale beside it); then the attention above. Returns
+// [S, Hq * D].
 torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin,
                                     int64_t rd, torch::Tensor kc, torch::Tensor vc,
                                     torch::Tensor slots, torch::Tensor block_tables,
                                     torch::Tensor context_lens, double scale, int64_t window,
                                     int64_t Hq, c10::optional<torch::Tensor> q_norm,
                                     c10::optional<torch::Tensor> k_norm, double eps,
-                                    c10::optional<torch::Tensor> tree) {
+                                    c10::optional<torch::Tensor> tree,
+                                    c10::optional<torch::Tensor> k_scales,
+                                    c10::optional<torch::Tensor> v_scales) {
   const int64_t S = qkv.size(0);
   const int64_t bs = kc.size(1), Hkv = kc.size(2), D = kc.size(3);
   const int64_t W = block_tables.size(1), NB = kc.size(0);
   const int64_t group = Hq / Hkv, half = rd / 2, ld = qkv.size(1);
   TORCH_CHECK(ld == (Hq + 2 * Hkv) * D, "qkv row of ", ld, " floats, expected ", (Hq + 2 * Hkv) * D);
+  float* ks = const_cast<float*>(scales_ptr(k_scales, kc, "k"));
+  float* vs = const_cast<float*>(scales_ptr(v_scales, vc, "v"));
+  TORCH_CHECK(kc.scalar_type() == vc.scalar_type(), "k and v pools differ in dtype");
   const int64_t* bt = block_tables.data_ptr<int64_t>();
   const int64_t* cl = context_lens.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
@@ -258,8 +337,6 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
   const float* xp = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float* kp = kc.data_ptr<float>();
-  float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t tok = Hkv * D;
   const float sc = static_cast<float>(scale);
@@ -283,33 +360,48 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
   // the proposals it verifies) read each other's K/V, and the attention below runs rows in
   // parallel. The writes are S * Hkv small rotations: serial is cheap.
   {
-    std::vector<float> tmp(D);
+    std::vector<float> tmp(D), k(D);
     for (int64_t s = 0; s < S; ++s)
       for (int64_t h = 0; h < Hkv; ++h) {
         const float* row = xp + s * ld;
-        rope(row + (Hq + h) * D, kp + sl[s] * tok + h * D, cp + s * rd, sp + s * rd, kn,
-             tmp.data());
-        std::copy(row + (Hq + Hkv + h) * D, row + (Hq + Hkv + h + 1) * D,
-                  vp + sl[s] * tok + h * D);
+        const float* v = row + (Hq + Hkv + h) * D;
+        const int64_t at = sl[s] * tok + h * D;
+        if (ks) {
+          rope(row + (Hq + h) * D, k.data(), cp + s * rd, sp + s * rd, kn, tmp.data());
+          ks[sl[s] * Hkv + h] = quantize_row(k.data(), kc.data_ptr<int8_t>() + at, D);
+          vs[sl[s] * Hkv + h] = quantize_row(v, vc.data_ptr<int8_t>() + at, D);
+        } else {
+          rope(row + (Hq + h) * D, kc.data_ptr<float>() + at, cp + s * rd, sp + s * rd, kn,
+               tmp.data());
+          std::copy(v, v + D, vc.data_ptr<float>() + at);
+        }
       }
   }
-  for_each_sequence(S, Hkv, total * Hq * 2 * D,
-                    [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
-    std::vector<float> q((h1 - h0) * group * D), tmp(D);
-    const float* row = xp + s * ld;
-    const float* c = cp + s * rd;
-    const float* sn = sp + s * rd;
-    for (int64_t i = 0; i < (h1 - h0) * group; ++i)
-      rope(row + (h0 * group + i) * D, q.data() + i * D, c, sn, qn, tmp.data());
-    attend_row(s, tr, q.data(), h0, h1, group, kp, vp, bt + s * W, cl[s], window, bs, Hkv, D,
-               D, sc, scores, op + s * Hq * D + h0 * group * D);
-  });
+  auto run = [&](auto* kp, auto* vp) {
+    for_each_sequence(S, Hkv, total * Hq * 2 * D,
+                      [&](int64_t s, int64_t h0, int64_t h1, std::vector<float>& scores) {
+      std::vector<float> q((h1 - h0) * group * D), tmp(D);
+      const float* row = xp + s * ld;
+      const float* c = cp + s * rd;
+      const float* sn = sp + s * rd;
+      for (int64_t i = 0; i < (h1 - h0) * group; ++i)
+        rope(row + (h0 * group + i) * D, q.data() + i * D, c, sn, qn, tmp.data());
+      attend_row(s, tr, q.data(), h0, h1, group, kp, vp, ks, vs, bt + s * W, cl[s], window, bs,
+                 Hkv, D, D, sc, scores, op + s * Hq * D + h0 * group * D);
+    });
+  };
+  if (ks)
+    run(static_cast<const int8_t*>(kc.data_ptr<int8_t>()),
+        static_cast<const int8_t*>(vc.data_ptr<int8_t>()));
+  else
+    run(static_cast<const float*>(kc.data_ptr<float>()),
+        static_cast<const float*>(vc.data_ptr<float>()));
   return out;
 }
 
 void register_paged_attention(pybind11::module& m) {
   m.def("decode_attention_step", &decode_attention_step,
-        "rotary + KV write + decode attention for an all-decode batch");
+        "rotary + KV write + decode attention for an all-decode batch (fp32 or int8 pools)");
   m.def("paged_decode_attention", &paged_decode_attention,
-        "decode attention over a paged fp32 KV cache");
+        "decode attention over a paged fp32 or int8 KV cache");
 }
