@@ -23,3 +23,20 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
     """Raise ValueError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def from_json_dict(cls: Any, d: Any, name: str, known: set[str] | None = None,
+                   **extra: Any) -> Any:
+    """`cls(**d, **extra)` for a setting given as a dict (a JSON object on the command
+    line): anything else, or a key outside `known` (default: cls's fields), is a ValueError
+    naming the setting `name`."""
+    from dataclasses import fields
+
+    if not isinstance(d, dict):
+        raise ValueError(f"{name} must be a dict (JSON object)")
+    known = {f.name for f in fields(cls)} if known is None else known
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {unknown} (known: "
+                         f"{', '.join(sorted(known))})")
+    return cls(**d, **extra)

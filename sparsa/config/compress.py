@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from sparsa.config.base import check_choice
+from sparsa.config.base import check_choice, from_json_dict
 
 CRITERIA = ("frequency", "weight")
 SIMILARITIES = ("output", "output_mean", "router")
@@ -123,15 +123,9 @@ class CompressConfig:
         """From an `expert_pruning` (method "prune") or `expert_merging` dict; an unknown
         key is an error naming it."""
         name = "expert_pruning" if method == "prune" else "expert_merging"
-        if not isinstance(d, dict):
-            raise ValueError(f"{name} must be a dict (JSON object)")
         known = {f.name for f in fields(cls)} - {"method"}
         if method == "prune":
             known -= set(MERGE_ONLY)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{name} has unknown key(s) {unknown} (known: "
-                             f"{', '.join(sorted(known))})")
-        if "calibration" not in d:
+        if isinstance(d, dict) and set(d) <= known and "calibration" not in d:
             raise ValueError(f"{name} needs calibration: a text file to record routing on")
-        return cls(method=method, **d)  # type: ignore[arg-type]
+        return from_json_dict(cls, d, name, known, method=method)

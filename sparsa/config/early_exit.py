@@ -5,10 +5,10 @@ dict on `LLM(...)`, JSON on the command line and in `sparsa serve`), as
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from sparsa.config.base import check_choice
+from sparsa.config.base import check_choice, from_json_dict
 
 # CALM's two measures on the LM head's distribution: the top probability, and the gap
 # between the top two probabilities ("softmax response" in the CALM paper)
@@ -73,11 +73,4 @@ class EarlyExitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EarlyExitConfig:
         """From a dict (JSON object); an unknown key is an error naming it."""
-        if not isinstance(d, dict):
-            raise ValueError("early_exit_config must be a dict (JSON object)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"early_exit_config has unknown key(s) {unknown} (known: "
-                             f"{', '.join(sorted(known))})")
-        return cls(**d)
+        return from_json_dict(cls, d, "early_exit_config")

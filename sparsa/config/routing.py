@@ -3,8 +3,10 @@ Given as one `dynamic_routing` dict (JSON on the command line and in `sparsa ser
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from sparsa.config.base import from_json_dict
 
 
 def _int(name: str, v: Any, low: int = 1) -> None:
@@ -94,12 +96,5 @@ class RoutingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
-        """From a dict; an unknown key is an error naming it."""
-        if not isinstance(d, dict):
-            raise ValueError("dynamic_routing must be a dict (JSON object)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"dynamic_routing has unknown key(s) {unknown} (known: "
-                             f"{', '.join(sorted(known))})")
-        return cls(**d)
+        """From a dict (JSON object); an unknown key is an error naming it."""
+        return from_json_dict(cls, d, "dynamic_routing")

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from sparsa.config.base import check_choice
+from sparsa.config.base import check_choice, from_json_dict
 from sparsa.spec.tree import check_tree_shape
 
 METHODS = ("ngram", "draft_model", "self", "medusa", "eagle")
@@ -111,12 +111,5 @@ class SpeculativeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
-        """From vLLM-style keys; an unknown key is an error naming it."""
-        if not isinstance(d, dict):
-            raise ValueError("speculative_config must be a dict (JSON object)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"speculative_config has unknown key(s) {unknown} (known: "
-                             f"{', '.join(sorted(known))})")
-        return cls(**d)
+        """From a dict (JSON object); an unknown key is an error naming it."""
+        return from_json_dict(cls, d, "speculative_config")

@@ -338,7 +338,7 @@ class LLMEngine:
         path = self.speculation.judge(seq, toks)
         rows = [0] + [n + 1 for n in path]  # the rows whose sampled tokens are output
         if seq.spec_parents is not None:
-            self._chain_path(seq, path)
+            self.speculation.chain_path(seq, path, self.runner)
         self.scheduler.mark_verified(item, len(path))
         seq.clear_proposals()
         for r in rows:
@@ -347,19 +347,6 @@ class LLMEngine:
             if seq.finish_reason is not None:
                 break
         return rows
-
-    def _chain_path(self, seq: Sequence, path: list[int]) -> None:
-        """A token tree's accepted path becomes the chain plain decoding would have made:
-        its nodes' K/V move to the slots after the last token, and its tokens lead the
-        proposals (the scheduler keeps the first len(path) of them)."""
-        root = seq.num_computed_tokens  # the last sampled token's slot; node i is in root+1+i
-        moved = [(root + 1 + n, root + 1 + d) for d, n in enumerate(path) if n != d]
-        if moved:
-            self.runner.move_kv(seq, [a for a, _ in moved], [b for _, b in moved])
-        toks = seq.spec_token_ids
-        chosen = set(path)
-        seq.set_proposals([toks[n] for n in path]
-                          + [t for n, t in enumerate(toks) if n not in chosen])
 
     def _record_prompt_logprobs(self, pl) -> None:
         seq = pl.seq

@@ -127,3 +127,17 @@ class Speculation:
         if self.control is not None:
             self.control.observe_verify(seq.seq_id, len(drafts), len(path))
         return path
+
+    @staticmethod
+    def chain_path(seq: Sequence, path: list[int], runner: Any) -> None:
+        """A token tree's accepted path becomes the chain plain decoding would have made:
+        its nodes' K/V move (in `runner`'s pools) to the slots after the last token, and its
+        tokens lead the proposals (the scheduler keeps the first len(path) of them)."""
+        root = seq.num_computed_tokens  # the last sampled token's slot; node i is in root+1+i
+        moved = [(root + 1 + n, root + 1 + d) for d, n in enumerate(path) if n != d]
+        if moved:
+            runner.move_kv(seq, [a for a, _ in moved], [b for _, b in moved])
+        toks = seq.spec_token_ids
+        chosen = set(path)
+        seq.set_proposals([toks[n] for n in path]
+                          + [t for n, t in enumerate(toks) if n not in chosen])
