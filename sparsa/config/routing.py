@@ -11,7 +11,7 @@ from sparsa.config.base import from_json_dict
 
 def _int(name: str, v: Any, low: int = 1) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"dynamic_routing {name} must be an int >= {low}; got {v!r}")
+        raise ValueError(f'dynamic_routing "{name}" must be an int >= {low}; got {v!r}')
 
 
 def _fraction(name: str, v: Any, *, closed_low: bool) -> float:
@@ -19,7 +19,7 @@ def _fraction(name: str, v: Any, *, closed_low: bool) -> float:
         0 <= v <= 1 if closed_low else 0 < v <= 1)
     if not ok:
         span = "[0, 1]" if closed_low else "(0, 1]"
-        raise ValueError(f"dynamic_routing {name} must be a number in {span}; got {v!r}")
+        raise ValueError(f'dynamic_routing "{name}" must be a number in {span}; got {v!r}')
     return float(v)
 
 
@@ -27,7 +27,7 @@ def _fractions(name: str, v: Any, *, closed_low: bool) -> float | list[float]:
     """One number for every layer, or a list of one per MoE layer."""
     if isinstance(v, (list, tuple)):
         if not v:
-            raise ValueError(f"dynamic_routing {name} must be a number or a non-empty list")
+            raise ValueError(f'dynamic_routing "{name}" must be a number or a non-empty list')
         return [_fraction(f"{name} entries", x, closed_low=closed_low) for x in v]
     return _fraction(name, v, closed_low=closed_low)
 
@@ -37,7 +37,7 @@ def per_layer(name: str, v: Any, layer: int, layers: int) -> Any:
     if not isinstance(v, list):
         return v
     if len(v) != layers:
-        raise ValueError(f"dynamic_routing {name} has {len(v)} entries; the model has "
+        raise ValueError(f'dynamic_routing "{name}" has {len(v)} entries; the model has '
                          f"{layers} MoE layers")
     return v[layer]
 

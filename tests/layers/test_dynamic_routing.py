@@ -57,12 +57,12 @@ def test_per_layer_values():
     a = DynamicRouting(cfg, 2, True, 8, 1, layer=0, layers=2)
     b = DynamicRouting(cfg, 2, True, 8, 1, layer=1, layers=2)
     assert a.top_p == 0.5 and b.top_p == 1.0
-    with pytest.raises(ValueError, match="top_p has 2 entries; the model has 3"):
+    with pytest.raises(ValueError, match='"top_p" has 2 entries; the model has 3'):
         DynamicRouting(cfg, 2, True, 8, 1, layer=0, layers=3)
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(top_p=0), "top_p must be a number in"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=0), '"top_p" must be a number in'), (dict(top_p=1.5), "top_p"),
     (dict(skip_threshold=-0.1), "skip_threshold"), (dict(min_k=0, top_p=0.5), "min_k"),
     (dict(max_k=1, min_k=2), "below min_k"), (dict(), "sets nothing"),
     (dict(layer_top_k=[]), "layer_top_k"), (dict(layer_top_k=[1, 0]), "layer_top_k"),
