@@ -135,6 +135,9 @@ class CacheConfig:
     enable_prefix_caching: bool = setting(
         False, "reuse the KV blocks of prompt prefixes seen before (on in `sparsa serve`)",
         aliases=("--prefix-caching",))
+    free_out_of_window: bool = setting(
+        True, "give back KV blocks that every layer's sliding window has left (models whose "
+              "every layer has a window; lossless)")
     kv_cache_dtype: Literal["auto", "int8"] = setting(
         "auto", "KV cache storage: auto (the model's dtype) or int8 (lossy: per token and "
                 "head scales; ~4x smaller than fp32)")

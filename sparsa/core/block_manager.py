@@ -33,13 +33,21 @@ class NoFreeBlocksError(RuntimeError):
     pass
 
 
+# a block-table entry whose block was given back (it left every layer's sliding window)
+RELEASED = -1
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 sliding_window: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # every layer attends only to its last `sliding_window` positions: blocks behind
+        # that are given back as a sequence moves on (None: keep every block)
+        self.sliding_window = sliding_window
         self._free: deque[int] = deque(range(num_blocks))  # free and holding nothing
         self._ref_counts = [0] * num_blocks
         # prefix cache: hash -> block, block -> hash, and free-but-cached blocks in LRU order
@@ -110,15 +118,39 @@ class BlockManager:
             if self._ref_counts[b] == 0:
                 self._free.append(b)
 
+    def release_out_of_window(self, seq: Sequence) -> None:
+        """With a sliding window: give back the leading blocks no later query of `seq` can
+        see (a query at position q sees q - window + 1 .. q; the next one is at
+        num_computed_tokens). Their table entries become RELEASED; registered ones stay in
+        the prefix cache, as any freed block does."""
+        w = self.sliding_window
+        if w is None:
+            return
+        first_needed = seq.num_computed_tokens - w + 1
+        table = seq.block_table
+        for i in range(min(max(first_needed, 0) // self.block_size, len(table))):
+            b = table[i]
+            if b == RELEASED:
+                continue
+            table[i] = RELEASED
+            self._ref_counts[b] -= 1
+            if self._ref_counts[b] == 0:
+                if self._block_hash[b] is not None:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
     def free(self, seq: Sequence) -> None:
         # Check every block before touching any, so a double free leaves the pool intact.
-        drops = Counter(seq.block_table)
+        drops = Counter(b for b in seq.block_table if b != RELEASED)
         for b, k in drops.items():
             if self._ref_counts[b] < k:
                 raise RuntimeError(f"block {b} freed twice")
         # Release in reverse so the tail blocks (least likely to be shared later) are the
         # first to be evicted from the LRU list.
         for b in reversed(seq.block_table):
+            if b == RELEASED:
+                continue
             self._ref_counts[b] -= 1
             if self._ref_counts[b] == 0:
                 if self._block_hash[b] is not None:
@@ -195,6 +227,8 @@ class BlockManager:
         hashes = self._block_hashes(seq, full)
         for i in range(seq.num_registered_blocks, full):
             b, h = seq.block_table[i], hashes[i]
+            if b == RELEASED:
+                continue
             # The same prefix may have been computed twice (two requests admitted in one
             # step); the first copy stays the cached one and this one stays private.
             if h not in self._cached and self._block_hash[b] is None:

@@ -115,6 +115,7 @@ class Scheduler:
                 continue
             item.seq.num_computed_tokens += item.num_new_tokens
             self.blocks.register_computed(item.seq)
+            self.blocks.release_out_of_window(item.seq)
 
     def mark_verified(self, item: ScheduledSequence, num_accepted: int) -> None:
         """After verification: the last sampled token and the first `num_accepted`
@@ -133,6 +134,7 @@ class Scheduler:
         del seq.spec_token_ids[num_accepted:]
         self.blocks.trim(seq)
         self.blocks.register_computed(seq)
+        self.blocks.release_out_of_window(seq)
 
     def _num_new_tokens(self, seq: Sequence, budget: int, n: int | None = None) -> int:
         """Tokens of `seq` to schedule with `budget` left this step; 0 means it must wait.

@@ -116,8 +116,9 @@ class LLMEngine:
                         "context; max_model_len sets a smaller one)",
                         cap, self.max_model_len, cap, need)
         self.max_model_len = min(self.max_model_len, cap)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching,
+            self.runner.sliding_window if config.cache.free_out_of_window else None)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.eos_ids)
         self.guides = Guides(self.tokenizer, self.hf_config.vocab_size, sorted(self.eos_ids))

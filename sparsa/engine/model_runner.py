@@ -84,6 +84,10 @@ class ModelRunner:
         self.keep_prompt_hidden = False
         self.block_size = cache_config.block_size
         layers = model.attention_layers()
+        # every layer's sliding window, when every layer has one (blocks behind the widest
+        # can then be given back); None otherwise
+        windows = [getattr(a, "sliding_window", None) for a in layers]
+        self.sliding_window = max(windows) if windows and None not in windows else None
         # int8: each token's K and V per head as int8 plus an fp32 scale each
         self.kv_int8 = cache_config.kv_cache_dtype == "int8"
         bytes_per_block = sum(
@@ -144,6 +148,9 @@ class ModelRunner:
             start = seq.num_computed_tokens
             q_start = len(tokens)
             table = seq.block_table
+            # blocks given back behind a sliding window read as block 0: the window masks
+            # them out, and the kernels only see valid ids
+            live = [b if b >= 0 else 0 for b in table] if table and table[0] < 0 else table
             for pos in range(start, start + n):
                 tokens.append(seq.token_at(pos))
                 positions.append(pos)
@@ -152,7 +159,7 @@ class ModelRunner:
                 # a verified proposal is one more decode row of the same sequence whose
                 # context ends at its own slot: causal, and on the decode kernels
                 for j in range(n):
-                    decode_tables.append(table)
+                    decode_tables.append(live)
                     decode_lens.append(start + j + 1)
                 parents = seq.spec_parents if item.num_verified else None
                 if parents is not None:
@@ -168,7 +175,7 @@ class ModelRunner:
                     tree_rows += [(1 << 62, 0)] * n
             else:
                 prefills.append(
-                    PrefillChunk(q_start, n, start + n, torch.tensor(table, dtype=torch.long))
+                    PrefillChunk(q_start, n, start + n, torch.tensor(live, dtype=torch.long))
                 )
                 self._chunks.append((seq, q_start, start, n))
             if seq.needs_prompt_logits:
