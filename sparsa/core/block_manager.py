@@ -133,12 +133,17 @@ class BlockManager:
             if b == RELEASED:
                 continue
             table[i] = RELEASED
-            self._ref_counts[b] -= 1
-            if self._ref_counts[b] == 0:
-                if self._block_hash[b] is not None:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
+            self._unref(b)
+
+    def _unref(self, b: int) -> None:
+        """One user fewer for block b; the last one parks a registered block on the LRU
+        list (its prefix stays findable) and puts any other back on the free list."""
+        self._ref_counts[b] -= 1
+        if self._ref_counts[b] == 0:
+            if self._block_hash[b] is not None:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
 
     def free(self, seq: Sequence) -> None:
         # Check every block before touching any, so a double free leaves the pool intact.
@@ -149,14 +154,8 @@ class BlockManager:
         # Release in reverse so the tail blocks (least likely to be shared later) are the
         # first to be evicted from the LRU list.
         for b in reversed(seq.block_table):
-            if b == RELEASED:
-                continue
-            self._ref_counts[b] -= 1
-            if self._ref_counts[b] == 0:
-                if self._block_hash[b] is not None:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
+            if b != RELEASED:
+                self._unref(b)
         seq.block_table = []
         seq.num_registered_blocks = 0
 
