@@ -14,7 +14,6 @@ Trained by `sparsa train-draft --method eagle`; stored as `eagle_head.safetensor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from torch import nn
 
 from sparsa.core.sequence import Sequence
 from sparsa.spec.base import Proposer
+from sparsa.spec.head_files import check_head_fits, load_head_weights, read_head_config, save_head
 
 CONFIG = "eagle_config.json"
 WEIGHTS = "eagle_head.safetensors"
@@ -110,44 +110,26 @@ class EagleHead(nn.Module):
         return self.norm(x).view(B, T, H), k, v
 
     def save(self, out: str | Path, base_model: str, vocab_size: int) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(out / WEIGHTS))
-        (out / CONFIG).write_text(json.dumps({
+        return save_head(self, out, WEIGHTS, CONFIG, {
             **self.shape, "rope_theta": self.rope_theta, "rms_norm_eps": self.eps,
             "draft_vocab_size": len(self.vocab_ids), "vocab_size": vocab_size,
-            "base_model": base_model}, indent=1))
-        return out
+            "base_model": base_model})
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, vocab_size: int) -> EagleHead:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg_file, weights = path / CONFIG, path / WEIGHTS
-        if not cfg_file.is_file() or not weights.is_file():
-            raise ValueError(f"{path} holds no EAGLE head ({CONFIG} and {WEIGHTS}); train "
-                             "one with `sparsa train-draft --method eagle`")
+        cfg = read_head_config(path, WEIGHTS, CONFIG, "EAGLE head",
+                               "train one with `sparsa train-draft --method eagle`")
         try:
-            cfg = json.loads(cfg_file.read_text())
             shape = {k: int(cfg[k]) for k in _SHAPE_KEYS}
             v, nv = int(cfg["vocab_size"]), int(cfg["draft_vocab_size"])
             theta, eps = float(cfg["rope_theta"]), float(cfg["rms_norm_eps"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{cfg_file} is not an EAGLE config: {e}") from None
-        if shape["hidden_size"] != hidden_size or v != vocab_size:
-            raise ValueError(f"the EAGLE head in {path} was trained for hidden size "
-                             f"{shape['hidden_size']} and a vocabulary of {v}; this model has "
-                             f"{hidden_size} and {vocab_size}")
+            raise ValueError(f"{Path(path) / CONFIG} is not an EAGLE config: {e}") from None
+        check_head_fits("EAGLE head", path, shape["hidden_size"], v, hidden_size, vocab_size)
         head = cls(**shape, vocab_ids=torch.zeros(nv, dtype=torch.long), rope_theta=theta,
                    eps=eps)
-        try:
-            head.load_state_dict(load_file(str(weights)))
-        except RuntimeError as e:
-            raise ValueError(f"{weights} does not match its config: {e}") from None
+        weights = Path(path) / WEIGHTS
+        load_head_weights(head, weights)
         ids = head.vocab_ids
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(f"{weights} drafts token ids outside the vocabulary of "

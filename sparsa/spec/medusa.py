@@ -6,7 +6,6 @@ Trained by `sparsa train-draft` on the target's own answers; stored as
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 
 from sparsa.core.sequence import Sequence
 from sparsa.spec.base import Proposer
+from sparsa.spec.head_files import check_head_fits, load_head_weights, read_head_config, save_head
 
 CONFIG = "medusa_config.json"
 WEIGHTS = "medusa_heads.safetensors"
@@ -37,40 +37,21 @@ class MedusaHeads(nn.Module):
         return torch.stack([h + F.silu(layer(h)) for layer in layers])
 
     def save(self, out: str | Path, base_model: str, vocab_size: int) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(out / WEIGHTS))
-        (out / CONFIG).write_text(json.dumps({
+        return save_head(self, out, WEIGHTS, CONFIG, {
             "num_heads": len(self.layers), "hidden_size": self.layers[0].in_features,
-            "vocab_size": vocab_size, "base_model": base_model}, indent=1))
-        return out
+            "vocab_size": vocab_size, "base_model": base_model})
 
     @classmethod
     def load(cls, path: str | Path, hidden_size: int, vocab_size: int) -> MedusaHeads:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg_file, weights = path / CONFIG, path / WEIGHTS
-        if not cfg_file.is_file() or not weights.is_file():
-            raise ValueError(f"{path} holds no Medusa heads ({CONFIG} and {WEIGHTS}); "
-                             "train them with `sparsa train-draft`")
+        cfg = read_head_config(path, WEIGHTS, CONFIG, "Medusa heads",
+                               "train them with `sparsa train-draft`")
         try:
-            cfg = json.loads(cfg_file.read_text())
             n, h, v = int(cfg["num_heads"]), int(cfg["hidden_size"]), int(cfg["vocab_size"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{cfg_file} is not a Medusa config: {e}") from None
-        if h != hidden_size or v != vocab_size:
-            raise ValueError(f"the Medusa heads in {path} were trained for hidden size {h} and "
-                             f"a vocabulary of {v}; this model has {hidden_size} and "
-                             f"{vocab_size}")
+            raise ValueError(f"{Path(path) / CONFIG} is not a Medusa config: {e}") from None
+        check_head_fits("Medusa heads", path, h, v, hidden_size, vocab_size)
         heads = cls(h, n)
-        try:
-            heads.load_state_dict(load_file(str(weights)))
-        except RuntimeError as e:
-            raise ValueError(f"{weights} does not match its config: {e}") from None
+        load_head_weights(heads, Path(path) / WEIGHTS)
         return heads.eval()
 
 
