@@ -62,6 +62,15 @@ class KVCache:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """K [T, Hkv, Dk] and V [T, Hkv, Dv] into `slots` (quantized for an int8 cache)."""
+        if self.k_scale is not None:
+            (k, k_sc), (v, v_sc) = quantize_kv(k), quantize_kv(v)
+            self.k_scale.view(-1, self.k_scale.shape[2]).index_copy_(0, slots, k_sc)
+            self.v_scale.view(-1, self.v_scale.shape[2]).index_copy_(0, slots, v_sc)
+        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v.view(-1, *self.v.shape[2:]).index_copy_(0, slots, v.to(self.v.dtype))
+
     @property
     def block_size(self) -> int:
         return self.k.shape[1]
@@ -135,15 +144,10 @@ def paged_attention(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Writes this step's K/V into the cache and returns attention output [T, Hq, Dv]."""
+    cache.write(k, v, meta.slot_mapping)
     kc, vc = cache.k, cache.v
     ks, vs = cache.k_scale, cache.v_scale
     bs = kc.shape[1]
-    if ks is not None:  # int8 cache: each token's K/V per head as int8 and a scale
-        (k, k_sc), (v, v_sc) = quantize_kv(k), quantize_kv(v)
-        ks.view(-1, ks.shape[2]).index_copy_(0, meta.slot_mapping, k_sc)
-        vs.view(-1, vs.shape[2]).index_copy_(0, meta.slot_mapping, v_sc)
-    kc.view(-1, *kc.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
-    vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
     T, Hq, _ = q.shape
     out = q.new_empty(T, Hq, vc.shape[-1])
     gqa = Hq != kc.shape[2]

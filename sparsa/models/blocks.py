@@ -144,6 +144,15 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if self._fused_decode(qkv, meta):
             return self.o_proj(self.fused_decode_step(kernels.load(), qkv, positions, meta))
+        q, k, v = self.qkv_heads(qkv, positions)
+        o = paged_attention(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(T, -1))
+
+    def qkv_heads(self, qkv: torch.Tensor, positions: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection [T, (Hq + 2 Hkv) D] as per-head q, k, v, clipped, normed
+        and rotated as the model does."""
+        T = qkv.shape[0]
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -155,8 +164,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(T, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparsa.config.early_exit import EarlyExitConfig
-from sparsa.layers.attention import AttentionMetadata, quantize_kv
+from sparsa.layers.attention import AttentionMetadata
 
 
 def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
@@ -37,27 +37,9 @@ def fill_kv(attn: nn.Module, h: torch.Tensor, positions: torch.Tensor,
             meta: AttentionMetadata) -> None:
     """Writes the K/V of `h` (the layer's normed input, [T, H]) into `attn`'s paged cache at
     meta.slot_mapping, as `Attention.forward` computes them, without attending."""
-    T = h.shape[0]
-    qkv = attn.qkv_proj(h)  # (q is computed and dropped: the fused weight has no K/V-only GEMV)
-    if attn.clip_qkv is not None:
-        qkv = qkv.clamp(-attn.clip_qkv, attn.clip_qkv)
-    _, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    if attn.qk_norm == "full":
-        k = attn.k_norm(k)
-    k = k.reshape(T, attn.num_kv_heads, attn.head_dim)
-    v = v.reshape(T, attn.num_kv_heads, attn.head_dim)
-    if attn.qk_norm == "head":
-        k = attn.k_norm(k)
-    cos, sin = attn.rotary.tables(positions, k.dtype)
-    k = attn.rotary._apply(k, cos, sin)
-    cache, slots = attn.kv_cache, meta.slot_mapping
-    kc, vc = cache.k, cache.v
-    if cache.quantized:  # an int8 cache: int8 K/V and scales
-        (k, k_sc), (v, v_sc) = quantize_kv(k), quantize_kv(v)
-        cache.k_scale.view(-1, cache.k_scale.shape[2]).index_copy_(0, slots, k_sc)
-        cache.v_scale.view(-1, cache.v_scale.shape[2]).index_copy_(0, slots, v_sc)
-    kc.view(-1, *kc.shape[2:]).index_copy_(0, slots, k.to(kc.dtype))
-    vc.view(-1, *vc.shape[2:]).index_copy_(0, slots, v.to(vc.dtype))
+    # (q is computed and dropped: the fused weight has no K/V-only GEMV)
+    _, k, v = attn.qkv_heads(attn.qkv_proj(h), positions)
+    attn.kv_cache.write(k, v, meta.slot_mapping)
 
 
 class EarlyExit:
