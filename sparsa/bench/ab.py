@@ -22,14 +22,13 @@ def _decode_tok_s(llm, depth: int, tokens: int, seed: int) -> float:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, vocab) for _ in range(depth)]
     engine = llm.engine
-    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens + 1,
-                                                    ignore_eos=True))
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=tokens + 1,
+                                              ignore_eos=True))
     t0 = None
     while engine.has_unfinished_requests():
         outs = engine.step()
         if t0 is None and any(len(o.outputs[0].token_ids) for o in outs):
             t0 = time.perf_counter()  # the prompt is in: time the decode steps only
-    del rid
     return tokens / (time.perf_counter() - t0)
 
 
@@ -59,22 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--depth, --tokens and --rounds must be >= 1")
     base = engine_kwargs(args)
     base.setdefault("max_model_len", max(args.depth) + args.tokens + 8)
-    dtypes = variants  # each variant's label is its JSON
     llms = {v: LLM(args.model, **{**base, **s}) for v, s in zip(variants, settings)}
     for d, llm in llms.items():
         r = llm.engine.runner
         print(f"{d}: KV {r.kv_cache_bytes / r.capacity_tokens / 1024:.1f} KiB per token")
-    print("| depth | " + " | ".join(f"{d} tok/s" for d in dtypes) + " | last / first |")
-    print("|---|" + "---|" * (len(dtypes) + 1))
+    print("| depth | " + " | ".join(f"{d} tok/s" for d in variants) + " | last / first |")
+    print("|---|" + "---|" * (len(variants) + 1))
     for depth in args.depth:
-        times: dict[str, list[float]] = {d: [] for d in dtypes}
+        times: dict[str, list[float]] = {d: [] for d in variants}
         for r in range(args.rounds):
-            order = dtypes if r % 2 == 0 else dtypes[::-1]  # alternate who runs first
+            order = variants if r % 2 == 0 else variants[::-1]  # alternate who runs first
             for d in order:
                 times[d].append(_decode_tok_s(llms[d], depth, args.tokens, seed=r))
         med = {d: statistics.median(v) for d, v in times.items()}
-        cells = [f"{med[d]:.1f} ({min(times[d]):.1f}-{max(times[d]):.1f})" for d in dtypes]
-        ratio = med[dtypes[-1]] / med[dtypes[0]]
+        cells = [f"{med[d]:.1f} ({min(times[d]):.1f}-{max(times[d]):.1f})" for d in variants]
+        ratio = med[variants[-1]] / med[variants[0]]
         print(f"| {depth} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     for d, llm in llms.items():
         st = llm.engine.stats()

@@ -71,7 +71,8 @@ class DynamicRouting:
         """`apply` for one token (batch-1 decode), in plain Python: a dozen tiny tensor ops
         per layer cost more than a small model's expert GEMVs."""
         c = self.config
-        row = probs[0, :self.max_k].tolist()
+        ranked = probs[0].tolist()  # route_k values: max_k, or the model's top-k if more
+        row = ranked[:self.max_k]
         n = self.max_k
         if self.top_p is not None:
             total, n = 0.0, 0
@@ -84,8 +85,7 @@ class DynamicRouting:
         if self.skip_threshold is not None:
             kept = sum(row[:n])
             n = max(c.min_k, sum(1 for x in row[:n] if x / kept >= self.skip_threshold))
-        mass = float(probs[0, :self.top_k].sum()) if self.top_k != self.max_k or c.renormalize \
-            else sum(row)
+        mass = sum(ranked[:self.top_k])
         own = mass if self.model_renormalizes else 1.0
         factor = (mass / sum(row[:n]) if c.renormalize else 1.0) / own
         if count:
