@@ -305,17 +305,17 @@ class LLMEngine:
                     continue  # failed earlier in this step (another of its n samples)
                 try:
                     rows = [0]  # the rows (from i) of the tokens output
-                    pos = seq.num_computed_tokens - 1  # the position row i computed
                     if seq.seq_id in verifying:
                         rows = self._accept(seq, req, *verifying[seq.seq_id], out, i)
-                        pos = seq.num_computed_tokens - len(rows)
                     else:
                         self._append_token(seq, req, out.token_ids[i], out.logprobs[i],
                                            out.top_logprobs[i])
                     if self.speculation is not None and self.speculation.wants_hidden:
                         # the states whose LM head gave the tokens output (the heads' input)
+                        # at positions (root, its accepted proposals): all computed now
                         idx = torch.tensor(rows, device=result.hidden.device) + i
-                        self.speculation.note_hidden(seq, result.hidden[idx], pos)
+                        self.speculation.note_hidden(seq, result.hidden[idx],
+                                                     seq.num_computed_tokens - len(rows))
                 except Exception as e:
                     # One request's bad post-processing (detokenizer, stop check) must not
                     # take the others down: fail just that request and free its blocks.
@@ -332,7 +332,7 @@ class LLMEngine:
         return req.params
 
     def _accept(self, seq: Sequence, req: _Request, item, proposed: int, out, row: int
-                ) -> int:
+                ) -> list[int]:
         """Verification: outputs the accepted proposals and the target's next token;
         returns the rows (from `row`) whose tokens were output."""
         toks = out.token_ids[row:row + proposed + 1]
